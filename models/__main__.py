@@ -1,0 +1,34 @@
+"""``python -m models import SOURCE --name NAME [--trust-remote-code]``"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from models.importer import ImportFailed, import_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models", description="BentoChat model store tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="import a model into the BentoML model store")
+    imp.add_argument("source", help="local Hugging Face directory, .gguf file, or hub id (org/name)")
+    imp.add_argument("--name", required=True, help="model store name, e.g. qwen-7b-chat")
+    imp.add_argument("--trust-remote-code", action="store_true",
+                     help="keep the model's own *.py code (custom tokenizer/modeling) in the stored model")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        model = import_model(args.source, args.name, trust_remote_code=args.trust_remote_code)
+    except ImportFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"imported {model.tag} -> {model.path}")
+    print("  " + ", ".join(f"{k}={v}" for k, v in model.info.metadata.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The served-model configuration: which models BentoChat serves, from where, and on what hardware.
+
+Read from ``bentochat.yaml`` at the repository root, or the file named by ``BENTOCHAT_CONFIG``.
+The worker options mirror FastChat's model worker flags: ``gpus`` (``--gpus``),
+``max_gpu_memory`` (``--max-gpu-memory``) and ``max_concurrency`` (``--limit-worker-concurrency``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = ROOT / "bentochat.yaml"
+
+
+class ServedModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="model id clients send as `model`")
+    model: str = Field(description="BentoML model store tag, e.g. `smollm2-135m-instruct:latest`")
+    kind: Literal["chat", "embedding"] = "chat"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    gpus: list[int] = Field(default_factory=list, description="GPU indices; empty runs on CPU")
+    max_gpu_memory: str | None = Field(default=None, description="cap per GPU, e.g. `20GiB`")
+    max_concurrency: int = Field(default=64, ge=1, description="requests in flight per runner")
+    trust_remote_code: bool = False
+
+    @field_validator("id")
+    @classmethod
+    def _id_shape(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]*", v):
+            raise ValueError(f"model id {v!r} may hold only letters, digits and . _ : / -")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _tag_has_version(cls, v: str) -> str:
+        return v if ":" in v else f"{v}:latest"
+
+    @property
+    def store_name(self) -> str:
+        return self.model.split(":", 1)[0]
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ServedModel]
+
+    @field_validator("models")
+    @classmethod
+    def _unique_ids(cls, v: list[ServedModel]) -> list[ServedModel]:
+        ids = [m.id for m in v]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"model ids must be unique, repeated: {', '.join(dupes)}")
+        if not v:
+            raise ValueError("at least one model must be served")
+        return v
+
+
+class ConfigError(RuntimeError):
+    pass
+
+
+def config_path() -> Path:
+    return Path(os.environ.get("BENTOCHAT_CONFIG") or DEFAULT_CONFIG_PATH)
+
+
+def load_config(path: Path | None = None) -> Config:
+    path = path or config_path()
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return Config.model_validate(raw)
+    except FileNotFoundError as e:
+        raise ConfigError(f"BentoChat configuration not found: {path}") from e
+    except (yaml.YAMLError, ValidationError) as e:
+        raise ConfigError(f"invalid BentoChat configuration {path}:\n{e}") from e

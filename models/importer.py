@@ -1,0 +1,168 @@
+"""Import a model into the BentoML model store as an ordinary Hugging Face directory.
+
+Sources: a local Hugging Face directory (safetensors, or sharded ``*.bin`` with
+``pytorch_model.bin.index.json``), a hub id (only when the machine can reach the hub), or a
+``.gguf`` file. Whatever the source, the stored model is config + safetensors weights + tokenizer
+files + ``generation_config.json`` (+ the model's own ``*.py`` with ``trust_remote_code``), so
+loading it later needs neither the network nor a conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import bentoml
+
+logger = logging.getLogger("bentochat.models")
+
+# Weights that are converted to safetensors rather than copied.
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+SKIPPED = {".gitattributes", ".git"}
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
+                "model_max_length", "max_sequence_length", "n_ctx")
+
+
+class ImportFailed(RuntimeError):
+    pass
+
+
+def import_model(source: str, name: str, *, trust_remote_code: bool = False) -> bentoml.Model:
+    """Import ``source`` into the store under ``name``; return the stored model."""
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        builder, origin = (lambda dst: _from_gguf(path, dst, trust_remote_code)), f"gguf:{path}"
+    elif path.is_dir():
+        builder, origin = (lambda dst: _from_directory(path, dst, trust_remote_code)), f"dir:{path}"
+    elif path.exists():
+        raise ImportFailed(f"{source} is neither a Hugging Face model directory nor a .gguf file")
+    elif "/" in source and not source.startswith((".", "/")):
+        local = _download_from_hub(source)
+        builder, origin = (lambda dst: _from_directory(local, dst, trust_remote_code)), f"hub:{source}"
+    else:
+        raise ImportFailed(f"{source} does not exist (expected a directory, a .gguf file or a hub id)")
+
+    with tempfile.TemporaryDirectory(prefix="bentochat-import-") as staging:
+        staged = Path(staging)
+        builder(staged)
+        metadata = describe(staged, origin, trust_remote_code)
+        with bentoml.models.create(name, metadata=metadata, labels={"kind": metadata["kind"]}) as ref:
+            for item in staged.iterdir():
+                shutil.move(str(item), os.path.join(ref.path, item.name))
+    stored = bentoml.models.get(ref.tag)
+    logger.info("imported %s as %s (%s)", source, stored.tag, metadata["architecture"])
+    return stored
+
+
+def describe(model_dir: Path, source: str, trust_remote_code: bool) -> dict:
+    """Metadata recorded on the stored model: architecture, context length, dtype, source."""
+    config = _read_json(model_dir / "config.json")
+    tokenizer_config = _read_json(model_dir / "tokenizer_config.json")
+    architecture = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
+    context = next((int(config[k]) for k in CONTEXT_KEYS if isinstance(config.get(k), int)), None)
+    if context is None and isinstance(tokenizer_config.get("model_max_length"), int):
+        context = min(int(tokenizer_config["model_max_length"]), 1 << 20)
+    return {
+        "architecture": architecture,
+        "model_type": config.get("model_type", "unknown"),
+        "kind": "chat" if architecture.endswith(("ForCausalLM", "LMHeadModel")) else "embedding",
+        "context_length": context or 2048,
+        "dtype": str(config.get("torch_dtype") or config.get("dtype") or "float32"),
+        "source": source,
+        "trust_remote_code": trust_remote_code,
+    }
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _from_gguf(path: Path, dst: Path, trust_remote_code: bool) -> None:
+    """Dequantize a GGUF file with transformers and save it as safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s (dequantizing GGUF tensors, runs once)", path.name)
+    kwargs = {"gguf_file": path.name, "trust_remote_code": trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs)
+    # The tensors are dequantized already; drop the GGUF marker so they save as plain weights.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(dst, safe_serialization=True)
+    tokenizer.save_pretrained(dst)
+
+
+def _from_directory(src: Path, dst: Path, trust_remote_code: bool) -> None:
+    """Copy a Hugging Face directory, converting pickled ``*.bin`` weights to safetensors."""
+    if not (src / "config.json").is_file():
+        raise ImportFailed(f"{src} has no config.json: not a Hugging Face model directory")
+    code = sorted(p.name for p in src.glob("*.py"))
+    if code and not trust_remote_code:
+        logger.warning("%s ships its own code (%s); it is left out. Pass --trust-remote-code to keep it.",
+                       src, ", ".join(code))
+    files = [p for p in src.rglob("*") if p.is_file() and not _skipped(p.relative_to(src), trust_remote_code)]
+    has_safetensors = any(p.suffix == ".safetensors" for p in files)
+    for p in _progress(files, "copying model files"):
+        rel = p.relative_to(src)
+        if p.name.startswith("pytorch_model") and (p.suffix == ".bin" or p.name in PICKLE_WEIGHTS):
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(p, dst / rel)
+    if not has_safetensors:
+        _convert_bin_weights(src, dst)
+
+
+def _skipped(rel: Path, trust_remote_code: bool) -> bool:
+    if rel.parts[0] in SKIPPED or rel.suffix in (".md", ".h5", ".msgpack", ".onnx") or rel.name == "handler.py":
+        return True
+    return rel.suffix == ".py" and not trust_remote_code
+
+
+def _convert_bin_weights(src: Path, dst: Path) -> None:
+    """``pytorch_model.bin`` or its shards + index -> ``model.safetensors`` or shards + index."""
+    import torch
+    from safetensors.torch import save_file
+
+    index_path = src / "pytorch_model.bin.index.json"
+    if index_path.is_file():
+        index = _read_json(index_path)
+        shards = sorted(set(index["weight_map"].values()))
+    elif (src / "pytorch_model.bin").is_file():
+        index, shards = None, ["pytorch_model.bin"]
+    else:
+        raise ImportFailed(f"{src} holds no weights (no *.safetensors, pytorch_model.bin or its index)")
+
+    renamed = {}
+    for i, shard in enumerate(_progress(shards, "converting weights to safetensors"), 1):
+        state = torch.load(src / shard, map_location="cpu", weights_only=True)
+        # Tied weights share storage in a pickle; safetensors wants each tensor on its own.
+        state = {k: v.detach().contiguous().clone() for k, v in state.items()}
+        out = "model.safetensors" if index is None else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(state, dst / out, metadata={"format": "pt"})
+        renamed[shard] = out
+    if index is not None:
+        index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id))
+    except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user
+        raise ImportFailed(
+            f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "On a machine with no hub access, download the model elsewhere and import its directory."
+        ) from e
+
+
+def _progress(items: list, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="file", disable=len(items) < 2)

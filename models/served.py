@@ -1,0 +1,79 @@
+"""What the gateway knows of each served model: tokenizer, context length, sampling defaults."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import bentoml
+
+from models.config import ServedModel
+from models.templates import render_chat, template_name, warn_if_fallback
+
+# generation_config.json keys that become defaults for parameters a request leaves out.
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
+
+
+def generation_defaults(raw: dict) -> dict:
+    """Only what the model's authors wrote in ``generation_config.json``, not transformers' own defaults."""
+    defaults = {k: raw[k] for k in GENERATION_DEFAULT_KEYS if raw.get(k) is not None}
+    if raw.get("do_sample") is False:
+        defaults["temperature"] = 0.0  # the authors asked for greedy decoding
+    return defaults
+
+
+def _as_list(v) -> list[int]:
+    return [v] if isinstance(v, int) else list(v or [])
+
+
+@dataclass
+class ServedModelInfo:
+    served: ServedModel
+    path: Path
+    created: int
+    context_length: int
+    tokenizer: object
+    defaults: dict = field(default_factory=dict)
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.served.id
+
+    @property
+    def kind(self) -> str:
+        return self.served.kind
+
+    @property
+    def template(self) -> str | None:
+        return template_name(self.tokenizer) if self.kind == "chat" else None
+
+    @classmethod
+    def load(cls, served: ServedModel) -> ServedModelInfo:
+        from transformers import AutoTokenizer
+
+        stored = bentoml.models.get(served.model)
+        path = Path(stored.path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=served.trust_remote_code)
+        meta = stored.info.metadata
+        raw_gen = path / "generation_config.json"
+        gen = json.loads(raw_gen.read_text(encoding="utf-8")) if raw_gen.is_file() else {}
+        eos = _as_list(gen.get("eos_token_id")) + _as_list(tokenizer.eos_token_id)
+        if served.kind == "chat":
+            warn_if_fallback(served.id, tokenizer)
+        return cls(
+            served=served,
+            path=path,
+            created=int(stored.info.creation_time.timestamp()),
+            context_length=int(meta.get("context_length") or 2048),
+            tokenizer=tokenizer,
+            defaults=generation_defaults(gen),
+            eos_token_ids=list(dict.fromkeys(eos)),
+        )
+
+    def render_chat(self, messages: list[dict]) -> list[int]:
+        return render_chat(self.tokenizer, messages)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]

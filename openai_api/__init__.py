@@ -1,0 +1,1 @@
+"""The OpenAI-compatible API: request/response schemas, errors, streaming text, routes."""

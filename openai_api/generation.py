@@ -1,0 +1,115 @@
+"""One completion choice against a chat runner: token ids in, text events out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from openai_api.errors import OpenAIError
+from openai_api.protocol import new_id
+from openai_api.text_stream import IncrementalDetokenizer, StopStrings
+
+logger = logging.getLogger("bentochat.api")
+_background: set[asyncio.Task] = set()
+
+
+@dataclass
+class TextEvent:
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
+
+
+def runner_unavailable(model_id: str, exc: BaseException) -> OpenAIError:
+    logger.warning("runner for %s failed: %s: %s", model_id, type(exc).__name__, exc)
+    return OpenAIError(503, f"The model `{model_id}` is not available right now; retry later.",
+                       code="model_unavailable")
+
+
+async def _runner_events(runner, request_id: str, prompt_ids: list[int], params: dict) -> AsyncIterator[dict]:
+    """The runner streams one JSON object a line; transport chunks may split or join lines."""
+    stream = runner.generate(request_id=request_id, prompt_ids=prompt_ids, params=params)
+    buffer = ""
+    try:
+        async for chunk in stream:
+            buffer += chunk.decode() if isinstance(chunk, bytes) else chunk
+            *lines, buffer = buffer.split("\n")
+            for line in lines:
+                if line:
+                    yield json.loads(line)
+    finally:
+        await stream.aclose()
+
+
+def _abort_later(runner, request_id: str) -> None:
+    """Tell the runner to drop a sequence nobody reads any more (client gone, stop string reached)."""
+    async def abort():
+        try:
+            await runner.abort(request_id=request_id)
+        except Exception as e:  # the runner may be gone too; nothing left to free then
+            logger.debug("abort of %s failed: %s", request_id, e)
+
+    task = asyncio.get_running_loop().create_task(abort())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+async def generate_text(model, runner, prompt_ids: list[int], params: dict, stops: list[str]) -> AsyncIterator[TextEvent]:
+    request_id = new_id("req")
+    detokenizer = IncrementalDetokenizer(model.tokenizer, prompt_ids)
+    stop_strings = StopStrings(stops)
+    count, finished = 0, False
+    try:
+        async for event in _runner_events(runner, request_id, prompt_ids, params):
+            if "error" in event:
+                finished = True  # the runner dropped the sequence itself
+                raise OpenAIError(500, f"Generation failed: {event['error']}")
+            count += 1
+            text, stopped = stop_strings.feed(detokenizer.step(event["token"]))
+            reason = "stop" if stopped else event.get("finish_reason")
+            if reason:
+                finished = event.get("finish_reason") is not None
+                yield TextEvent(text if stopped else text + stop_strings.flush(), reason, count)
+                return
+            if text:
+                yield TextEvent(text, None, count)
+    except OpenAIError:
+        raise
+    except Exception as e:
+        raise runner_unavailable(model.id, e) from e
+    finally:
+        if not finished:
+            _abort_later(runner, request_id)
+
+
+async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """Interleave several async iterators, yielding ``(index, item)`` as items arrive."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i, stream):
+        try:
+            async for item in stream:
+                await queue.put((i, item))
+            await queue.put((i, done))
+        except Exception as e:  # cancellation is not an item: it ends the pump quietly
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,198 @@
+"""The ``/v1`` routes. The gateway puts its model registry on ``app.state.registry``."""
+
+from __future__ import annotations
+
+import base64
+import struct
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from openai_api import errors
+from openai_api.errors import OpenAIError
+from openai_api.generation import generate_text, merge, runner_unavailable
+from openai_api.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Delta,
+    EmbeddingData,
+    EmbeddingList,
+    EmbeddingRequest,
+    ModelCard,
+    ModelList,
+    SamplingFields,
+    Usage,
+    new_id,
+)
+
+app = FastAPI(title="BentoChat OpenAI-compatible API")
+errors.install(app)
+
+
+def sampling_params(model, req: SamplingFields, prompt_len: int, prompt_param: str, default_max: int | None) -> dict:
+    """Request values win; what the request leaves out comes from the model's generation_config.json."""
+    ctx = model.context_length
+    if prompt_len >= ctx:
+        raise OpenAIError(400, f"This model's maximum context length is {ctx} tokens, but the prompt has "
+                               f"{prompt_len} tokens.", param=prompt_param, code="context_length_exceeded")
+    d = model.defaults
+    max_tokens = req.max_new_tokens
+    if max_tokens is not None and prompt_len + max_tokens > ctx:
+        raise OpenAIError(400, f"This model's maximum context length is {ctx} tokens; the prompt has {prompt_len} "
+                               f"tokens and max_tokens asks for {max_tokens} more.", param="max_tokens",
+                          code="context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = min(d.get("max_new_tokens") or default_max or ctx, ctx - prompt_len)
+
+    def pick(name, fallback):
+        value = getattr(req, name)
+        return value if value is not None else d.get(name, fallback)
+
+    return {
+        "max_tokens": max_tokens,
+        "temperature": pick("temperature", 1.0),
+        "top_p": pick("top_p", 1.0),
+        "top_k": max(pick("top_k", 0), 0),
+        "repetition_penalty": pick("repetition_penalty", 1.0),
+        "presence_penalty": req.presence_penalty or 0.0,
+        "frequency_penalty": req.frequency_penalty or 0.0,
+        "min_tokens": req.min_tokens or 0,
+        "stop_token_ids": list(dict.fromkeys(model.eos_token_ids + (req.stop_token_ids or []))),
+        "seed": req.seed,
+    }
+
+
+def _choice_params(params: dict, index: int) -> dict:
+    # With a seed, each of the n choices gets its own, so they differ but stay reproducible.
+    return params if params["seed"] is None else {**params, "seed": params["seed"] + index}
+
+
+def _sse(events: AsyncIterator) -> StreamingResponse:
+    async def body():
+        try:
+            async for event in events:
+                yield f"data: {event.model_dump_json(exclude_none=False)}\n\n"
+        except OpenAIError as e:  # headers are sent already: report in-band, as OpenAI does
+            yield f"data: {e.body().model_dump_json()}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+def _run_choices(model, runner, prompts: list[list[int]], params: dict, stops: list[str], n: int):
+    """Yields (choice index, TextEvent); choice ``p * n + i`` is the i-th choice of prompt p, as OpenAI orders them."""
+    return merge([generate_text(model, runner, prompt_ids, _choice_params(params, i), stops)
+                  for prompt_ids in prompts for i in range(n)])
+
+
+@app.get("/models")
+async def list_models(request: Request) -> ModelList:
+    registry = request.app.state.registry
+    return ModelList(data=[
+        ModelCard(id=m.id, created=m.created, kind=m.kind, context_length=m.context_length, root=m.served.model)
+        for m in registry.models()
+    ])
+
+
+@app.post("/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, request: Request):
+    model, runner = request.app.state.registry.get(req.model, "chat")
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
+    prompt_ids = model.render_chat(messages)
+    params = sampling_params(model, req, len(prompt_ids), "messages", None)
+    choices = _run_choices(model, runner, [prompt_ids], params, req.stop, req.n)
+    rid = new_id("chatcmpl")
+
+    if req.stream:
+        async def chunks():
+            counts = [0] * req.n
+            for i in range(req.n):
+                yield ChatCompletionChunk(id=rid, model=req.model,
+                                          choices=[ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+            async for i, ev in choices:
+                counts[i] = ev.completion_tokens
+                if ev.text or ev.finish_reason:
+                    yield ChatCompletionChunk(id=rid, model=req.model, choices=[ChatChunkChoice(
+                        index=i, delta=Delta(content=ev.text), finish_reason=ev.finish_reason)])
+            if req.include_usage:
+                yield ChatCompletionChunk(id=rid, model=req.model, choices=[],
+                                          usage=Usage.of(len(prompt_ids), sum(counts)))
+        return _sse(chunks())
+
+    texts, reasons, counts = [""] * req.n, [None] * req.n, [0] * req.n
+    async for i, ev in choices:
+        texts[i] += ev.text
+        reasons[i], counts[i] = ev.finish_reason, ev.completion_tokens
+    return ChatCompletion(id=rid, model=req.model, usage=Usage.of(len(prompt_ids), sum(counts)), choices=[
+        ChatChoice(index=i, message=AssistantMessage(content=texts[i]), finish_reason=reasons[i]) for i in range(req.n)
+    ])
+
+
+@app.post("/completions")
+async def completions(req: CompletionRequest, request: Request):
+    model, runner = request.app.state.registry.get(req.model, "chat")
+    prompts = [p if isinstance(p, list) else model.encode(p) for p in req.prompts]
+    params = [sampling_params(model, req, len(p), "prompt", 16) for p in prompts]
+    # max_tokens may be clamped per prompt; the tightest applies to all, as one request.
+    params = min(params, key=lambda p: p["max_tokens"])
+    choices = _run_choices(model, runner, prompts, params, req.stop, req.n)
+    rid = new_id("cmpl")
+    prompt_tokens = sum(len(p) for p in prompts)
+
+    if req.stream:
+        async def chunks():
+            counts: dict[int, int] = {}
+            async for i, ev in choices:
+                counts[i] = ev.completion_tokens
+                if ev.text or ev.finish_reason:
+                    yield Completion(id=rid, model=req.model,
+                                     choices=[CompletionChoice(index=i, text=ev.text, finish_reason=ev.finish_reason)])
+            if req.include_usage:
+                yield Completion(id=rid, model=req.model, choices=[],
+                                 usage=Usage.of(prompt_tokens, sum(counts.values())))
+        return _sse(chunks())
+
+    total = len(prompts) * req.n
+    texts, reasons, counts = [""] * total, [None] * total, [0] * total
+    async for i, ev in choices:
+        texts[i] += ev.text
+        reasons[i], counts[i] = ev.finish_reason, ev.completion_tokens
+    return Completion(id=rid, model=req.model, usage=Usage.of(prompt_tokens, sum(counts)), choices=[
+        CompletionChoice(index=i, text=texts[i], finish_reason=reasons[i]) for i in range(total)
+    ])
+
+
+@app.post("/embeddings")
+async def embeddings(req: EmbeddingRequest, request: Request) -> EmbeddingList:
+    model, runner = request.app.state.registry.get(req.model, "embedding")
+    texts: list[str] = req.input
+    lengths = [len(model.encode(t)) for t in texts]
+    for i, n in enumerate(lengths):
+        if n > model.context_length:
+            raise OpenAIError(400, f"input[{i}] has {n} tokens; this model's maximum is {model.context_length}.",
+                              param="input", code="context_length_exceeded")
+    try:
+        vectors = await runner.encode(texts=texts)
+    except Exception as e:
+        raise runner_unavailable(model.id, e) from e
+    dims = len(vectors[0])
+    if req.dimensions is not None and req.dimensions != dims:
+        raise OpenAIError(400, f"dimensions: this model returns {dims}-dimensional vectors", param="dimensions",
+                          code="invalid_value")
+
+    def encode(v) -> list[float] | str:
+        values = [float(x) for x in v]
+        if req.encoding_format == "base64":
+            return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
+        return values
+
+    return EmbeddingList(model=req.model, usage=Usage(prompt_tokens=sum(lengths), total_tokens=sum(lengths)),
+                         data=[EmbeddingData(index=i, embedding=encode(v)) for i, v in enumerate(vectors)])

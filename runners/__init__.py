@@ -1,0 +1,1 @@
+"""Runner services and the generation engine behind them."""

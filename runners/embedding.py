@@ -1,0 +1,64 @@
+"""The embedding runner: one BentoML service per served embedding model, with adaptive batching."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import typing as t
+from pathlib import Path
+
+import bentoml
+import numpy as np
+
+from models.config import ServedModel
+from runners.placement import service_options
+
+
+def pooling_mode(model_dir: Path) -> str:
+    """sentence-transformers' pooling config when the model ships one (mean, cls); mean otherwise."""
+    cfg = model_dir / "1_Pooling" / "config.json"
+    if cfg.is_file() and json.loads(cfg.read_text()).get("pooling_mode_cls_token"):
+        return "cls"
+    return "mean"
+
+
+def embedding_runner(served: ServedModel) -> bentoml.Service:
+    class EmbeddingRunner:
+        model_ref = bentoml.models.BentoModel(served.model)
+
+        def __init__(self) -> None:
+            import torch
+            from transformers import AutoModel, AutoTokenizer
+
+            from runners.engine.model_runner import resolve_dtype
+
+            path = Path(self.model_ref.path)  # the attribute resolves to the stored model
+            device = "cuda:0" if served.gpus else "cpu"
+            if served.gpus and not torch.cuda.is_available():
+                raise RuntimeError(f"gpus {served.gpus} are configured but CUDA is not available")
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=served.trust_remote_code)
+            self.model = AutoModel.from_pretrained(path, trust_remote_code=served.trust_remote_code,
+                                                   dtype=resolve_dtype(served.dtype, None, bool(served.gpus)))
+            self.model.to(device).eval()
+            self.device = device
+            self.pooling = pooling_mode(path)
+
+        @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=1000)
+        async def encode(self, texts: t.List[str]) -> np.ndarray:
+            """Normalized sentence embeddings; concurrent calls are batched by BentoML."""
+            return await asyncio.to_thread(self._encode, texts)
+
+        def _encode(self, texts: list[str]) -> np.ndarray:
+            import torch
+
+            batch = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
+            with torch.inference_mode():
+                hidden = self.model(**batch).last_hidden_state
+            if self.pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
+
+    return bentoml.service(**service_options(served, "embedding"))(EmbeddingRunner)

@@ -1,0 +1,138 @@
+"""The step loop (schedule, run, postprocess) and the thread that drives it for asyncio callers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from runners.engine.model_runner import ModelRunner
+from runners.engine.sampling import Sampler, SamplingParams
+from runners.engine.scheduler import Scheduler
+from runners.engine.sequence import Sequence
+
+logger = logging.getLogger("bentochat.engine")
+
+
+class LLMEngine:
+    def __init__(self, model_runner: ModelRunner, *, max_num_seqs: int = 64, max_model_len: int = 2048):
+        self.runner = model_runner
+        self.scheduler = Scheduler(max_num_seqs, max_model_len)
+        self.tokens_generated = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.sampler = Sampler(seq.params)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        return self.scheduler.abort(request_id)
+
+    def step(self) -> list[tuple[Sequence, int]]:
+        seqs = self.scheduler.schedule()
+        tokens = [seq.sampler(self.runner.forward(seq), seq.prompt_ids, seq.output_ids) for seq in seqs]
+        self.scheduler.postprocess(seqs, tokens)
+        self.tokens_generated += len(tokens)
+        return list(zip(seqs, tokens))
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+        """Run one request to completion in the calling thread (tests, benchmarks)."""
+        seq = Sequence("generate", prompt_ids, params)
+        self.add(seq)
+        while seq.finish_reason is None:
+            self.step()
+        return seq.output_ids
+
+
+@dataclass
+class TokenEvent:
+    token_id: int
+    finish_reason: str | None
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+class AsyncLLMEngine:
+    """Drives an ``LLMEngine`` on its own thread so generation never blocks the event loop.
+
+    Each request gets an asyncio queue fed from the engine thread; a request whose consumer stops
+    reading (client gone, stop string found) is aborted and leaves the engine at the next step.
+    """
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._incoming: list[Sequence] = []
+        self._aborts: set[str] = set()
+        self._thread = threading.Thread(target=self._run, name="bentochat-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.engine.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting) + len(self._incoming)
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+
+        def on_token(token_id, finish_reason):
+            item = TokenEvent(token_id, finish_reason) if isinstance(token_id, int) else token_id
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        seq = Sequence(request_id, prompt_ids, params, on_token)
+        with self._wake:
+            self._incoming.append(seq)
+            self._wake.notify()
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise EngineError(str(item)) from item
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._wake:
+            self._aborts.add(request_id)
+            self._wake.notify()
+
+    def _run(self) -> None:
+        scheduler = self.engine.scheduler
+        while True:
+            with self._wake:
+                while not (self._incoming or self._aborts or scheduler.has_work):
+                    self._wake.wait()
+                incoming, self._incoming = self._incoming, []
+                aborts, self._aborts = self._aborts, set()
+            for seq in incoming:
+                if seq.request_id in aborts:
+                    aborts.discard(seq.request_id)
+                    continue
+                self.engine.add(seq)
+            for request_id in aborts:
+                self.engine.abort(request_id)
+            if not scheduler.has_work:
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as e:  # a failing step fails the sequences in it, not the engine
+                logger.exception("engine step failed")
+                for seq in list(scheduler.running):
+                    scheduler.abort(seq.request_id)
+                    seq.on_token(e, "error")
+                continue
+            for seq, token in events:
+                if seq.on_token is not None:
+                    seq.on_token(token, seq.finish_reason)

@@ -1,0 +1,89 @@
+"""Per-request sampling parameters, and sampling as a function of logits and those parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k cut
+    repetition_penalty: float = 1.0  # HF/CTRL style, over prompt and output
+    presence_penalty: float = 0.0  # OpenAI style, over output only
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    seed: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SamplingParams:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in known and v is not None}
+        if "stop_token_ids" in values:
+            values["stop_token_ids"] = tuple(values["stop_token_ids"])
+        return cls(**values)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+class Sampler:
+    """Turns one sequence's next-token logits into a token id, with that sequence's own parameters.
+
+    Repetition penalty, temperature, top-k and top-p are transformers' own logits processors, so a
+    greedy request matches ``model.generate`` token for token. OpenAI's presence and frequency
+    penalties and ``min_tokens`` have no transformers counterpart and are applied here.
+    """
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        penalties = []
+        if params.repetition_penalty != 1.0:
+            penalties.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+        self.penalties = LogitsProcessorList(penalties)
+        warpers = []
+        if not params.greedy:
+            if params.temperature != 1.0:
+                warpers.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k > 0:
+                warpers.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                warpers.append(TopPLogitsWarper(params.top_p))
+        self.warpers = LogitsProcessorList(warpers)
+        self.generator = None
+        if not params.greedy:
+            self.generator = torch.Generator()
+            if params.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(params.seed)
+
+    def __call__(self, logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int]) -> int:
+        p = self.params
+        scores = logits.float().reshape(1, -1).cpu()
+        if self.penalties:
+            history = torch.tensor([prompt_ids + output_ids], dtype=torch.long)
+            scores = self.penalties(history, scores)
+        if output_ids and (p.presence_penalty or p.frequency_penalty):
+            counts = torch.bincount(torch.tensor(output_ids), minlength=scores.shape[-1])[: scores.shape[-1]]
+            scores = scores - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+        if len(output_ids) < p.min_tokens and p.stop_token_ids:
+            scores[0, [t for t in p.stop_token_ids if t < scores.shape[-1]]] = float("-inf")
+        if p.greedy:
+            return int(scores.argmax(dim=-1))
+        scores = self.warpers(torch.tensor([prompt_ids + output_ids]), scores)
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
