@@ -29,12 +29,20 @@ class LLMEngine:
     def abort(self, request_id: str) -> Sequence | None:
         return self.scheduler.abort(request_id)
 
-    def step(self) -> list[tuple[Sequence, int]]:
-        seqs = self.scheduler.schedule()
-        tokens = [seq.sampler(self.runner.forward(seq), seq.prompt_ids, seq.output_ids) for seq in seqs]
+    def step(self) -> list[tuple[Sequence, int | Exception]]:
+        """One token for every running sequence; a sequence that fails leaves alone, with its error."""
+        seqs, tokens, failed = [], [], []
+        for seq in self.scheduler.schedule():
+            try:
+                tokens.append(seq.sampler(self.runner.forward(seq), seq.prompt_ids, seq.output_ids))
+                seqs.append(seq)
+            except Exception as e:
+                logger.exception("request %s failed", seq.request_id)
+                self.scheduler.abort(seq.request_id)
+                failed.append((seq, e))
         self.scheduler.postprocess(seqs, tokens)
         self.tokens_generated += len(tokens)
-        return list(zip(seqs, tokens))
+        return list(zip(seqs, tokens)) + failed
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
         """Run one request to completion in the calling thread (tests, benchmarks)."""
@@ -83,8 +91,8 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
 
-        def on_token(token_id, finish_reason):
-            item = TokenEvent(token_id, finish_reason) if isinstance(token_id, int) else token_id
+        def on_token(token: int | Exception, finish_reason: str | None):
+            item = TokenEvent(token, finish_reason) if isinstance(token, int) else token
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         seq = Sequence(request_id, prompt_ids, params, on_token)
@@ -125,14 +133,6 @@ class AsyncLLMEngine:
                 self.engine.abort(request_id)
             if not scheduler.has_work:
                 continue
-            try:
-                events = self.engine.step()
-            except Exception as e:  # a failing step fails the sequences in it, not the engine
-                logger.exception("engine step failed")
-                for seq in list(scheduler.running):
-                    scheduler.abort(seq.request_id)
-                    seq.on_token(e, "error")
-                continue
-            for seq, token in events:
+            for seq, token in self.engine.step():
                 if seq.on_token is not None:
                     seq.on_token(token, seq.finish_reason)

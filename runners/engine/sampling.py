@@ -73,7 +73,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int]) -> int:
         p = self.params
-        scores = logits.float().reshape(1, -1).cpu()
+        scores = logits.float().reshape(1, -1).cpu().clone()  # a normal tensor, safe to edit in place
         if self.penalties:
             history = torch.tensor([prompt_ids + output_ids], dtype=torch.long)
             scores = self.penalties(history, scores)

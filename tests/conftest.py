@@ -1,0 +1,120 @@
+"""Shared fixtures. Every test session gets a BentoML model store of its own (never the user's),
+and the end-to-end tests share one `bentoml serve` started on a free port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "tests" / "artifacts"
+os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="bentochat-test-store-")
+os.environ["HF_HUB_OFFLINE"] = "1"  # like the machines BentoChat runs on: no model hub
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from tiny_model import build_tiny_model  # noqa: E402
+
+CHAT = "smollm2-135m-instruct"
+EMBED = "all-minilm-l6-v2"
+TINY = "tiny-remote"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("hf") / "tiny-baichuan-like")
+
+
+@pytest.fixture(scope="session")
+def embedded_models():
+    """The embedded defaults imported into this session's store (as the first `bentoml serve` does)."""
+    from models.config import load_config
+    from models.embedded import ensure_available
+
+    ensure_available(load_config(ROOT / "bentochat.yaml"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    base_url: str
+    log: Path
+    process: subprocess.Popen
+
+    @property
+    def v1(self) -> str:
+        return self.base_url + "/v1"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_model_dir) -> Server:
+    """`bentoml serve` with the two embedded models and a tiny remote-code model imported by the CLI."""
+    import httpx
+
+    subprocess.run([sys.executable, "-m", "models", "import", str(tiny_model_dir), "--name", TINY,
+                    "--trust-remote-code"], cwd=ROOT, check=True)
+    config = tmp_path_factory.mktemp("config") / "bentochat.yaml"
+    config.write_text(f"""models:
+  - {{id: {CHAT}, model: {CHAT}:latest, kind: chat}}
+  - {{id: {EMBED}, model: {EMBED}:latest, kind: embedding}}
+  - {{id: {TINY}, model: {TINY}:latest, kind: chat, trust_remote_code: true, max_concurrency: 4}}
+""")
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = ARTIFACTS / "serve.log"
+    port = _free_port()
+    env = {**os.environ, "BENTOCHAT_CONFIG": str(config)}
+    bentoml = Path(sys.executable).parent / "bentoml"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(bentoml), "serve", "service:BentoChat", "--host", "127.0.0.1", "--port", str(port)],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    srv = Server(f"http://127.0.0.1:{port}", log, proc)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log.read_text()[-5000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"bentoml serve not ready in time:\n{log.read_text()[-5000:]}")
+            try:
+                if httpx.get(srv.base_url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        yield srv
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(server):
+    import bentoml
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(bentoml.models.get(f"{CHAT}:latest").path)
