@@ -1,0 +1,79 @@
+"""Request validation and how request parameters meet the model's generation_config defaults."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from models.served import generation_defaults
+from openai_api.errors import OpenAIError
+from openai_api.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from openai_api.routes import sampling_params
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+class FakeModel:  # only what sampling_params reads: no generation is tested here
+    context_length = 100
+    eos_token_ids = [2]
+
+    def __init__(self, defaults):
+        self.defaults = defaults
+
+
+def chat(**kw):
+    return ChatCompletionRequest(model="m", messages=MSG, **kw)
+
+
+def test_generation_config_defaults_apply_and_request_values_win():
+    baichuan = generation_defaults({"temperature": 0.3, "top_k": 5, "top_p": 0.85, "repetition_penalty": 1.1,
+                                    "max_new_tokens": 2048, "do_sample": True, "user_token_id": 195})
+    model = FakeModel(baichuan)
+    p = sampling_params(model, chat(), 10, "messages", None)
+    assert (p["temperature"], p["top_k"], p["top_p"], p["repetition_penalty"]) == (0.3, 5, 0.85, 1.1)
+    assert p["max_tokens"] == 90  # max_new_tokens 2048 clamped to what the context leaves
+    p = sampling_params(model, chat(temperature=0.9, top_k=-1, top_p=1.0, max_tokens=5, stop_token_ids=[7]), 10,
+                        "messages", None)
+    assert (p["temperature"], p["top_k"], p["top_p"], p["max_tokens"]) == (0.9, 0, 1.0, 5)
+    assert p["stop_token_ids"] == [2, 7]
+
+
+def test_greedy_default_when_authors_disable_sampling_and_openai_defaults_otherwise():
+    assert sampling_params(FakeModel(generation_defaults({"do_sample": False})), chat(), 10, "messages", None)["temperature"] == 0
+    p = sampling_params(FakeModel({}), CompletionRequest(model="m", prompt="x"), 10, "prompt", 16)
+    assert (p["temperature"], p["top_p"], p["max_tokens"]) == (1.0, 1.0, 16)
+
+
+def test_context_length_errors_name_the_parameter():
+    with pytest.raises(OpenAIError) as e:
+        sampling_params(FakeModel({}), chat(), 100, "messages", None)
+    assert e.value.status == 400 and e.value.param == "messages" and e.value.code == "context_length_exceeded"
+    with pytest.raises(OpenAIError) as e:
+        sampling_params(FakeModel({}), chat(max_tokens=95), 10, "messages", None)
+    assert e.value.param == "max_tokens"
+
+
+@pytest.mark.parametrize("kw", [{"temperature": -0.1}, {"top_p": 1.5}, {"n": 100}, {"stop": ["", "x"]},
+                                {"frequency_penalty": -3}, {"min_tokens": -1}, {"logprobs": True},
+                                {"tools": [{"type": "function"}]}, {"messages": []}])
+def test_invalid_chat_requests_are_rejected(kw):
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest(**{"model": "m", "messages": MSG, **kw})
+
+
+def test_max_completion_tokens_wins_and_content_parts_join():
+    r = ChatCompletionRequest(model="m", max_tokens=5, max_completion_tokens=9,
+                              messages=[{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                     {"type": "text", "text": "b"}]}])
+    assert r.max_new_tokens == 9 and r.messages[0].text == "ab"
+
+
+def test_prompt_shapes():
+    assert CompletionRequest(model="m", prompt="x").prompts == ["x"]
+    assert CompletionRequest(model="m", prompt=[1, 2]).prompts == [[1, 2]]
+    assert CompletionRequest(model="m", prompt=["a", "b"]).prompts == ["a", "b"]
+    with pytest.raises(ValidationError):
+        CompletionRequest(model="m", prompt="x", echo=True)
+    with pytest.raises(ValidationError):
+        EmbeddingRequest(model="m", input=[1, 2, 3])
+    assert EmbeddingRequest(model="m", input="x").input == ["x"]
