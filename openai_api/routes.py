@@ -93,6 +93,15 @@ def _run_choices(model, runner, prompts: list[list[int]], params: dict, stops: l
                   for prompt_ids in prompts for i in range(n)])
 
 
+async def _collect(choices, total: int) -> tuple[list[str], list[str | None], list[int]]:
+    """Whole texts, finish reasons and completion token counts of ``total`` choices."""
+    texts, reasons, counts = [""] * total, [None] * total, [0] * total
+    async for i, ev in choices:
+        texts[i] += ev.text
+        reasons[i], counts[i] = ev.finish_reason, ev.completion_tokens
+    return texts, reasons, counts
+
+
 @app.get("/models")
 async def list_models(request: Request) -> ModelList:
     registry = request.app.state.registry
@@ -141,10 +150,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                                           usage=Usage.of(len(prompt_ids), sum(counts)))
         return _sse(chunks())
 
-    texts, reasons, counts = [""] * req.n, [None] * req.n, [0] * req.n
-    async for i, ev in choices:
-        texts[i] += ev.text
-        reasons[i], counts[i] = ev.finish_reason, ev.completion_tokens
+    texts, reasons, counts = await _collect(choices, req.n)
     return ChatCompletion(id=rid, model=req.model, usage=Usage.of(len(prompt_ids), sum(counts)), choices=[
         ChatChoice(index=i, message=AssistantMessage(content=texts[i]), finish_reason=reasons[i]) for i in range(req.n)
     ])
@@ -154,6 +160,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
 async def completions(req: CompletionRequest, request: Request):
     model, runner = request.app.state.registry.get(req.model, "chat")
     prompts = [p if isinstance(p, list) else model.encode(p) for p in req.prompts]
+    vocab = len(model.tokenizer)
+    if any(not 0 <= t < vocab for p in prompts for t in p):
+        raise OpenAIError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt", code="invalid_value")
     params = [sampling_params(model, req, len(p), "prompt", 16) for p in prompts]
     # max_tokens may be clamped per prompt; the tightest applies to all, as one request.
     params = min(params, key=lambda p: p["max_tokens"])
@@ -161,9 +170,10 @@ async def completions(req: CompletionRequest, request: Request):
     rid = new_id("cmpl")
     prompt_tokens = sum(len(p) for p in prompts)
 
+    total = len(prompts) * req.n
     if req.stream:
         async def chunks():
-            counts: dict[int, int] = {}
+            counts = [0] * total
             async for i, ev in choices:
                 counts[i] = ev.completion_tokens
                 if ev.text or ev.finish_reason:
@@ -171,14 +181,10 @@ async def completions(req: CompletionRequest, request: Request):
                                      choices=[CompletionChoice(index=i, text=ev.text, finish_reason=ev.finish_reason)])
             if req.include_usage:
                 yield Completion(id=rid, model=req.model, choices=[],
-                                 usage=Usage.of(prompt_tokens, sum(counts.values())))
+                                 usage=Usage.of(prompt_tokens, sum(counts)))
         return _sse(chunks())
 
-    total = len(prompts) * req.n
-    texts, reasons, counts = [""] * total, [None] * total, [0] * total
-    async for i, ev in choices:
-        texts[i] += ev.text
-        reasons[i], counts[i] = ev.finish_reason, ev.completion_tokens
+    texts, reasons, counts = await _collect(choices, total)
     return Completion(id=rid, model=req.model, usage=Usage.of(prompt_tokens, sum(counts)), choices=[
         CompletionChoice(index=i, text=texts[i], finish_reason=reasons[i]) for i in range(total)
     ])

@@ -82,3 +82,21 @@ def test_abandoned_request_is_aborted(engine):
         return False
 
     assert asyncio.run(run())
+
+
+def test_abort_from_another_caller_ends_the_stream(engine):
+    async def run():
+        a = AsyncLLMEngine(engine)
+        seen = []
+
+        async def read():
+            async for ev in a.generate("victim", PROMPT, SamplingParams(max_tokens=200, temperature=0)):
+                seen.append(ev.token_id)
+                if len(seen) == 2:
+                    a.abort("victim")
+
+        await asyncio.wait_for(read(), timeout=30)
+        return seen
+
+    seen = asyncio.run(run())
+    assert 2 <= len(seen) < 200

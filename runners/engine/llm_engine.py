@@ -55,7 +55,7 @@ class LLMEngine:
 
 @dataclass
 class TokenEvent:
-    token_id: int
+    token_id: int | None  # None: the request was aborted
     finish_reason: str | None
 
 
@@ -91,8 +91,8 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
 
-        def on_token(token: int | Exception, finish_reason: str | None):
-            item = TokenEvent(token, finish_reason) if isinstance(token, int) else token
+        def on_token(token: int | Exception | None, finish_reason: str | None):
+            item = token if isinstance(token, Exception) else TokenEvent(token, finish_reason)
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         seq = Sequence(request_id, prompt_ids, params, on_token)
@@ -106,6 +106,8 @@ class AsyncLLMEngine:
                 if isinstance(item, BaseException):
                     raise EngineError(str(item)) from item
                 finished = item.finish_reason is not None
+                if item.token_id is None:  # aborted (by abort() from another caller): end quietly
+                    return
                 yield item
         finally:
             if not finished:
@@ -125,12 +127,11 @@ class AsyncLLMEngine:
                 incoming, self._incoming = self._incoming, []
                 aborts, self._aborts = self._aborts, set()
             for seq in incoming:
-                if seq.request_id in aborts:
-                    aborts.discard(seq.request_id)
-                    continue
                 self.engine.add(seq)
             for request_id in aborts:
-                self.engine.abort(request_id)
+                seq = self.engine.abort(request_id)
+                if seq is not None and seq.on_token is not None:
+                    seq.on_token(None, "abort")  # ends the request's stream, wherever its reader is
             if not scheduler.has_work:
                 continue
             for seq, token in self.engine.step():
