@@ -9,7 +9,7 @@ from pathlib import Path
 import bentoml
 
 from models.config import ServedModel
-from models.templates import render_chat, template_name, warn_if_fallback
+from models.templates import render_chat, warn_if_fallback
 
 # generation_config.json keys that become defaults for parameters a request leaves out.
 GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
@@ -44,10 +44,6 @@ class ServedModelInfo:
     @property
     def kind(self) -> str:
         return self.served.kind
-
-    @property
-    def template(self) -> str | None:
-        return template_name(self.tokenizer) if self.kind == "chat" else None
 
     @classmethod
     def load(cls, served: ServedModel) -> ServedModelInfo:
