@@ -74,8 +74,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int]) -> int:
         p = self.params
         scores = logits.float().reshape(1, -1).cpu().clone()  # a normal tensor, safe to edit in place
+        history = torch.tensor([prompt_ids + output_ids]) if self.penalties or self.warpers else None
         if self.penalties:
-            history = torch.tensor([prompt_ids + output_ids], dtype=torch.long)
             scores = self.penalties(history, scores)
         if output_ids and (p.presence_penalty or p.frequency_penalty):
             counts = torch.bincount(torch.tensor(output_ids), minlength=scores.shape[-1])[: scores.shape[-1]]
@@ -84,6 +84,5 @@ class Sampler:
             scores[0, [t for t in p.stop_token_ids if t < scores.shape[-1]]] = float("-inf")
         if p.greedy:
             return int(scores.argmax(dim=-1))
-        scores = self.warpers(torch.tensor([prompt_ids + output_ids]), scores)
-        probs = torch.softmax(scores, dim=-1)
+        probs = torch.softmax(self.warpers(history, scores), dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))
