@@ -114,12 +114,11 @@ async def list_models(request: Request) -> ModelList:
 @app.get("/stats")
 async def runner_stats(request: Request) -> dict:
     """Extension: each chat runner's engine state (running and waiting sequences, tokens generated)."""
-    registry = request.app.state.registry
     out = {}
-    for model in registry.models():
+    for model, runner in request.app.state.registry.entries.values():
         if model.kind == "chat":
             try:
-                out[model.id] = await registry.get(model.id, "chat")[1].stats()
+                out[model.id] = await runner.stats()
             except Exception as e:
                 out[model.id] = {"error": runner_unavailable(model.id, e).message}
     return {"object": "list", "data": out}

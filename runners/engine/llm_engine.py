@@ -130,10 +130,9 @@ class AsyncLLMEngine:
                 self.engine.add(seq)
             for request_id in aborts:
                 seq = self.engine.abort(request_id)
-                if seq is not None and seq.on_token is not None:
+                if seq is not None:
                     seq.on_token(None, "abort")  # ends the request's stream, wherever its reader is
             if not scheduler.has_work:
                 continue
             for seq, token in self.engine.step():
-                if seq.on_token is not None:
-                    seq.on_token(token, seq.finish_reason)
+                seq.on_token(token, seq.finish_reason)
