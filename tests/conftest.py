@@ -32,7 +32,14 @@ TINY = "tiny-remote"
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
+    """Baichuan-like: custom tokenizer and modeling code (legacy tuple KV cache), needs trust_remote_code."""
     return build_tiny_model(tmp_path_factory.mktemp("hf") / "tiny-baichuan-like")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """The same tokenizer with transformers' own Llama, which ``model.generate`` can run."""
+    return build_tiny_model(tmp_path_factory.mktemp("hf") / "tiny-llama", remote_code=False)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""The engine in-process, on the tiny model: exact greedy decoding, per-request sampling, abort."""
+"""The engine in-process, on the tiny models: exact greedy decoding alone and in continuous batches,
+per-request sampling, chunked prefill, logprobs, abort."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import asyncio
 import pytest
 import torch
 
-from runners.engine import AsyncLLMEngine, LLMEngine, ModelRunner, SamplingParams, load_causal_lm
+from runners.engine import AsyncLLMEngine, LLMEngine, ModelRunner, SamplingParams, Sequence, load_causal_lm
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return load_causal_lm(str(tiny_model_dir))
+def model(tiny_llama_dir):
+    return load_causal_lm(str(tiny_llama_dir))
 
 
 @pytest.fixture()
@@ -20,11 +21,84 @@ def engine(model):
     return LLMEngine(ModelRunner(model), max_num_seqs=8, max_model_len=256)
 
 
+@pytest.fixture(scope="module")
+def remote_model(tiny_model_dir):
+    return load_causal_lm(str(tiny_model_dir), trust_remote_code=True)
+
+
 PROMPT = [1, 20, 30, 40, 50]
+MIXED = [[1, 7], [1, 20, 30, 40, 50], [1] + list(range(100, 131)), [1, 300, 12, 9, 77, 5, 61, 200, 18, 3, 90]]
+
+
+def generate_alone(model, prompt, n):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         repetition_penalty=1.0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_batch_forms(model, remote_model):
+    assert ModelRunner(model).form == "dynamic"
+    assert ModelRunner(remote_model).form == "tuple"  # the remote code's legacy cache
+
+
+def test_greedy_is_batch_invariant(model):
+    """Mixed prompt lengths prefilled together, then decoded in one left-padded batch."""
+    engine = LLMEngine(ModelRunner(model), max_num_seqs=8, max_model_len=256)
+    together = engine.generate_batch(MIXED, [SamplingParams(max_tokens=24, temperature=0)] * len(MIXED))
+    assert together == [generate_alone(model, p, 24) for p in MIXED]
+
+
+def test_greedy_is_batch_invariant_with_remote_code_tuple_cache(remote_model):
+    engine = LLMEngine(ModelRunner(remote_model), max_num_seqs=8, max_model_len=256)
+    greedy = SamplingParams(max_tokens=24, temperature=0)
+    alone = [engine.generate(p, greedy) for p in MIXED]
+    assert engine.generate_batch(MIXED, [greedy] * len(MIXED)) == alone
+    assert len({tuple(a) for a in alone}) == len(MIXED)  # distinct answers: rows did not get mixed up
+
+
+def test_requests_join_and_leave_a_running_batch(model):
+    """A request joins at the next step, a short one leaves early; nobody's tokens change."""
+    engine = LLMEngine(ModelRunner(model), max_num_seqs=8, max_model_len=256)
+    long = Sequence("long", MIXED[2], SamplingParams(max_tokens=30, temperature=0))
+    engine.add(long)
+    for _ in range(5):
+        engine.step()
+    short = Sequence("short", MIXED[0], SamplingParams(max_tokens=3, temperature=0))
+    late = Sequence("late", MIXED[3], SamplingParams(max_tokens=20, temperature=0))
+    engine.add(short)
+    engine.add(late)
+    steps = 0
+    while long.finish_reason is None:
+        engine.step()
+        steps += 1
+        if short.finish_reason:
+            assert engine.scheduler.running == [long, late] or late.finish_reason
+    assert short.output_ids == generate_alone(model, MIXED[0], 3)
+    assert late.output_ids == generate_alone(model, MIXED[3], 20)
+    assert long.output_ids == generate_alone(model, MIXED[2], 30)
+    assert steps == 25  # the long request never waited for the others
+
+
+def test_long_prompt_is_prefilled_in_chunks_without_stalling_others(model):
+    engine = LLMEngine(ModelRunner(model), max_num_seqs=8, max_model_len=256, max_prefill_tokens=8)
+    running = Sequence("running", PROMPT, SamplingParams(max_tokens=20, temperature=0))
+    engine.add(running)
+    engine.step()
+    long = Sequence("long", MIXED[2], SamplingParams(max_tokens=10, temperature=0))  # 32 tokens: 4 chunks
+    engine.add(long)
+    for step in range(4):
+        produced = [seq.request_id for seq, _ in engine.step()]
+        assert "running" in produced  # a token every step while the long prompt goes in
+        assert ("long" in produced) == (step == 3)
+    while engine.scheduler.has_work:
+        engine.step()
+    assert running.output_ids == generate_alone(model, PROMPT, 20)
+    assert long.output_ids == generate_alone(model, MIXED[2], 10)
 
 
 def test_greedy_matches_model_generate(model, engine):
-    ref = model.generate(torch.tensor([PROMPT]), max_new_tokens=20, do_sample=False, min_new_tokens=20)
+    ref = model.generate(torch.tensor([PROMPT]), max_new_tokens=20, do_sample=False, min_new_tokens=20,
+                         repetition_penalty=1.0)
     assert engine.generate(PROMPT, SamplingParams(max_tokens=20, temperature=0)) == ref[0, len(PROMPT):].tolist()
 
 
@@ -50,6 +124,34 @@ def test_stop_token_ids_min_tokens_and_max_tokens(engine):
     assert engine.generate(PROMPT, SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(stop,))) == free[:first + 1]
     forced = engine.generate(PROMPT, SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(stop,), min_tokens=12))
     assert len(forced) == 12 and stop not in forced
+
+
+def test_parameters_do_not_leak_between_sequences_of_a_batch(engine):
+    params = [
+        SamplingParams(max_tokens=15, temperature=0),
+        SamplingParams(max_tokens=15, temperature=1.0, seed=3),
+        SamplingParams(max_tokens=15, temperature=0.7, top_k=5, top_p=0.9, seed=4),
+        SamplingParams(max_tokens=15, temperature=0, repetition_penalty=1.5, presence_penalty=1.0),
+        SamplingParams(max_tokens=6, temperature=0),
+    ]
+    prompts = [PROMPT, MIXED[3], PROMPT, MIXED[1], MIXED[2]]
+    alone = [engine.generate(p, sp) for p, sp in zip(prompts, params)]
+    assert engine.generate_batch(prompts, params) == alone
+    assert [len(a) for a in alone] == [15, 15, 15, 15, 6]
+
+
+def test_logprobs_are_the_models_distribution(model, engine):
+    seq = Sequence("lp", PROMPT, SamplingParams(max_tokens=3, temperature=0, logprobs=3))
+    engine.add(seq)
+    events = []
+    while engine.scheduler.has_work:
+        events += [ev for s, ev in engine.step() if s is seq]
+    expected = torch.log_softmax(model(torch.tensor([PROMPT])).logits[0, -1].float(), dim=-1)
+    first = events[0]
+    assert first.logprob == pytest.approx(expected[first.token_id].item(), abs=1e-4)
+    assert [t for t, _ in first.top_logprobs] == expected.topk(3).indices.tolist()
+    assert first.top_logprobs[0][0] == first.token_id  # greedy: the chosen token is the most likely
+    assert all(len(ev.top_logprobs) == 3 for ev in events)
 
 
 def test_concurrent_requests_keep_their_own_parameters(engine):

@@ -25,8 +25,8 @@ def test_sharded_bin_becomes_safetensors_with_index(imported, tiny_model_dir):
     assert not any(f.endswith(".bin") or f == "pytorch_model.bin.index.json" for f in files)
     from transformers import AutoModelForCausalLM
 
-    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
-    stored = AutoModelForCausalLM.from_pretrained(imported.path).state_dict()
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, trust_remote_code=True).state_dict()
+    stored = AutoModelForCausalLM.from_pretrained(imported.path, trust_remote_code=True).state_dict()
     assert original.keys() == stored.keys()
     assert all(torch.equal(original[k], stored[k]) for k in original)
 
@@ -36,7 +36,8 @@ def test_remote_code_tokenizer_loads_offline_from_the_store(imported, tiny_model
     from transformers import AutoTokenizer
 
     files = {p.name for p in Path(imported.path).iterdir()}
-    assert {"tokenizer.model", "tokenization_tiny.py", "tokenizer_config.json", "generation_config.json"} <= files
+    assert {"tokenizer.model", "tokenization_tiny.py", "configuration_tiny.py", "modeling_tiny.py",
+            "tokenizer_config.json", "generation_config.json"} <= files
     tok = AutoTokenizer.from_pretrained(imported.path, trust_remote_code=True)
     assert type(tok).__name__ == "TinyTokenizer"
     sp = spm.SentencePieceProcessor(model_file=str(tiny_model_dir / "tokenizer.model"))
@@ -46,7 +47,7 @@ def test_remote_code_tokenizer_loads_offline_from_the_store(imported, tiny_model
 
 def test_metadata_is_recorded(imported, tiny_model_dir):
     meta = imported.info.metadata
-    assert meta["architecture"] == "LlamaForCausalLM" and meta["kind"] == "chat"
+    assert meta["architecture"] == "TinyBaichuanForCausalLM" and meta["kind"] == "chat"
     assert meta["context_length"] == 256 and meta["dtype"] == "float32"
     assert meta["source"] == f"dir:{tiny_model_dir}" and meta["trust_remote_code"] is True
     assert imported.info.labels["kind"] == "chat"

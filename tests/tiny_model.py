@@ -1,6 +1,8 @@
-"""Builds a tiny Baichuan-style Hugging Face directory for tests: sentencepiece ``tokenizer.model``,
-a custom tokenizer class in ``tokenization_tiny.py`` behind ``auto_map``, and a Llama-architecture
-model saved as sharded pickle ``*.bin`` files with ``pytorch_model.bin.index.json``."""
+"""Builds tiny Baichuan-style Hugging Face directories for tests: sentencepiece ``tokenizer.model``,
+a custom tokenizer class in ``tokenization_tiny.py`` behind ``auto_map``, weights saved as sharded
+pickle ``*.bin`` files with ``pytorch_model.bin.index.json``, and either custom modeling code
+(``configuration_tiny.py``/``modeling_tiny.py``, a fused ``W_pack`` projection and a legacy tuple KV
+cache, as Baichuan-7B ships) or transformers' own Llama."""
 
 from __future__ import annotations
 
@@ -57,6 +59,130 @@ class TinyTokenizer(PreTrainedTokenizer):
         return (out,)
 '''
 
+CONFIG_CODE = '''
+from transformers import PretrainedConfig
+
+
+class TinyBaichuanConfig(PretrainedConfig):
+    model_type = "tiny_baichuan"
+
+    def __init__(self, vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=256, rms_norm_eps=1e-6, bos_token_id=1,
+                 eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, **kwargs):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                         tie_word_embeddings=tie_word_embeddings, **kwargs)
+'''
+
+MODELING_CODE = '''
+import math
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_tiny import TinyBaichuanConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+def rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // self.heads
+        self.W_pack = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x, mask, cos, sin, past):
+        b, n, h = x.shape
+        q, k, v = self.W_pack(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + mask
+        out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, h)), (k, v)
+
+
+class Layer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x, mask, cos, sin, past):
+        attn, present = self.self_attn(self.input_layernorm(x), mask, cos, sin, past)
+        x = x + attn
+        y = self.post_attention_layernorm(x)
+        return x + self.down_proj(nn.functional.silu(self.gate_proj(y)) * self.up_proj(y)), present
+
+
+class TinyBaichuanForCausalLM(PreTrainedModel):
+    config_class = TinyBaichuanConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([Layer(config) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=True, return_dict=True, **kwargs):
+        b, n = input_ids.shape
+        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        total = past_len + n
+        if position_ids is None:
+            position_ids = torch.arange(past_len, total, device=input_ids.device).expand(b, n)
+        if attention_mask is None:
+            attention_mask = torch.ones(b, total, dtype=torch.long, device=input_ids.device)
+        x = self.embed_tokens(input_ids)
+        low = torch.finfo(x.dtype).min
+        causal = torch.full((n, total), low, device=x.device).triu(past_len + 1)
+        mask = (causal[None, None] + (1 - attention_mask[:, None, None, :].to(x.dtype)) * low).clamp(min=low)
+        head_dim = self.config.hidden_size // self.config.num_attention_heads
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=x.device).float() / head_dim))
+        freqs = position_ids[..., None].float() * inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        presents = []
+        for i, layer in enumerate(self.layers):
+            x, present = layer(x, mask, cos, sin, past_key_values[i] if past_key_values else None)
+            presents.append(present)
+        logits = self.lm_head(self.norm(x))
+        cache = tuple(presents) if use_cache else None
+        if not return_dict:
+            return logits, cache
+        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+'''
+
 VOCAB = 400
 
 CORPUS = """The quick brown fox jumps over the lazy dog. Hello world, hello BentoChat.
@@ -66,10 +192,9 @@ The second highest mountain in the world is K2. Paris is the capital of France.
 """
 
 
-def build_tiny_model(out: Path, *, seed: int = 0) -> Path:
+def build_tiny_model(out: Path, *, remote_code: bool = True, seed: int = 0) -> Path:
     import sentencepiece as spm
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
     corpus = out.parent / f"{out.name}-corpus.txt"
@@ -90,13 +215,32 @@ def build_tiny_model(out: Path, *, seed: int = 0) -> Path:
     (out / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}))
 
+    dims = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                pad_token_id=0, tie_word_embeddings=False)
+    if remote_code:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        (out / "configuration_tiny.py").write_text(CONFIG_CODE)
+        (out / "modeling_tiny.py").write_text(MODELING_CODE)
+        (out / "config.json").write_text(json.dumps({
+            **dims, "model_type": "tiny_baichuan", "torch_dtype": "float32", "architectures": ["TinyBaichuanForCausalLM"],
+            "auto_map": {"AutoConfig": "configuration_tiny.TinyBaichuanConfig",
+                         "AutoModelForCausalLM": "modeling_tiny.TinyBaichuanForCausalLM"},
+        }, indent=2))
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out, trust_remote_code=True),
+                                                 trust_remote_code=True)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(num_key_value_heads=2, **dims)
+        config.architectures = ["LlamaForCausalLM"]
+        config.save_pretrained(out)
+        model = LlamaForCausalLM(config)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
-    config.architectures = ["LlamaForCausalLM"]
-    config.save_pretrained(out)
+    with torch.no_grad():  # weights large enough that greedy choices are clear, not near-ties
+        for name, p in model.named_parameters():
+            p.copy_(torch.ones_like(p) if "norm" in name else torch.randn_like(p) * 0.3)
     (out / "generation_config.json").write_text(json.dumps({
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "user_token_id": 195,
         "assistant_token_id": 196, "max_new_tokens": 64, "temperature": 0.3, "top_k": 5, "top_p": 0.85,

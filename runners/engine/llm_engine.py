@@ -8,8 +8,10 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import torch
+
 from runners.engine.model_runner import ModelRunner
-from runners.engine.sampling import Sampler, SamplingParams
+from runners.engine.sampling import Sampler, SamplingParams, logprobs, sample
 from runners.engine.scheduler import Scheduler
 from runners.engine.sequence import Sequence
 
@@ -17,9 +19,10 @@ logger = logging.getLogger("bentochat.engine")
 
 
 class LLMEngine:
-    def __init__(self, model_runner: ModelRunner, *, max_num_seqs: int = 64, max_model_len: int = 2048):
+    def __init__(self, model_runner: ModelRunner, *, max_num_seqs: int = 64, max_model_len: int = 2048,
+                 max_prefill_tokens: int = 512):
         self.runner = model_runner
-        self.scheduler = Scheduler(max_num_seqs, max_model_len)
+        self.scheduler = Scheduler(max_num_seqs, max_model_len, max_prefill_tokens)
         self.tokens_generated = 0
 
     def add(self, seq: Sequence) -> None:
@@ -29,34 +32,84 @@ class LLMEngine:
     def abort(self, request_id: str) -> Sequence | None:
         return self.scheduler.abort(request_id)
 
-    def step(self) -> list[tuple[Sequence, int | Exception]]:
-        """One token for every running sequence; a sequence that fails leaves alone, with its error."""
-        seqs, tokens, failed = [], [], []
-        for seq in self.scheduler.schedule():
+    def step(self) -> list[tuple[Sequence, TokenEvent | Exception]]:
+        """One decode step for the running batch and a bounded amount of prefill for waiting requests.
+
+        Returns each sequence that produced a token, with it; a sequence whose forward pass failed
+        leaves the engine with its error (all of the batch when the batched decode fails).
+        """
+        prefills, decodes = self.scheduler.schedule()
+        seqs, logits, failed = [], [], []
+        if decodes:
             try:
-                tokens.append(seq.sampler(self.runner.forward(seq), seq.prompt_ids, seq.output_ids))
-                seqs.append(seq)
+                logits.append(self.runner.decode(decodes))
+                seqs += decodes
             except Exception as e:
-                logger.exception("request %s failed", seq.request_id)
-                self.scheduler.abort(seq.request_id)
+                logger.exception("decode step of %d sequences failed", len(decodes))
+                self.runner.reset()
+                failed += [(seq, e) for seq in decodes]
+        together = [seq for seq, n in prefills if seq.num_cached == 0 and n == seq.num_prompt_tokens]
+        if len(together) < 2 or not self.runner.batched:
+            together = []
+        if together:
+            try:
+                logits.append(self.runner.prefill_together(together))
+                seqs += together
+            except Exception as e:
+                logger.exception("prefill of %d requests failed", len(together))
+                failed += [(seq, e) for seq in together]
+        for seq, n in prefills:
+            if seq in together:
+                continue
+            try:
+                out = self.runner.prefill(seq, n)
+            except Exception as e:
+                logger.exception("prefill of request %s failed", seq.request_id)
                 failed.append((seq, e))
+                continue
+            if out is not None:
+                logits.append(out.unsqueeze(0))
+                seqs.append(seq)
+        for seq, _ in failed:
+            self.scheduler.abort(seq.request_id)
+        if not seqs:
+            return failed
+        logits = torch.cat(logits)
+        tokens = sample(seqs, logits)
+        outputs = [TokenEvent(t) for t in tokens]
+        wants = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if wants:
+            found = logprobs(logits[wants], [tokens[i] for i in wants], [seqs[i].params.logprobs for i in wants])
+            for i, (lp, top) in zip(wants, found):
+                outputs[i].logprob, outputs[i].top_logprobs = lp, top
         self.scheduler.postprocess(seqs, tokens)
+        for seq, out in zip(seqs, outputs):
+            out.finish_reason = seq.finish_reason
+        if not self.scheduler.running:
+            self.runner.reset()  # free the batch cache as soon as nothing is running
         self.tokens_generated += len(tokens)
-        return list(zip(seqs, tokens)) + failed
+        return list(zip(seqs, outputs)) + failed
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
         """Run one request to completion in the calling thread (tests, benchmarks)."""
-        seq = Sequence("generate", prompt_ids, params)
-        self.add(seq)
-        while seq.finish_reason is None:
+        return self.generate_batch([prompt_ids], [params])[0]
+
+    def generate_batch(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
+        """Run requests together to completion in the calling thread (tests, benchmarks)."""
+        seqs = [Sequence(f"generate-{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+        for seq in seqs:
+            self.add(seq)
+        while any(seq.finish_reason is None for seq in seqs):
             self.step()
-        return seq.output_ids
+        return [seq.output_ids for seq in seqs]
 
 
 @dataclass
 class TokenEvent:
     token_id: int | None  # None: the request was aborted
-    finish_reason: str | None
+    finish_reason: str | None = None
+    logprob: float | None = None  # with SamplingParams.logprobs: the chosen token's
+    top_logprobs: list[tuple[int, float]] | None = None  # and the most likely (token id, logprob)
 
 
 class EngineError(RuntimeError):
@@ -91,8 +144,7 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
 
-        def on_token(token: int | Exception | None, finish_reason: str | None):
-            item = token if isinstance(token, Exception) else TokenEvent(token, finish_reason)
+        def on_token(item: TokenEvent | Exception):
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         seq = Sequence(request_id, prompt_ids, params, on_token)
@@ -131,8 +183,8 @@ class AsyncLLMEngine:
             for request_id in aborts:
                 seq = self.engine.abort(request_id)
                 if seq is not None:
-                    seq.on_token(None, "abort")  # ends the request's stream, wherever its reader is
+                    seq.on_token(TokenEvent(None, "abort"))  # ends the request's stream, wherever its reader is
             if not scheduler.has_work:
                 continue
-            for seq, token in self.engine.step():
-                seq.on_token(token, seq.finish_reason)
+            for seq, event in self.engine.step():
+                seq.on_token(event)

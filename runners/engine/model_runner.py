@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 
 import torch
+
+from runners.engine import kv_cache
 
 logger = logging.getLogger("bentochat.engine")
 
@@ -47,24 +50,130 @@ def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = N
 
 
 class ModelRunner:
-    """Runs the model for one sequence at a time, each with its own KV cache.
+    """Runs the model for the engine: prefill of one sequence at a time (in chunks), and one decode
+    step for the whole running batch.
 
-    Any causal LM that transformers loads works here, including remote-code models that return a
-    legacy tuple cache: the cache object the model returns is handed back to it unchanged.
+    The running batch shares one left-padded KV cache (see ``kv_cache``): a sequence whose prefill
+    finished joins it at the next decode step, and a finished one leaves it there, so the batch
+    never drains. Each row's attention mask hides its padding and its position ids count only its
+    own tokens, so a row computes what it would alone. Models whose cache cannot be batched, or whose
+    forward takes no ``attention_mask``/``position_ids``, are decoded one sequence at a time.
     """
 
     def __init__(self, model):
         self.model = model
         self.device = next(model.parameters()).device
+        accepts = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in accepts else "past_key_values"
+        self.can_batch = "attention_mask" in accepts and "position_ids" in accepts
+        self.rows: list = []  # the sequences in the batch cache, in row order
+        self.kv: kv_cache.KV | None = None
+        self.lengths: list[int] = []  # tokens in the cache, per row
+        self.form = self._probe()  # "dynamic" | "tuple" | "sequential"
+        logger.info("decoding %s", f"in batches ({self.form} cache)" if self.batched else "one sequence at a time")
 
     @torch.inference_mode()
-    def forward(self, seq) -> torch.Tensor:
-        """Prefill the prompt on the first call, then decode the last token; return next-token logits."""
-        if seq.cache is None:
-            ids = seq.prompt_ids + seq.output_ids
-        else:
-            ids = seq.output_ids[-1:]
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=input_ids, past_key_values=seq.cache, use_cache=True)
-        seq.cache = out.past_key_values
-        return out.logits[0, -1]
+    def _probe(self) -> str:
+        """Which cache form the model returns, from a two-token forward pass (which also warms it up)."""
+        if not self.can_batch:
+            return "sequential"
+        _, cache = self._run(torch.tensor([[0, 0]], device=self.device), None)
+        return kv_cache.cache_form(cache, 1, 2) or "sequential"
+
+    @property
+    def batched(self) -> bool:
+        return self.form in ("dynamic", "tuple")
+
+    def _run(self, input_ids: torch.Tensor, cache, **kwargs):
+        out = self.model(input_ids=input_ids, use_cache=True, **{self.cache_arg: cache}, **kwargs)
+        if isinstance(out, tuple):  # remote code called without return_dict support
+            return out[0], out[1]
+        return out.logits, out[self.cache_arg] if self.cache_arg in out else out.past_key_values
+
+    def reset(self) -> None:
+        """Drop the batch cache (nothing running, or a failed step)."""
+        self.rows, self.kv, self.lengths = [], None, []
+
+    @torch.inference_mode()
+    def prefill(self, seq, max_tokens: int) -> torch.Tensor | None:
+        """Feed up to ``max_tokens`` more prompt tokens of ``seq`` into its own cache; return the
+        next-token logits once the whole prompt is in, else None."""
+        start = seq.num_cached
+        ids = seq.prompt_ids[start:start + max_tokens]
+        kwargs = {}
+        if start and self.can_batch:
+            end = start + len(ids)
+            kwargs = {"attention_mask": torch.ones(1, end, dtype=torch.long, device=self.device),
+                      "position_ids": torch.arange(start, end, device=self.device).unsqueeze(0)}
+        logits, seq.cache = self._run(torch.tensor([ids], device=self.device), seq.cache, **kwargs)
+        seq.num_cached += len(ids)
+        return logits[0, -1] if seq.num_cached == seq.num_prompt_tokens else None
+
+    @torch.inference_mode()
+    def prefill_together(self, seqs: list) -> torch.Tensor:
+        """Prefill whole prompts of several new sequences in one left-padded forward pass (batched
+        forms only); returns their next-token logits, row i for ``seqs[i]``."""
+        width = max(s.num_prompt_tokens for s in seqs)
+        pads = [width - s.num_prompt_tokens for s in seqs]
+        input_ids = torch.tensor([[0] * pad + s.prompt_ids for s, pad in zip(seqs, pads)], device=self.device)
+        columns = torch.arange(width, device=self.device)
+        starts = torch.tensor(pads, device=self.device).unsqueeze(1)
+        mask = (columns >= starts).long()
+        positions = (columns - starts).clamp(min=0)
+        logits, cache = self._run(input_ids, None, attention_mask=mask, position_ids=positions)
+        kv = kv_cache.to_kv(cache)
+        for i, (seq, pad) in enumerate(zip(seqs, pads)):
+            seq.cache = [(k[i:i + 1, :, pad:], v[i:i + 1, :, pad:]) for k, v in kv]  # views, no copy
+            seq.num_cached = seq.num_prompt_tokens
+        return logits[:, -1]
+
+    @torch.inference_mode()
+    def decode(self, seqs: list) -> torch.Tensor:
+        """One step for every sequence in ``seqs`` (each has its last sampled token not yet in the
+        cache); returns their next-token logits, row i for ``seqs[i]``."""
+        if not self.batched:
+            logits = []
+            for seq in seqs:
+                out, seq.cache = self._run(torch.tensor([[seq.output_ids[-1]]], device=self.device), seq.cache)
+                seq.num_cached += 1
+                logits.append(out[0, -1])
+            return torch.stack(logits)
+        self._arrange(seqs)
+        width = self.kv[0][0].shape[2]
+        lengths = torch.tensor(self.lengths, device=self.device)
+        columns = torch.arange(width + 1, device=self.device)
+        mask = (columns >= width - lengths.unsqueeze(1)).long()
+        input_ids = torch.tensor([[s.output_ids[-1]] for s in self.rows], device=self.device)
+        logits, cache = self._run(input_ids, kv_cache.to_model_cache(self.kv, self.form),
+                                  attention_mask=mask, position_ids=lengths.unsqueeze(1))
+        self.kv = kv_cache.to_kv(cache)
+        self.lengths = [n + 1 for n in self.lengths]
+        for seq in self.rows:
+            seq.num_cached += 1
+        return logits[:, -1]
+
+    def _arrange(self, seqs: list) -> None:
+        """Make the batch cache's rows exactly ``seqs``: drop rows that left, join new sequences.
+
+        Sequences already in the batch keep their relative order and newly prefilled ones follow them,
+        as the scheduler keeps its running list.
+        """
+        if self.rows == seqs:
+            return
+        position = {id(s): i for i, s in enumerate(self.rows)}
+        kept = [position[id(s)] for s in seqs if id(s) in position]
+        joining = seqs[len(kept):]
+        if any(id(s) in position for s in joining):
+            raise RuntimeError("sequences joining the batch must follow those already in it")
+        parts, lengths = [], []
+        if kept:
+            drop = self.kv[0][0].shape[2] - max(self.lengths[i] for i in kept)  # padding of every kept row
+            parts.append(kv_cache.select(self.kv, kept, drop))
+            lengths = [self.lengths[i] for i in kept]
+        for seq in joining:
+            parts.append(kv_cache.to_kv(seq.cache))
+            lengths.append(seq.num_cached)
+            seq.cache = None  # now held by the batch cache
+        self.kv = kv_cache.concat(parts) if parts else None
+        self.lengths = lengths
+        self.rows = list(seqs)

@@ -26,6 +26,8 @@ class SamplingParams:
     min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     seed: int | None = None
+    logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k most likely
+
 
     @classmethod
     def from_dict(cls, d: dict) -> SamplingParams:
@@ -71,6 +73,12 @@ class Sampler:
             else:
                 self.generator.manual_seed(params.seed)
 
+    def is_plain_greedy(self, num_output_tokens: int) -> bool:
+        """Whether the token is simply the argmax of the logits (batched by the engine)."""
+        p = self.params
+        return (p.greedy and not self.penalties and not p.presence_penalty and not p.frequency_penalty
+                and not (num_output_tokens < p.min_tokens and p.stop_token_ids))
+
     def __call__(self, logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int]) -> int:
         p = self.params
         scores = logits.float().reshape(1, -1).cpu().clone()  # a normal tensor, safe to edit in place
@@ -86,3 +94,30 @@ class Sampler:
             return int(scores.argmax(dim=-1))
         probs = torch.softmax(self.warpers(history, scores), dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def sample(seqs: list, logits: torch.Tensor) -> list[int]:
+    """The next token of every sequence, row i of ``logits`` for ``seqs[i]``, each with its own sampler.
+    Rows that only need an argmax are done in one batched call."""
+    tokens: list[int | None] = [None] * len(seqs)
+    plain = [i for i, s in enumerate(seqs) if s.sampler.is_plain_greedy(len(s.output_ids))]
+    if plain:
+        for i, token in zip(plain, logits[plain].argmax(dim=-1).tolist()):
+            tokens[i] = token
+    for i, seq in enumerate(seqs):
+        if tokens[i] is None:
+            tokens[i] = seq.sampler(logits[i], seq.prompt_ids, seq.output_ids)
+    return tokens
+
+
+def logprobs(logits: torch.Tensor, tokens: list[int], top: list[int]) -> list[tuple[float, list[tuple[int, float]]]]:
+    """The model's log-probability of each chosen token and its ``top[i]`` most likely alternatives.
+
+    These are the model's own distribution (before penalties and temperature), as OpenAI reports them.
+    """
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device).unsqueeze(1)).squeeze(1).tolist()
+    k = max(top)
+    values, ids = (lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long()))
+    values, ids = values.tolist(), ids.tolist()
+    return [(c, list(zip(ids[i][:top[i]], values[i][:top[i]]))) for i, c in enumerate(chosen)]

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import enum
+import time
 from typing import Any, Callable
 
 from runners.engine.sampling import Sampler, SamplingParams
 
 
 class SequenceStatus(enum.Enum):
-    WAITING = "waiting"
+    WAITING = "waiting"  # its prompt is (partly) not yet in its cache
     RUNNING = "running"
     FINISHED = "finished"
 
 
 class Sequence:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 on_token: Callable[[int, str | None], None] | None = None):
+                 on_token: Callable[[Any], None] | None = None):
         self.request_id = request_id
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
@@ -25,7 +26,10 @@ class Sequence:
         self.finish_reason: str | None = None
         self.on_token = on_token
         self.sampler: Sampler | None = None  # made by the engine, which knows the vocabulary
-        self.cache: Any = None  # the model's KV cache for this sequence, owned by the model runner
+        self.cache: Any = None  # its own KV cache until it joins the batch cache (model runner)
+        self.num_cached = 0  # tokens already in a KV cache
+        self.arrival = time.monotonic()
+        self.first_token_at: float | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
