@@ -2,7 +2,8 @@
 
 Read from ``bentochat.yaml`` at the repository root, or the file named by ``BENTOCHAT_CONFIG``.
 The worker options mirror FastChat's model worker flags: ``gpus`` (``--gpus``),
-``max_gpu_memory`` (``--max-gpu-memory``) and ``max_concurrency`` (``--limit-worker-concurrency``).
+``max_gpu_memory`` (``--max-gpu-memory``) and ``max_concurrency`` (``--limit-worker-concurrency``);
+``max_queue`` bounds the requests waiting beyond that, past which the API answers 429.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class ServedModel(BaseModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     gpus: list[int] = Field(default_factory=list, description="GPU indices; empty runs on CPU")
     max_gpu_memory: str | None = Field(default=None, description="cap per GPU, e.g. `20GiB`")
-    max_concurrency: int = Field(default=64, ge=1, description="requests in flight per runner")
+    max_concurrency: int = Field(default=64, ge=1, description="sequences generated together (the batch)")
+    max_queue: int = Field(default=256, ge=0, description="requests waiting beyond max_concurrency; more get 429")
     trust_remote_code: bool = False
 
     @field_validator("id")

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from openai_api.errors import OpenAIError
 from openai_api.protocol import new_id
@@ -21,6 +21,12 @@ class TextEvent:
     text: str
     finish_reason: str | None
     completion_tokens: int
+    logprobs: list[dict] = field(default_factory=list)  # runner entries of the tokens since the last event
+
+
+def queue_full(model_id: str, retry_after: int) -> OpenAIError:
+    return OpenAIError(429, f"The model `{model_id}` is at capacity: its queue is full. Retry after {retry_after} s.",
+                       code="queue_full", headers={"Retry-After": str(retry_after)})
 
 
 def runner_unavailable(model_id: str, exc: BaseException) -> OpenAIError:
@@ -61,21 +67,26 @@ async def generate_text(model, runner, prompt_ids: list[int], params: dict, stop
     request_id = new_id("req")
     detokenizer = IncrementalDetokenizer(model.tokenizer, prompt_ids)
     stop_strings = StopStrings(stops)
-    count, finished = 0, False
+    count, finished, logprobs = 0, False, []
     try:
         async for event in _runner_events(runner, request_id, prompt_ids, params):
             if "error" in event:
-                finished = True  # the runner dropped the sequence itself
+                finished = True  # the runner dropped the sequence itself, or never took it
+                if event.get("code") == "queue_full":
+                    raise queue_full(model.id, event["retry_after"])
                 raise OpenAIError(500, f"Generation failed: {event['error']}")
             count += 1
+            if "logprob" in event:
+                logprobs.append(event)
             text, stopped = stop_strings.feed(detokenizer.step(event["token"]))
             reason = "stop" if stopped else event.get("finish_reason")
             if reason:
                 finished = event.get("finish_reason") is not None
-                yield TextEvent(text if stopped else text + stop_strings.flush(), reason, count)
+                yield TextEvent(text if stopped else text + stop_strings.flush(), reason, count, logprobs)
                 return
             if text:
-                yield TextEvent(text, None, count)
+                yield TextEvent(text, None, count, logprobs)
+                logprobs = []
     except OpenAIError:
         raise
     except Exception as e:
@@ -83,6 +94,24 @@ async def generate_text(model, runner, prompt_ids: list[int], params: dict, stop
     finally:
         if not finished:
             _abort_later(runner, request_id)
+
+
+async def started(stream: AsyncIterator) -> AsyncIterator:
+    """Wait for the stream's first item, so that what fails before it (a full queue, a runner that is
+    down) becomes the HTTP status of a streamed response rather than an error inside it."""
+    it = aiter(stream)
+    try:
+        first = await anext(it)
+    except StopAsyncIteration:
+        first = it = None
+
+    async def replay():
+        if it is not None:
+            yield first
+            async for item in it:
+                yield item
+
+    return replay()
 
 
 async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:

@@ -84,12 +84,13 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Any] | None = None
 
     @model_validator(mode="after")
     def _unsupported(self):
-        if self.logprobs:
-            raise ValueError("logprobs: not supported by this server yet")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: requires logprobs to be true")
         if self.tools:
             raise ValueError("tools: tool calling is not supported by this server")
         return self
@@ -98,17 +99,22 @@ class ChatCompletionRequest(SamplingFields):
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def num_logprobs(self) -> int | None:
+        """None: no logprobs; k: the chosen token's and the k most likely."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)
     best_of: int | None = None
 
     @model_validator(mode="after")
     def _unsupported(self):
-        for name in ("echo", "suffix", "logprobs"):
+        for name in ("echo", "suffix"):
             if getattr(self, name):
                 raise ValueError(f"{name}: not supported by this server yet")
         if self.best_of not in (None, self.n):
@@ -120,6 +126,10 @@ class CompletionRequest(SamplingFields):
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -168,11 +178,26 @@ class AssistantMessage(Response):
     content: str
 
 
+class TopLogprob(Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(Response):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
 class ChatChoice(Response):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(Response):
@@ -193,7 +218,7 @@ class ChatChunkChoice(Response):
     index: int
     delta: Delta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(Response):
@@ -205,11 +230,18 @@ class ChatCompletionChunk(Response):
     usage: Usage | None = None
 
 
+class CompletionLogprobs(Response):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(Response):
     index: int
     text: str
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(Response):

@@ -11,7 +11,8 @@ from fastapi.responses import StreamingResponse
 
 from openai_api import errors
 from openai_api.errors import OpenAIError
-from openai_api.generation import generate_text, merge, runner_unavailable
+from openai_api.generation import generate_text, merge, runner_unavailable, started
+from openai_api.logprobs import chat_logprobs, completion_logprobs
 from openai_api.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -67,6 +68,7 @@ def sampling_params(model, req: SamplingFields, prompt_len: int, prompt_param: s
         "min_tokens": req.min_tokens or 0,
         "stop_token_ids": list(dict.fromkeys(model.eos_token_ids + (req.stop_token_ids or []))),
         "seed": req.seed,
+        "logprobs": req.num_logprobs,
     }
 
 
@@ -93,13 +95,14 @@ def _run_choices(model, runner, prompts: list[list[int]], params: dict, stops: l
                   for prompt_ids in prompts for i in range(n)])
 
 
-async def _collect(choices, total: int) -> tuple[list[str], list[str | None], list[int]]:
-    """Whole texts, finish reasons and completion token counts of ``total`` choices."""
-    texts, reasons, counts = [""] * total, [None] * total, [0] * total
+async def _collect(choices, total: int) -> tuple[list[str], list[str | None], list[int], list[list[dict]]]:
+    """Whole texts, finish reasons, completion token counts and logprob entries of ``total`` choices."""
+    texts, reasons, counts, logprobs = [""] * total, [None] * total, [0] * total, [[] for _ in range(total)]
     async for i, ev in choices:
         texts[i] += ev.text
         reasons[i], counts[i] = ev.finish_reason, ev.completion_tokens
-    return texts, reasons, counts
+        logprobs[i] += ev.logprobs
+    return texts, reasons, counts, logprobs
 
 
 @app.get("/models")
@@ -133,7 +136,12 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     choices = _run_choices(model, runner, [prompt_ids], params, req.stop, req.n)
     rid = new_id("chatcmpl")
 
+    def logprobs(entries):
+        return chat_logprobs(model.tokenizer, entries) if req.logprobs else None
+
     if req.stream:
+        choices = await started(choices)
+
         async def chunks():
             counts = [0] * req.n
             for i in range(req.n):
@@ -143,15 +151,18 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                 counts[i] = ev.completion_tokens
                 if ev.text or ev.finish_reason:
                     yield ChatCompletionChunk(id=rid, model=req.model, choices=[ChatChunkChoice(
-                        index=i, delta=Delta(content=ev.text), finish_reason=ev.finish_reason)])
+                        index=i, delta=Delta(content=ev.text), finish_reason=ev.finish_reason,
+                        logprobs=logprobs(ev.logprobs))])
             if req.include_usage:
                 yield ChatCompletionChunk(id=rid, model=req.model, choices=[],
                                           usage=Usage.of(len(prompt_ids), sum(counts)))
         return _sse(chunks())
 
-    texts, reasons, counts = await _collect(choices, req.n)
+    texts, reasons, counts, entries = await _collect(choices, req.n)
     return ChatCompletion(id=rid, model=req.model, usage=Usage.of(len(prompt_ids), sum(counts)), choices=[
-        ChatChoice(index=i, message=AssistantMessage(content=texts[i]), finish_reason=reasons[i]) for i in range(req.n)
+        ChatChoice(index=i, message=AssistantMessage(content=texts[i]), finish_reason=reasons[i],
+                   logprobs=logprobs(entries[i]))
+        for i in range(req.n)
     ])
 
 
@@ -170,22 +181,32 @@ async def completions(req: CompletionRequest, request: Request):
     prompt_tokens = sum(len(p) for p in prompts)
 
     total = len(prompts) * req.n
+
+    def logprobs(entries, offset=0):
+        return completion_logprobs(model.tokenizer, entries, offset) if req.logprobs is not None else None
+
     if req.stream:
+        choices = await started(choices)
+
         async def chunks():
-            counts = [0] * total
+            counts, offsets = [0] * total, [0] * total
             async for i, ev in choices:
                 counts[i] = ev.completion_tokens
                 if ev.text or ev.finish_reason:
-                    yield Completion(id=rid, model=req.model,
-                                     choices=[CompletionChoice(index=i, text=ev.text, finish_reason=ev.finish_reason)])
+                    lp = logprobs(ev.logprobs, offsets[i])
+                    if lp and lp.tokens:
+                        offsets[i] = lp.text_offset[-1] + len(lp.tokens[-1])
+                    yield Completion(id=rid, model=req.model, choices=[CompletionChoice(
+                        index=i, text=ev.text, finish_reason=ev.finish_reason, logprobs=lp)])
             if req.include_usage:
                 yield Completion(id=rid, model=req.model, choices=[],
                                  usage=Usage.of(prompt_tokens, sum(counts)))
         return _sse(chunks())
 
-    texts, reasons, counts = await _collect(choices, total)
+    texts, reasons, counts, entries = await _collect(choices, total)
     return Completion(id=rid, model=req.model, usage=Usage.of(prompt_tokens, sum(counts)), choices=[
-        CompletionChoice(index=i, text=texts[i], finish_reason=reasons[i]) for i in range(total)
+        CompletionChoice(index=i, text=texts[i], finish_reason=reasons[i], logprobs=logprobs(entries[i]))
+        for i in range(total)
     ])
 
 

@@ -15,10 +15,13 @@ def runner_name(served: ServedModel) -> str:
 
 def service_options(served: ServedModel, kind: str) -> dict:
     resources = {"gpu": len(served.gpus)} if served.gpus else {}
+    traffic: dict = {"timeout": REQUEST_TIMEOUT_S}
+    if kind == "embedding":  # chat engines bound their own queue (429) and must still take abort calls
+        traffic["max_concurrency"] = served.max_concurrency + served.max_queue
     return {
         "name": runner_name(served),
         "description": f"BentoChat {kind} runner for {served.id} ({served.model})",
         "resources": resources,
-        "traffic": {"timeout": REQUEST_TIMEOUT_S, "max_concurrency": served.max_concurrency},
+        "traffic": traffic,
         "workers": 1,  # one engine per model replica; scale with replicas, not workers
     }

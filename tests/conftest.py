@@ -28,6 +28,7 @@ from tiny_model import build_tiny_model  # noqa: E402
 CHAT = "smollm2-135m-instruct"
 EMBED = "all-minilm-l6-v2"
 TINY = "tiny-remote"
+ONE_SLOT = "smollm2-one-slot"  # the chat model again, with room for one running and one waiting request
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +81,7 @@ def server(tmp_path_factory, tiny_model_dir) -> Server:
   - {{id: {CHAT}, model: {CHAT}:latest, kind: chat}}
   - {{id: {EMBED}, model: {EMBED}:latest, kind: embedding}}
   - {{id: {TINY}, model: {TINY}:latest, kind: chat, trust_remote_code: true, max_concurrency: 4}}
+  - {{id: {ONE_SLOT}, model: {CHAT}:latest, kind: chat, max_concurrency: 1, max_queue: 1}}
 """)
     ARTIFACTS.mkdir(exist_ok=True)
     log = ARTIFACTS / "serve.log"

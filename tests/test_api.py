@@ -12,7 +12,7 @@ import openai
 import pytest
 import torch
 
-from conftest import CHAT, EMBED, TINY
+from conftest import CHAT, EMBED, ONE_SLOT, TINY
 
 pytestmark = pytest.mark.slow
 
@@ -185,6 +185,84 @@ def test_remote_code_model_imported_by_cli_serves(client):
     full = client.completions.create(model=TINY, prompt="你好，世界", max_tokens=8, temperature=0)
     s = client.completions.create(model=TINY, prompt="你好，世界", max_tokens=8, stream=True, temperature=0)
     assert "".join(c.choices[0].text for c in s if c.choices) == full.choices[0].text
+
+
+def test_remote_code_model_batched_alongside_gives_what_it_gives_alone(server):
+    prompts = [f"{word} " * (i + 1) for i, word in enumerate(["hello", "world", "mountain", "river", "你好", "fox"])]
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=server.v1, api_key="x", max_retries=0, timeout=120) as c:
+            async def one(p):
+                r = await c.completions.create(model=TINY, prompt=p, max_tokens=20, temperature=0)
+                return r.choices[0].text
+            alone = [await one(p) for p in prompts]
+            together = await asyncio.gather(*[one(p) for p in prompts])  # 4 run, 2 wait: all join the batch
+            return alone, together
+
+    alone, together = asyncio.run(run())
+    assert together == alone and len(set(alone)) > 1
+
+
+def test_chat_logprobs_streamed_and_not(client):
+    r = chat(client, max_tokens=6, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:  # greedy: the chosen token is the most likely one
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token
+        assert t.top_logprobs[0].logprob == pytest.approx(t.logprob)
+        assert bytes(t.bytes).decode() == t.token
+    chunks, _ = stream_chat(client, max_tokens=6, logprobs=True, top_logprobs=3)
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, round(t.logprob, 4)) for t in streamed] == [(t.token, round(t.logprob, 4)) for t in content]
+    assert chat(client, max_tokens=3).choices[0].logprobs is None
+
+
+def test_completion_logprobs(client):
+    r = client.completions.create(model=CHAT, prompt="The capital of France is", max_tokens=5, temperature=0,
+                                  logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
+    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(v) for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+
+
+def test_past_the_queue_bound_the_api_answers_429_with_retry_after(server):
+    long = dict(model=ONE_SLOT, messages=STORY, max_tokens=400, stream=True, extra_body={"min_tokens": 400})
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=server.v1, api_key="x", max_retries=0, timeout=120) as c:
+            running = await c.chat.completions.create(**long)  # answers once its first token is out
+            await anext(aiter(running))
+            queued = asyncio.create_task(c.chat.completions.create(**long))
+            for _ in range(100):
+                if httpx.get(server.v1 + "/stats").json()["data"][ONE_SLOT]["waiting"] == 1:
+                    break
+                await asyncio.sleep(0.1)
+            with pytest.raises(openai.RateLimitError) as refused:
+                await c.chat.completions.create(model=ONE_SLOT, messages=HELLO, max_tokens=5)
+            with pytest.raises(openai.RateLimitError):
+                await c.chat.completions.create(model=ONE_SLOT, messages=HELLO, max_tokens=5, stream=True)
+            await running.close()  # its slot frees, and the queued request runs
+            second = await asyncio.wait_for(queued, 60)
+            await anext(aiter(second))
+            await second.close()
+            return refused.value
+
+    err = asyncio.run(run())
+    assert err.status_code == 429 and err.code == "queue_full"
+    assert int(err.response.headers["retry-after"]) >= 1
+
+
+def test_metrics_beside_bentomls_own(server, client):
+    chat(client, max_tokens=4)
+    text = httpx.get(server.base_url + "/metrics").text
+    for name in ("bentochat_time_to_first_token_seconds_bucket", "bentochat_time_per_output_token_seconds_bucket",
+                 "bentochat_generated_tokens_total", "bentochat_queue_length", "bentochat_running_sequences",
+                 "bentoml_service_request_total"):
+        assert name in text, name
+    assert f'bentochat_time_to_first_token_seconds_count{{model="{CHAT}"' in text
 
 
 def test_embeddings_normalized_batched_and_base64(server, client):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
+import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -116,6 +119,14 @@ class EngineError(RuntimeError):
     pass
 
 
+class QueueFull(RuntimeError):
+    """The engine has ``max_num_seqs`` running and ``max_queue`` waiting; retry after ``retry_after`` s."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the queue is full; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
 class AsyncLLMEngine:
     """Drives an ``LLMEngine`` on its own thread so generation never blocks the event loop.
 
@@ -123,8 +134,10 @@ class AsyncLLMEngine:
     reading (client gone, stop string found) is aborted and leaves the engine at the next step.
     """
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, max_queue: int | None = None):
         self.engine = engine
+        self.max_queue = max_queue  # None: unbounded
+        self._finished_at: deque[float] = deque(maxlen=32)  # recent finishes, for Retry-After
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._incoming: list[Sequence] = []
@@ -140,7 +153,19 @@ class AsyncLLMEngine:
     def num_waiting(self) -> int:
         return len(self.engine.scheduler.waiting) + len(self._incoming)
 
+    def retry_after(self) -> int:
+        """Seconds until a queue place is likely free: one over the recent rate of finishing requests."""
+        done = list(self._finished_at)
+        if len(done) < 2 or done[-1] <= done[0]:
+            return 1
+        return max(1, min(60, math.ceil((done[-1] - done[0]) / (len(done) - 1))))
+
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+        """The request's tokens as they are generated. Raises ``QueueFull`` before the first when the
+        engine already holds ``max_num_seqs + max_queue`` requests."""
+        if self.max_queue is not None:
+            if self.num_running + self.num_waiting >= self.engine.scheduler.max_num_seqs + self.max_queue:
+                raise QueueFull(self.retry_after())
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
 
@@ -188,3 +213,5 @@ class AsyncLLMEngine:
                 continue
             for seq, event in self.engine.step():
                 seq.on_token(event)
+                if seq.finish_reason is not None:
+                    self._finished_at.append(time.monotonic())
