@@ -8,11 +8,16 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import aiohttp
+import httpx
+
 from openai_api.errors import OpenAIError
 from openai_api.protocol import new_id
 from openai_api.text_stream import IncrementalDetokenizer, StopStrings
 
 logger = logging.getLogger("bentochat.api")
+CONNECT_RETRIES = 2
+CONNECTION_ERRORS = (OSError, aiohttp.ClientConnectionError, httpx.TransportError)
 _background: set[asyncio.Task] = set()
 
 
@@ -64,36 +69,43 @@ def _abort_later(runner, request_id: str) -> None:
 
 
 async def generate_text(model, runner, prompt_ids: list[int], params: dict, stops: list[str]) -> AsyncIterator[TextEvent]:
-    request_id = new_id("req")
     detokenizer = IncrementalDetokenizer(model.tokenizer, prompt_ids)
     stop_strings = StopStrings(stops)
-    count, finished, logprobs = 0, False, []
-    try:
-        async for event in _runner_events(runner, request_id, prompt_ids, params):
-            if "error" in event:
-                finished = True  # the runner dropped the sequence itself, or never took it
-                if event.get("code") == "queue_full":
-                    raise queue_full(model.id, event["retry_after"])
-                raise OpenAIError(500, f"Generation failed: {event['error']}")
-            count += 1
-            if "logprob" in event:
-                logprobs.append(event)
-            text, stopped = stop_strings.feed(detokenizer.step(event["token"]))
-            reason = "stop" if stopped else event.get("finish_reason")
-            if reason:
-                finished = event.get("finish_reason") is not None
-                yield TextEvent(text if stopped else text + stop_strings.flush(), reason, count, logprobs)
-                return
-            if text:
-                yield TextEvent(text, None, count, logprobs)
-                logprobs = []
-    except OpenAIError:
-        raise
-    except Exception as e:
-        raise runner_unavailable(model.id, e) from e
-    finally:
-        if not finished:
-            _abort_later(runner, request_id)
+    count, logprobs = 0, []
+    for attempt in range(CONNECT_RETRIES + 1):
+        request_id, finished = new_id("req"), False
+        try:
+            async for event in _runner_events(runner, request_id, prompt_ids, params):
+                if "error" in event:
+                    finished = True  # the runner dropped the sequence itself, or never took it
+                    if event.get("code") == "queue_full":
+                        raise queue_full(model.id, event["retry_after"])
+                    raise OpenAIError(500, f"Generation failed: {event['error']}")
+                count += 1
+                if "logprob" in event:
+                    logprobs.append(event)
+                text, stopped = stop_strings.feed(detokenizer.step(event["token"]))
+                reason = "stop" if stopped else event.get("finish_reason")
+                if reason:
+                    finished = event.get("finish_reason") is not None
+                    yield TextEvent(text if stopped else text + stop_strings.flush(), reason, count, logprobs)
+                    return
+                if text:
+                    yield TextEvent(text, None, count, logprobs)
+                    logprobs = []
+            return
+        except OpenAIError:
+            raise
+        except Exception as e:
+            # A pooled connection the runner had closed fails before anything was generated: retry
+            # on a fresh one (the finally below aborts the first attempt, should it have arrived).
+            if count == 0 and attempt < CONNECT_RETRIES and isinstance(e, CONNECTION_ERRORS):
+                logger.info("runner connection for %s failed before the first token (%r); retrying", model.id, e)
+                continue
+            raise runner_unavailable(model.id, e) from e
+        finally:
+            if not finished:
+                _abort_later(runner, request_id)
 
 
 async def started(stream: AsyncIterator) -> AsyncIterator:

@@ -7,6 +7,9 @@ import re
 from models.config import ServedModel
 
 REQUEST_TIMEOUT_S = 3600  # a long generation streams for minutes; BentoML's default of 60 s would cut it
+# BentoML's client to a dependency closes its connection pool after 100 requests or 300 s by default,
+# and with it every stream still running on it: the gateway would lose requests under load.
+NEVER_RECYCLE = {"max_requests": 2**31 - 1, "max_age": 1e9}
 
 
 def runner_name(served: ServedModel) -> str:
@@ -23,5 +26,6 @@ def service_options(served: ServedModel, kind: str) -> dict:
         "description": f"BentoChat {kind} runner for {served.id} ({served.model})",
         "resources": resources,
         "traffic": traffic,
+        "runner_connection": NEVER_RECYCLE,
         "workers": 1,  # one engine per model replica; scale with replicas, not workers
     }

@@ -179,6 +179,20 @@ def test_disconnected_stream_is_cancelled_in_the_engine(server, client):
     assert httpx.get(server.v1 + "/stats").json()["data"][CHAT]["tokens_generated"] == before
 
 
+def test_streams_survive_many_calls_to_their_runner(server):
+    """BentoML's dependency client recycles its connections after 100 calls unless told otherwise,
+    which would cut every stream still running."""
+    stream = httpx.stream("POST", server.v1 + "/chat/completions", timeout=120, json={
+        "model": CHAT, "messages": STORY, "max_tokens": 60, "min_tokens": 60, "temperature": 0, "stream": True})
+    with stream as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        for _ in range(110):
+            assert httpx.get(server.v1 + "/stats").status_code == 200
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]" and '"finish_reason":"length"' in rest[-2] + rest[-3]
+
+
 def test_remote_code_model_imported_by_cli_serves(client):
     r = client.chat.completions.create(model=TINY, messages=HELLO, max_tokens=8, temperature=0)
     assert r.usage.completion_tokens <= 8 and r.choices[0].finish_reason in ("stop", "length")

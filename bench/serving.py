@@ -1,0 +1,314 @@
+"""Serving benchmark: BentoChat against `transformers serve --continuous-batching`, the engine in-process
+and the model's bare batched decode loop, on the same model and load, in one run. Prints a table.
+
+    .venv/bin/python bench/serving.py                      # SmolLM2-135M, fp32, concurrency 1 16 32
+    .venv/bin/python bench/serving.py --concurrency 1 8 --requests 2 --skip transformers
+
+Load: streaming chat, closed loop (each of C clients sends its next request when the last ends),
+``--requests`` requests per client, ``--max-tokens`` output tokens each; output tokens are counted by
+re-tokenizing the streamed text. TTFT is from sending the request to the first text; ITL is the gap
+between consecutive text chunks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PROMPTS = [
+    "Write a short story about a cat who learns to sail.",
+    "Explain how rainbows form, step by step.",
+    "Describe a day in the life of a lighthouse keeper.",
+    "What should I pack for a week of hiking in the mountains?",
+    "Tell me about the history of the bicycle.",
+    "Write a letter to a friend about your new garden.",
+    "How do bees make honey? Explain in detail.",
+    "Describe the city of Paris to someone who has never been there.",
+]
+
+
+@dataclass
+class Run:
+    tokens: int = 0
+    seconds: float = 0.0
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+
+    @property
+    def tps(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- load over HTTP -------------------------------------------------------------------------------
+
+async def drive_http(url: str, model: str, tokenizer, concurrency: int, requests: int, max_tokens: int) -> Run:
+    import httpx
+
+    run = Run()
+
+    async def one(client: httpx.AsyncClient, prompt: str):
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                "temperature": 0, "stream": True}
+        start = last = time.perf_counter()
+        text, first = "", None
+        async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                piece = (choices[0].get("delta") or {}).get("content")
+                if not piece:
+                    continue
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                    run.ttft.append(now - start)
+                else:
+                    run.itl.append(now - last)
+                last = now
+                text += piece
+        run.tokens += len(tokenizer.encode(text, add_special_tokens=False))
+
+    async def client_loop(client, c):
+        for i in range(requests):
+            await one(client, PROMPTS[(c + i) % len(PROMPTS)])
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as client:
+        await one(client, "Hello")  # warm-up
+        run.tokens, run.ttft, run.itl = 0, [], []
+        start = time.perf_counter()
+        await asyncio.gather(*[client_loop(client, c) for c in range(concurrency)])
+        run.seconds = time.perf_counter() - start
+    return run
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}; see {log}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"server not ready in {timeout} s; see {log}")
+
+
+def serve(cmd: list[str], ready_url: str, log: Path, env: dict | None = None) -> subprocess.Popen:
+    out = open(log, "wb")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    wait_ready(ready_url, proc, log)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def bench_bentochat(args, tag: str, tokenizer, workdir: Path) -> dict[int, Run]:
+    config = workdir / "bentochat.yaml"
+    config.write_text(f"models:\n  - {{id: bench, model: {tag}, kind: chat, max_concurrency: "
+                      f"{max(64, max(args.concurrency))}}}\n")
+    port = free_port()
+    bentoml = Path(sys.executable).parent / "bentoml"
+    proc = serve([str(bentoml), "serve", "service:BentoChat", "--host", "127.0.0.1", "--port", str(port)],
+                 f"http://127.0.0.1:{port}/readyz", workdir / "bentochat.log", {"BENTOCHAT_CONFIG": str(config)})
+    try:
+        return {c: asyncio.run(drive_http(f"http://127.0.0.1:{port}", "bench", tokenizer, c, args.requests,
+                                          args.max_tokens)) for c in args.concurrency}
+    finally:
+        stop(proc)
+
+
+def bench_transformers(args, path: str, tokenizer, workdir: Path) -> dict[int, Run]:
+    port = free_port()
+    cli = Path(sys.executable).parent / "transformers"
+    proc = serve([str(cli), "serve", "--continuous-batching", "--device", "cpu", "--dtype", "float32",
+                  "--host", "127.0.0.1", "--port", str(port), path],
+                 f"http://127.0.0.1:{port}/health", workdir / "transformers.log")
+    try:
+        return {c: asyncio.run(drive_http(f"http://127.0.0.1:{port}", path, tokenizer, c, args.requests,
+                                          args.max_tokens)) for c in args.concurrency}
+    finally:
+        stop(proc)
+
+
+# ---- in-process -----------------------------------------------------------------------------------
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=True)["input_ids"]
+
+
+def bench_engine(args, model, tokenizer) -> dict[int, Run]:
+    """The same closed-loop load on the engine with no HTTP: what serving costs on top of it."""
+    from runners.engine import AsyncLLMEngine, LLMEngine, ModelRunner, SamplingParams
+
+    eos = tuple(t for t in [tokenizer.eos_token_id] if t is not None)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, stop_token_ids=eos)
+    results = {}
+    for c in args.concurrency:
+        engine = AsyncLLMEngine(LLMEngine(ModelRunner(model), max_num_seqs=max(64, c)))
+        run = Run()
+
+        async def one(i: int):
+            start = last = time.perf_counter()
+            n = 0
+            async for _ in engine.generate(f"r{i}", prompt_ids(tokenizer, PROMPTS[i % len(PROMPTS)]), params):
+                now = time.perf_counter()
+                (run.itl if n else run.ttft).append(now - (last if n else start))
+                last, n = now, n + 1
+            run.tokens += n
+
+        async def load():
+            async def client_loop(k):
+                for j in range(args.requests):
+                    await one(k * args.requests + j)
+            start = time.perf_counter()
+            await asyncio.gather(*[client_loop(k) for k in range(c)])
+            run.seconds = time.perf_counter() - start
+
+        asyncio.run(load())
+        results[c] = run
+    return results
+
+
+def bench_bare(args, model, tokenizer) -> tuple[dict[int, float], float]:
+    """The model's own batched decode loop (tokens/s of the decode steps at batch B, prefill left
+    out), and ``model.generate`` alone (tokens/s including its prefill)."""
+    import torch
+
+    ids = prompt_ids(tokenizer, PROMPTS[0])
+    bare = {}
+    with torch.inference_mode():
+        for b in args.concurrency:
+            out = model(input_ids=torch.tensor([ids] * b), use_cache=True)
+            cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+            start = time.perf_counter()
+            for _ in range(args.max_tokens):
+                out = model(input_ids=token, cache=cache, use_cache=True)
+                cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+            bare[b] = b * args.max_tokens / (time.perf_counter() - start)
+        model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)  # warm-up
+        start = time.perf_counter()
+        n = args.max_tokens
+        model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        generate = n / (time.perf_counter() - start)
+    return bare, generate
+
+
+# ---- report ---------------------------------------------------------------------------------------
+
+def ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1000:.0f}"
+
+
+def report(args, runs: dict[str, dict[int, Run]], bare: dict[int, float], generate: float) -> None:
+    print(f"\nSmolLM2-135M-Instruct fp32 on CPU ({os.cpu_count()} cores), {args.max_tokens} output tokens, "
+          f"{args.requests} requests per client, greedy, streaming chat\n")
+    print(f"{'system':<26}{'conc':>5}{'tok/s':>9}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}{'ITL p50 ms':>12}")
+    for name, by_c in runs.items():
+        for c, r in by_c.items():
+            print(f"{name:<26}{c:>5}{r.tps:>9.1f}{ms(pct(r.ttft, .5)):>13}{ms(pct(r.ttft, .99)):>13}"
+                  f"{ms(pct(r.itl, .5)):>12}")
+    for b, tps in bare.items():  # ITL of the bare loop: one decode step
+        print(f"{'bare decode loop (batch)':<26}{b:>5}{tps:>9.1f}{'-':>13}{'-':>13}{1000 * b / tps:>12.0f}")
+    if generate:
+        print(f"{'model.generate':<26}{1:>5}{generate:>9.1f}")
+
+    print("\nratios (same run)")
+    served = runs.get("bentochat (HTTP)", {})
+    for c, r in served.items():
+        parts = []
+        if c in runs.get("transformers serve --cb", {}):
+            parts.append(f"{r.tps / runs['transformers serve --cb'][c].tps:.2f}x transformers serve")
+        if c in bare:
+            parts.append(f"{r.tps / bare[c]:.2f}x bare decode loop")
+        if c in runs.get("bentochat engine (no HTTP)", {}):
+            parts.append(f"{r.tps / runs['bentochat engine (no HTTP)'][c].tps:.2f}x engine in-process")
+        if c == 1 and generate:
+            parts.append(f"{r.tps / generate:.2f}x model.generate")
+        print(f"  bentochat c={c}: " + ", ".join(parts))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct:latest", help="BentoML store tag")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 32])
+    parser.add_argument("--requests", type=int, default=2, help="requests per client")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["bentochat", "transformers", "engine", "bare"])
+    args = parser.parse_args()
+
+    import bentoml
+    from transformers import AutoTokenizer
+
+    from models.config import load_config
+    from models.embedded import ensure_available
+    from runners.engine import load_causal_lm
+
+    ensure_available(load_config())
+    path = bentoml.models.get(args.model).path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    runs: dict[str, dict[int, Run]] = {}
+    workdir = Path(tempfile.mkdtemp(prefix="bentochat-bench-"))
+    print(f"server logs in {workdir}", flush=True)
+    if "bentochat" not in args.skip:
+        print("BentoChat ...", flush=True)
+        runs["bentochat (HTTP)"] = bench_bentochat(args, args.model, tokenizer, workdir)
+    if "transformers" not in args.skip:
+        print("transformers serve --continuous-batching ...", flush=True)
+        runs["transformers serve --cb"] = bench_transformers(args, path, tokenizer, workdir)
+    bare, generate = {}, 0.0
+    if not {"engine", "bare"} <= set(args.skip):
+        model = load_causal_lm(path)
+        if "engine" not in args.skip:
+            print("engine in-process ...", flush=True)
+            runs["bentochat engine (no HTTP)"] = bench_engine(args, model, tokenizer)
+        if "bare" not in args.skip:
+            print("bare decode loop ...", flush=True)
+            bare, generate = bench_bare(args, model, tokenizer)
+    report(args, runs, bare, generate)
+
+
+if __name__ == "__main__":
+    main()
