@@ -8,7 +8,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,32 +35,45 @@ class LLMEngine:
     def abort(self, request_id: str) -> Sequence | None:
         return self.scheduler.abort(request_id)
 
-    def step(self) -> list[tuple[Sequence, TokenEvent | Exception]]:
-        """One decode step for the running batch and a bounded amount of prefill for waiting requests.
+    def step(self, emit: Callable[[list[tuple[Sequence, TokenEvent | Exception]]], None] | None = None
+             ) -> list[tuple[Sequence, TokenEvent | Exception]]:
+        """A bounded amount of prefill for waiting requests, then one decode step for the running batch.
 
         Returns each sequence that produced a token, with it; a sequence whose forward pass failed
-        leaves the engine with its error (all of the batch when the batched decode fails).
+        leaves the engine with its error (all of the batch when the batched decode fails). ``emit``,
+        if given, gets each phase's results as soon as they are ready: new requests' first tokens
+        need not wait for the decode step.
         """
         prefills, decodes = self.scheduler.schedule()
-        seqs, logits, failed = [], [], []
+        results = self._prefill(prefills)
+        if emit and results:
+            emit(results)
         if decodes:
             try:
-                logits.append(self.runner.decode(decodes))
-                seqs += decodes
+                decoded = self._finish(decodes, self.runner.decode(decodes))
             except Exception as e:
                 logger.exception("decode step of %d sequences failed", len(decodes))
                 self.runner.reset()
-                failed += [(seq, e) for seq in decodes]
+                decoded = self._fail(decodes, e)
+            if emit:
+                emit(decoded)
+            results += decoded
+        if not self.scheduler.running:
+            self.runner.reset()  # free the batch cache as soon as nothing is running
+        return results
+
+    def _prefill(self, prefills: list[tuple[Sequence, int]]) -> list[tuple[Sequence, TokenEvent | Exception]]:
         together = [seq for seq, n in prefills if seq.num_cached == 0 and n == seq.num_prompt_tokens]
         if len(together) < 2 or not self.runner.batched:
             together = []
+        seqs, logits, failed = [], [], []
         if together:
             try:
                 logits.append(self.runner.prefill_together(together))
                 seqs += together
             except Exception as e:
                 logger.exception("prefill of %d requests failed", len(together))
-                failed += [(seq, e) for seq in together]
+                failed += self._fail(together, e)
         for seq, n in prefills:
             if seq in together:
                 continue
@@ -68,16 +81,20 @@ class LLMEngine:
                 out = self.runner.prefill(seq, n)
             except Exception as e:
                 logger.exception("prefill of request %s failed", seq.request_id)
-                failed.append((seq, e))
+                failed += self._fail([seq], e)
                 continue
             if out is not None:
                 logits.append(out.unsqueeze(0))
                 seqs.append(seq)
-        for seq, _ in failed:
+        return (self._finish(seqs, torch.cat(logits)) if seqs else []) + failed
+
+    def _fail(self, seqs: list[Sequence], error: Exception) -> list[tuple[Sequence, Exception]]:
+        for seq in seqs:
             self.scheduler.abort(seq.request_id)
-        if not seqs:
-            return failed
-        logits = torch.cat(logits)
+        return [(seq, error) for seq in seqs]
+
+    def _finish(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, TokenEvent]]:
+        """Sample each sequence's next token from its row of ``logits`` and append it."""
         tokens = sample(seqs, logits)
         outputs = [TokenEvent(t) for t in tokens]
         wants = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
@@ -88,10 +105,8 @@ class LLMEngine:
         self.scheduler.postprocess(seqs, tokens)
         for seq, out in zip(seqs, outputs):
             out.finish_reason = seq.finish_reason
-        if not self.scheduler.running:
-            self.runner.reset()  # free the batch cache as soon as nothing is running
         self.tokens_generated += len(tokens)
-        return list(zip(seqs, outputs)) + failed
+        return list(zip(seqs, outputs))
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
         """Run one request to completion in the calling thread (tests, benchmarks)."""
@@ -211,7 +226,10 @@ class AsyncLLMEngine:
                     seq.on_token(TokenEvent(None, "abort"))  # ends the request's stream, wherever its reader is
             if not scheduler.has_work:
                 continue
-            for seq, event in self.engine.step():
-                seq.on_token(event)
-                if seq.finish_reason is not None:
-                    self._finished_at.append(time.monotonic())
+            self.engine.step(emit=self._emit)
+
+    def _emit(self, results: list[tuple[Sequence, TokenEvent | Exception]]) -> None:
+        for seq, event in results:
+            seq.on_token(event)
+            if seq.finish_reason is not None:
+                self._finished_at.append(time.monotonic())
