@@ -54,8 +54,8 @@ def test_context_length_errors_name_the_parameter():
 
 
 @pytest.mark.parametrize("kw", [{"temperature": -0.1}, {"top_p": 1.5}, {"n": 100}, {"stop": ["", "x"]},
-                                {"frequency_penalty": -3}, {"min_tokens": -1}, {"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21},
-                                {"tools": [{"type": "function"}]}, {"messages": []}])
+                                {"frequency_penalty": -3}, {"min_tokens": -1}, {"top_logprobs": 2},
+                                {"logprobs": True, "top_logprobs": 21}, {"tools": [{"type": "function"}]}, {"messages": []}])
 def test_invalid_chat_requests_are_rejected(kw):
     with pytest.raises(ValidationError):
         ChatCompletionRequest(**{"model": "m", "messages": MSG, **kw})

@@ -20,17 +20,15 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]
 def cache_form(cache: Any, batch: int, length: int) -> str | None:
     """``"dynamic"`` or ``"tuple"`` when the cache can be batched, else None."""
     if isinstance(cache, DynamicCache):
-        if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
-            kv = to_kv(cache)
-        else:
-            return None
-        form = "dynamic"
+        form = "dynamic" if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers) else None
     elif isinstance(cache, (tuple, list)) and cache and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in cache):
-        kv, form = [tuple(p) for p in cache], "tuple"
+        form = "tuple"
     else:
+        form = None
+    if form is None:
         return None
     ok = all(k.dim() == 4 and v.dim() == 4 and k.shape[0] == v.shape[0] == batch
-             and k.shape[2] == v.shape[2] == length for k, v in kv)
+             and k.shape[2] == v.shape[2] == length for k, v in to_kv(cache))
     return form if ok else None
 
 

@@ -50,8 +50,8 @@ def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = N
 
 
 class ModelRunner:
-    """Runs the model for the engine: prefill of one sequence at a time (in chunks), and one decode
-    step for the whole running batch.
+    """Runs the model for the engine: prefill of new sequences (whole prompts together, a long one
+    alone in chunks), and one decode step for the whole running batch.
 
     The running batch shares one left-padded KV cache (see ``kv_cache``): a sequence whose prefill
     finished joins it at the next decode step, and a finished one leaves it there, so the batch

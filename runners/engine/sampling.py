@@ -28,7 +28,6 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k most likely
 
-
     @classmethod
     def from_dict(cls, d: dict) -> SamplingParams:
         known = {f.name for f in fields(cls)}

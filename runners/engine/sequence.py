@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from typing import Any, Callable
 
 from runners.engine.sampling import Sampler, SamplingParams
@@ -28,8 +27,6 @@ class Sequence:
         self.sampler: Sampler | None = None  # made by the engine, which knows the vocabulary
         self.cache: Any = None  # its own KV cache until it joins the batch cache (model runner)
         self.num_cached = 0  # tokens already in a KV cache
-        self.arrival = time.monotonic()
-        self.first_token_at: float | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
