@@ -67,8 +67,7 @@ class ModelRunner:
         self.cache_arg = "cache" if "cache" in accepts else "past_key_values"
         self.can_batch = "attention_mask" in accepts and "position_ids" in accepts
         self.rows: list = []  # the sequences in the batch cache, in row order
-        self.kv: kv_cache.KV | None = None
-        self.lengths: list[int] = []  # tokens in the cache, per row
+        self.kv: kv_cache.KV | None = None  # its row i holds rows[i].num_cached tokens, right-aligned
         self.form = self._probe()  # "dynamic" | "tuple" | "sequential"
         logger.info("decoding %s", f"in batches ({self.form} cache)" if self.batched else "one sequence at a time")
 
@@ -92,7 +91,7 @@ class ModelRunner:
 
     def reset(self) -> None:
         """Drop the batch cache (nothing running, or a failed step)."""
-        self.rows, self.kv, self.lengths = [], None, []
+        self.rows, self.kv = [], None
 
     @torch.inference_mode()
     def prefill(self, seq, max_tokens: int) -> torch.Tensor | None:
@@ -140,14 +139,13 @@ class ModelRunner:
             return torch.stack(logits)
         self._arrange(seqs)
         width = self.kv[0][0].shape[2]
-        lengths = torch.tensor(self.lengths, device=self.device)
+        lengths = torch.tensor([s.num_cached for s in self.rows], device=self.device)
         columns = torch.arange(width + 1, device=self.device)
         mask = (columns >= width - lengths.unsqueeze(1)).long()
         input_ids = torch.tensor([[s.output_ids[-1]] for s in self.rows], device=self.device)
         logits, cache = self._run(input_ids, kv_cache.to_model_cache(self.kv, self.form),
                                   attention_mask=mask, position_ids=lengths.unsqueeze(1))
         self.kv = kv_cache.to_kv(cache)
-        self.lengths = [n + 1 for n in self.lengths]
         for seq in self.rows:
             seq.num_cached += 1
         return logits[:, -1]
@@ -165,15 +163,12 @@ class ModelRunner:
         joining = seqs[len(kept):]
         if any(id(s) in position for s in joining):
             raise RuntimeError("sequences joining the batch must follow those already in it")
-        parts, lengths = [], []
+        parts = []
         if kept:
-            drop = self.kv[0][0].shape[2] - max(self.lengths[i] for i in kept)  # padding of every kept row
-            parts.append(kv_cache.select(self.kv, kept, drop))
-            lengths = [self.lengths[i] for i in kept]
+            longest = max(self.rows[i].num_cached for i in kept)
+            parts.append(kv_cache.select(self.kv, kept, self.kv[0][0].shape[2] - longest))  # drop shared padding
         for seq in joining:
             parts.append(kv_cache.to_kv(seq.cache))
-            lengths.append(seq.num_cached)
             seq.cache = None  # now held by the batch cache
         self.kv = kv_cache.concat(parts) if parts else None
-        self.lengths = lengths
         self.rows = list(seqs)
