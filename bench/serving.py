@@ -147,7 +147,7 @@ def stop(proc: subprocess.Popen) -> None:
 def bench_bentochat(args, tag: str, tokenizer, workdir: Path) -> dict[int, Run]:
     config = workdir / "bentochat.yaml"
     config.write_text(f"models:\n  - {{id: bench, model: {tag}, kind: chat, max_concurrency: "
-                      f"{max(64, max(args.concurrency))}}}\n")
+                      f"{max(64, max(args.concurrency))}, prefix_cache_tokens: {args.prefix_cache_tokens}}}\n")
     port = free_port()
     bentoml = Path(sys.executable).parent / "bentoml"
     proc = serve([str(bentoml), "serve", "service:BentoChat", "--host", "127.0.0.1", "--port", str(port)],
@@ -187,7 +187,8 @@ def bench_engine(args, model, tokenizer) -> dict[int, Run]:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, stop_token_ids=eos)
     results = {}
     for c in args.concurrency:
-        engine = AsyncLLMEngine(LLMEngine(ModelRunner(model), max_num_seqs=max(64, c)))
+        engine = AsyncLLMEngine(LLMEngine(ModelRunner(model), max_num_seqs=max(64, c),
+                                          prefix_cache_tokens=args.prefix_cache_tokens))
         run = Run()
 
         async def one(i: int):
@@ -244,7 +245,7 @@ def ms(v: float | None) -> str:
 
 def report(args, runs: dict[str, dict[int, Run]], bare: dict[int, float], generate: float) -> None:
     print(f"\nSmolLM2-135M-Instruct fp32 on CPU ({os.cpu_count()} cores), {args.max_tokens} output tokens, "
-          f"{args.requests} requests per client, greedy, streaming chat\n")
+          f"{args.requests} requests per client, greedy, streaming chat, prefix cache {args.prefix_cache_tokens} tokens\n")
     print(f"{'system':<26}{'conc':>5}{'tok/s':>9}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}{'ITL p50 ms':>12}")
     for name, by_c in runs.items():
         for c, r in by_c.items():
@@ -271,11 +272,15 @@ def report(args, runs: dict[str, dict[int, Run]], bare: dict[int, float], genera
 
 
 def main() -> None:
+    from models.config import ServedModel
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct:latest", help="BentoML store tag")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 32])
     parser.add_argument("--requests", type=int, default=2, help="requests per client")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prefix-cache-tokens", type=int, default=ServedModel.model_fields["prefix_cache_tokens"].default,
+                        help="as in bentochat.yaml (0: off), for BentoChat and the engine in-process")
     parser.add_argument("--skip", nargs="*", default=[], choices=["bentochat", "transformers", "engine", "bare"])
     args = parser.parse_args()
 

@@ -3,7 +3,9 @@
 Read from ``bentochat.yaml`` at the repository root, or the file named by ``BENTOCHAT_CONFIG``.
 The worker options mirror FastChat's model worker flags: ``gpus`` (``--gpus``),
 ``max_gpu_memory`` (``--max-gpu-memory``) and ``max_concurrency`` (``--limit-worker-concurrency``);
-``max_queue`` bounds the requests waiting beyond that, past which the API answers 429.
+``max_queue`` bounds the requests waiting beyond that, past which the API answers 429;
+``prefix_cache_tokens`` is how many prompt tokens' keys and values are kept for later prompts that
+start the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class ServedModel(BaseModel):
     max_gpu_memory: str | None = Field(default=None, description="cap per GPU, e.g. `20GiB`")
     max_concurrency: int = Field(default=64, ge=1, description="sequences generated together (the batch)")
     max_queue: int = Field(default=256, ge=0, description="requests waiting beyond max_concurrency; more get 429")
+    prefix_cache_tokens: int = Field(default=2048, ge=0, description="prompt tokens whose KV is kept for reuse; 0: off")
     trust_remote_code: bool = False
 
     @field_validator("id")
@@ -50,10 +53,19 @@ class ServedModel(BaseModel):
         return self.model.split(":", 1)[0]
 
 
+class UIConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # FastChat's --model-list-mode: `once` lists the chat models at start; `reload` asks the runners
+    # on every page load, so a model whose runner is down is left out until it answers again.
+    model_list_mode: Literal["once", "reload"] = "once"
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: list[ServedModel]
+    ui: UIConfig = Field(default_factory=UIConfig)
 
     @field_validator("models")
     @classmethod

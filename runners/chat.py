@@ -45,7 +45,8 @@ def chat_runner(served: ServedModel) -> bentoml.Service:
             model = load_causal_lm(stored.path, dtype=served.dtype, gpus=served.gpus,
                                    max_gpu_memory=served.max_gpu_memory, trust_remote_code=served.trust_remote_code)
             context = int(stored.info.metadata.get("context_length") or 2048)
-            engine = LLMEngine(ModelRunner(model), max_num_seqs=served.max_concurrency, max_model_len=context)
+            engine = LLMEngine(ModelRunner(model), max_num_seqs=served.max_concurrency, max_model_len=context,
+                               prefix_cache_tokens=served.prefix_cache_tokens)
             self.engine = AsyncLLMEngine(engine, max_queue=served.max_queue)
 
         def _observe_load(self) -> None:

@@ -96,6 +96,48 @@ def test_long_prompt_is_prefilled_in_chunks_without_stalling_others(model):
     assert long.output_ids == generate_alone(model, MIXED[2], 10)
 
 
+SYSTEM = [1] + list(range(200, 216))  # a shared "system prompt" of 17 tokens
+
+
+@pytest.mark.parametrize("which", ["model", "remote_model"])
+def test_shared_prompt_prefix_is_reused_with_unchanged_output(which, request):
+    """Prompts starting like an earlier one skip its tokens, alone, in a chunk and in a mixed batch
+    (hits and misses prefilled together); nobody's tokens change."""
+    runner = ModelRunner(request.getfixturevalue(which))
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    prompts = [SYSTEM + [5, 6, 7], SYSTEM + [8, 9], SYSTEM + [8, 9, 10, 11], SYSTEM, [5, 7], SYSTEM + list(range(60, 80))]
+    plain = LLMEngine(runner, max_num_seqs=8, max_model_len=256)
+    alone = [plain.generate(p, greedy) for p in prompts]
+    engine = LLMEngine(runner, max_num_seqs=8, max_model_len=256, max_prefill_tokens=12, prefix_cache_tokens=256)
+    assert engine.generate(prompts[0], greedy) == alone[0]
+    assert engine.prefix_cache.hits == 0
+    # in one step: three hits (the whole prompt is cached: all but its last token), one miss, and a
+    # 37-token prompt whose uncached 20 tokens go in two chunks
+    assert engine.generate_batch(prompts[1:], [greedy] * 5) == alone[1:]
+    assert engine.prefix_cache.hits == 17 + 17 + 16 + 17
+    if which == "model":
+        assert alone == [generate_alone(runner.model, p, 12) for p in prompts]
+
+
+def test_prefix_cache_keeps_to_its_token_budget():
+    from runners.engine.prefix_cache import PrefixCache
+
+    kv = lambda n: [(torch.zeros(1, 2, n, 4), torch.zeros(1, 2, n, 4))]  # noqa: E731
+    cache = PrefixCache(max_tokens=10)
+    cache.store([1, 2, 3], kv(3))
+    cache.store([1, 2, 3, 4, 5], kv(5))  # covers the first: replaces it
+    assert list(cache.entries) == [(1, 2, 3, 4, 5)] and cache.num_tokens == 5
+    cache.store([7, 8, 9, 10], kv(4))
+    n, found = cache.lookup([1, 2, 3, 9])
+    assert n == 3 and found[0][0].shape[2] == 3
+    cache.store([6, 6, 6], kv(3))  # over budget: the least recently used (7, 8, 9, 10) goes
+    assert list(cache.entries) == [(1, 2, 3, 4, 5), (6, 6, 6)] and cache.num_tokens == 8
+    assert cache.lookup([1, 2, 3, 4, 5])[0] == 4  # its last token's logits are needed
+    assert cache.lookup([2, 3])[0] == 0
+    cache.store(list(range(11)), kv(11))  # longer than the whole budget: not kept
+    assert cache.num_tokens == 8
+
+
 def test_greedy_matches_model_generate(model, engine):
     ref = model.generate(torch.tensor([PROMPT]), max_new_tokens=20, do_sample=False, min_new_tokens=20,
                          repetition_penalty=1.0)

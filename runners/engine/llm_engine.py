@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from runners.engine.model_runner import ModelRunner
+from runners.engine.prefix_cache import PrefixCache
 from runners.engine.sampling import Sampler, SamplingParams, logprobs, sample
 from runners.engine.scheduler import Scheduler
 from runners.engine.sequence import Sequence
@@ -23,9 +24,10 @@ logger = logging.getLogger("bentochat.engine")
 
 class LLMEngine:
     def __init__(self, model_runner: ModelRunner, *, max_num_seqs: int = 64, max_model_len: int = 2048,
-                 max_prefill_tokens: int = 512):
+                 max_prefill_tokens: int = 512, prefix_cache_tokens: int = 0):
         self.runner = model_runner
         self.scheduler = Scheduler(max_num_seqs, max_model_len, max_prefill_tokens)
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens and model_runner.batched else None
         self.tokens_generated = 0
 
     def add(self, seq: Sequence) -> None:
@@ -44,6 +46,7 @@ class LLMEngine:
         if given, gets each phase's results as soon as they are ready: new requests' first tokens
         need not wait for the decode step.
         """
+        self._reuse_prefixes()
         prefills, decodes = self.scheduler.schedule()
         results = self._prefill(prefills)
         if emit and results:
@@ -62,20 +65,31 @@ class LLMEngine:
             self.runner.reset()  # free the batch cache as soon as nothing is running
         return results
 
+    def _reuse_prefixes(self) -> None:
+        """Start the prompts about to be prefilled from the longest cached prefix there is."""
+        if self.prefix_cache is None:
+            return
+        free = self.scheduler.max_num_seqs - len(self.scheduler.running)
+        for seq in list(self.scheduler.waiting)[:free]:
+            if seq.num_cached == 0:
+                seq.num_cached, seq.cache = self.prefix_cache.lookup(seq.prompt_ids)
+
     def _prefill(self, prefills: list[tuple[Sequence, int]]) -> list[tuple[Sequence, TokenEvent | Exception]]:
-        together = [seq for seq, n in prefills if seq.num_cached == 0 and n == seq.num_prompt_tokens]
-        if len(together) < 2 or not self.runner.batched:
-            together = []
+        """Prompts that end this step are prefilled together (one forward pass), the first chunks of
+        longer ones alone; only the former produce a token."""
+        last = [seq for seq, n in prefills if seq.num_cached + n == seq.num_prompt_tokens]
+        if not self.runner.batched:
+            last = []
         seqs, logits, failed = [], [], []
-        if together:
+        if last:
             try:
-                logits.append(self.runner.prefill_together(together))
-                seqs += together
+                logits.append(self.runner.prefill_together(last))
+                seqs += last
             except Exception as e:
-                logger.exception("prefill of %d requests failed", len(together))
-                failed += self._fail(together, e)
+                logger.exception("prefill of %d requests failed", len(last))
+                failed += self._fail(last, e)
         for seq, n in prefills:
-            if seq in together:
+            if seq in last:
                 continue
             try:
                 out = self.runner.prefill(seq, n)
@@ -86,6 +100,9 @@ class LLMEngine:
             if out is not None:
                 logits.append(out.unsqueeze(0))
                 seqs.append(seq)
+        if self.prefix_cache is not None:
+            for seq in seqs:
+                self.prefix_cache.store(seq.prompt_ids, seq.cache)
         return (self._finish(seqs, torch.cat(logits)) if seqs else []) + failed
 
     def _fail(self, seqs: list[Sequence], error: Exception) -> list[tuple[Sequence, Exception]]:

@@ -99,30 +99,45 @@ class ModelRunner:
         next-token logits once the whole prompt is in, else None."""
         start = seq.num_cached
         ids = seq.prompt_ids[start:start + max_tokens]
-        kwargs = {}
-        if start and self.can_batch:
+        kwargs, cache = {}, seq.cache
+        if self.batched and cache is not None:
             end = start + len(ids)
             kwargs = {"attention_mask": torch.ones(1, end, dtype=torch.long, device=self.device),
                       "position_ids": torch.arange(start, end, device=self.device).unsqueeze(0)}
-        logits, seq.cache = self._run(torch.tensor([ids], device=self.device), seq.cache, **kwargs)
+            cache = kv_cache.to_model_cache(cache, self.form)
+        logits, cache = self._run(torch.tensor([ids], device=self.device), cache, **kwargs)
+        seq.cache = kv_cache.to_kv(cache) if self.batched else cache
         seq.num_cached += len(ids)
         return logits[0, -1] if seq.num_cached == seq.num_prompt_tokens else None
 
     @torch.inference_mode()
     def prefill_together(self, seqs: list) -> torch.Tensor:
-        """Prefill whole prompts of several new sequences in one left-padded forward pass (batched
-        forms only); returns their next-token logits, row i for ``seqs[i]``."""
-        width = max(s.num_prompt_tokens for s in seqs)
-        pads = [width - s.num_prompt_tokens for s in seqs]
-        input_ids = torch.tensor([[0] * pad + s.prompt_ids for s, pad in zip(seqs, pads)], device=self.device)
-        columns = torch.arange(width, device=self.device)
-        starts = torch.tensor(pads, device=self.device).unsqueeze(1)
-        mask = (columns >= starts).long()
-        positions = (columns - starts).clamp(min=0)
-        logits, cache = self._run(input_ids, None, attention_mask=mask, position_ids=positions)
+        """Prefill the rest of several sequences' prompts in one forward pass (batched forms only);
+        returns their next-token logits, row i for ``seqs[i]``.
+
+        A sequence may already have part of its prompt cached (a reused prefix, earlier chunks). Row i
+        is ``[padding][its cached tokens][padding][its new tokens]``: the cached parts and the new
+        parts are each right-aligned, and the mask hides both paddings.
+        """
+        cached = [s.num_cached for s in seqs]
+        new = [s.prompt_ids[s.num_cached:] for s in seqs]
+        past, width = max(cached), max(map(len, new))
+        input_ids = torch.tensor([[0] * (width - len(ids)) + ids for ids in new], device=self.device)
+        c = torch.tensor(cached, device=self.device).unsqueeze(1)
+        n = torch.tensor([len(ids) for ids in new], device=self.device).unsqueeze(1)
+        columns = torch.arange(past + width, device=self.device)
+        mask = (((columns >= past - c) & (columns < past)) | (columns >= past + width - n)).long()
+        positions = (torch.arange(width, device=self.device) - (width - n)).clamp(min=0) + c
+        cache = None
+        if past:
+            like = next(s.cache for s in seqs if s.cache is not None)
+            empty = [(k[:, :, :0], v[:, :, :0]) for k, v in like]
+            cache = kv_cache.to_model_cache(kv_cache.concat([s.cache or empty for s in seqs]), self.form)
+        logits, cache = self._run(input_ids, cache, attention_mask=mask, position_ids=positions)
         kv = kv_cache.to_kv(cache)
-        for i, (seq, pad) in enumerate(zip(seqs, pads)):
-            seq.cache = [(k[i:i + 1, :, pad:], v[i:i + 1, :, pad:]) for k, v in kv]  # views, no copy
+        for i, seq in enumerate(seqs):
+            keep = (slice(past - cached[i], past), slice(past + width - len(new[i]), None))
+            seq.cache = [tuple(torch.cat([t[i:i + 1, :, cols] for cols in keep], dim=2) for t in pair) for pair in kv]
             seq.num_cached = seq.num_prompt_tokens
         return logits[:, -1]
 
@@ -168,7 +183,7 @@ class ModelRunner:
             longest = max(self.rows[i].num_cached for i in kept)
             parts.append(kv_cache.select(self.kv, kept, self.kv[0][0].shape[2] - longest))  # drop shared padding
         for seq in joining:
-            parts.append(kv_cache.to_kv(seq.cache))
+            parts.append(seq.cache)
             seq.cache = None  # now held by the batch cache
         self.kv = kv_cache.concat(parts) if parts else None
         self.rows = list(seqs)
