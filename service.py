@@ -1,4 +1,5 @@
-"""BentoChat's entry service: the gateway with the OpenAI routes, and one runner service per model.
+"""BentoChat's entry service: the gateway with the OpenAI routes and the chat UI, and one runner
+service per model.
 
 Which models are served is read from bentochat.yaml (or $BENTOCHAT_CONFIG); models missing from
 the BentoML model store that BentoChat embeds are imported on the first start.
@@ -18,6 +19,7 @@ from openai_api.routes import app
 from runners.chat import chat_runner
 from runners.embedding import embedding_runner
 from runners.placement import REQUEST_TIMEOUT_S
+from ui import build_chat_ui, chat_ui_app
 
 logger = logging.getLogger("bentochat")
 
@@ -59,6 +61,8 @@ def _dependency_name(model_id: str) -> str:
 for _id, _runner in RUNNERS.items():
     setattr(Gateway, _dependency_name(_id), bentoml.depends(_runner))
 
-BentoChat = bentoml.service(name="bentochat", traffic={"timeout": REQUEST_TIMEOUT_S})(
-    bentoml.asgi_app(app, path="/v1")(Gateway)
-)
+UI = build_chat_ui(lambda: app.state.registry, [m.id for m in CONFIG.models if m.kind == "chat"],
+                   CONFIG.ui.model_list_mode)
+Gateway = bentoml.asgi_app(app, path="/v1")(Gateway)
+Gateway = bentoml.asgi_app(chat_ui_app(UI, "/ui"), path="/ui")(Gateway)
+BentoChat = bentoml.service(name="bentochat", traffic={"timeout": REQUEST_TIMEOUT_S})(Gateway)

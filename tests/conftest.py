@@ -82,6 +82,7 @@ def server(tmp_path_factory, tiny_model_dir) -> Server:
   - {{id: {EMBED}, model: {EMBED}:latest, kind: embedding}}
   - {{id: {TINY}, model: {TINY}:latest, kind: chat, trust_remote_code: true, max_concurrency: 4}}
   - {{id: {ONE_SLOT}, model: {CHAT}:latest, kind: chat, max_concurrency: 1, max_queue: 1}}
+ui: {{model_list_mode: reload}}
 """)
     ARTIFACTS.mkdir(exist_ok=True)
     log = ARTIFACTS / "serve.log"

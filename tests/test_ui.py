@@ -1,0 +1,154 @@
+"""The chat UI at /ui, driven in headless Debian chromium: a streamed answer, stop (in the engine too),
+regenerate, clear, a busy model said in the chat. Saves tests/artifacts/ui.png."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from playwright.sync_api import sync_playwright
+
+from conftest import ARTIFACTS, CHAT, ONE_SLOT
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+BOT = "#chatbot .message-row.bot-row"  # assistant turns
+USER = "#chatbot .message-row.user-row"
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.set_default_timeout(60_000)
+        page.goto(server.base_url + "/ui/")
+        yield page
+        browser.close()
+
+
+def running(server, model: str) -> int:
+    return httpx.get(server.v1 + "/stats").json()["data"][model]["running"]
+
+
+def texts(page, selector: str) -> list[str]:
+    return [t.strip() for t in page.locator(selector).all_inner_texts()]
+
+
+def send(page, message: str) -> None:
+    box = page.locator("#chat-input textarea")
+    box.fill(message)
+    box.press("Enter")
+
+
+def set_max_tokens(page, n: int) -> None:
+    accordion = page.get_by_text("Parameters")
+    if not page.locator("#max-tokens").is_visible():
+        accordion.click()
+    field = page.locator("#max-tokens input[type=number]")
+    field.fill(str(n))
+    field.press("Enter")
+
+
+def choose_model(page, model: str) -> None:
+    page.locator("#chat-model input").click()
+    page.get_by_role("option", name=model).click()
+    page.locator("#chatbot").get_by_text(model).first.wait_for()  # the chatbot is labelled with it
+
+
+def wait_until_still(page, selector: str, quiet_s: float = 2.0, limit_s: float = 60.0) -> str:
+    """The last matching element's text once it stops changing."""
+    last, since, deadline = None, time.monotonic(), time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        now = texts(page, selector)[-1:] or [""]
+        if now[0] != last:
+            last, since = now[0], time.monotonic()
+        elif last and time.monotonic() - since >= quiet_s:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"{selector} kept changing or stayed empty: {last!r}")
+
+
+def test_model_list_and_a_streamed_answer(page, server):
+    page.locator("#chat-model input").wait_for()
+    assert page.locator("#chat-model input").input_value() == CHAT
+    set_max_tokens(page, 24)
+    send(page, "Hi! What is the capital of France? 你好 👋")
+    page.locator(BOT).first.wait_for()
+    answer = wait_until_still(page, BOT)
+    assert answer and "⚠️" not in answer
+    assert texts(page, USER) == ["Hi! What is the capital of France? 你好 👋"]  # Chinese and emoji intact
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)
+
+
+def test_multi_turn_regenerate_and_clear(page, server):
+    send(page, "And what is your name?")
+    page.locator(BOT).nth(1).wait_for()
+    wait_until_still(page, BOT)
+    assert len(texts(page, USER)) == 2 and len(texts(page, BOT)) == 2  # the history is kept
+    page.locator("#regenerate").click()
+    time.sleep(0.5)
+    wait_until_still(page, BOT)
+    assert len(texts(page, USER)) == 2 and len(texts(page, BOT)) == 2  # the last answer replaced, not added
+    page.locator("#clear").click()
+    page.wait_for_function("() => document.querySelectorAll('#chatbot .message-row').length === 0")
+
+
+def test_stop_ends_the_generation_in_the_engine(page, server):
+    set_max_tokens(page, 2048)
+    send(page, "Write a very long story about a dragon who learns to bake bread, in ten chapters.")
+    page.locator(BOT).first.wait_for()
+    page.wait_for_function("s => (document.querySelector(s)?.innerText || '').trim().length > 0", arg=BOT)
+    assert running(server, CHAT) == 1
+    page.locator("#stop").click()
+    deadline = time.monotonic() + 10
+    while running(server, CHAT) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert running(server, CHAT) == 0  # the sequence left the engine, not only the screen
+    stopped = texts(page, BOT)[-1]
+    time.sleep(1.5)
+    assert texts(page, BOT)[-1] == stopped
+    page.locator("#clear").click()
+
+
+def test_a_busy_model_is_said_in_the_chat(page, server):
+    """The one-slot model with one request running and one waiting: the UI's request gets a 429."""
+    client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0, timeout=120)
+    hold = threading.Event()
+    long = dict(model=ONE_SLOT, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=400,
+                stream=True, extra_body={"min_tokens": 400})
+
+    def occupy():
+        stream = client.chat.completions.create(**long)
+        next(iter(stream))
+        hold.wait(120)
+        stream.close()
+
+    threads = [threading.Thread(target=occupy) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            stats = httpx.get(server.v1 + "/stats").json()["data"][ONE_SLOT]
+            if stats["running"] == 1 and stats["waiting"] == 1:
+                break
+            time.sleep(0.2)
+        choose_model(page, ONE_SLOT)
+        send(page, "Hello?")
+        notice = page.locator("#chatbot").get_by_text("at capacity")
+        notice.wait_for()
+        assert page.locator("#chatbot code", has_text=ONE_SLOT).count() >= 1  # Markdown rendered
+    finally:
+        hold.set()
+        for t in threads:
+            t.join(60)
+        client.close()
+    send(page, "Hello again?")  # the page keeps working
+    page.locator(BOT).nth(1).wait_for()

@@ -1,0 +1,159 @@
+"""The Gradio chat page: pick a model, chat with streamed answers, stop, regenerate, clear.
+
+The page keeps the conversation in the browser (the chatbot's messages); every answer renders the
+whole history with the model's chat template, as an API client sending the same messages would get.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import gradio as gr
+from fastapi import FastAPI
+
+from openai_api.errors import OpenAIError
+from openai_api.generation import generate_text
+from openai_api.protocol import ChatCompletionRequest
+from openai_api.routes import sampling_params
+
+logger = logging.getLogger("bentochat.ui")
+
+HEALTH_TIMEOUT_S = 2.0
+NO_MODEL = "No chat model is available right now. Reload the page when one is up."
+
+
+NOTICE = "⚠️ "
+
+
+def notice(text: str) -> dict:
+    """An assistant message that tells the user what went wrong; never sent to the model."""
+    return {"role": "assistant", "content": NOTICE + text}
+
+
+def _text(content) -> str:
+    """A chatbot message's text: Gradio gives a string or a list of typed parts."""
+    if isinstance(content, str):
+        return content
+    parts = content if isinstance(content, list) else [content]
+    return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in parts)
+
+
+def _plain(history: list[dict]) -> list[dict]:
+    """The conversation as chat messages: the model's own turns, without the UI's notices."""
+    messages = [{"role": m["role"], "content": _text(m.get("content"))} for m in history]
+    return [m for m in messages if not m["content"].startswith(NOTICE)]
+
+
+def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_list_mode: str) -> gr.Blocks:
+    """``registry()`` gives the gateway's model registry once it is up; ``chat_models`` are the
+    configured chat model ids (the list in ``once`` mode)."""
+
+    async def available_models() -> list[str]:
+        if model_list_mode == "once":
+            return chat_models
+        reg = registry()
+
+        async def up(model_id: str) -> bool:
+            _, runner = reg.get(model_id, "chat")
+            try:
+                await asyncio.wait_for(runner.stats(), HEALTH_TIMEOUT_S)
+                return True
+            except Exception as e:
+                logger.info("leaving %s out of the UI's model list: %r", model_id, e)
+                return False
+
+        alive = await asyncio.gather(*(up(m) for m in chat_models))
+        return [m for m, ok in zip(chat_models, alive) if ok]
+
+    async def on_load(current: str | None):
+        models = await available_models()
+        value = current if current in models else (models[0] if models else None)
+        return gr.Dropdown(choices=models, value=value), gr.Chatbot(label=value or "no model")
+
+    def add_user_turn(text: str, history: list[dict]):
+        if not text.strip():
+            return "", history
+        return "", history + [{"role": "user", "content": text}]
+
+    async def answer(model_id: str | None, system: str, temperature: float, top_p: float, max_tokens: int,
+                     history: list[dict]):
+        if not history or history[-1]["role"] != "user":
+            yield history
+            return
+        if not model_id:
+            yield history + [notice(NO_MODEL)]
+            return
+        messages = ([{"role": "system", "content": system}] if (system or "").strip() else []) + _plain(history)
+        history = history + [{"role": "assistant", "content": ""}]
+        try:
+            model, runner = registry().get(model_id, "chat")
+            prompt_ids = model.render_chat(messages)
+            room = model.context_length - len(prompt_ids)
+            request = ChatCompletionRequest(model=model_id, messages=messages, temperature=temperature,
+                                            top_p=top_p, max_tokens=max(1, min(int(max_tokens), room)))
+            params = sampling_params(model, request, len(prompt_ids), "messages", None)
+            async for event in generate_text(model, runner, prompt_ids, params, []):
+                history[-1]["content"] += event.text
+                yield history
+        except Exception as e:  # busy (429), down (503), too long (400): said in the chat
+            if not isinstance(e, OpenAIError):
+                logger.exception("UI answer with %s failed", model_id)
+            if not history[-1]["content"]:
+                history = history[:-1]
+            yield history + [notice(e.message if isinstance(e, OpenAIError) else "Generation failed; see the server log.")]
+            return
+        if not history[-1]["content"]:
+            history[-1]["content"] = "(empty answer)"
+        yield history
+
+    def drop_last_answer(history: list[dict]) -> list[dict]:
+        """For regenerate: back to the last user turn."""
+        while history and history[-1]["role"] != "user":
+            history = history[:-1]
+        return history
+
+    with gr.Blocks(title="BentoChat") as blocks:
+        gr.Markdown("## BentoChat")
+        with gr.Row():
+            model = gr.Dropdown(choices=chat_models, value=chat_models[0] if chat_models else None,
+                                label="Model", elem_id="chat-model", interactive=True)
+        chatbot = gr.Chatbot(label=chat_models[0] if chat_models else "no model", elem_id="chatbot", height=480,
+                             buttons=["copy"])
+        with gr.Row():
+            text = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=8,
+                              elem_id="chat-input", autofocus=True)
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+        with gr.Row():
+            stop = gr.Button("Stop", elem_id="stop")
+            regenerate = gr.Button("Regenerate", elem_id="regenerate")
+            clear = gr.Button("Clear", elem_id="clear")
+        with gr.Accordion("Parameters", open=False):
+            system = gr.Textbox(label="System prompt", lines=2, elem_id="system-prompt")
+            temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature")
+            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top p")
+            max_tokens = gr.Slider(16, 2048, value=512, step=16, label="Max new tokens", elem_id="max-tokens")
+
+        settings = [model, system, temperature, top_p, max_tokens]
+        running = []
+        for trigger in (text.submit, send.click):
+            running.append(trigger(add_user_turn, [text, chatbot], [text, chatbot], queue=False)
+                           .then(answer, settings + [chatbot], chatbot))
+        running.append(regenerate.click(drop_last_answer, chatbot, chatbot, queue=False)
+                       .then(answer, settings + [chatbot], chatbot))
+        # Cancelling the answer's event closes its generator, which aborts the sequence in the engine.
+        stop.click(None, None, None, cancels=running, queue=False)
+        clear.click(lambda: [], None, chatbot, cancels=running, queue=False)
+        model.change(lambda m: gr.Chatbot(label=m or "no model"), model, chatbot, queue=False)
+        blocks.load(on_load, model, [model, chatbot])
+    blocks.queue(default_concurrency_limit=None)  # the engine batches; the UI must not serialize
+    return blocks
+
+
+def chat_ui_app(blocks: gr.Blocks, path: str) -> FastAPI:
+    """The page as an ASGI app to mount at ``path``. Gradio's own mounting is used (BentoML 1.4's
+    ``bentoml.gradio`` predates Gradio 6's app set-up); BentoML runs the app's lifespan, which starts
+    the Gradio queue."""
+    return gr.mount_gradio_app(FastAPI(), blocks, path="/", root_path=path, ssr_mode=False,
+                               footer_links=["api"], show_error=True)
