@@ -37,10 +37,14 @@ class Registry:
     def models(self) -> list[ServedModelInfo]:
         return [info for info, _ in self.entries.values()]
 
-    def get(self, model_id: str, kind: str):
+    def info(self, model_id: str) -> ServedModelInfo:
         if model_id not in self.entries:
             raise model_not_found(model_id)
-        info, runner = self.entries[model_id]
+        return self.entries[model_id][0]
+
+    def get(self, model_id: str, kind: str):
+        info = self.info(model_id)
+        runner = self.entries[model_id][1]
         if info.kind != kind:
             raise OpenAIError(400, f"The model `{model_id}` is an {info.kind} model and does not support this "
                                    f"endpoint.", param="model", code="model_not_supported")

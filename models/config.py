@@ -18,6 +18,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from models.templates import TEMPLATE_NAMES
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = ROOT / "bentochat.yaml"
 
@@ -35,12 +37,20 @@ class ServedModel(BaseModel):
     max_queue: int = Field(default=256, ge=0, description="requests waiting beyond max_concurrency; more get 429")
     prefix_cache_tokens: int = Field(default=2048, ge=0, description="prompt tokens whose KV is kept for reuse; 0: off")
     trust_remote_code: bool = False
+    template: str | None = Field(default=None, description="conversation template; unset: resolved from the model")
 
     @field_validator("id")
     @classmethod
     def _id_shape(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]*", v):
             raise ValueError(f"model id {v!r} may hold only letters, digits and . _ : / -")
+        return v
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, v: str | None) -> str | None:
+        if v is not None and v not in TEMPLATE_NAMES:
+            raise ValueError(f"unknown template {v!r}; built in: {', '.join(TEMPLATE_NAMES)}")
         return v
 
     @field_validator("model")

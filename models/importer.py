@@ -69,12 +69,18 @@ def describe(model_dir: Path, source: str, trust_remote_code: bool) -> dict:
     return {
         "architecture": architecture,
         "model_type": config.get("model_type", "unknown"),
-        "kind": "chat" if architecture.endswith(("ForCausalLM", "LMHeadModel")) else "embedding",
+        "kind": "chat" if _generates(config, architecture) else "embedding",
         "context_length": context or 2048,
         "dtype": str(config.get("torch_dtype") or config.get("dtype") or "float32"),
         "source": source,
         "trust_remote_code": trust_remote_code,
     }
+
+
+def _generates(config: dict, architecture: str) -> bool:
+    # ChatGLM's architecture is "ChatGLMModel", but its auto_map names a causal LM class.
+    return architecture.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) or \
+        "AutoModelForCausalLM" in (config.get("auto_map") or {})
 
 
 def _read_json(path: Path) -> dict:

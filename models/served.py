@@ -9,7 +9,7 @@ from pathlib import Path
 import bentoml
 
 from models.config import ServedModel
-from models.templates import render_chat, warn_if_fallback
+from models.templates import ChatFormat, resolve_chat_format
 
 # generation_config.json keys that become defaults for parameters a request leaves out.
 GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
@@ -36,6 +36,7 @@ class ServedModelInfo:
     tokenizer: object
     defaults: dict = field(default_factory=dict)
     eos_token_ids: list[int] = field(default_factory=list)
+    chat_format: ChatFormat | None = None  # chat models only
 
     @property
     def id(self) -> str:
@@ -56,8 +57,11 @@ class ServedModelInfo:
         raw_gen = path / "generation_config.json"
         gen = json.loads(raw_gen.read_text(encoding="utf-8")) if raw_gen.is_file() else {}
         eos = _as_list(gen.get("eos_token_id")) + _as_list(tokenizer.eos_token_id)
+        chat_format = None
         if served.kind == "chat":
-            warn_if_fallback(served.id, tokenizer)
+            chat_format = resolve_chat_format(served.id, tokenizer, gen, configured=served.template,
+                                              names=[served.store_name, str(meta.get("source", ""))],
+                                              architecture=str(meta.get("architecture", "")))
         return cls(
             served=served,
             path=path,
@@ -66,10 +70,11 @@ class ServedModelInfo:
             tokenizer=tokenizer,
             defaults=generation_defaults(gen),
             eos_token_ids=list(dict.fromkeys(eos)),
+            chat_format=chat_format,
         )
 
     def render_chat(self, messages: list[dict]) -> list[int]:
-        return render_chat(self.tokenizer, messages)
+        return self.chat_format.render(messages)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text)["input_ids"]

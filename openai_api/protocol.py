@@ -275,6 +275,9 @@ class ModelCard(Response):
     kind: Literal["chat", "embedding"]
     context_length: int
     root: str
+    template: str | None = None  # chat models: the conversation template and why it was chosen
+    template_source: Literal["config", "tokenizer", "name", "architecture", "fallback"] | None = None
+    generation_defaults: dict[str, float | int] = Field(default_factory=dict)  # from generation_config.json
 
 
 class ModelList(Response):
@@ -291,3 +294,47 @@ class ErrorBody(Response):
 
 class ErrorResponse(Response):
     error: ErrorBody
+
+
+class TokenizeRequest(Request):
+    """Either ``prompt`` text or chat ``messages`` (rendered with the model's template)."""
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool = True  # for `prompt`, as /completions encodes it
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` and `messages`")
+        return self
+
+
+class Tokenized(Response):
+    object: Literal["tokenize"] = "tokenize"
+    model: str
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    template: str | None = None
+
+
+class TokenCheckItem(Request):
+    model: str
+    prompt: str | list[ChatMessage]
+    max_tokens: int = Field(default=0, ge=0)
+
+
+class TokenCheckRequest(Request):
+    prompts: list[TokenCheckItem] = Field(min_length=1)
+
+
+class TokenCheckResult(Response):
+    fits: bool
+    tokenCount: int  # noqa: N815 (FastChat's field names)
+    contextLength: int  # noqa: N815
+
+
+class TokenCheckResults(Response):
+    prompts: list[TokenCheckResult]

@@ -20,6 +20,7 @@ from openai_api.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatMessage,
     Completion,
     CompletionChoice,
     CompletionRequest,
@@ -30,6 +31,11 @@ from openai_api.protocol import (
     ModelCard,
     ModelList,
     SamplingFields,
+    TokenCheckRequest,
+    TokenCheckResult,
+    TokenCheckResults,
+    Tokenized,
+    TokenizeRequest,
     Usage,
     new_id,
 )
@@ -109,7 +115,10 @@ async def _collect(choices, total: int) -> tuple[list[str], list[str | None], li
 async def list_models(request: Request) -> ModelList:
     registry = request.app.state.registry
     return ModelList(data=[
-        ModelCard(id=m.id, created=m.created, kind=m.kind, context_length=m.context_length, root=m.served.model)
+        ModelCard(id=m.id, created=m.created, kind=m.kind, context_length=m.context_length, root=m.served.model,
+                  template=m.chat_format.name if m.chat_format else None,
+                  template_source=m.chat_format.source if m.chat_format else None,
+                  generation_defaults=m.defaults)
         for m in registry.models()
     ])
 
@@ -127,13 +136,25 @@ async def runner_stats(request: Request) -> dict:
     return {"object": "list", "data": out}
 
 
+def prepare_chat(model, req: ChatCompletionRequest) -> tuple[list[int], dict, list[str]]:
+    """Prompt ids, sampling parameters and stop strings of a chat request: the model's template adds
+    its own stop tokens and strings to the request's."""
+    prompt_ids = model.render_chat(chat_messages(req.messages))
+    params = sampling_params(model, req, len(prompt_ids), "messages", None)
+    fmt = model.chat_format
+    params["stop_token_ids"] = list(dict.fromkeys(params["stop_token_ids"] + fmt.stop_token_ids))
+    return prompt_ids, params, list(dict.fromkeys(req.stop + fmt.stop))
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict]:
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
+
+
 @app.post("/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     model, runner = request.app.state.registry.get(req.model, "chat")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
-    prompt_ids = model.render_chat(messages)
-    params = sampling_params(model, req, len(prompt_ids), "messages", None)
-    choices = _run_choices(model, runner, [prompt_ids], params, req.stop, req.n)
+    prompt_ids, params, stops = prepare_chat(model, req)
+    choices = _run_choices(model, runner, [prompt_ids], params, stops, req.n)
     rid = new_id("chatcmpl")
 
     def logprobs(entries):
@@ -208,6 +229,37 @@ async def completions(req: CompletionRequest, request: Request):
         CompletionChoice(index=i, text=texts[i], finish_reason=reasons[i], logprobs=logprobs(entries[i]))
         for i in range(total)
     ])
+
+
+def _count(model, prompt: str | list[ChatMessage], add_special_tokens: bool = True) -> list[int]:
+    if isinstance(prompt, str):
+        return model.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+    if model.chat_format is None:
+        raise OpenAIError(400, f"The model `{model.id}` is an {model.kind} model and has no chat template; send "
+                               "`prompt` text.", param="messages", code="model_not_supported")
+    return model.render_chat(chat_messages(prompt))
+
+
+@app.post("/tokenize")
+async def tokenize(req: TokenizeRequest, request: Request) -> Tokenized:
+    """Extension: the token ids of a prompt, or of a message list rendered with the model's chat
+    template exactly as /chat/completions renders it."""
+    model = request.app.state.registry.info(req.model)
+    ids = _count(model, req.messages if req.messages is not None else req.prompt, req.add_special_tokens)
+    return Tokenized(model=model.id, tokens=ids, count=len(ids), max_model_len=model.context_length,
+                     template=model.chat_format.name if req.messages is not None else None)
+
+
+@app.post("/token_check")
+async def token_check(req: TokenCheckRequest, request: Request) -> TokenCheckResults:
+    """Extension, FastChat's /api/v1/token_check: does each prompt plus its max_tokens fit the context?"""
+    results = []
+    for item in req.prompts:
+        model = request.app.state.registry.info(item.model)
+        count = len(_count(model, item.prompt))
+        results.append(TokenCheckResult(fits=count + item.max_tokens <= model.context_length, tokenCount=count,
+                                        contextLength=model.context_length))
+    return TokenCheckResults(prompts=results)
 
 
 @app.post("/embeddings")

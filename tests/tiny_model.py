@@ -183,7 +183,11 @@ class TinyBaichuanForCausalLM(PreTrainedModel):
         return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
 '''
 
-VOCAB = 400
+# Baichuan's role tokens are reserved pieces at ids 195 and 196; here too: pieces <reserved_3> ..
+# <reserved_196> follow <unk> <s> </s>, so <reserved_N> has id N.
+RESERVED = [f"<reserved_{i}>" for i in range(3, 197)]
+USER_TOKEN_ID, ASSISTANT_TOKEN_ID = 195, 196
+VOCAB = 400 + len(RESERVED) - 2
 
 CORPUS = """The quick brown fox jumps over the lazy dog. Hello world, hello BentoChat.
 A model answers questions. Users ask about mountains, rivers and cities.
@@ -202,7 +206,7 @@ def build_tiny_model(out: Path, *, remote_code: bool = True, seed: int = 0) -> P
     spm.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(out / "tokenizer"), vocab_size=VOCAB, model_type="bpe",
         character_coverage=1.0, byte_fallback=True, pad_id=-1, bos_id=1, eos_id=2, unk_id=0,
-        user_defined_symbols=["<reserved_195>", "<reserved_196>"], minloglevel=2,
+        user_defined_symbols=RESERVED, minloglevel=2,
     )
     (out / "tokenizer.vocab").unlink()
     (out / "tokenization_tiny.py").write_text(TOKENIZER_CODE)
@@ -242,8 +246,8 @@ def build_tiny_model(out: Path, *, remote_code: bool = True, seed: int = 0) -> P
         for name, p in model.named_parameters():
             p.copy_(torch.ones_like(p) if "norm" in name else torch.randn_like(p) * 0.3)
     (out / "generation_config.json").write_text(json.dumps({
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "user_token_id": 195,
-        "assistant_token_id": 196, "max_new_tokens": 64, "temperature": 0.3, "top_k": 5, "top_p": 0.85,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "user_token_id": USER_TOKEN_ID,
+        "assistant_token_id": ASSISTANT_TOKEN_ID, "max_new_tokens": 64, "temperature": 0.3, "top_k": 5, "top_p": 0.85,
         "repetition_penalty": 1.1, "do_sample": True,
     }, indent=2))
 

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from openai_api.errors import OpenAIError
 from openai_api.generation import generate_text
 from openai_api.protocol import ChatCompletionRequest
-from openai_api.routes import sampling_params
+from openai_api.routes import prepare_chat
 
 logger = logging.getLogger("bentochat.ui")
 
@@ -89,12 +89,10 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
         history = history + [{"role": "assistant", "content": ""}]
         try:
             model, runner = registry().get(model_id, "chat")
-            prompt_ids = model.render_chat(messages)
-            room = model.context_length - len(prompt_ids)
-            request = ChatCompletionRequest(model=model_id, messages=messages, temperature=temperature,
-                                            top_p=top_p, max_tokens=max(1, min(int(max_tokens), room)))
-            params = sampling_params(model, request, len(prompt_ids), "messages", None)
-            async for event in generate_text(model, runner, prompt_ids, params, []):
+            request = ChatCompletionRequest(model=model_id, messages=messages, temperature=temperature, top_p=top_p)
+            prompt_ids, params, stops = prepare_chat(model, request)
+            params["max_tokens"] = max(1, min(int(max_tokens), model.context_length - len(prompt_ids)))
+            async for event in generate_text(model, runner, prompt_ids, params, stops):
                 history[-1]["content"] += event.text
                 yield history
         except Exception as e:  # busy (429), down (503), too long (400): said in the chat
