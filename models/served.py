@@ -23,6 +23,13 @@ def generation_defaults(raw: dict) -> dict:
     return defaults
 
 
+def _source_name(meta: dict) -> str:
+    """The imported directory's, file's or hub repository's own name: ``dir:/models/Baichuan-13B-Chat`` ->
+    ``Baichuan-13B-Chat``."""
+    source = str(meta.get("source", "")).split(":", 1)[-1]
+    return Path(source).stem if source.endswith(".gguf") else Path(source).name
+
+
 def _as_list(v) -> list[int]:
     return [v] if isinstance(v, int) else list(v or [])
 
@@ -60,7 +67,7 @@ class ServedModelInfo:
         chat_format = None
         if served.kind == "chat":
             chat_format = resolve_chat_format(served.id, tokenizer, gen, configured=served.template,
-                                              names=[served.store_name, str(meta.get("source", ""))],
+                                              names=[served.store_name, _source_name(meta)],
                                               architecture=str(meta.get("architecture", "")))
         return cls(
             served=served,

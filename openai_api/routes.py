@@ -143,7 +143,7 @@ def prepare_chat(model, req: ChatCompletionRequest) -> tuple[list[int], dict, li
     params = sampling_params(model, req, len(prompt_ids), "messages", None)
     fmt = model.chat_format
     params["stop_token_ids"] = list(dict.fromkeys(params["stop_token_ids"] + fmt.stop_token_ids))
-    return prompt_ids, params, list(dict.fromkeys(req.stop + fmt.stop))
+    return prompt_ids, params, list(dict.fromkeys((req.stop or []) + fmt.stop))
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,14 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sentencepiece(tiny_model_dir):
+    """The tiny models' sentencepiece model itself, to build prompt ids by hand."""
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(tiny_model_dir / "tokenizer.model"))
+
+
+@pytest.fixture(scope="session")
 def embedded_models():
     """The embedded defaults imported into this session's store (as the first `bentoml serve` does)."""
     from models.config import load_config
@@ -69,32 +78,20 @@ class Server:
         return self.base_url + "/v1"
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory, tiny_model_dir) -> Server:
-    """`bentoml serve` with the two embedded models and a tiny remote-code model imported by the CLI."""
+@contextmanager
+def serving(target: str, log: Path, *, env: dict | None = None, cwd: Path = ROOT, timeout: float = 600):
+    """`bentoml serve TARGET` on a free loopback port, yielded once its /readyz answers 200."""
     import httpx
 
-    subprocess.run([sys.executable, "-m", "models", "import", str(tiny_model_dir), "--name", TINY,
-                    "--trust-remote-code"], cwd=ROOT, check=True)
-    config = tmp_path_factory.mktemp("config") / "bentochat.yaml"
-    config.write_text(f"""models:
-  - {{id: {CHAT}, model: {CHAT}:latest, kind: chat}}
-  - {{id: {EMBED}, model: {EMBED}:latest, kind: embedding}}
-  - {{id: {TINY}, model: {TINY}:latest, kind: chat, trust_remote_code: true, max_concurrency: 4}}
-  - {{id: {ONE_SLOT}, model: {CHAT}:latest, kind: chat, max_concurrency: 1, max_queue: 1}}
-ui: {{model_list_mode: reload}}
-""")
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = ARTIFACTS / "serve.log"
     port = _free_port()
-    env = {**os.environ, "BENTOCHAT_CONFIG": str(config)}
     bentoml = Path(sys.executable).parent / "bentoml"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(bentoml), "serve", "service:BentoChat", "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([str(bentoml), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+                                cwd=cwd, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     srv = Server(f"http://127.0.0.1:{port}", log, proc)
     try:
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log.read_text()[-5000:]}")
@@ -113,6 +110,30 @@ ui: {{model_list_mode: reload}}
             proc.wait(30)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def tiny_in_store(tiny_model_dir) -> str:
+    """The tiny remote-code model imported through the CLI with --trust-remote-code; its store name."""
+    subprocess.run([sys.executable, "-m", "models", "import", str(tiny_model_dir), "--name", TINY,
+                    "--trust-remote-code"], cwd=ROOT, check=True)
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_in_store) -> Server:
+    """`bentoml serve` with the two embedded models and a tiny remote-code model imported by the CLI."""
+    config = tmp_path_factory.mktemp("config") / "bentochat.yaml"
+    config.write_text(f"""models:
+  - {{id: {CHAT}, model: {CHAT}:latest, kind: chat}}
+  - {{id: {EMBED}, model: {EMBED}:latest, kind: embedding}}
+  - {{id: {TINY}, model: {TINY}:latest, kind: chat, trust_remote_code: true, max_concurrency: 4}}
+  - {{id: {ONE_SLOT}, model: {CHAT}:latest, kind: chat, max_concurrency: 1, max_queue: 1}}
+ui: {{model_list_mode: reload}}
+""")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with serving("service:BentoChat", ARTIFACTS / "serve.log", env={"BENTOCHAT_CONFIG": str(config)}) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import CHAT, EMBED, ONE_SLOT, TINY
+from tiny_model import BAICHUAN_CHAT, USER_TOKEN_ID, baichuan_ids_by_hand
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +39,78 @@ def test_models_lists_served_models(server):
     assert {CHAT, EMBED, TINY} <= set(ids)
     assert ids[CHAT]["context_length"] == 8192 and ids[CHAT]["kind"] == "chat"
     assert ids[EMBED]["kind"] == "embedding"
+
+
+def test_models_show_each_template_and_the_authors_sampling_defaults(server):
+    ids = {m["id"]: m for m in httpx.get(server.v1 + "/models").json()["data"]}
+    assert (ids[CHAT]["template"], ids[CHAT]["template_source"]) == ("tokenizer", "tokenizer")
+    # imported from a directory named tiny-baichuan-like, as one would import /models/Baichuan-13B-Chat
+    assert (ids[TINY]["template"], ids[TINY]["template_source"]) == ("baichuan", "name")
+    assert ids[EMBED]["template"] is None
+    assert ids[TINY]["generation_defaults"] == {"temperature": 0.3, "top_k": 5, "top_p": 0.85,
+                                                "repetition_penalty": 1.1, "max_new_tokens": 64}
+    assert ids[TINY]["context_length"] == 256
+
+
+def test_baichuan_like_prompt_reaches_the_engine_as_built_by_hand(server, client, tiny_model_dir, sentencepiece):
+    """The served remote-code model gets Baichuan's reserved role ids: /v1/tokenize shows the ids, and the
+    greedy answer is the stored model's own greedy continuation of the ids built by hand."""
+    import bentoml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    expected = baichuan_ids_by_hand(sentencepiece, BAICHUAN_CHAT)
+    tok = httpx.post(server.v1 + "/tokenize", json={"model": TINY, "messages": BAICHUAN_CHAT}).json()
+    assert (tok["tokens"], tok["count"], tok["template"], tok["max_model_len"]) == (
+        expected, len(expected), "baichuan", 256)
+
+    r = client.chat.completions.create(model=TINY, messages=BAICHUAN_CHAT, max_tokens=12, temperature=0,
+                                       extra_body={"repetition_penalty": 1.0})
+    assert r.usage.prompt_tokens == len(expected)
+    path = bentoml.models.get(f"{TINY}:latest").path
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    ids, answer = list(expected), []
+    with torch.no_grad():
+        while len(answer) < 12:
+            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            if token in (2, USER_TOKEN_ID):  # EOS, or the template's stop: a new user turn
+                break
+            ids.append(token)
+            answer.append(token)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    assert answer, "the greedy answer should not be empty"
+    assert r.choices[0].message.content == tokenizer.decode(answer)
+    assert r.choices[0].finish_reason == ("length" if len(answer) == 12 else "stop")
+
+
+def test_tokenize_and_token_check(server, chat_tokenizer, sentencepiece):
+    text = "Hello, 世界! 🙂"
+    tok = httpx.post(server.v1 + "/tokenize", json={"model": CHAT, "prompt": text}).json()
+    assert tok["tokens"] == chat_tokenizer(text)["input_ids"] and tok["count"] == len(tok["tokens"])
+    assert tok["max_model_len"] == 8192 and tok["template"] is None
+    tok = httpx.post(server.v1 + "/tokenize", json={"model": CHAT, "messages": STORY}).json()
+    own = chat_tokenizer.apply_chat_template(STORY, add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert tok["tokens"] == list(own) and tok["template"] == "tokenizer"
+    assert httpx.post(server.v1 + "/tokenize", json={"model": EMBED, "prompt": text}).json()["count"] > 0
+
+    check = httpx.post(server.v1 + "/token_check", json={"prompts": [
+        {"model": TINY, "prompt": "hello " * 10, "max_tokens": 100},
+        {"model": TINY, "prompt": BAICHUAN_CHAT, "max_tokens": 250},
+    ]}).json()["prompts"]
+    assert [c["fits"] for c in check] == [True, False] and check[0]["contextLength"] == 256
+    assert check[1]["tokenCount"] == len(baichuan_ids_by_hand(sentencepiece, BAICHUAN_CHAT))
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": CHAT}, 400, None),
+    ({"model": CHAT, "prompt": "a", "messages": HELLO}, 400, None),
+    ({"model": EMBED, "messages": HELLO}, 400, "messages"),
+    ({"model": "nope", "prompt": "a"}, 404, "model"),
+])
+def test_tokenize_errors_are_openai_errors(server, body, status, param):
+    r = httpx.post(server.v1 + "/tokenize", json=body)
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert error["message"] and error["param"] == param
 
 
 def test_chat_matches_model_generate_with_chat_template(client, chat_tokenizer):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, TINY, serving
 
 pytestmark = pytest.mark.slow
 
@@ -46,3 +46,38 @@ def test_bento_holds_models_and_a_complete_dockerfile(embedded_models, tmp_path)
         names = [n.removeprefix("./") for n in tar.getnames()]
     for model in models:
         assert any(n.startswith(f"models/{model}/") and n.endswith(".safetensors") for n in names), model
+
+
+def test_bento_carries_remote_code_and_serves_it_offline(tiny_in_store, tmp_path):
+    """Build from a checkout whose bentochat.yaml serves the remote-code model, then serve the built bento
+    from elsewhere, with no hub: the model's own *.py came into the bento with it."""
+    import shutil
+
+    import bentoml
+    import openai
+
+    src = tmp_path / "checkout"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".*", "tests", "bench", "docs", "__pycache__",
+                                                               "*.egg-info", "build"))
+    (src / "bentochat.yaml").write_text(
+        f"models:\n  - {{id: {TINY}, model: {tiny_in_store}:latest, kind: chat, trust_remote_code: true}}\n")
+    env = {k: v for k, v in os.environ.items() if k != "BENTOCHAT_CONFIG"}
+    out = subprocess.run([str(Path(sys.executable).parent / "bentoml"), "build", "--output", "tag"], cwd=src, env=env,
+                         check=True, capture_output=True, text=True).stdout
+    tag = out.strip().splitlines()[-1].removeprefix("__tag__:")
+    archive = tmp_path / "bento.tar"
+    bentoml.get(tag).export(str(archive), output_format="tar")
+    with tarfile.open(archive) as tar:
+        shipped = {Path(n).name for n in tar.getnames() if n.removeprefix("./").startswith(f"models/{tiny_in_store}/")}
+    assert {"tokenization_tiny.py", "modeling_tiny.py", "configuration_tiny.py", "tokenizer.model",
+            "generation_config.json", "model.safetensors.index.json"} <= shipped
+
+    # Another machine: a store holding nothing but the imported bento.
+    home = tmp_path / "elsewhere"
+    env = {"BENTOML_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    subprocess.run([str(Path(sys.executable).parent / "bentoml"), "import", str(archive)],
+                   env={**os.environ, **env}, check=True, capture_output=True)
+    with serving(tag, tmp_path / "serve-bento.log", cwd=tmp_path, env=env) as srv:
+        client = openai.OpenAI(base_url=srv.v1, api_key="unused", max_retries=0, timeout=120)
+        r = client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "你好"}], max_tokens=4)
+        assert r.usage.prompt_tokens > 0 and r.choices[0].finish_reason in ("stop", "length")

@@ -10,7 +10,7 @@ import pytest
 
 from models.config import ConfigError, load_config
 from models.templates import BUILTIN, TemplateError, bind, resolve_chat_format
-from tiny_model import ASSISTANT_TOKEN_ID, USER_TOKEN_ID
+from tiny_model import ASSISTANT_TOKEN_ID, BAICHUAN_CHAT, USER_TOKEN_ID, baichuan_ids_by_hand
 
 CONVERSATION = [
     {"role": "system", "content": "SYS"},
@@ -68,32 +68,6 @@ def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir, trust_remote_code=True)
-
-
-@pytest.fixture(scope="module")
-def sentencepiece(tiny_model_dir):
-    import sentencepiece as spm
-
-    return spm.SentencePieceProcessor(model_file=str(tiny_model_dir / "tokenizer.model"))
-
-
-def baichuan_ids_by_hand(sp, messages) -> list[int]:
-    """Baichuan's build_chat_input with the sentencepiece model itself, not the tokenizer class."""
-    ids = []
-    for m in messages:
-        if m["role"] == "system":
-            ids += sp.encode(m["content"])
-        else:
-            ids += [USER_TOKEN_ID if m["role"] == "user" else ASSISTANT_TOKEN_ID] + sp.encode(m["content"])
-    return ids + [ASSISTANT_TOKEN_ID]
-
-
-BAICHUAN_CHAT = [
-    {"role": "system", "content": "You answer about mountains."},
-    {"role": "user", "content": "Which is the second highest mountain?"},
-    {"role": "assistant", "content": "K2."},
-    {"role": "user", "content": "你好，山峰很高"},
-]
 
 
 def test_baichuan_like_model_gets_reserved_role_ids_from_generation_config(tiny_model_dir, tiny_tokenizer,

@@ -196,6 +196,26 @@ The second highest mountain in the world is K2. Paris is the capital of France.
 """
 
 
+BAICHUAN_CHAT = [
+    {"role": "system", "content": "You answer about mountains."},
+    {"role": "user", "content": "Which is the second highest mountain?"},
+    {"role": "assistant", "content": "K2."},
+    {"role": "user", "content": "你好，山峰很高"},
+]
+
+
+def baichuan_ids_by_hand(sp, messages) -> list[int]:
+    """Baichuan's build_chat_input: system text, each message's text after its role id, the assistant's id
+    last; encoded with the sentencepiece model itself, not the tokenizer class."""
+    ids = []
+    for m in messages:
+        if m["role"] == "system":
+            ids += sp.encode(m["content"])
+        else:
+            ids += [USER_TOKEN_ID if m["role"] == "user" else ASSISTANT_TOKEN_ID] + sp.encode(m["content"])
+    return ids + [ASSISTANT_TOKEN_ID]
+
+
 def build_tiny_model(out: Path, *, remote_code: bool = True, seed: int = 0) -> Path:
     import sentencepiece as spm
     import torch
