@@ -11,10 +11,10 @@ import logging
 
 import bentoml
 
+from controller import Model, Registry, Replica
 from models.config import load_config
 from models.embedded import ensure_available
 from models.served import ServedModelInfo
-from openai_api.errors import OpenAIError, model_not_found
 from openai_api.routes import app
 from runners.chat import chat_runner
 from runners.embedding import embedding_runner
@@ -25,37 +25,31 @@ logger = logging.getLogger("bentochat")
 
 CONFIG = load_config()
 ensure_available(CONFIG)
-RUNNERS = {m.id: (chat_runner if m.kind == "chat" else embedding_runner)(m) for m in CONFIG.models}
-
-
-class Registry:
-    """FastChat's controller, in-process: model id -> (what the gateway knows of it, its runner)."""
-
-    def __init__(self, entries: dict[str, tuple[ServedModelInfo, object]]):
-        self.entries = entries
-
-    def models(self) -> list[ServedModelInfo]:
-        return [info for info, _ in self.entries.values()]
-
-    def info(self, model_id: str) -> ServedModelInfo:
-        if model_id not in self.entries:
-            raise model_not_found(model_id)
-        return self.entries[model_id][0]
-
-    def get(self, model_id: str, kind: str):
-        info = self.info(model_id)
-        runner = self.entries[model_id][1]
-        if info.kind != kind:
-            raise OpenAIError(400, f"The model `{model_id}` is an {info.kind} model and does not support this "
-                                   f"endpoint.", param="model", code="model_not_supported")
-        return info, runner
+# One runner service per model served here; a model given by `urls` is served elsewhere.
+RUNNERS = {m.id: (chat_runner if m.kind == "chat" else embedding_runner)(m) for m in CONFIG.models if not m.remote}
 
 
 class Gateway:
     def __init__(self) -> None:
-        entries = {m.id: (ServedModelInfo.load(m), getattr(self, _dependency_name(m.id))) for m in CONFIG.models}
-        app.state.registry = Registry(entries)
-        logger.info("serving %s", ", ".join(entries))
+        models = []
+        for m in CONFIG.models:
+            if m.remote:
+                models.append(Model(m, [Replica(url) for url in m.urls]))
+            else:
+                local = Replica("local", client=getattr(self, _dependency_name(m.id)))
+                models.append(Model(m, [local], info=ServedModelInfo.load(m)))
+        self.registry = Registry(models, CONFIG.health)
+        app.state.registry = self.registry
+        app.state.api_keys = set(CONFIG.api_keys)
+        logger.info("serving %s", ", ".join(m.id for m in models))
+
+    @bentoml.on_startup
+    async def watch_runners(self) -> None:
+        self.registry.start()
+
+    async def __is_ready__(self) -> bool:
+        """/readyz: ready while at least one model has a runner that answers."""
+        return self.registry.ready()
 
 
 def _dependency_name(model_id: str) -> str:
@@ -64,9 +58,14 @@ def _dependency_name(model_id: str) -> str:
 
 for _id, _runner in RUNNERS.items():
     setattr(Gateway, _dependency_name(_id), bentoml.depends(_runner))
+    # Each runner can also be served on its own, for a gateway elsewhere that names its URL:
+    # `bentoml serve service:runner_<id>` (the id with characters other than letters and digits as `_`).
+    globals()[_dependency_name(_id)] = _runner
 
 UI = build_chat_ui(lambda: app.state.registry, [m.id for m in CONFIG.models if m.kind == "chat"],
                    CONFIG.ui.model_list_mode)
 Gateway = bentoml.asgi_app(app, path="/v1")(Gateway)
 Gateway = bentoml.asgi_app(chat_ui_app(UI, "/ui"), path="/ui")(Gateway)
-BentoChat = bentoml.service(name="bentochat", traffic={"timeout": REQUEST_TIMEOUT_S})(Gateway)
+# Readiness is the registry's own (any model up), not BentoML's probe that every dependency is ready.
+BentoChat = bentoml.service(name="bentochat", traffic={"timeout": REQUEST_TIMEOUT_S},
+                            runner_probe={"enabled": False})(Gateway)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.templates import TEMPLATE_NAMES
 
@@ -28,7 +28,9 @@ class ServedModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(description="model id clients send as `model`")
-    model: str = Field(description="BentoML model store tag, e.g. `smollm2-135m-instruct:latest`")
+    model: str | None = Field(default=None, description="BentoML model store tag, e.g. `smollm2-135m-instruct:latest`")
+    urls: list[str] = Field(default_factory=list, description="runners served elsewhere, instead of `model`; "
+                                                              "several are replicas")
     kind: Literal["chat", "embedding"] = "chat"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     gpus: list[int] = Field(default_factory=list, description="GPU indices; empty runs on CPU")
@@ -55,12 +57,33 @@ class ServedModel(BaseModel):
 
     @field_validator("model")
     @classmethod
-    def _tag_has_version(cls, v: str) -> str:
-        return v if ":" in v else f"{v}:latest"
+    def _tag_has_version(cls, v: str | None) -> str | None:
+        return v if v is None or ":" in v else f"{v}:latest"
+
+    @field_validator("urls")
+    @classmethod
+    def _http_urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+                raise ValueError(f"runner url {url!r} must be http(s)://host[:port]")
+        if len(set(v)) != len(v):
+            raise ValueError("runner urls must not repeat")
+        return [url.rstrip("/") for url in v]
+
+    @model_validator(mode="after")
+    def _local_or_remote(self):
+        if (self.model is None) == (not self.urls):
+            raise ValueError(f"model {self.id!r}: give either `model` (a store tag, served here) or `urls` "
+                             "(runners served elsewhere)")
+        return self
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.urls)
 
     @property
     def store_name(self) -> str:
-        return self.model.split(":", 1)[0]
+        return self.model.split(":", 1)[0] if self.model else ""
 
 
 class UIConfig(BaseModel):
@@ -71,11 +94,31 @@ class UIConfig(BaseModel):
     model_list_mode: Literal["once", "reload"] = "once"
 
 
+class HealthConfig(BaseModel):
+    """FastChat's worker heartbeats, turned around: the gateway polls each runner's queue. A runner
+    that fails ``failures`` polls in a row is out of /v1/models and routing, within
+    ``failures * (interval_s + timeout_s)`` seconds of going silent, and back at its next answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    interval_s: float = Field(default=2.0, gt=0)
+    timeout_s: float = Field(default=2.0, gt=0)
+    failures: int = Field(default=2, ge=1)
+
+    @property
+    def bound_s(self) -> float:
+        return self.failures * (self.interval_s + self.timeout_s)
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: list[ServedModel]
     ui: UIConfig = Field(default_factory=UIConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    # FastChat's --api-keys: when any are set, every /v1 call needs `Authorization: Bearer <key>`.
+    # BENTOCHAT_API_KEYS (comma-separated) adds keys that should not live in a file.
+    api_keys: list[str] = Field(default_factory=list)
 
     @field_validator("models")
     @classmethod
@@ -101,7 +144,10 @@ def load_config(path: Path | None = None) -> Config:
     path = path or config_path()
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        return Config.model_validate(raw)
+        config = Config.model_validate(raw)
+        env_keys = [k.strip() for k in os.environ.get("BENTOCHAT_API_KEYS", "").split(",") if k.strip()]
+        config.api_keys = list(dict.fromkeys(config.api_keys + env_keys))
+        return config
     except FileNotFoundError as e:
         raise ConfigError(f"BentoChat configuration not found: {path}") from e
     except (yaml.YAMLError, ValidationError) as e:

@@ -43,7 +43,7 @@ def in_store(tag: str) -> bool:
 
 def ensure_available(config: Config) -> None:
     """Import each embedded default the configuration serves and the store lacks; fail clearly on others."""
-    missing = [m for m in config.models if not in_store(m.model)]
+    missing = [m for m in config.models if not m.remote and not in_store(m.model)]
     for served in missing:
         if served.store_name not in EMBEDDED:
             raise RuntimeError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ import bentoml
 from models.config import ServedModel
 from models.templates import ChatFormat, resolve_chat_format
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
 # generation_config.json keys that become defaults for parameters a request leaves out.
 GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
 
@@ -21,6 +23,16 @@ def generation_defaults(raw: dict) -> dict:
     if raw.get("do_sample") is False:
         defaults["temperature"] = 0.0  # the authors asked for greedy decoding
     return defaults
+
+
+def describe_stored(stored: bentoml.Model) -> dict:
+    """A runner's answer to ``describe``: what a gateway elsewhere needs to serve its model (metadata,
+    tokenizer, configs, generation_config.json, remote code), every file but the weights, base64."""
+    path = Path(stored.path)
+    files = {str(p.relative_to(path)): base64.b64encode(p.read_bytes()).decode()
+             for p in sorted(path.rglob("*")) if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES)}
+    return {"metadata": dict(stored.info.metadata), "created": int(stored.info.creation_time.timestamp()),
+            "files": files}
 
 
 def _source_name(meta: dict) -> str:
@@ -55,12 +67,25 @@ class ServedModelInfo:
 
     @classmethod
     def load(cls, served: ServedModel) -> ServedModelInfo:
+        """From the local model store (a runner in this `bentoml serve`)."""
+        stored = bentoml.models.get(served.model)
+        return cls.from_dir(served, Path(stored.path), stored.info.metadata,
+                            int(stored.info.creation_time.timestamp()))
+
+    @classmethod
+    def from_description(cls, served: ServedModel, description: dict, into: Path) -> ServedModelInfo:
+        """From what a runner served elsewhere sent (``describe``): its model's files but the weights."""
+        for name, data in description["files"].items():
+            target = into / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(base64.b64decode(data))
+        return cls.from_dir(served, into, description["metadata"], description["created"])
+
+    @classmethod
+    def from_dir(cls, served: ServedModel, path: Path, meta: dict, created: int) -> ServedModelInfo:
         from transformers import AutoTokenizer
 
-        stored = bentoml.models.get(served.model)
-        path = Path(stored.path)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=served.trust_remote_code)
-        meta = stored.info.metadata
         raw_gen = path / "generation_config.json"
         gen = json.loads(raw_gen.read_text(encoding="utf-8")) if raw_gen.is_file() else {}
         eos = _as_list(gen.get("eos_token_id")) + _as_list(tokenizer.eos_token_id)
@@ -72,7 +97,7 @@ class ServedModelInfo:
         return cls(
             served=served,
             path=path,
-            created=int(stored.info.creation_time.timestamp()),
+            created=created,
             context_length=int(meta.get("context_length") or 2048),
             tokenizer=tokenizer,
             defaults=generation_defaults(gen),

@@ -8,16 +8,12 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import aiohttp
-import httpx
-
 from openai_api.errors import OpenAIError
 from openai_api.protocol import new_id
 from openai_api.text_stream import IncrementalDetokenizer, StopStrings
 
 logger = logging.getLogger("bentochat.api")
 CONNECT_RETRIES = 2
-CONNECTION_ERRORS = (OSError, aiohttp.ClientConnectionError, httpx.TransportError)
 _background: set[asyncio.Task] = set()
 
 
@@ -97,10 +93,11 @@ async def generate_text(model, runner, prompt_ids: list[int], params: dict, stop
         except OpenAIError:
             raise
         except Exception as e:
-            # A pooled connection the runner had closed fails before anything was generated: retry
-            # on a fresh one (the finally below aborts the first attempt, should it have arrived).
-            if count == 0 and attempt < CONNECT_RETRIES and isinstance(e, CONNECTION_ERRORS):
-                logger.info("runner connection for %s failed before the first token (%r); retrying", model.id, e)
+            # Nothing was generated yet: a pooled connection the runner had closed, or a replica that
+            # died with the request in its queue. Retry, on another replica when there is one (the
+            # finally below aborts the first attempt, should it have arrived).
+            if count == 0 and attempt < CONNECT_RETRIES:
+                logger.info("runner call for %s failed before the first token (%r); retrying", model.id, e)
                 continue
             raise runner_unavailable(model.id, e) from e
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import struct
 from collections.abc import AsyncIterator
@@ -42,6 +43,19 @@ from openai_api.protocol import (
 
 app = FastAPI(title="BentoChat OpenAI-compatible API")
 errors.install(app)
+app.state.api_keys = set()
+
+
+@app.middleware("http")
+async def require_api_key(request: Request, call_next):
+    """FastChat's --api-keys: with keys configured, every call needs `Authorization: Bearer <key>`."""
+    keys = request.app.state.api_keys
+    if keys:
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or key.strip() not in keys:
+            return OpenAIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>` with a key "
+                                    "this server accepts.", code="invalid_api_key").response()
+    return await call_next(request)
 
 
 def sampling_params(model, req: SamplingFields, prompt_len: int, prompt_param: str, default_max: int | None) -> dict:
@@ -125,15 +139,12 @@ async def list_models(request: Request) -> ModelList:
 
 @app.get("/stats")
 async def runner_stats(request: Request) -> dict:
-    """Extension: each chat runner's engine state (running and waiting sequences, tokens generated)."""
-    out = {}
-    for model, runner in request.app.state.registry.entries.values():
-        if model.kind == "chat":
-            try:
-                out[model.id] = await runner.stats()
-            except Exception as e:
-                out[model.id] = {"error": runner_unavailable(model.id, e).message}
-    return {"object": "list", "data": out}
+    """Extension: each model's runner state (a chat engine's running and waiting sequences and tokens
+    generated), summed over its ready replicas and per replica."""
+    registry = request.app.state.registry
+    ready = [m for m in registry.entries.values() if m.ready]
+    stats = await asyncio.gather(*(m.stats() for m in ready))
+    return {"object": "list", "data": {m.id: s for m, s in zip(ready, stats)}}
 
 
 def prepare_chat(model, req: ChatCompletionRequest) -> tuple[list[int], dict, list[str]]:

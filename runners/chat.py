@@ -87,6 +87,13 @@ def chat_runner(served: ServedModel) -> bentoml.Service:
             return True
 
         @bentoml.api
+        async def describe(self) -> t.Dict[str, t.Any]:
+            """For a gateway on another machine: the model's metadata and files, all but the weights."""
+            from models.served import describe_stored
+
+            return describe_stored(self.model_ref)
+
+        @bentoml.api
         async def stats(self) -> t.Dict[str, int]:
             self._observe_load()
             return {"running": self.engine.num_running, "waiting": self.engine.num_waiting,

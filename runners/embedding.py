@@ -42,11 +42,28 @@ def embedding_runner(served: ServedModel) -> bentoml.Service:
             self.model.to(device).eval()
             self.device = device
             self.pooling = pooling_mode(path)
+            self.running = 0
+
+        @bentoml.api
+        async def describe(self) -> t.Dict[str, t.Any]:
+            """For a gateway on another machine: the model's metadata and files, all but the weights."""
+            from models.served import describe_stored
+
+            return describe_stored(self.model_ref)
+
+        @bentoml.api
+        async def stats(self) -> t.Dict[str, int]:
+            """Calls being encoded, as the gateway's health poll reads a chat runner's queue."""
+            return {"running": self.running, "waiting": 0}
 
         @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=1000)
         async def encode(self, texts: t.List[str]) -> np.ndarray:
             """Normalized sentence embeddings; concurrent calls are batched by BentoML."""
-            return await asyncio.to_thread(self._encode, texts)
+            self.running += 1
+            try:
+                return await asyncio.to_thread(self._encode, texts)
+            finally:
+                self.running -= 1
 
         def _encode(self, texts: list[str]) -> np.ndarray:
             import torch

@@ -78,12 +78,20 @@ class Server:
         return self.base_url + "/v1"
 
 
-@contextmanager
-def serving(target: str, log: Path, *, env: dict | None = None, cwd: Path = ROOT, timeout: float = 600):
-    """`bentoml serve TARGET` on a free loopback port, yielded once its /readyz answers 200."""
+def listed(srv: Server, headers: dict | None = None) -> set[str]:
     import httpx
 
-    port = _free_port()
+    return {m["id"] for m in httpx.get(srv.v1 + "/models", headers=headers, timeout=5).json()["data"]}
+
+
+@contextmanager
+def serving(target: str, log: Path, *, env: dict | None = None, cwd: Path = ROOT, timeout: float = 600,
+            models: tuple[str, ...] = (), port: int | None = None):
+    """`bentoml serve TARGET` on a free loopback port (or ``port``), yielded once its /readyz answers 200
+    and its /v1/models lists ``models``."""
+    import httpx
+
+    port = port or _free_port()
     bentoml = Path(sys.executable).parent / "bentoml"
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(bentoml), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
@@ -98,7 +106,8 @@ def serving(target: str, log: Path, *, env: dict | None = None, cwd: Path = ROOT
             if time.monotonic() > deadline:
                 pytest.fail(f"bentoml serve not ready in time:\n{log.read_text()[-5000:]}")
             try:
-                if httpx.get(srv.base_url + "/readyz", timeout=2).status_code == 200:
+                if httpx.get(srv.base_url + "/readyz", timeout=2).status_code == 200 and (
+                        not models or set(models) <= listed(srv)):
                     break
             except httpx.HTTPError:
                 pass
@@ -132,7 +141,8 @@ def server(tmp_path_factory, tiny_in_store) -> Server:
 ui: {{model_list_mode: reload}}
 """)
     ARTIFACTS.mkdir(exist_ok=True)
-    with serving("service:BentoChat", ARTIFACTS / "serve.log", env={"BENTOCHAT_CONFIG": str(config)}) as srv:
+    with serving("service:BentoChat", ARTIFACTS / "serve.log", env={"BENTOCHAT_CONFIG": str(config)},
+                 models=(CHAT, EMBED, TINY, ONE_SLOT)) as srv:
         yield srv
 
 

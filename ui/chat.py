@@ -6,7 +6,6 @@ whole history with the model's chat template, as an API client sending the same 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 
@@ -20,7 +19,6 @@ from openai_api.routes import prepare_chat
 
 logger = logging.getLogger("bentochat.ui")
 
-HEALTH_TIMEOUT_S = 2.0
 NO_MODEL = "No chat model is available right now. Reload the page when one is up."
 
 
@@ -50,25 +48,15 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
     """``registry()`` gives the gateway's model registry once it is up; ``chat_models`` are the
     configured chat model ids (the list in ``once`` mode)."""
 
-    async def available_models() -> list[str]:
+    def available_models() -> list[str]:
         if model_list_mode == "once":
             return chat_models
-        reg = registry()
-
-        async def up(model_id: str) -> bool:
-            _, runner = reg.get(model_id, "chat")
-            try:
-                await asyncio.wait_for(runner.stats(), HEALTH_TIMEOUT_S)
-                return True
-            except Exception as e:
-                logger.info("leaving %s out of the UI's model list: %r", model_id, e)
-                return False
-
-        alive = await asyncio.gather(*(up(m) for m in chat_models))
-        return [m for m, ok in zip(chat_models, alive) if ok]
+        # reload: the models whose runners answer the gateway's health polls now
+        up = {m.id for m in registry().models() if m.kind == "chat"}
+        return [m for m in chat_models if m in up]
 
     async def on_load(current: str | None):
-        models = await available_models()
+        models = available_models()
         value = current if current in models else (models[0] if models else None)
         return gr.Dropdown(choices=models, value=value), gr.Chatbot(label=value or "no model")
 

@@ -1,0 +1,210 @@
+"""FastChat's controller, inside the gateway: model id -> the replicas of its runner, their health,
+and shortest-queue dispatch among them.
+
+A replica is a runner in this ``bentoml serve`` (a BentoML dependency) or a runner served elsewhere
+(an HTTP client on its URL). The gateway polls every replica's ``stats`` each ``health.interval_s``
+(FastChat's heartbeats, turned around). A replica that fails ``health.failures`` polls in a row is
+down: its model leaves ``/v1/models`` and routing when no replica is left, and requests for it get
+503. A replica that answers again is back at that poll. A runner elsewhere also sends, at its first
+answer, its model's files but the weights (tokenizer, configs), so the gateway needs no copy of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from models.config import HealthConfig, ServedModel
+from models.served import ServedModelInfo
+from openai_api.errors import OpenAIError, model_not_found
+from runners.placement import REQUEST_TIMEOUT_S
+
+logger = logging.getLogger("bentochat.controller")
+
+
+def model_down(model_id: str) -> OpenAIError:
+    return OpenAIError(503, f"The model `{model_id}` is not available right now: none of its runners answers. "
+                            "Retry later.", code="model_unavailable")
+
+
+@dataclass
+class Replica:
+    name: str  # "local" (a dependency in this bentoml serve) or the runner's URL
+    client: object | None = None  # None until a runner elsewhere first answers
+    ready: bool = False
+    failures: int = 0
+    queue: int = 0  # running + waiting at the last poll, plus the requests dispatched since
+    avoid_until: float = 0.0  # after a failed call, others are preferred until the next poll
+
+    async def connect(self) -> object:
+        if self.client is None:
+            import bentoml
+
+            client = bentoml.AsyncHTTPClient(self.name, server_ready_timeout=0, timeout=REQUEST_TIMEOUT_S)
+            await client.__aenter__()  # reads the runner's API schema
+            self.client = client
+        return self.client
+
+
+@dataclass
+class Model:
+    """One served model: what the gateway knows of it, and the runner API of its replicas."""
+
+    served: ServedModel
+    replicas: list[Replica]
+    info: ServedModelInfo | None = None  # a remote model's is known once a replica has answered
+    _requests: dict[str, Replica] = field(default_factory=dict)  # request id -> replica, for abort
+
+    @property
+    def id(self) -> str:
+        return self.served.id
+
+    @property
+    def ready(self) -> bool:
+        return self.info is not None and any(r.ready for r in self.replicas)
+
+    def pick(self) -> Replica:
+        """The ready replica with the shortest queue (FastChat's shortest_queue), ties at random."""
+        ready = [r for r in self.replicas if r.ready]
+        if not ready:
+            raise model_down(self.id)
+        now = time.monotonic()
+        preferred = [r for r in ready if r.avoid_until <= now] or ready
+        shortest = min(r.queue for r in preferred)
+        return random.choice([r for r in preferred if r.queue == shortest])
+
+    def _failed(self, replica: Replica, exc: BaseException) -> None:
+        logger.info("call to runner %s of %s failed: %r", replica.name, self.id, exc)
+        replica.avoid_until = time.monotonic() + 60  # until the next poll says otherwise
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: dict) -> AsyncIterator:
+        replica = self.pick()
+        replica.queue += 1
+        self._requests[request_id] = replica
+        stream = replica.client.generate(request_id=request_id, prompt_ids=prompt_ids, params=params)
+        finished = False
+        try:
+            async for chunk in stream:
+                yield chunk
+            finished = True
+        except Exception as e:
+            self._failed(replica, e)
+            raise
+        finally:
+            replica.queue = max(0, replica.queue - 1)
+            if finished:  # otherwise the caller aborts it, and abort needs to know where it ran
+                self._requests.pop(request_id, None)
+            await stream.aclose()
+
+    async def abort(self, request_id: str) -> bool:
+        replica = self._requests.pop(request_id, None)
+        return bool(replica and replica.client and await replica.client.abort(request_id=request_id))
+
+    async def encode(self, texts: list[str]):
+        for attempt in range(2):  # a replica that fails is avoided: the second try goes to another, if any
+            replica = self.pick()
+            replica.queue += 1
+            try:
+                return await replica.client.encode(texts=texts)
+            except Exception as e:
+                self._failed(replica, e)
+                if attempt:
+                    raise
+            finally:
+                replica.queue = max(0, replica.queue - 1)
+
+    async def stats(self) -> dict:
+        """Each ready replica's own counts (a chat engine's running and waiting sequences and tokens
+        generated), summed, and per replica."""
+        replicas = [r for r in self.replicas if r.ready]
+        answers = await asyncio.gather(*(asyncio.wait_for(r.client.stats(), 5) for r in replicas),
+                                       return_exceptions=True)
+        total: dict = {}
+        per_replica = []
+        for replica, answer in zip(replicas, answers):
+            if isinstance(answer, BaseException):
+                per_replica.append({"runner": replica.name, "error": repr(answer)})
+                continue
+            per_replica.append({"runner": replica.name, **answer})
+            for key, value in answer.items():
+                total[key] = total.get(key, 0) + value
+        return {**total, "replicas": per_replica}
+
+    async def poll(self, replica: Replica, health: HealthConfig) -> None:
+        try:
+            client = await asyncio.wait_for(replica.connect(), health.timeout_s)
+            stats = await asyncio.wait_for(client.stats(), health.timeout_s)
+            if self.info is None:
+                await self._describe(client)
+        except Exception as e:
+            replica.failures += 1
+            if replica.ready and replica.failures >= health.failures:
+                replica.ready = False
+                logger.warning("runner %s of %s is down (%s polls failed: %r)", replica.name, self.id,
+                               replica.failures, e)
+            return
+        if not replica.ready:
+            logger.info("runner %s of %s is up", replica.name, self.id)
+        replica.ready, replica.failures, replica.avoid_until = True, 0, 0.0
+        replica.queue = int(stats.get("running", 0)) + int(stats.get("waiting", 0))
+
+    async def _describe(self, client) -> None:
+        description = await client.describe()
+        into = Path(tempfile.mkdtemp(prefix=f"bentochat-{self.served.store_name or 'remote'}-"))
+        self.info = await asyncio.to_thread(ServedModelInfo.from_description, self.served, description, into)
+        logger.info("model %s: %s from runner (context %s, template %s)", self.id, self.info.kind,
+                    self.info.context_length, self.info.chat_format.name if self.info.chat_format else "-")
+
+
+class Registry:
+    """Model id -> :class:`Model`; what the routes and the UI ask about models."""
+
+    def __init__(self, models: list[Model], health: HealthConfig):
+        self.entries = {m.id: m for m in models}
+        self.health = health
+        self._task: asyncio.Task | None = None
+
+    def models(self) -> list[ServedModelInfo]:
+        """The models with at least one ready replica."""
+        return [m.info for m in self.entries.values() if m.ready]
+
+    def ready(self) -> bool:
+        return any(m.ready for m in self.entries.values())
+
+    def model(self, model_id: str) -> Model:
+        if model_id not in self.entries:
+            raise model_not_found(model_id)
+        model = self.entries[model_id]
+        if not model.ready:
+            raise model_down(model_id)
+        return model
+
+    def info(self, model_id: str) -> ServedModelInfo:
+        return self.model(model_id).info
+
+    def get(self, model_id: str, kind: str) -> tuple[ServedModelInfo, Model]:
+        model = self.model(model_id)
+        if model.info.kind != kind:
+            raise OpenAIError(400, f"The model `{model_id}` is an {model.info.kind} model and does not support this "
+                                   f"endpoint.", param="model", code="model_not_supported")
+        return model.info, model
+
+    async def poll(self) -> None:
+        await asyncio.gather(*(m.poll(r, self.health) for m in self.entries.values() for r in m.replicas))
+
+    def start(self) -> None:
+        """Poll every replica now and then every ``health.interval_s``, in the gateway's event loop."""
+        async def loop():
+            while True:
+                started = time.monotonic()
+                await self.poll()
+                await asyncio.sleep(max(0.0, self.health.interval_s - (time.monotonic() - started)))
+
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(loop())
