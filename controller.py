@@ -203,7 +203,10 @@ class Registry:
         async def loop():
             while True:
                 started = time.monotonic()
-                await self.poll()
+                try:
+                    await self.poll()
+                except Exception:  # the poller must outlive any one bad answer
+                    logger.exception("health poll failed")
                 await asyncio.sleep(max(0.0, self.health.interval_s - (time.monotonic() - started)))
 
         if self._task is None:

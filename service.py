@@ -22,6 +22,12 @@ from runners.placement import REQUEST_TIMEOUT_S
 from ui import build_chat_ui, chat_ui_app
 
 logger = logging.getLogger("bentochat")
+if not logger.handlers:  # BentoML configures its own loggers only: BentoChat's warnings must show too
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] [%(name)s] %(message)s"))
+    logger.addHandler(_handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 CONFIG = load_config()
 ensure_available(CONFIG)

@@ -31,8 +31,8 @@ def describe_stored(stored: bentoml.Model) -> dict:
     path = Path(stored.path)
     files = {str(p.relative_to(path)): base64.b64encode(p.read_bytes()).decode()
              for p in sorted(path.rglob("*")) if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES)}
-    return {"metadata": dict(stored.info.metadata), "created": int(stored.info.creation_time.timestamp()),
-            "files": files}
+    return {"tag": str(stored.tag), "metadata": dict(stored.info.metadata),
+            "created": int(stored.info.creation_time.timestamp()), "files": files}
 
 
 def _source_name(meta: dict) -> str:
@@ -50,6 +50,7 @@ def _as_list(v) -> list[int]:
 class ServedModelInfo:
     served: ServedModel
     path: Path
+    tag: str  # the store tag of the model, here or on the runner elsewhere
     created: int
     context_length: int
     tokenizer: object
@@ -69,7 +70,7 @@ class ServedModelInfo:
     def load(cls, served: ServedModel) -> ServedModelInfo:
         """From the local model store (a runner in this `bentoml serve`)."""
         stored = bentoml.models.get(served.model)
-        return cls.from_dir(served, Path(stored.path), stored.info.metadata,
+        return cls.from_dir(served, Path(stored.path), str(stored.tag), stored.info.metadata,
                             int(stored.info.creation_time.timestamp()))
 
     @classmethod
@@ -79,10 +80,10 @@ class ServedModelInfo:
             target = into / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(base64.b64decode(data))
-        return cls.from_dir(served, into, description["metadata"], description["created"])
+        return cls.from_dir(served, into, description["tag"], description["metadata"], description["created"])
 
     @classmethod
-    def from_dir(cls, served: ServedModel, path: Path, meta: dict, created: int) -> ServedModelInfo:
+    def from_dir(cls, served: ServedModel, path: Path, tag: str, meta: dict, created: int) -> ServedModelInfo:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=served.trust_remote_code)
@@ -97,6 +98,7 @@ class ServedModelInfo:
         return cls(
             served=served,
             path=path,
+            tag=tag,
             created=created,
             context_length=int(meta.get("context_length") or 2048),
             tokenizer=tokenizer,

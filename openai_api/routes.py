@@ -129,7 +129,7 @@ async def _collect(choices, total: int) -> tuple[list[str], list[str | None], li
 async def list_models(request: Request) -> ModelList:
     registry = request.app.state.registry
     return ModelList(data=[
-        ModelCard(id=m.id, created=m.created, kind=m.kind, context_length=m.context_length, root=m.served.model,
+        ModelCard(id=m.id, created=m.created, kind=m.kind, context_length=m.context_length, root=m.tag,
                   template=m.chat_format.name if m.chat_format else None,
                   template_source=m.chat_format.source if m.chat_format else None,
                   generation_defaults=m.defaults)

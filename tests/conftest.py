@@ -3,6 +3,7 @@ and the end-to-end tests share one `bentoml serve` started on a free port."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -10,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,41 +84,67 @@ def listed(srv: Server, headers: dict | None = None) -> set[str]:
     return {m["id"] for m in httpx.get(srv.v1 + "/models", headers=headers, timeout=5).json()["data"]}
 
 
-@contextmanager
-def serving(target: str, log: Path, *, env: dict | None = None, cwd: Path = ROOT, timeout: float = 600,
-            models: tuple[str, ...] = (), port: int | None = None):
-    """`bentoml serve TARGET` on a free loopback port (or ``port``), yielded once its /readyz answers 200
-    and its /v1/models lists ``models``."""
-    import httpx
-
+def start_serving(target: str, log: Path, *, env: dict | None = None, cwd: Path = ROOT,
+                  port: int | None = None) -> Server:
+    """`bentoml serve TARGET` on a free loopback port (or ``port``), in a process group of its own."""
     port = port or _free_port()
     bentoml = Path(sys.executable).parent / "bentoml"
-    with open(log, "wb") as out:
+    with open(log, "ab") as out:
         proc = subprocess.Popen([str(bentoml), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
                                 cwd=cwd, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    srv = Server(f"http://127.0.0.1:{port}", log, proc)
+    return Server(f"http://127.0.0.1:{port}", log, proc)
+
+
+def wait_ready(srv: Server, models: tuple[str, ...] = (), timeout: float = 600, headers: dict | None = None) -> None:
+    """Until /readyz answers 200 and /v1/models lists ``models``."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if srv.process.poll() is not None:
+            pytest.fail(f"bentoml serve exited with {srv.process.returncode}:\n{srv.log.read_text()[-5000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"bentoml serve not ready in time:\n{srv.log.read_text()[-5000:]}")
+        try:
+            if httpx.get(srv.base_url + "/readyz", timeout=2).status_code == 200 and (
+                    not models or set(models) <= listed(srv, headers)):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+
+
+def stop(srv: Server, sig: int = signal.SIGTERM) -> None:
+    """SIGTERM: a graceful shutdown. SIGKILL: a crash, of the workers too (they run in sessions of
+    their own, so killing the process group would leave them serving)."""
+    import psutil
+
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log.read_text()[-5000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"bentoml serve not ready in time:\n{log.read_text()[-5000:]}")
-            try:
-                if httpx.get(srv.base_url + "/readyz", timeout=2).status_code == 200 and (
-                        not models or set(models) <= listed(srv)):
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        tree = [psutil.Process(srv.process.pid), *psutil.Process(srv.process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for proc in tree if sig == signal.SIGKILL else tree[:1]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(sig)
+    try:
+        srv.process.wait(30)
+    except subprocess.TimeoutExpired:
+        for proc in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        srv.process.wait(30)
+    psutil.wait_procs(tree, timeout=30)
+
+
+@contextlib.contextmanager
+def serving(target: str, log: Path, *, env: dict | None = None, cwd: Path = ROOT, models: tuple[str, ...] = ()):
+    srv = start_serving(target, log, env=env, cwd=cwd)
+    try:
+        wait_ready(srv, models)
         yield srv
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop(srv)
 
 
 @pytest.fixture(scope="session")

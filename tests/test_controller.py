@@ -1,0 +1,151 @@
+"""The gateway as FastChat's controller, with runners in `bentoml serve` processes of their own on
+loopback: routing to runner URLs, API keys, shortest-queue replicas, a runner's death and return."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import ARTIFACTS, CHAT, listed, start_serving, stop, wait_ready
+
+pytestmark = pytest.mark.slow
+
+KEY = "sk-bentochat-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+HEALTH = {"interval_s": 0.5, "timeout_s": 1.0, "failures": 2}
+BOUND_S = HEALTH["failures"] * (HEALTH["interval_s"] + HEALTH["timeout_s"])  # as documented in the README
+LONG = 24  # tokens per request: about 1.5 s on the test machine, so requests wait behind each other
+RUNNER_TARGET = "service:runner_" + CHAT.replace("-", "_")
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, embedded_models):
+    """Two runner processes serving the chat model (one running and eight waiting requests each), and
+    a gateway process that knows them only by URL, as replicas of one model, with an API key."""
+    tmp = tmp_path_factory.mktemp("deploy")
+    runner_config = tmp / "runner.yaml"
+    runner_config.write_text(f"models:\n  - {{id: {CHAT}, model: {CHAT}:latest, max_concurrency: 1, max_queue: 8}}\n")
+    env = {"BENTOCHAT_CONFIG": str(runner_config)}
+    runners = [start_serving(RUNNER_TARGET, ARTIFACTS / f"runner-{i}.log", env=env) for i in range(2)]
+    gateway_config = tmp / "gateway.yaml"
+    gateway_config.write_text(f"""models:
+  - id: {CHAT}
+    urls: [{runners[0].base_url}, {runners[1].base_url}]
+health: {HEALTH}
+api_keys: [{KEY}]
+""")
+    gateway = start_serving("service:BentoChat", ARTIFACTS / "gateway.log", env={"BENTOCHAT_CONFIG": str(gateway_config)})
+    state = {"runners": runners, "gateway": gateway, "env": env}
+    try:
+        for r in runners:
+            wait_ready(r)
+        wait_ready(gateway, (CHAT,), headers=AUTH)
+        yield state
+    finally:
+        for srv in [state["gateway"], *state["runners"]]:
+            stop(srv)
+
+
+def client(deployment, key=KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=deployment["gateway"].v1, api_key=key, max_retries=0, timeout=120)
+
+
+def test_every_v1_call_needs_a_configured_key(deployment):
+    gateway = deployment["gateway"]
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.get(gateway.v1 + "/models", headers=headers)
+        assert r.status_code == 401, headers
+        assert r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        client(deployment, "wrong").chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}])
+    assert httpx.get(gateway.v1 + "/models", headers=AUTH).status_code == 200
+    assert httpx.get(gateway.base_url + "/readyz").status_code == 200  # probes need no key
+
+
+def test_chat_through_the_gateway_streams_from_a_runner_elsewhere(deployment):
+    c = client(deployment)
+    model = {m.id: m for m in c.models.list().data}[CHAT]
+    assert (model.model_extra["template"], model.model_extra["context_length"]) == ("tokenizer", 8192)  # from the runner
+    full = c.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "你好"}], max_tokens=12,
+                                     temperature=0)
+    streamed = c.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "你好"}],
+                                         max_tokens=12, temperature=0, stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == full.choices[0].message.content
+
+
+def _runner_stats(srv) -> dict:
+    return httpx.post(srv.base_url + "/stats", json={}, timeout=2).json()  # the runner's own BentoML API
+
+
+def test_replicas_share_the_load_and_a_dying_one_loses_no_waiting_request(deployment):
+    """Shortest queue spreads 8 requests over both replicas (one running, three waiting on each).
+    Killing one then fails only the request it was running; those waiting on it go to the other."""
+    runners = deployment["runners"]
+    results: list[dict] = []
+
+    def one():
+        got = {"tokens": 0, "error": None, "finish": None}
+        try:
+            stream = client(deployment).chat.completions.create(
+                model=CHAT, messages=[{"role": "user", "content": "hello " * 5}], max_tokens=LONG, temperature=0,
+                stream=True, extra_body={"min_tokens": LONG})
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    got["tokens"] += 1
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    got["finish"] = chunk.choices[0].finish_reason
+        except openai.APIError as e:
+            got["error"] = e
+        results.append(got)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while True:  # both replicas busy, with requests waiting on each
+        stats = [_runner_stats(r) for r in runners]
+        if all(s["running"] == 1 and s["waiting"] >= 1 for s in stats):
+            break
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.01)
+    stop(runners[0], signal.SIGKILL)
+    with pytest.raises(httpx.ConnectError):  # really gone
+        httpx.get(runners[0].base_url + "/readyz")
+    for t in threads:
+        t.join(120)
+
+    failed = [r for r in results if r["error"] is not None]
+    assert len(results) == 8 and len(failed) <= 1, results
+    assert all(r["tokens"] > 0 for r in failed), "a request that had not started was lost"
+    assert all(r["finish"] == "length" and r["tokens"] == LONG for r in results if r["error"] is None)
+
+
+def test_a_silent_runner_leaves_within_the_bound_and_comes_back(deployment):
+    runners, gateway = deployment["runners"], deployment["gateway"]
+    stop(runners[0], signal.SIGKILL)  # already down after the test before; both are down now
+    stop(runners[1], signal.SIGKILL)
+    gone = time.monotonic()
+    while CHAT in listed(gateway, AUTH):
+        assert time.monotonic() - gone < BOUND_S + 1, "the model stayed listed past the documented bound"
+        time.sleep(0.1)
+    with pytest.raises(openai.InternalServerError) as e:  # 503
+        client(deployment).chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}])
+    assert e.value.status_code == 503 and e.value.code == "model_unavailable"
+    assert httpx.get(gateway.base_url + "/readyz").status_code == 503
+
+    runners[1] = start_serving(RUNNER_TARGET, runners[1].log, env=deployment["env"],
+                               port=int(runners[1].base_url.rsplit(":", 1)[1]))
+    wait_ready(runners[1])
+    back = time.monotonic()
+    while CHAT not in listed(gateway, AUTH):
+        assert time.monotonic() - back < BOUND_S + 1, "the runner answered but its model did not come back"
+        time.sleep(0.1)
+    r = client(deployment).chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}],
+                                                   max_tokens=4)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert httpx.get(gateway.base_url + "/readyz").status_code == 200
