@@ -85,12 +85,13 @@ def listed(srv: Server, headers: dict | None = None) -> set[str]:
 
 
 def start_serving(target: str, log: Path, *, env: dict | None = None, cwd: Path = ROOT,
-                  port: int | None = None) -> Server:
-    """`bentoml serve TARGET` on a free loopback port (or ``port``), in a process group of its own."""
+                  port: int | None = None, command: list[str] | None = None) -> Server:
+    """`bentoml serve TARGET` (or ``command``) on a free loopback port (or ``port``), in a process group
+    of its own."""
     port = port or _free_port()
-    bentoml = Path(sys.executable).parent / "bentoml"
+    command = command or [str(Path(sys.executable).parent / "bentoml"), "serve", target]
     with open(log, "ab") as out:
-        proc = subprocess.Popen([str(bentoml), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+        proc = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)],
                                 cwd=cwd, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     return Server(f"http://127.0.0.1:{port}", log, proc)

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, TINY, serving
+from conftest import ROOT, TINY, start_serving, stop, wait_ready
+from models.config import ServedModel
+from runners.placement import runner_name
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +32,7 @@ def test_bento_holds_models_and_a_complete_dockerfile(embedded_models, tmp_path)
     assert models == {"smollm2-135m-instruct", "all-minilm-l6-v2"}
     assert {s["service"] for s in info["services"][0]["dependencies"]} == {
         "runner-smollm2-135m-instruct", "runner-all-minilm-l6-v2"}
-    assert {"service.py", "bentochat.yaml", "models", "runners", "openai_api"} <= {p.name for p in (path / "src").iterdir()}
+    assert {"service.py", "controller.py", "bentochat.yaml", "models", "runners", "openai_api"} <= {p.name for p in (path / "src").iterdir()}
     assert (path / "src" / "runners" / "engine" / "llm_engine.py").is_file()
 
     dockerfile = (path / "env" / "docker" / "Dockerfile").read_text()
@@ -48,17 +50,19 @@ def test_bento_holds_models_and_a_complete_dockerfile(embedded_models, tmp_path)
         assert any(n.startswith(f"models/{model}/") and n.endswith(".safetensors") for n in names), model
 
 
-def test_bento_carries_remote_code_and_serves_it_offline(tiny_in_store, tmp_path):
-    """Build from a checkout whose bentochat.yaml serves the remote-code model, then serve the built bento
-    from elsewhere, with no hub: the model's own *.py came into the bento with it."""
+def test_bento_carries_remote_code_and_serves_it_offline_as_deployed(tiny_in_store, tmp_path):
+    """Build from a checkout whose bentochat.yaml serves the remote-code model; export the bento and
+    import it into an empty store with no hub, as on another machine. There, run its runner and a
+    gateway that names the runner's URL, each as deploy/docker-compose.yaml starts them in a container:
+    the model's own *.py came with the bento, and the gateway gets the tokenizer from the runner."""
     import shutil
 
     import bentoml
     import openai
 
     src = tmp_path / "checkout"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".*", "tests", "bench", "docs", "__pycache__",
-                                                               "*.egg-info", "build"))
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".*", "tests", "bench", "docs", "deploy",
+                                                               "__pycache__", "*.egg-info", "build"))
     (src / "bentochat.yaml").write_text(
         f"models:\n  - {{id: {TINY}, model: {tiny_in_store}:latest, kind: chat, trust_remote_code: true}}\n")
     env = {k: v for k, v in os.environ.items() if k != "BENTOCHAT_CONFIG"}
@@ -72,12 +76,27 @@ def test_bento_carries_remote_code_and_serves_it_offline(tiny_in_store, tmp_path
     assert {"tokenization_tiny.py", "modeling_tiny.py", "configuration_tiny.py", "tokenizer.model",
             "generation_config.json", "model.safetensors.index.json"} <= shipped
 
-    # Another machine: a store holding nothing but the imported bento.
-    home = tmp_path / "elsewhere"
+    home = tmp_path / "elsewhere"  # another machine: a store holding nothing but the imported bento
     env = {"BENTOML_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     subprocess.run([str(Path(sys.executable).parent / "bentoml"), "import", str(archive)],
                    env={**os.environ, **env}, check=True, capture_output=True)
-    with serving(tag, tmp_path / "serve-bento.log", cwd=tmp_path, env=env) as srv:
-        client = openai.OpenAI(base_url=srv.v1, api_key="unused", max_retries=0, timeout=120)
+    bento_path = str(home / "bentos" / tag.replace(":", "/"))
+    # The container's entrypoint turns `start-http-server ARGS` into this command, with the bento's path.
+    start = [sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server"]
+    runner = start_serving("", tmp_path / "runner.log", cwd=tmp_path, env=env, command=[
+        *start, "--service-name", runner_name(ServedModel(id=TINY, model=tiny_in_store)), bento_path])
+    gateway_config = tmp_path / "gateway.yaml"
+    gateway_config.write_text(f"models:\n  - {{id: {TINY}, kind: chat, trust_remote_code: true, "
+                              f"urls: [{runner.base_url}]}}\n")
+    gateway = start_serving("", tmp_path / "gateway.log", cwd=tmp_path, command=[*start, bento_path],
+                            env={**env, "BENTOCHAT_CONFIG": str(gateway_config)})
+    try:
+        wait_ready(runner)
+        wait_ready(gateway, (TINY,))
+        client = openai.OpenAI(base_url=gateway.v1, api_key="unused", max_retries=0, timeout=120)
         r = client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "你好"}], max_tokens=4)
         assert r.usage.prompt_tokens > 0 and r.choices[0].finish_reason in ("stop", "length")
+        assert client.models.list().data[0].model_extra["template"] == "baichuan"
+    finally:
+        stop(gateway)
+        stop(runner)
