@@ -41,6 +41,29 @@ def test_models_lists_served_models(server):
     assert ids[EMBED]["kind"] == "embedding"
 
 
+def test_two_chat_models_and_an_embedding_model_each_answer_by_model(server):
+    """Requests at once to each model land on that model's own runner."""
+    def tokens() -> dict:
+        data = httpx.get(server.v1 + "/stats").json()["data"]
+        return {m: data[m]["tokens_generated"] for m in (CHAT, TINY)}
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=server.v1, api_key="x", max_retries=0, timeout=120) as c:
+            return await asyncio.gather(
+                c.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=5, temperature=0,
+                                          extra_body={"min_tokens": 5}),
+                c.chat.completions.create(model=TINY, messages=HELLO, max_tokens=7, temperature=0,
+                                          extra_body={"min_tokens": 7}),
+                c.embeddings.create(model=EMBED, input=["a mountain", "a river"]))
+
+    before = tokens()
+    chat, tiny, embedded = asyncio.run(run())
+    after = tokens()
+    assert (chat.model, tiny.model, embedded.model) == (CHAT, TINY, EMBED)
+    assert (after[CHAT] - before[CHAT], after[TINY] - before[TINY]) == (5, 7)
+    assert len(embedded.data) == 2 and len(embedded.data[0].embedding) == 384
+
+
 def test_models_show_each_template_and_the_authors_sampling_defaults(server):
     ids = {m["id"]: m for m in httpx.get(server.v1 + "/models").json()["data"]}
     assert (ids[CHAT]["template"], ids[CHAT]["template_source"]) == ("tokenizer", "tokenizer")
