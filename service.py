@@ -71,7 +71,7 @@ for _id, _runner in RUNNERS.items():
 UI = build_chat_ui(lambda: app.state.registry, [m.id for m in CONFIG.models if m.kind == "chat"],
                    CONFIG.ui.model_list_mode)
 Gateway = bentoml.asgi_app(app, path="/v1")(Gateway)
-Gateway = bentoml.asgi_app(chat_ui_app(UI, "/ui"), path="/ui")(Gateway)
+Gateway = bentoml.asgi_app(chat_ui_app(UI, "/ui", set(CONFIG.api_keys)), path="/ui")(Gateway)
 # Readiness is the registry's own (any model up), not BentoML's probe that every dependency is ready.
 BentoChat = bentoml.service(name="bentochat", traffic={"timeout": REQUEST_TIMEOUT_S},
                             runner_probe={"enabled": False})(Gateway)

@@ -46,16 +46,26 @@ errors.install(app)
 app.state.api_keys = set()
 
 
-@app.middleware("http")
-async def require_api_key(request: Request, call_next):
-    """FastChat's --api-keys: with keys configured, every call needs `Authorization: Bearer <key>`."""
-    keys = request.app.state.api_keys
-    if keys:
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or key.strip() not in keys:
-            return OpenAIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>` with a key "
-                                    "this server accepts.", code="invalid_api_key").response()
-    return await call_next(request)
+class RequireApiKey:
+    """FastChat's --api-keys: with keys on ``app.state.api_keys``, every call needs
+    `Authorization: Bearer <key>`. Plain ASGI, so streamed responses pass through untouched."""
+
+    def __init__(self, asgi):
+        self.asgi = asgi
+
+    async def __call__(self, scope, receive, send):
+        keys = scope["app"].state.api_keys if scope["type"] == "http" else None
+        if keys:
+            authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, key = authorization.partition(" ")
+            if scheme.lower() != "bearer" or key.strip() not in keys:
+                response = OpenAIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>` with a "
+                                            "key this server accepts.", code="invalid_api_key").response()
+                return await response(scope, receive, send)
+        await self.asgi(scope, receive, send)
+
+
+app.add_middleware(RequireApiKey)
 
 
 def sampling_params(model, req: SamplingFields, prompt_len: int, prompt_param: str, default_max: int | None) -> dict:

@@ -66,6 +66,13 @@ def test_every_v1_call_needs_a_configured_key(deployment):
     assert httpx.get(gateway.v1 + "/models", headers=AUTH).status_code == 200
     assert httpx.get(gateway.base_url + "/readyz").status_code == 200  # probes need no key
 
+    # The chat UI asks for a key at sign-in.
+    with httpx.Client(base_url=gateway.base_url + "/ui") as ui:
+        assert ui.get("/config").status_code == 401
+        assert ui.post("/login", data={"username": "me", "password": "wrong"}).status_code == 400
+        assert ui.post("/login", data={"username": "me", "password": KEY}).status_code == 200
+        assert ui.get("/config").status_code == 200
+
 
 def test_chat_through_the_gateway_streams_from_a_runner_elsewhere(deployment):
     c = client(deployment)

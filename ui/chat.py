@@ -137,9 +137,11 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
     return blocks
 
 
-def chat_ui_app(blocks: gr.Blocks, path: str) -> FastAPI:
+def chat_ui_app(blocks: gr.Blocks, path: str, api_keys: set[str] = frozenset()) -> FastAPI:
     """The page as an ASGI app to mount at ``path``. Gradio's own mounting is used (BentoML 1.4's
     ``bentoml.gradio`` predates Gradio 6's app set-up); BentoML runs the app's lifespan, which starts
-    the Gradio queue."""
+    the Gradio queue. With API keys configured, the page asks for one at sign-in, as the API does."""
+    auth = (lambda _user, password: password in api_keys) if api_keys else None
     return gr.mount_gradio_app(FastAPI(), blocks, path="/", root_path=path, ssr_mode=False,
-                               footer_links=["api"], show_error=True)
+                               footer_links=["api"], show_error=True, auth=auth,
+                               auth_message="Sign in with any user name and one of this server's API keys.")
