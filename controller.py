@@ -28,6 +28,39 @@ from runners.placement import REQUEST_TIMEOUT_S
 logger = logging.getLogger("bentochat.controller")
 
 
+class RunnerSilent(ConnectionError):
+    """The replica stopped answering health polls while a call on it was still waiting."""
+
+    def __init__(self):
+        super().__init__("the runner stopped answering the gateway's health polls")
+
+
+async def _unless_silent(awaitable, silent: asyncio.Event):
+    """``awaitable``'s result, or RunnerSilent once ``silent`` is set: a call on a runner that hangs
+    (no answer, no closed connection) ends when the health polls give up on it."""
+    call, given_up = asyncio.ensure_future(awaitable), asyncio.ensure_future(silent.wait())
+    try:
+        await asyncio.wait({call, given_up}, return_when=asyncio.FIRST_COMPLETED)
+        if call.done():
+            return call.result()
+        raise RunnerSilent()
+    finally:
+        given_up.cancel()
+        if not call.done():
+            call.cancel()
+            await asyncio.wait({call})  # a stream's generator must be idle again before it is closed
+
+
+async def _until_silent(stream: AsyncIterator, silent: asyncio.Event) -> AsyncIterator:
+    it = aiter(stream)
+    while True:
+        try:
+            item = await _unless_silent(anext(it), silent)
+        except StopAsyncIteration:
+            return
+        yield item
+
+
 def model_down(model_id: str) -> OpenAIError:
     return OpenAIError(503, f"The model `{model_id}` is not available right now: none of its runners answers. "
                             "Retry later.", code="model_unavailable")
@@ -41,6 +74,7 @@ class Replica:
     failures: int = 0
     queue: int = 0  # running + waiting at the last poll, plus the requests dispatched since
     avoid_until: float = 0.0  # after a failed call, others are preferred until the next poll
+    down: asyncio.Event = field(default_factory=asyncio.Event)  # set when polls find it silent: calls on it end
 
     async def connect(self) -> object:
         if self.client is None:
@@ -90,7 +124,7 @@ class Model:
         stream = replica.client.generate(request_id=request_id, prompt_ids=prompt_ids, params=params)
         finished = False
         try:
-            async for chunk in stream:
+            async for chunk in _until_silent(stream, replica.down):
                 yield chunk
             finished = True
         except Exception as e:
@@ -111,7 +145,7 @@ class Model:
             replica = self.pick()
             replica.queue += 1
             try:
-                return await replica.client.encode(texts=texts)
+                return await _unless_silent(replica.client.encode(texts=texts), replica.down)
             except Exception as e:
                 self._failed(replica, e)
                 if attempt:
@@ -146,11 +180,14 @@ class Model:
             replica.failures += 1
             if replica.ready and replica.failures >= health.failures:
                 replica.ready = False
+                replica.down.set()  # what is still running on it fails now, with a 503
                 logger.warning("runner %s of %s is down (%s polls failed: %r)", replica.name, self.id,
                                replica.failures, e)
             return
         if not replica.ready:
             logger.info("runner %s of %s is up", replica.name, self.id)
+            if replica.down.is_set():
+                replica.down = asyncio.Event()
         replica.ready, replica.failures, replica.avoid_until = True, 0, 0.0
         replica.queue = int(stats.get("running", 0)) + int(stats.get("waiting", 0))
 

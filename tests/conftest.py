@@ -116,18 +116,37 @@ def wait_ready(srv: Server, models: tuple[str, ...] = (), timeout: float = 600, 
         time.sleep(0.5)
 
 
-def stop(srv: Server, sig: int = signal.SIGTERM) -> None:
-    """SIGTERM: a graceful shutdown. SIGKILL: a crash, of the workers too (they run in sessions of
-    their own, so killing the process group would leave them serving)."""
+def process_tree(srv: Server) -> list:
+    """The `bentoml serve` process and its workers (which run in sessions of their own)."""
     import psutil
 
     try:
-        tree = [psutil.Process(srv.process.pid), *psutil.Process(srv.process.pid).children(recursive=True)]
+        root = psutil.Process(srv.process.pid)
+        return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        tree = []
-    for proc in tree if sig == signal.SIGKILL else tree[:1]:
+        return []
+
+
+def signal_tree(srv: Server, sig: int) -> None:
+    import psutil
+
+    for proc in process_tree(srv):
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.send_signal(sig)
+
+
+def stop(srv: Server, sig: int = signal.SIGTERM) -> None:
+    """SIGTERM: a graceful shutdown. SIGKILL: a crash, of the workers too (killing the process group
+    would leave them serving)."""
+    import psutil
+
+    tree = process_tree(srv)
+    signal_tree(srv, signal.SIGCONT)  # a stopped one could not shut down
+    if sig == signal.SIGKILL:
+        signal_tree(srv, sig)
+    elif tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            tree[0].send_signal(sig)
     try:
         srv.process.wait(30)
     except subprocess.TimeoutExpired:

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import ARTIFACTS, CHAT, listed, start_serving, stop, wait_ready
+from conftest import ARTIFACTS, CHAT, listed, signal_tree, start_serving, stop, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -51,8 +51,12 @@ api_keys: [{KEY}]
             stop(srv)
 
 
+def client_for(gateway, key=KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.v1, api_key=key, max_retries=0, timeout=120)
+
+
 def client(deployment, key=KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=deployment["gateway"].v1, api_key=key, max_retries=0, timeout=120)
+    return client_for(deployment["gateway"], key)
 
 
 def test_every_v1_call_needs_a_configured_key(deployment):
@@ -132,27 +136,64 @@ def test_replicas_share_the_load_and_a_dying_one_loses_no_waiting_request(deploy
     assert all(r["finish"] == "length" and r["tokens"] == LONG for r in results if r["error"] is None)
 
 
-def test_a_silent_runner_leaves_within_the_bound_and_comes_back(deployment):
-    runners, gateway = deployment["runners"], deployment["gateway"]
-    stop(runners[0], signal.SIGKILL)  # already down after the test before; both are down now
-    stop(runners[1], signal.SIGKILL)
+def _gone_within_bound(gateway) -> None:
     gone = time.monotonic()
     while CHAT in listed(gateway, AUTH):
         assert time.monotonic() - gone < BOUND_S + 1, "the model stayed listed past the documented bound"
         time.sleep(0.1)
     with pytest.raises(openai.InternalServerError) as e:  # 503
-        client(deployment).chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}])
+        client_for(gateway).chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}])
     assert e.value.status_code == 503 and e.value.code == "model_unavailable"
-    assert httpx.get(gateway.base_url + "/readyz").status_code == 503
+    assert httpx.get(gateway.base_url + "/readyz").status_code == 503  # no model has a runner up
 
+
+def _back_within_bound(gateway) -> None:
+    back = time.monotonic()
+    while CHAT not in listed(gateway, AUTH):
+        assert time.monotonic() - back < BOUND_S + 1, "the runner answers but its model did not come back"
+        time.sleep(0.1)
+    r = client_for(gateway).chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}],
+                                                    max_tokens=4)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert httpx.get(gateway.base_url + "/readyz").status_code == 200
+
+
+def test_a_runner_that_hangs_fails_its_running_request_leaves_and_comes_back(deployment):
+    """The last replica stops answering (SIGSTOP: no reply, no closed connection). The request it was
+    generating ends with a 503 once the polls give up on it, not at some TCP timeout."""
+    runner, gateway = deployment["runners"][1], deployment["gateway"]  # the other was killed before
+    outcome: dict = {}
+    first_token = threading.Event()
+
+    def generate():
+        try:
+            for chunk in client_for(gateway).chat.completions.create(
+                    model=CHAT, messages=[{"role": "user", "content": "hello"}], max_tokens=200, stream=True,
+                    extra_body={"min_tokens": 200}):
+                first_token.set()
+        except openai.APIError as e:
+            outcome["error"], outcome["at"] = e, time.monotonic()
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    assert first_token.wait(60)
+    signal_tree(runner, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        thread.join(BOUND_S + 5)
+        assert "error" in outcome and "not available" in str(outcome["error"])
+        assert outcome["at"] - stopped < BOUND_S + 1
+        _gone_within_bound(gateway)
+    finally:
+        signal_tree(runner, signal.SIGCONT)
+    _back_within_bound(gateway)
+
+
+def test_a_killed_runner_leaves_within_the_bound_and_a_restarted_one_returns(deployment):
+    runners, gateway = deployment["runners"], deployment["gateway"]
+    stop(runners[1], signal.SIGKILL)  # the other one is down since the replica test
+    _gone_within_bound(gateway)
     runners[1] = start_serving(RUNNER_TARGET, runners[1].log, env=deployment["env"],
                                port=int(runners[1].base_url.rsplit(":", 1)[1]))
     wait_ready(runners[1])
-    back = time.monotonic()
-    while CHAT not in listed(gateway, AUTH):
-        assert time.monotonic() - back < BOUND_S + 1, "the runner answered but its model did not come back"
-        time.sleep(0.1)
-    r = client(deployment).chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}],
-                                                   max_tokens=4)
-    assert r.choices[0].finish_reason in ("stop", "length")
-    assert httpx.get(gateway.base_url + "/readyz").status_code == 200
+    _back_within_bound(gateway)
