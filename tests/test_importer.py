@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,17 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "models", "import", str(tmp_path), "--name", "empty"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1 and "no config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_model_whose_auto_map_names_a_causal_lm_is_a_chat_model(tmp_path):
+    """ChatGLM3's architecture is "ChatGLMModel"; its auto_map names the class that generates."""
+    from models.importer import describe
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["ChatGLMModel"], "model_type": "chatglm", "seq_length": 8192,
+        "auto_map": {"AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+                     "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}}))
+    meta = describe(tmp_path, "dir:/models/chatglm3-6b", trust_remote_code=True)
+    assert (meta["kind"], meta["context_length"]) == ("chat", 8192)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
+    assert describe(tmp_path, "dir:/models/bert", trust_remote_code=False)["kind"] == "embedding"
