@@ -81,7 +81,11 @@ class Replica:
             import bentoml
 
             client = bentoml.AsyncHTTPClient(self.name, server_ready_timeout=0, timeout=REQUEST_TIMEOUT_S)
-            await client.__aenter__()  # reads the runner's API schema
+            try:
+                await client.__aenter__()  # reads the runner's API schema
+            except BaseException:
+                await client.close()
+                raise
             self.client = client
         return self.client
 

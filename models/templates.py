@@ -290,18 +290,24 @@ def match_builtin(names: list[str], architecture: str) -> tuple[str, str] | None
 
 def resolve_chat_format(model_id: str, tokenizer, generation_config: dict, *, configured: str | None = None,
                         names: list[str] = (), architecture: str = "") -> ChatFormat:
-    if configured == TOKENIZER:
-        if not getattr(tokenizer, "chat_template", None):
-            raise TemplateError(f"model {model_id}: template 'tokenizer' is configured, but its tokenizer has no "
-                                "chat_template")
-        return _jinja(tokenizer)
+    fmt, doc = _resolve(model_id, tokenizer, generation_config, configured, names, architecture)
+    if fmt.source == "fallback":
+        logger.warning("model %s has no chat template and matches no built-in one; using the generic 'Role: text' "
+                       "fallback. Name one with `template:` in bentochat.yaml.", model_id)
+    else:
+        logger.info("model %s: conversation template %s (from %s): %s", model_id, fmt.name, fmt.source, doc)
+    return fmt
+
+
+def _resolve(model_id, tokenizer, generation_config, configured, names, architecture) -> tuple[ChatFormat, str]:
+    has_jinja = bool(getattr(tokenizer, "chat_template", None))
+    if configured == TOKENIZER and not has_jinja:
+        raise TemplateError(f"model {model_id}: template 'tokenizer' is configured, but its tokenizer has no "
+                            "chat_template")
+    if configured == TOKENIZER or (has_jinja and not configured):
+        return _jinja(tokenizer), "the tokenizer's own chat_template"
     if configured:
-        return bind(BUILTIN[configured], "config", tokenizer, generation_config)
-    if getattr(tokenizer, "chat_template", None):
-        return _jinja(tokenizer)
-    matched = match_builtin([model_id, *names], architecture)
-    if matched:
-        return bind(BUILTIN[matched[0]], matched[1], tokenizer, generation_config)
-    logger.warning("model %s has no chat template and matches no built-in one; using the generic 'Role: text' "
-                   "fallback. Name one with `template:` in bentochat.yaml.", model_id)
-    return bind(BUILTIN[FALLBACK], "fallback", tokenizer, generation_config)
+        name, source = configured, "config"
+    else:
+        name, source = match_builtin([model_id, *names], architecture) or (FALLBACK, "fallback")
+    return bind(BUILTIN[name], source, tokenizer, generation_config), BUILTIN[name].doc
