@@ -81,14 +81,15 @@ def test_bento_carries_remote_code_and_serves_it_offline_as_deployed(tiny_in_sto
     subprocess.run([str(Path(sys.executable).parent / "bentoml"), "import", str(archive)],
                    env={**os.environ, **env}, check=True, capture_output=True)
     bento_path = str(home / "bentos" / tag.replace(":", "/"))
-    # The container's entrypoint turns `start-http-server ARGS` into this command, with the bento's path.
-    start = [sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server"]
+    # A runner container's `start-http-server --service-name NAME` becomes, through the image's entrypoint:
     runner = start_serving("", tmp_path / "runner.log", cwd=tmp_path, env=env, command=[
-        *start, "--service-name", runner_name(ServedModel(id=TINY, model=tiny_in_store)), bento_path])
+        sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server",
+        "--service-name", runner_name(ServedModel(id=TINY, model=tiny_in_store)), bento_path])
     gateway_config = tmp_path / "gateway.yaml"
     gateway_config.write_text(f"models:\n  - {{id: {TINY}, kind: chat, trust_remote_code: true, "
                               f"urls: [{runner.base_url}]}}\n")
-    gateway = start_serving("", tmp_path / "gateway.log", cwd=tmp_path, command=[*start, bento_path],
+    # The gateway container runs the entrypoint with no arguments: `bentoml serve` of the bento.
+    gateway = start_serving(bento_path, tmp_path / "gateway.log", cwd=tmp_path,
                             env={**env, "BENTOCHAT_CONFIG": str(gateway_config)})
     try:
         wait_ready(runner)
