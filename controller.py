@@ -182,11 +182,12 @@ class Model:
                 await self._describe(client)
         except Exception as e:
             replica.failures += 1
+            if replica.failures == health.failures:  # once an outage, also for one never seen up
+                logger.warning("runner %s of %s %s (%s polls failed: %r)", replica.name, self.id,
+                               "is down" if replica.ready else "does not answer", replica.failures, e)
             if replica.ready and replica.failures >= health.failures:
                 replica.ready = False
                 replica.down.set()  # what is still running on it fails now, with a 503
-                logger.warning("runner %s of %s is down (%s polls failed: %r)", replica.name, self.id,
-                               replica.failures, e)
             return
         if not replica.ready:
             logger.info("runner %s of %s is up", replica.name, self.id)
