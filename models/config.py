@@ -89,8 +89,8 @@ class ServedModel(BaseModel):
 class UIConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # FastChat's --model-list-mode: `once` lists the chat models at start; `reload` asks the runners
-    # on every page load, so a model whose runner is down is left out until it answers again.
+    # FastChat's --model-list-mode: `once` lists the chat models at start; `reload` lists, on every
+    # page load, those whose runners answer the gateway's health polls.
     model_list_mode: Literal["once", "reload"] = "once"
 
 

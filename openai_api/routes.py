@@ -294,6 +294,8 @@ async def embeddings(req: EmbeddingRequest, request: Request) -> EmbeddingList:
                               param="input", code="context_length_exceeded")
     try:
         vectors = await runner.encode(texts=texts)
+    except OpenAIError:  # no runner of it answers: already the 503 to give
+        raise
     except Exception as e:
         raise runner_unavailable(model.id, e) from e
     dims = len(vectors[0])

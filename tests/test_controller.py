@@ -12,13 +12,14 @@ import openai
 import pytest
 
 from conftest import ARTIFACTS, CHAT, listed, signal_tree, start_serving, stop, wait_ready
+from models.config import HealthConfig
 
 pytestmark = pytest.mark.slow
 
 KEY = "sk-bentochat-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 HEALTH = {"interval_s": 0.5, "timeout_s": 1.0, "failures": 2}
-BOUND_S = HEALTH["failures"] * (HEALTH["interval_s"] + HEALTH["timeout_s"])  # as documented in the README
+BOUND_S = HealthConfig(**HEALTH).bound_s  # failures x (interval + timeout), as documented
 LONG = 24  # tokens per request: about 1.5 s on the test machine, so requests wait behind each other
 RUNNER_TARGET = "service:runner_" + CHAT.replace("-", "_")
 
