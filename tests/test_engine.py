@@ -244,3 +244,131 @@ def test_abort_from_another_caller_ends_the_stream(engine):
 
     seen = asyncio.run(run())
     assert 2 <= len(seen) < 200
+
+
+def _collect(a: AsyncLLMEngine, rid: str, prompt, params):
+    async def run():
+        return [ev.token_id async for ev in a.generate(rid, prompt, params)]
+    return run()
+
+
+def test_a_request_whose_sampling_fails_fails_alone(engine):
+    """A penalty that makes the probabilities infinite raises in the sampler: that request gets an
+    EngineError, the greedy request beside it gives what it gives alone, and the engine goes on."""
+    from runners.engine.llm_engine import EngineError
+
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    poison = SamplingParams(max_tokens=12, temperature=0.7, repetition_penalty=1e-40)
+
+    async def run():
+        a = AsyncLLMEngine(engine)
+        alone = await _collect(a, "alone", PROMPT, greedy)
+        results = await asyncio.gather(_collect(a, "bad", PROMPT, poison), _collect(a, "good", PROMPT, greedy),
+                                       return_exceptions=True)
+        after = await _collect(a, "after", PROMPT, greedy)
+        return alone, results, after, a.stats()
+
+    alone, (bad, good), after, stats = asyncio.run(run())
+    assert isinstance(bad, EngineError) and good == alone == after
+    assert stats["running"] == stats["waiting"] == 0
+
+
+def test_a_failing_forward_pass_fails_its_requests_only(engine, monkeypatch):
+    from runners.engine.llm_engine import EngineError
+
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+    real = engine.runner.prefill_together
+    calls = []
+
+    def once_broken(seqs):
+        calls.append(len(seqs))
+        if len(calls) == 1:
+            raise RuntimeError("injected fault")
+        return real(seqs)
+
+    monkeypatch.setattr(engine.runner, "prefill_together", once_broken)
+
+    async def run():
+        a = AsyncLLMEngine(engine)
+        first = await asyncio.gather(_collect(a, "a", PROMPT, greedy), return_exceptions=True)
+        return first[0], await _collect(a, "b", PROMPT, greedy)
+
+    failed, after = asyncio.run(run())
+    assert isinstance(failed, EngineError) and "injected fault" in str(failed)
+    assert after == generate_alone(engine.runner.model, PROMPT, 8)
+
+
+def test_a_fault_outside_any_request_fails_that_step_and_the_thread_goes_on(engine, monkeypatch):
+    from runners.engine.llm_engine import EngineError
+
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    real, calls = engine.scheduler.postprocess, []
+
+    def broken_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("scheduler fault")
+        return real(*args)
+
+    monkeypatch.setattr(engine.scheduler, "postprocess", broken_once)
+
+    async def run():
+        a = AsyncLLMEngine(engine)
+        failed = await asyncio.gather(_collect(a, "a", PROMPT, greedy), return_exceptions=True)
+        return failed[0], await _collect(a, "b", PROMPT, greedy), a.alive
+
+    failed, after, alive = asyncio.run(run())
+    assert isinstance(failed, EngineError) and len(after) == 6 and alive
+
+
+@pytest.mark.parametrize("prompt, params, field", [
+    ([], SamplingParams(), "prompt"),
+    ([1, 10**9], SamplingParams(), "prompt"),
+    (PROMPT, SamplingParams(min_tokens=2, stop_token_ids=(-100000,)), "stop_token_ids"),
+    (PROMPT, SamplingParams(temperature=float("nan")), "temperature"),
+])
+def test_requests_the_engine_cannot_run_are_refused_before_queuing(engine, prompt, params, field):
+    from runners.engine.llm_engine import RequestError
+
+    async def run():
+        a = AsyncLLMEngine(engine)
+        with pytest.raises(RequestError, match=field):
+            await _collect(a, "bad", prompt, params)
+        return await _collect(a, "next", PROMPT, SamplingParams(max_tokens=4, temperature=0)), a.stats()
+
+    after, stats = asyncio.run(run())
+    assert len(after) == 4 and stats["waiting"] == 0
+
+
+def test_extreme_but_valid_parameters_sample(engine):
+    """A 64-bit seed and a temperature far below any useful one (greedy then) still generate."""
+    greedy = engine.generate(PROMPT, SamplingParams(max_tokens=6, temperature=0))
+    assert engine.generate(PROMPT, SamplingParams(max_tokens=6, temperature=1e-40, seed=2**64 - 1)) == greedy
+    assert len(engine.generate(PROMPT, SamplingParams(max_tokens=6, temperature=1.0, seed=-2**63))) == 6
+
+
+def test_an_empty_prompt_in_the_queue_stalls_no_one(engine):
+    """Even if one got past the checks, a sequence with nothing to prefill holds up no one behind it."""
+    engine.scheduler.add(Sequence("empty", [], SamplingParams()))
+    assert engine.generate(PROMPT, SamplingParams(max_tokens=3, temperature=0)) != []
+
+
+def test_a_dead_engine_thread_is_reported_not_silent(engine, monkeypatch):
+    from runners.engine.llm_engine import EngineError
+
+    def die(**_):
+        raise SystemExit("injected death")
+
+    async def run():
+        a = AsyncLLMEngine(engine)
+        monkeypatch.setattr(engine, "step", die)
+        with pytest.raises(EngineError, match="stopped"):
+            await asyncio.wait_for(_collect(a, "waiting", PROMPT, SamplingParams(max_tokens=4)), 10)
+        a._thread.join(5)
+        with pytest.raises(EngineError):
+            a.stats()
+        with pytest.raises(EngineError):
+            await _collect(a, "later", PROMPT, SamplingParams(max_tokens=4))
+        return a.alive
+
+    assert asyncio.run(run()) is False

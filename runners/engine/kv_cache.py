@@ -52,6 +52,10 @@ def to_model_cache(kv: KV, form: str) -> Any:
     return cache
 
 
+def kv_bytes(kv: KV | None) -> int:
+    return sum(k.nbytes + v.nbytes for k, v in kv) if kv else 0
+
+
 def left_pad(kv: KV, length: int) -> KV:
     """Pad every layer on the left (the sequence axis) to ``length`` columns."""
     have = kv[0][0].shape[2]

@@ -29,9 +29,37 @@ class LLMEngine:
         self.scheduler = Scheduler(max_num_seqs, max_model_len, max_prefill_tokens)
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens and model_runner.batched else None
         self.tokens_generated = 0
+        self.prompt_tokens = 0  # of the prompts prefilled
+
+    def counters(self) -> dict[str, int]:
+        """Totals since start, and the bytes of keys and values held now (batch and prefix cache)."""
+        cache = self.prefix_cache
+        return {"tokens_generated": self.tokens_generated, "prompt_tokens": self.prompt_tokens,
+                "prefix_cache_hit_tokens": cache.hits if cache else 0,
+                "kv_cache_bytes": self.runner.kv_bytes() + (cache.num_bytes if cache else 0)}
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise :class:`RequestError` for a request the engine cannot run."""
+        vocab = self.runner.vocab_size
+        if not prompt_ids:
+            raise RequestError("prompt: must hold at least one token")
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise RequestError(f"prompt: token ids must be in [0, {vocab})")
+        if len(prompt_ids) >= self.scheduler.max_model_len:
+            raise RequestError(f"prompt: {len(prompt_ids)} tokens leave no room in the context of "
+                               f"{self.scheduler.max_model_len}")
+        try:
+            params.check(vocab)
+        except ValueError as e:
+            raise RequestError(str(e)) from e
 
     def add(self, seq: Sequence) -> None:
-        seq.sampler = Sampler(seq.params)
+        """Queue a sequence; raises :class:`RequestError` (and queues nothing) for one it cannot run."""
+        self.check(seq.prompt_ids, seq.params)
+        try:
+            seq.sampler = Sampler(seq.params)
+        except Exception as e:
+            raise RequestError(f"invalid sampling parameters: {e}") from e
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> Sequence | None:
@@ -100,8 +128,9 @@ class LLMEngine:
             if out is not None:
                 logits.append(out.unsqueeze(0))
                 seqs.append(seq)
-        if self.prefix_cache is not None:
-            for seq in seqs:
+        for seq in seqs:
+            self.prompt_tokens += seq.num_prompt_tokens
+            if self.prefix_cache is not None:
                 self.prefix_cache.store(seq.prompt_ids, seq.cache)
         return (self._finish(seqs, torch.cat(logits)) if seqs else []) + failed
 
@@ -110,9 +139,17 @@ class LLMEngine:
             self.scheduler.abort(seq.request_id)
         return [(seq, error) for seq in seqs]
 
-    def _finish(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, TokenEvent]]:
-        """Sample each sequence's next token from its row of ``logits`` and append it."""
+    def _finish(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, TokenEvent | Exception]]:
+        """Sample each sequence's next token from its row of ``logits`` and append it. A sequence
+        whose sampling fails leaves the engine with its error; the others go on."""
         tokens = sample(seqs, logits)
+        failed = [(seq, t) for seq, t in zip(seqs, tokens) if isinstance(t, Exception)]
+        for seq, error in failed:
+            logger.warning("sampling for request %s failed: %r", seq.request_id, error)
+            self._fail([seq], error)
+        if failed:
+            keep = [i for i, t in enumerate(tokens) if not isinstance(t, Exception)]
+            seqs, tokens, logits = [seqs[i] for i in keep], [tokens[i] for i in keep], logits[keep]
         outputs = [TokenEvent(t) for t in tokens]
         wants = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if wants:
@@ -123,7 +160,7 @@ class LLMEngine:
         for seq, out in zip(seqs, outputs):
             out.finish_reason = seq.finish_reason
         self.tokens_generated += len(tokens)
-        return list(zip(seqs, outputs))
+        return list(zip(seqs, outputs)) + failed
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
         """Run one request to completion in the calling thread (tests, benchmarks)."""
@@ -148,7 +185,11 @@ class TokenEvent:
 
 
 class EngineError(RuntimeError):
-    pass
+    """The engine failed this request (its forward pass or sampling raised), or the engine is dead."""
+
+
+class RequestError(ValueError):
+    """The request cannot run: an empty prompt, token ids outside the vocabulary, bad parameters."""
 
 
 class QueueFull(RuntimeError):
@@ -164,11 +205,15 @@ class AsyncLLMEngine:
 
     Each request gets an asyncio queue fed from the engine thread; a request whose consumer stops
     reading (client gone, stop string found) is aborted and leaves the engine at the next step.
+    Whatever a step raises fails the sequences it ran, never the thread; should the thread still
+    end (a ``BaseException``), ``alive`` turns false, every waiting caller gets an ``EngineError``
+    and so does every later one, so the runner reports itself unhealthy instead of hanging.
     """
 
     def __init__(self, engine: LLMEngine, max_queue: int | None = None):
         self.engine = engine
         self.max_queue = max_queue  # None: unbounded
+        self.death: BaseException | None = None
         self._finished_at: deque[float] = deque(maxlen=32)  # recent finishes, for Retry-After
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -178,12 +223,22 @@ class AsyncLLMEngine:
         self._thread.start()
 
     @property
+    def alive(self) -> bool:
+        return self.death is None and self._thread.is_alive()
+
+    @property
     def num_running(self) -> int:
         return len(self.engine.scheduler.running)
 
     @property
     def num_waiting(self) -> int:
         return len(self.engine.scheduler.waiting) + len(self._incoming)
+
+    def stats(self) -> dict[str, int]:
+        """Counts for health polls and metrics; raises ``EngineError`` once the engine thread is dead."""
+        if not self.alive:
+            raise EngineError(f"the engine thread has stopped: {self.death!r}")
+        return {"running": self.num_running, "waiting": self.num_waiting, **self.engine.counters()}
 
     def retry_after(self) -> int:
         """Seconds until a queue place is likely free: one over the recent rate of finishing requests."""
@@ -193,16 +248,23 @@ class AsyncLLMEngine:
         return max(1, min(60, math.ceil((done[-1] - done[0]) / (len(done) - 1))))
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
-        """The request's tokens as they are generated. Raises ``QueueFull`` before the first when the
-        engine already holds ``max_num_seqs + max_queue`` requests."""
+        """The request's tokens as they are generated. Raises before the first: ``RequestError`` for
+        a request the engine cannot run, ``QueueFull`` when the engine already holds
+        ``max_num_seqs + max_queue`` requests, ``EngineError`` when its thread is dead."""
+        if not self.alive:
+            raise EngineError(f"the engine thread has stopped: {self.death!r}")
+        self.engine.check(prompt_ids, params)
         if self.max_queue is not None:
             if self.num_running + self.num_waiting >= self.engine.scheduler.max_num_seqs + self.max_queue:
                 raise QueueFull(self.retry_after())
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
 
-        def on_token(item: TokenEvent | Exception):
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+        def on_token(item: TokenEvent | BaseException):
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the reader's event loop is closed: nobody is left to tell
+                pass
 
         seq = Sequence(request_id, prompt_ids, params, on_token)
         with self._wake:
@@ -213,7 +275,10 @@ class AsyncLLMEngine:
             while not finished:
                 item = await queue.get()
                 if isinstance(item, BaseException):
-                    raise EngineError(str(item)) from item
+                    finished = True
+                    if isinstance(item, (RequestError, EngineError)):
+                        raise item
+                    raise EngineError(f"generation failed: {item!r}") from item
                 finished = item.finish_reason is not None
                 if item.token_id is None:  # aborted (by abort() from another caller): end quietly
                     return
@@ -228,22 +293,47 @@ class AsyncLLMEngine:
             self._wake.notify()
 
     def _run(self) -> None:
-        scheduler = self.engine.scheduler
-        while True:
+        try:
+            while True:
+                self._iterate()
+        except BaseException as e:  # noqa: BLE001 - whatever ends the thread must be reported
+            logger.critical("the engine thread stopped: %r; this runner must be restarted", e, exc_info=True)
+            self.death = e
             with self._wake:
-                while not (self._incoming or self._aborts or scheduler.has_work):
-                    self._wake.wait()
-                incoming, self._incoming = self._incoming, []
-                aborts, self._aborts = self._aborts, set()
-            for seq in incoming:
+                stranded, self._incoming = self._incoming, []
+            self._fail_all(EngineError(f"the engine thread has stopped: {e!r}"), stranded)
+
+    def _iterate(self) -> None:
+        scheduler = self.engine.scheduler
+        with self._wake:
+            while not (self._incoming or self._aborts or scheduler.has_work):
+                self._wake.wait()
+            incoming, self._incoming = self._incoming, []
+            aborts, self._aborts = self._aborts, set()
+        for seq in incoming:
+            try:
                 self.engine.add(seq)
-            for request_id in aborts:
-                seq = self.engine.abort(request_id)
-                if seq is not None:
-                    seq.on_token(TokenEvent(None, "abort"))  # ends the request's stream, wherever its reader is
-            if not scheduler.has_work:
-                continue
+            except RequestError as e:
+                seq.finish("error")
+                seq.on_token(e)
+        for request_id in aborts:
+            seq = self.engine.abort(request_id)
+            if seq is not None:
+                seq.on_token(TokenEvent(None, "abort"))  # ends the request's stream, wherever its reader is
+        if not scheduler.has_work:
+            return
+        try:
             self.engine.step(emit=self._emit)
+        except Exception as e:  # a fault no single request could be blamed for: fail what was in the step
+            logger.exception("engine step failed")
+            self._fail_all(EngineError(f"generation failed: {e!r}"))
+
+    def _fail_all(self, error: Exception, also: list[Sequence] = ()) -> None:
+        scheduler = self.engine.scheduler
+        for seq in [*scheduler.waiting, *scheduler.running, *also]:
+            scheduler.abort(seq.request_id)
+            seq.on_token(error)
+        self.engine.runner.reset()
 
     def _emit(self, results: list[tuple[Sequence, TokenEvent | Exception]]) -> None:
         for seq, event in results:

@@ -49,6 +49,14 @@ def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = N
     return model
 
 
+def _vocab_size(model) -> int:
+    """How many token ids the model can embed (and so take as input, or be told to stop at)."""
+    try:
+        return int(model.get_input_embeddings().weight.shape[0])
+    except (AttributeError, NotImplementedError):  # remote code without the accessor
+        return int(model.config.vocab_size)
+
+
 class ModelRunner:
     """Runs the model for the engine: prefill of new sequences (whole prompts together, a long one
     alone in chunks), and one decode step for the whole running batch.
@@ -66,6 +74,7 @@ class ModelRunner:
         accepts = inspect.signature(model.forward).parameters
         self.cache_arg = "cache" if "cache" in accepts else "past_key_values"
         self.can_batch = "attention_mask" in accepts and "position_ids" in accepts
+        self.vocab_size = _vocab_size(model)
         self.rows: list = []  # the sequences in the batch cache, in row order
         self.kv: kv_cache.KV | None = None  # its row i holds rows[i].num_cached tokens, right-aligned
         self.form = self._probe()  # "dynamic" | "tuple" | "sequential"
@@ -88,6 +97,9 @@ class ModelRunner:
         if isinstance(out, tuple):  # remote code called without return_dict support
             return out[0], out[1]
         return out.logits, out[self.cache_arg] if self.cache_arg in out else out.past_key_values
+
+    def kv_bytes(self) -> int:
+        return kv_cache.kv_bytes(self.kv)
 
     def reset(self) -> None:
         """Drop the batch cache (nothing running, or a failed step)."""

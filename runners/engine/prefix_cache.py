@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from runners.engine.kv_cache import KV
+from runners.engine.kv_cache import KV, kv_bytes
 
 
 class PrefixCache:
@@ -18,6 +18,7 @@ class PrefixCache:
         self.max_tokens = max_tokens
         self.entries: OrderedDict[tuple[int, ...], KV] = OrderedDict()
         self.num_tokens = 0
+        self.num_bytes = 0  # of the keys and values held
         self.hits = 0  # prompt tokens not prefilled thanks to the cache
 
     def lookup(self, prompt_ids: list[int]) -> tuple[int, KV | None]:
@@ -50,14 +51,11 @@ class PrefixCache:
             self._drop(next(iter(self.entries)))
         self.entries[key] = kv
         self.num_tokens += len(key)
+        self.num_bytes += kv_bytes(kv)
 
     def _drop(self, key: tuple[int, ...]) -> None:
-        del self.entries[key]
+        self.num_bytes -= kv_bytes(self.entries.pop(key))
         self.num_tokens -= len(key)
-
-    def clear(self) -> None:
-        self.entries.clear()
-        self.num_tokens = 0
 
 
 def common_prefix(a, b) -> int:

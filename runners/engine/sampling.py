@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -12,6 +13,10 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+
+# Temperatures below this sample greedily (vLLM's epsilon): dividing logits by less would overflow.
+SAMPLING_EPS = 1e-5
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,22 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
+
+    def check(self, vocab_size: int) -> None:
+        """Raise ValueError, naming the parameter, for values the sampler cannot work with. The API
+        refuses these with a 400 first; this keeps the engine safe from any other caller."""
+        for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}: must be a finite number")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+            raise ValueError("temperature, top_p or repetition_penalty: out of range")
+        if self.max_tokens < 1 or self.min_tokens < 0 or self.top_k < 0:
+            raise ValueError("max_tokens, min_tokens or top_k: out of range")
+        if any(not 0 <= t < vocab_size for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids: token ids must be in [0, {vocab_size})")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError("logprobs: must be in [0, 20]")
 
 
 class Sampler:
@@ -70,7 +90,7 @@ class Sampler:
             if params.seed is None:
                 self.generator.seed()
             else:
-                self.generator.manual_seed(params.seed)
+                self.generator.manual_seed(params.seed % 2**64)  # any integer; torch takes 64 bits
 
     def is_plain_greedy(self, num_output_tokens: int) -> bool:
         """Whether the token is simply the argmax of the logits (batched by the engine)."""
@@ -88,24 +108,28 @@ class Sampler:
             counts = torch.bincount(torch.tensor(output_ids), minlength=scores.shape[-1])[: scores.shape[-1]]
             scores = scores - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
         if len(output_ids) < p.min_tokens and p.stop_token_ids:
-            scores[0, [t for t in p.stop_token_ids if t < scores.shape[-1]]] = float("-inf")
+            scores[0, list(p.stop_token_ids)] = float("-inf")
         if p.greedy:
             return int(scores.argmax(dim=-1))
         probs = torch.softmax(self.warpers(history, scores), dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
-def sample(seqs: list, logits: torch.Tensor) -> list[int]:
+def sample(seqs: list, logits: torch.Tensor) -> list[int | Exception]:
     """The next token of every sequence, row i of ``logits`` for ``seqs[i]``, each with its own sampler.
-    Rows that only need an argmax are done in one batched call."""
-    tokens: list[int | None] = [None] * len(seqs)
+    Rows that only need an argmax are done in one batched call. A sampler that fails gives its
+    exception in its row instead of a token, so that only its own sequence fails."""
+    tokens: list[int | Exception | None] = [None] * len(seqs)
     plain = [i for i, s in enumerate(seqs) if s.sampler.is_plain_greedy(len(s.output_ids))]
     if plain:
         for i, token in zip(plain, logits[plain].argmax(dim=-1).tolist()):
             tokens[i] = token
     for i, seq in enumerate(seqs):
         if tokens[i] is None:
-            tokens[i] = seq.sampler(logits[i], seq.prompt_ids, seq.output_ids)
+            try:
+                tokens[i] = seq.sampler(logits[i], seq.prompt_ids, seq.output_ids)
+            except Exception as e:  # e.g. probabilities that are not finite
+                tokens[i] = e
     return tokens
 
 

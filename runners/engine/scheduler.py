@@ -29,11 +29,12 @@ class Scheduler:
         sequences, each of which decodes one token."""
         prefills, budget = [], self.max_prefill_tokens
         for seq in list(self.waiting)[: self.max_num_seqs - len(self.running)]:
-            n = min(seq.num_prompt_tokens - seq.num_cached, budget)
-            if n <= 0:
+            if budget <= 0:
                 break
-            prefills.append((seq, n))
-            budget -= n
+            n = min(seq.num_prompt_tokens - seq.num_cached, budget)
+            if n > 0:  # (the engine admits no empty prompt; should one be here, it holds up no one)
+                prefills.append((seq, n))
+                budget -= n
         return prefills, list(self.running)
 
     def postprocess(self, seqs: list[Sequence], tokens: list[int]) -> None:
