@@ -22,10 +22,11 @@ from pathlib import Path
 
 from models.config import HealthConfig, ServedModel
 from models.served import ServedModelInfo
-from openai_api.errors import OpenAIError, model_not_found
-from runners.placement import REQUEST_TIMEOUT_S
+from openai_api.errors import OpenAIError, model_down, model_not_found, queue_full
+from runners.placement import NEVER_RECYCLE, REQUEST_TIMEOUT_S
 
 logger = logging.getLogger("bentochat.controller")
+ENCODE_CHUNK = 32  # texts per call to an embedding runner; its batches hold up to EMBEDDING_MAX_BATCH
 
 
 class RunnerSilent(ConnectionError):
@@ -61,9 +62,36 @@ async def _until_silent(stream: AsyncIterator, silent: asyncio.Event) -> AsyncIt
         yield item
 
 
-def model_down(model_id: str) -> OpenAIError:
-    return OpenAIError(503, f"The model `{model_id}` is not available right now: none of its runners answers. "
-                            "Retry later.", code="model_unavailable")
+def unbounded(client):
+    """A BentoML client whose connection pool has no size limit and is never recycled.
+
+    Every stream holds a connection for as long as it runs. The clients' default pools of 100 made
+    the 101st concurrent call wait for a free connection, health polls among them, so a runner under
+    load looked silent and was marked down, cutting every stream on it. The engine bounds the work
+    itself (its queue answers 429), so the transport must not. (A dependency's client would also
+    recycle its pool after 100 calls or 300 s, closing the streams still running on the old one.)
+    """
+    inner = vars(client).get("_async", client)  # a dependency's RemoteProxy wraps an AsyncClient
+    if "_session_manager" in vars(inner):  # a dependency in this bentoml serve: aiohttp underneath
+        manager = inner._session_manager
+        manager.max_requests, manager.max_age = NEVER_RECYCLE["max_requests"], NEVER_RECYCLE["max_age"]
+        make = manager._make_client
+
+        def make_unbounded():
+            session = make()
+            session.connector._limit = session.connector._limit_per_host = 0  # 0 is no limit in aiohttp
+            return session
+
+        manager._make_client = make_unbounded
+    else:  # bentoml.AsyncHTTPClient on a runner's http(s) URL: httpx underneath
+        import httpx
+
+        def make_unbounded(client_cls, url, headers, timeout, app=None):
+            return client_cls(base_url=url, headers=headers, timeout=timeout, follow_redirects=True,
+                              limits=httpx.Limits(max_connections=None, max_keepalive_connections=32))
+
+        client._make_client = make_unbounded
+    return client
 
 
 @dataclass
@@ -80,7 +108,7 @@ class Replica:
         if self.client is None:
             import bentoml
 
-            client = bentoml.AsyncHTTPClient(self.name, server_ready_timeout=0, timeout=REQUEST_TIMEOUT_S)
+            client = unbounded(bentoml.AsyncHTTPClient(self.name, server_ready_timeout=0, timeout=REQUEST_TIMEOUT_S))
             try:
                 await client.__aenter__()  # reads the runner's API schema
             except BaseException:
@@ -144,13 +172,21 @@ class Model:
         replica = self._requests.pop(request_id, None)
         return bool(replica and replica.client and await replica.client.abort(request_id=request_id))
 
-    async def encode(self, texts: list[str]):
+    async def encode(self, texts: list[str]) -> list:
+        """Embeddings of ``texts``, in calls of at most ``ENCODE_CHUNK`` texts, which the runner's
+        adaptive batching merges with other callers' (a call larger than its batch would be refused)."""
+        chunks = [texts[i:i + ENCODE_CHUNK] for i in range(0, len(texts), ENCODE_CHUNK)]
+        return [v for part in await asyncio.gather(*(self._encode(c) for c in chunks)) for v in part]
+
+    async def _encode(self, texts: list[str]):
         for attempt in range(2):  # a replica that fails is avoided: the second try goes to another, if any
             replica = self.pick()
             replica.queue += 1
             try:
                 return await _unless_silent(replica.client.encode(texts=texts), replica.down)
             except Exception as e:
+                if getattr(e, "error_code", None) in (429, 503):  # it answered: too busy (BentoML's batcher)
+                    raise queue_full(self.id, 1) from e
                 self._failed(replica, e)
                 if attempt:
                     raise

@@ -38,6 +38,8 @@ class ServedModel(BaseModel):
     max_concurrency: int = Field(default=64, ge=1, description="sequences generated together (the batch)")
     max_queue: int = Field(default=256, ge=0, description="requests waiting beyond max_concurrency; more get 429")
     prefix_cache_tokens: int = Field(default=2048, ge=0, description="prompt tokens whose KV is kept for reuse; 0: off")
+    max_tokens_default: int | None = Field(default=None, ge=1, description="cap on generated tokens for requests "
+                                                                          "that set none; unset: up to the context")
     trust_remote_code: bool = False
     template: str | None = Field(default=None, description="conversation template; unset: resolved from the model")
 
@@ -110,15 +112,29 @@ class HealthConfig(BaseModel):
         return self.failures * (self.interval_s + self.timeout_s)
 
 
+class CorsConfig(BaseModel):
+    """FastChat's --allowed-origins: browsers on these origins may call the API. Empty: CORS is off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allow_origins: list[str] = Field(default_factory=list)  # e.g. [https://chat.example.com], or ["*"]
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: list[ServedModel]
     ui: UIConfig = Field(default_factory=UIConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
-    # FastChat's --api-keys: when any are set, every /v1 call needs `Authorization: Bearer <key>`.
+    # FastChat's --api-keys: when any are set, every call but the health probes needs
+    # `Authorization: Bearer <key>` (the chat UI asks for a key at sign-in instead).
     # BENTOCHAT_API_KEYS (comma-separated) adds keys that should not live in a file.
     api_keys: list[str] = Field(default_factory=list)
+    # With api_keys set, /metrics needs a key too, unless this is true (a scraper that cannot send one).
+    public_metrics: bool = False
+    cors: CorsConfig = Field(default_factory=CorsConfig)
+    # A request body larger than this is refused with 413 before it is read.
+    max_body_mb: float = Field(default=8, gt=0)
 
     @field_validator("models")
     @classmethod

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -13,8 +15,14 @@ from openai_api.protocol import ErrorBody, ErrorResponse
 
 logger = logging.getLogger("bentochat.api")
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-               429: "rate_limit_error", 503: "service_unavailable"}
+ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 503: "service_unavailable"}
+
+
+class ErrorJSONResponse(JSONResponse):
+    """ASCII-escaped JSON: an error may quote what the client sent, and must render whatever it was."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
 
 
 class OpenAIError(Exception):
@@ -23,16 +31,53 @@ class OpenAIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
+    @property
+    def type(self) -> str:
+        return ERROR_TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+
     def body(self) -> ErrorResponse:
-        return ErrorResponse(error=ErrorBody(message=self.message, type=ERROR_TYPES.get(self.status, "server_error"),
-                                             param=self.param, code=self.code))
+        return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body().model_dump(), status_code=self.status, headers=self.headers)
+        return ErrorJSONResponse(self.body().model_dump(), status_code=self.status, headers=self.headers)
 
 
 def model_not_found(model: str) -> OpenAIError:
     return OpenAIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+
+def model_down(model_id: str) -> OpenAIError:
+    return OpenAIError(503, f"The model `{model_id}` is not available right now: none of its runners answers. "
+                            "Retry later.", code="model_unavailable")
+
+
+def runner_unavailable(model_id: str, exc: BaseException) -> OpenAIError:
+    logger.warning("runner for %s failed: %s: %s", model_id, type(exc).__name__, exc)
+    return OpenAIError(503, f"The model `{model_id}` is not available right now; retry later.",
+                       code="model_unavailable")
+
+
+def queue_full(model_id: str, retry_after: int) -> OpenAIError:
+    return OpenAIError(429, f"The model `{model_id}` is at capacity: its queue is full. Retry after {retry_after} s.",
+                       code="queue_full", headers={"Retry-After": str(retry_after)})
+
+
+# Parts of a pydantic error location that name a member of a union type, not a field.
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+_PARAM = re.compile(r"[A-Za-z_]\w*(\[\d+\]|\.[A-Za-z_]\w*)*")
+
+
+def _param(loc: list) -> str:
+    """``("messages", 0, "content", "str")`` -> ``messages[0].content``."""
+    param = ""
+    for part in loc:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif part in _TYPE_TAGS or not str(part).isidentifier():
+            break
+        else:
+            param += ("." if param else "") + part
+    return param
 
 
 def _from_validation(exc: RequestValidationError) -> OpenAIError:
@@ -41,13 +86,12 @@ def _from_validation(exc: RequestValidationError) -> OpenAIError:
         return OpenAIError(400, f"Invalid JSON in request body: {err.get('ctx', {}).get('error', err['msg'])}",
                            code="invalid_json")
     message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-    loc = [p for p in err.get("loc", ()) if p != "body"]
-    if loc:  # the field, with list indices: messages[1]
-        param = str(loc[0]) + "".join(f"[{p}]" for p in loc[1:] if isinstance(p, int))
-        message = f"{param}: {message}"
-    else:  # model-level validators name their field first: "logprobs: not supported"
-        param = message.split(":", 1)[0] if ":" in message else None
-    return OpenAIError(400, message, param=param, code="invalid_value")
+    param = _param([p for p in err.get("loc", ()) if p != "body"])
+    # A model validator names the field it is about first: "content: a user message needs content".
+    head, sep, rest = message.partition(": ")
+    if sep and _PARAM.fullmatch(head):
+        param, message = (f"{param}.{head}" if param else head), rest
+    return OpenAIError(400, f"{param}: {message}" if param else message, param=param or None, code="invalid_value")
 
 
 def install(app: FastAPI) -> None:
@@ -60,8 +104,8 @@ def install(app: FastAPI) -> None:
         return _from_validation(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
-        return OpenAIError(exc.status_code, str(exc.detail)).response()
+    async def _http(_: Request, exc: StarletteHTTPException):  # 404, 405 (with its Allow header)
+        return OpenAIError(exc.status_code, str(exc.detail), headers=exc.headers).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):

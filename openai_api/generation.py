@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from openai_api.errors import OpenAIError
+from middleware import REQUEST_ID
+from openai_api.errors import OpenAIError, queue_full, runner_unavailable
 from openai_api.protocol import new_id
 from openai_api.text_stream import IncrementalDetokenizer, StopStrings
 
@@ -25,15 +27,38 @@ class TextEvent:
     logprobs: list[dict] = field(default_factory=list)  # runner entries of the tokens since the last event
 
 
-def queue_full(model_id: str, retry_after: int) -> OpenAIError:
-    return OpenAIError(429, f"The model `{model_id}` is at capacity: its queue is full. Retry after {retry_after} s.",
-                       code="queue_full", headers={"Retry-After": str(retry_after)})
+async def unless_disconnected(request, awaitable):
+    """``awaitable``'s result, unless the client goes away first: then it is cancelled (which aborts
+    its sequences in the engine) and the request ends with 499. For the work done before a response
+    starts (a non-streamed answer, a stream's wait for its first token); once a stream runs, its
+    response notices the disconnect itself."""
+    async def client_gone():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, gone = asyncio.ensure_future(awaitable), asyncio.ensure_future(client_gone())
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
+        logger.info("client went away before the answer; its generation is aborted")
+        raise OpenAIError(499, "The client closed the request.", code="client_closed_request")
+    finally:
+        for task in (work, gone):
+            if not task.done():
+                task.cancel()
+        await asyncio.wait({work, gone})
 
 
-def runner_unavailable(model_id: str, exc: BaseException) -> OpenAIError:
-    logger.warning("runner for %s failed: %s: %s", model_id, type(exc).__name__, exc)
-    return OpenAIError(503, f"The model `{model_id}` is not available right now; retry later.",
-                       code="model_unavailable")
+def _runner_error(model_id: str, event: dict) -> OpenAIError:
+    code = event.get("code")
+    if code == "queue_full":
+        return queue_full(model_id, event["retry_after"])
+    if code == "invalid_request":  # what the API's own checks let through, the engine refused
+        return OpenAIError(400, event["error"], code="invalid_value")
+    if code == "engine_dead":
+        return runner_unavailable(model_id, RuntimeError(event["error"]))
+    return OpenAIError(500, f"Generation failed: {event['error']}", code="generation_failed")
 
 
 async def _runner_events(runner, request_id: str, prompt_ids: list[int], params: dict) -> AsyncIterator[dict]:
@@ -69,14 +94,14 @@ async def generate_text(model, runner, prompt_ids: list[int], params: dict, stop
     stop_strings = StopStrings(stops)
     count, logprobs = 0, []
     for attempt in range(CONNECT_RETRIES + 1):
-        request_id, finished = new_id("req"), False
+        # The sequence's id in the runner: the request's own (x-request-id), so that the runner's log
+        # lines name it, and a suffix that keeps choices and retries apart.
+        request_id, finished = f"{REQUEST_ID.get() or new_id('req')}-{uuid.uuid4().hex[:8]}", False
         try:
             async for event in _runner_events(runner, request_id, prompt_ids, params):
                 if "error" in event:
                     finished = True  # the runner dropped the sequence itself, or never took it
-                    if event.get("code") == "queue_full":
-                        raise queue_full(model.id, event["retry_after"])
-                    raise OpenAIError(500, f"Generation failed: {event['error']}")
+                    raise _runner_error(model.id, event)
                 count += 1
                 if "logprob" in event:
                     logprobs.append(event)

@@ -13,16 +13,47 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+SEED_RANGE = (-2**63, 2**64 - 1)  # OpenAI's seed is a 64-bit integer, signed or not
+MIN_TEMPERATURE = 1e-5  # below it (but 0, greedy), dividing the logits by it would overflow
+MAX_STOPS, MAX_STOP_CHARS = 32, 1024
+MAX_SEQUENCES = 256  # prompts x n in one request
+
+
+def find_surrogate(value: Any, path: str = "") -> str | None:
+    """The path of the first string in a parsed JSON body that holds an unpaired UTF-16 surrogate
+    (JSON's ``"\\ud800"``): it is no text, and no tokenizer nor UTF-8 encoder can take it."""
+    if isinstance(value, str):
+        return path if any("\ud800" <= c <= "\udfff" for c in value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = find_surrogate(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key)
+        if found is not None:
+            return found
+    return None
+
+
 class Request(BaseModel):
     # Unknown fields are ignored, as OpenAI-compatible servers do: clients send extras freely.
     model_config = ConfigDict(extra="ignore")
+
+
+class TopLevelRequest(Request):
+    """A whole request body."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_text(cls, data):
+        path = find_surrogate(data)
+        if path is not None:
+            raise ValueError(f"{path}: holds an unpaired UTF-16 surrogate (such as \\ud800), which is not text")
+        return data
 
 
 class StreamOptions(Request):
     include_usage: bool = False
 
 
-class SamplingFields(Request):
+class SamplingFields(TopLevelRequest):
     """Parameters shared by chat and text completions, OpenAI's and the common extensions."""
 
     model: str
@@ -33,15 +64,22 @@ class SamplingFields(Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     user: str | None = None
     # extensions (vLLM / FastChat)
-    top_k: int | None = Field(default=None, ge=-1)
-    repetition_penalty: float | None = Field(default=None, gt=0)
+    top_k: int | None = Field(default=None, ge=-1, le=2**31 - 1)
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=100)
     min_tokens: int | None = Field(default=None, ge=0)
     stop_token_ids: list[int] | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v):
+        if v is not None and 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -49,6 +87,8 @@ class SamplingFields(Request):
         stops = [v] if isinstance(v, str) else (v or [])
         if any(s == "" for s in stops):
             raise ValueError("stop strings must not be empty")
+        if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters each")
         return stops
 
     @field_validator("stream_options")
@@ -57,6 +97,16 @@ class SamplingFields(Request):
         if v is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed when stream is true")
         return v
+
+    @model_validator(mode="after")
+    def _min_below_max(self):
+        if self.min_tokens and self.max_new_tokens is not None and self.min_tokens > self.max_new_tokens:
+            raise ValueError(f"min_tokens: {self.min_tokens} is more than max_tokens ({self.max_new_tokens})")
+        return self
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
 
     @property
     def include_usage(self) -> bool:
@@ -68,10 +118,29 @@ class TextPart(Request):
     text: str
 
 
+def _text_parts(v):
+    """Content parts must be text: this server's models read text only."""
+    if isinstance(v, list):
+        for i, part in enumerate(v):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise ValueError(f"part {i} is of type {kind!r}; this model takes text only "
+                                 "(`text` parts, no images, audio or files)")
+    return v
+
+
 class ChatMessage(Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    _parts = field_validator("content", mode="before")(_text_parts)
+
+    @model_validator(mode="after")
+    def _has_content(self):
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content: a {self.role} message needs content (text or text parts)")
+        return self
 
     @property
     def text(self) -> str:
@@ -86,13 +155,22 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict | None = None
 
     @model_validator(mode="after")
     def _unsupported(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
-        if self.tools:
-            raise ValueError("tools: tool calling is not supported by this server")
+        if self.tools is not None:
+            raise ValueError("tools: tool calling is not supported by this server" if self.tools
+                             else "tools: must not be empty; leave it out instead")
+        if self.tool_choice is not None and self.tool_choice != "none":
+            raise ValueError("tool_choice: only allowed with tools")
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise ValueError(f"response_format: type {kind!r} is not supported by this server yet; "
+                             "only `text`")
         return self
 
     @property
@@ -121,6 +199,11 @@ class CompletionRequest(SamplingFields):
             raise ValueError("best_of: only best_of equal to n is supported")
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt: must not be empty")
+        if isinstance(self.prompt, list) and any(p == [] for p in self.prompt):
+            raise ValueError(f"prompt[{self.prompt.index([])}]: a token-id prompt must hold at least one id")
+        if len(self.prompts) * self.n > MAX_SEQUENCES:
+            raise ValueError(f"prompt: {len(self.prompts)} prompts x n={self.n} is more than {MAX_SEQUENCES} "
+                             "sequences in one request")
         return self
 
     @property
@@ -139,7 +222,10 @@ class CompletionRequest(SamplingFields):
         return list(p)
 
 
-class EmbeddingRequest(Request):
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's bound
+
+
+class EmbeddingRequest(TopLevelRequest):
     model: str
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
@@ -153,7 +239,13 @@ class EmbeddingRequest(Request):
         if not texts:
             raise ValueError("must not be empty")
         if not all(isinstance(t, str) for t in texts):
-            raise ValueError("token-id input is not supported; send strings")
+            raise ValueError("token-id input is not supported; send strings (LangChain's OpenAIEmbeddings sends "
+                             "token ids unless created with check_embedding_ctx_length=False)")
+        if len(texts) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs in one request, got {len(texts)}")
+        empty = next((i for i, t in enumerate(texts) if not t), None)
+        if empty is not None:
+            raise ValueError(f"item {empty} is empty; every input must hold text")
         return texts
 
 
@@ -296,7 +388,7 @@ class ErrorResponse(Response):
     error: ErrorBody
 
 
-class TokenizeRequest(Request):
+class TokenizeRequest(TopLevelRequest):
     """Either ``prompt`` text or chat ``messages`` (rendered with the model's template)."""
 
     model: str
@@ -325,8 +417,15 @@ class TokenCheckItem(Request):
     prompt: str | list[ChatMessage]
     max_tokens: int = Field(default=0, ge=0)
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _not_empty(cls, v):
+        if v == []:
+            raise ValueError("must be text or a non-empty list of messages")
+        return v
 
-class TokenCheckRequest(Request):
+
+class TokenCheckRequest(TopLevelRequest):
     prompts: list[TokenCheckItem] = Field(min_length=1)
 
 

@@ -9,10 +9,11 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
+from starlette.routing import Match
 
 from openai_api import errors
-from openai_api.errors import OpenAIError
-from openai_api.generation import generate_text, merge, runner_unavailable, started
+from openai_api.errors import OpenAIError, runner_unavailable
+from openai_api.generation import generate_text, merge, started, unless_disconnected
 from openai_api.logprobs import chat_logprobs, completion_logprobs
 from openai_api.protocol import (
     AssistantMessage,
@@ -29,6 +30,7 @@ from openai_api.protocol import (
     EmbeddingData,
     EmbeddingList,
     EmbeddingRequest,
+    ErrorResponse,
     ModelCard,
     ModelList,
     SamplingFields,
@@ -41,31 +43,14 @@ from openai_api.protocol import (
     new_id,
 )
 
-app = FastAPI(title="BentoChat OpenAI-compatible API")
+app = FastAPI(title="BentoChat OpenAI-compatible API", responses={
+    400: {"model": ErrorResponse, "description": "Invalid request: `error.param` names the field"},
+    404: {"model": ErrorResponse, "description": "Unknown model"},
+    429: {"model": ErrorResponse, "description": "The model's queue is full; see `Retry-After`"},
+    503: {"model": ErrorResponse, "description": "No runner of the model answers"},
+})
 errors.install(app)
-app.state.api_keys = set()
-
-
-class RequireApiKey:
-    """FastChat's --api-keys: with keys on ``app.state.api_keys``, every call needs
-    `Authorization: Bearer <key>`. Plain ASGI, so streamed responses pass through untouched."""
-
-    def __init__(self, asgi):
-        self.asgi = asgi
-
-    async def __call__(self, scope, receive, send):
-        keys = scope["app"].state.api_keys if scope["type"] == "http" else None
-        if keys:
-            authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            scheme, _, key = authorization.partition(" ")
-            if scheme.lower() != "bearer" or key.strip() not in keys:
-                response = OpenAIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>` with a "
-                                            "key this server accepts.", code="invalid_api_key").response()
-                return await response(scope, receive, send)
-        await self.asgi(scope, receive, send)
-
-
-app.add_middleware(RequireApiKey)
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # nginx must not buffer a stream
 
 
 def sampling_params(model, req: SamplingFields, prompt_len: int, prompt_param: str, default_max: int | None) -> dict:
@@ -81,7 +66,12 @@ def sampling_params(model, req: SamplingFields, prompt_len: int, prompt_param: s
                                f"tokens and max_tokens asks for {max_tokens} more.", param="max_tokens",
                           code="context_length_exceeded")
     if max_tokens is None:
-        max_tokens = min(d.get("max_new_tokens") or default_max or ctx, ctx - prompt_len)
+        cap = model.served.max_tokens_default or d.get("max_new_tokens") or default_max or ctx
+        max_tokens = min(cap, ctx - prompt_len)
+    vocab = len(model.tokenizer)
+    if any(not 0 <= t < vocab for t in req.stop_token_ids or ()):
+        raise OpenAIError(400, f"stop_token_ids: token ids must be in [0, {vocab})", param="stop_token_ids",
+                          code="invalid_value")
 
     def pick(name, fallback):
         value = getattr(req, name)
@@ -91,7 +81,7 @@ def sampling_params(model, req: SamplingFields, prompt_len: int, prompt_param: s
         "max_tokens": max_tokens,
         "temperature": pick("temperature", 1.0),
         "top_p": pick("top_p", 1.0),
-        "top_k": max(pick("top_k", 0), 0),
+        "top_k": min(max(pick("top_k", 0), 0), vocab),
         "repetition_penalty": pick("repetition_penalty", 1.0),
         "presence_penalty": req.presence_penalty or 0.0,
         "frequency_penalty": req.frequency_penalty or 0.0,
@@ -116,7 +106,7 @@ def _sse(events: AsyncIterator) -> StreamingResponse:
             yield f"data: {e.body().model_dump_json()}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream")
+    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def _run_choices(model, runner, prompts: list[list[int]], params: dict, stops: list[str], n: int):
@@ -135,16 +125,21 @@ async def _collect(choices, total: int) -> tuple[list[str], list[str | None], li
     return texts, reasons, counts, logprobs
 
 
+def _card(m) -> ModelCard:
+    return ModelCard(id=m.id, created=m.created, kind=m.kind, context_length=m.context_length, root=m.tag,
+                     template=m.chat_format.name if m.chat_format else None,
+                     template_source=m.chat_format.source if m.chat_format else None,
+                     generation_defaults=m.defaults)
+
+
 @app.get("/models")
 async def list_models(request: Request) -> ModelList:
-    registry = request.app.state.registry
-    return ModelList(data=[
-        ModelCard(id=m.id, created=m.created, kind=m.kind, context_length=m.context_length, root=m.tag,
-                  template=m.chat_format.name if m.chat_format else None,
-                  template_source=m.chat_format.source if m.chat_format else None,
-                  generation_defaults=m.defaults)
-        for m in registry.models()
-    ])
+    return ModelList(data=[_card(m) for m in request.app.state.registry.models()])
+
+
+@app.get("/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+    return _card(request.app.state.registry.info(model_id))
 
 
 @app.get("/stats")
@@ -174,7 +169,8 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict]:
 @app.post("/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     model, runner = request.app.state.registry.get(req.model, "chat")
-    prompt_ids, params, stops = prepare_chat(model, req)
+    # Rendering and tokenizing take CPU time that grows with the prompt: never on the event loop.
+    prompt_ids, params, stops = await asyncio.to_thread(prepare_chat, model, req)
     choices = _run_choices(model, runner, [prompt_ids], params, stops, req.n)
     rid = new_id("chatcmpl")
 
@@ -182,7 +178,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         return chat_logprobs(model.tokenizer, entries) if req.logprobs else None
 
     if req.stream:
-        choices = await started(choices)
+        choices = await unless_disconnected(request, started(choices))
 
         async def chunks():
             counts = [0] * req.n
@@ -200,7 +196,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                                           usage=Usage.of(len(prompt_ids), sum(counts)))
         return _sse(chunks())
 
-    texts, reasons, counts, entries = await _collect(choices, req.n)
+    texts, reasons, counts, entries = await unless_disconnected(request, _collect(choices, req.n))
     return ChatCompletion(id=rid, model=req.model, usage=Usage.of(len(prompt_ids), sum(counts)), choices=[
         ChatChoice(index=i, message=AssistantMessage(content=texts[i]), finish_reason=reasons[i],
                    logprobs=logprobs(entries[i]))
@@ -208,13 +204,29 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     ])
 
 
-@app.post("/completions")
-async def completions(req: CompletionRequest, request: Request):
-    model, runner = request.app.state.registry.get(req.model, "chat")
-    prompts = [p if isinstance(p, list) else model.encode(p) for p in req.prompts]
+def _encode_prompts(model, req: CompletionRequest) -> list[list[int]]:
+    """Token ids of each prompt. An empty text prompt is the beginning-of-sequence token alone, as
+    OpenAI's models take it, when the tokenizer has one."""
+    prompts = []
+    for i, p in enumerate(req.prompts):
+        ids = p if isinstance(p, list) else model.encode(p)
+        if not ids and model.tokenizer.bos_token_id is not None:
+            ids = [model.tokenizer.bos_token_id]
+        if not ids:
+            param = "prompt" if len(req.prompts) == 1 else f"prompt[{i}]"
+            raise OpenAIError(400, f"{param}: is empty, and this model has no beginning-of-sequence token to start "
+                                   "from; send some text", param=param, code="invalid_value")
+        prompts.append(ids)
     vocab = len(model.tokenizer)
     if any(not 0 <= t < vocab for p in prompts for t in p):
         raise OpenAIError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt", code="invalid_value")
+    return prompts
+
+
+@app.post("/completions")
+async def completions(req: CompletionRequest, request: Request):
+    model, runner = request.app.state.registry.get(req.model, "chat")
+    prompts = await asyncio.to_thread(_encode_prompts, model, req)
     params = [sampling_params(model, req, len(p), "prompt", 16) for p in prompts]
     # max_tokens may be clamped per prompt; the tightest applies to all, as one request.
     params = min(params, key=lambda p: p["max_tokens"])
@@ -228,7 +240,7 @@ async def completions(req: CompletionRequest, request: Request):
         return completion_logprobs(model.tokenizer, entries, offset) if req.logprobs is not None else None
 
     if req.stream:
-        choices = await started(choices)
+        choices = await unless_disconnected(request, started(choices))
 
         async def chunks():
             counts, offsets = [0] * total, [0] * total
@@ -245,7 +257,7 @@ async def completions(req: CompletionRequest, request: Request):
                                  usage=Usage.of(prompt_tokens, sum(counts)))
         return _sse(chunks())
 
-    texts, reasons, counts, entries = await _collect(choices, total)
+    texts, reasons, counts, entries = await unless_disconnected(request, _collect(choices, total))
     return Completion(id=rid, model=req.model, usage=Usage.of(prompt_tokens, sum(counts)), choices=[
         CompletionChoice(index=i, text=texts[i], finish_reason=reasons[i], logprobs=logprobs(entries[i]))
         for i in range(total)
@@ -266,7 +278,8 @@ async def tokenize(req: TokenizeRequest, request: Request) -> Tokenized:
     """Extension: the token ids of a prompt, or of a message list rendered with the model's chat
     template exactly as /chat/completions renders it."""
     model = request.app.state.registry.info(req.model)
-    ids = _count(model, req.messages if req.messages is not None else req.prompt, req.add_special_tokens)
+    prompt = req.messages if req.messages is not None else req.prompt
+    ids = await asyncio.to_thread(_count, model, prompt, req.add_special_tokens)
     return Tokenized(model=model.id, tokens=ids, count=len(ids), max_model_len=model.context_length,
                      template=model.chat_format.name if req.messages is not None else None)
 
@@ -277,24 +290,29 @@ async def token_check(req: TokenCheckRequest, request: Request) -> TokenCheckRes
     results = []
     for item in req.prompts:
         model = request.app.state.registry.info(item.model)
-        count = len(_count(model, item.prompt))
+        count = len(await asyncio.to_thread(_count, model, item.prompt))
         results.append(TokenCheckResult(fits=count + item.max_tokens <= model.context_length, tokenCount=count,
                                         contextLength=model.context_length))
     return TokenCheckResults(prompts=results)
+
+
+def _input_lengths(model, texts: list[str]) -> list[int]:
+    lengths = [len(ids) for ids in model.tokenizer(texts)["input_ids"]]
+    for i, n in enumerate(lengths):
+        if n > model.context_length:
+            raise OpenAIError(400, f"input[{i}] has {n} tokens; this model's maximum is {model.context_length}.",
+                              param="input", code="context_length_exceeded")
+    return lengths
 
 
 @app.post("/embeddings")
 async def embeddings(req: EmbeddingRequest, request: Request) -> EmbeddingList:
     model, runner = request.app.state.registry.get(req.model, "embedding")
     texts: list[str] = req.input
-    lengths = [len(model.encode(t)) for t in texts]
-    for i, n in enumerate(lengths):
-        if n > model.context_length:
-            raise OpenAIError(400, f"input[{i}] has {n} tokens; this model's maximum is {model.context_length}.",
-                              param="input", code="context_length_exceeded")
+    lengths = await asyncio.to_thread(_input_lengths, model, texts)
     try:
-        vectors = await runner.encode(texts=texts)
-    except OpenAIError:  # no runner of it answers: already the 503 to give
+        vectors = await unless_disconnected(request, runner.encode(texts))
+    except OpenAIError:  # no runner of it answers, or its queue is full: already the error to give
         raise
     except Exception as e:
         raise runner_unavailable(model.id, e) from e
@@ -311,3 +329,33 @@ async def embeddings(req: EmbeddingRequest, request: Request) -> EmbeddingList:
 
     return EmbeddingList(model=req.model, usage=Usage(prompt_tokens=sum(lengths), total_tokens=sum(lengths)),
                          data=[EmbeddingData(index=i, embedding=encode(v)) for i, v in enumerate(vectors)])
+
+
+@app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+               include_in_schema=False, name="unknown_route")
+async def unknown_route(path: str, request: Request):
+    """Anything else under /v1: OpenAI's error shape, 405 with ``Allow`` for a known path."""
+    scope = {"type": "http", "path": "/" + path, "method": request.method, "root_path": ""}
+    allowed = sorted({m for r in app.routes if r.name != "unknown_route" and r.matches(scope)[0] is Match.PARTIAL
+                      for m in getattr(r, "methods", ())})
+    if allowed:
+        raise OpenAIError(405, f"Method {request.method} is not allowed on /v1/{path}; use {', '.join(allowed)}.",
+                          code="method_not_allowed", headers={"Allow": ", ".join(allowed)})
+    raise OpenAIError(404, f"Unknown route /v1/{path}. See GET /v1/openapi.json for this server's routes.",
+                      code="unknown_route")
+
+
+def _openapi_with_openai_errors() -> dict:
+    """The published schema: invalid requests are 400 in OpenAI's error shape (FastAPI says 422)."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi_with_openai_errors

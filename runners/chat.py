@@ -2,13 +2,15 @@
 
 Wire format of ``generate``: one JSON object a line, ``{"token": id, "finish_reason": null|"stop"|"length"}``
 (with ``"logprob"`` and ``"top_logprobs": [[id, logprob], ...]`` when asked for), or
-``{"error": "...", "code": ...}`` when the engine refused (``"queue_full"``, with ``"retry_after"``
-seconds) or failed the sequence.
+``{"error": "...", "code": ...}`` when the engine refused the request (``"queue_full"``, with
+``"retry_after"`` seconds; ``"invalid_request"``), failed the sequence (``"engine_error"``) or is dead
+(``"engine_dead"``: this runner then fails its health checks and must be restarted).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import typing as t
 
@@ -16,6 +18,8 @@ import bentoml
 
 from models.config import ServedModel
 from runners.placement import service_options
+
+logger = logging.getLogger("bentochat.runner")
 
 TOKEN_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 FIRST_TOKEN_SECONDS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -28,6 +32,13 @@ RUNNING = bentoml.metrics.Gauge("bentochat_running_sequences", "Sequences in the
 TOKENS = bentoml.metrics.Counter("bentochat_generated_tokens", "Output tokens generated", labelnames=["model"])
 REJECTED = bentoml.metrics.Counter("bentochat_rejected_requests", "Requests refused with a full queue",
                                    labelnames=["model"])
+PROMPT_TOKENS = bentoml.metrics.Counter("bentochat_prompt_tokens", "Prompt tokens prefilled", labelnames=["model"])
+PREFIX_HITS = bentoml.metrics.Counter("bentochat_prefix_cache_hit_tokens",
+                                      "Prompt tokens whose keys and values came from the prefix cache",
+                                      labelnames=["model"])
+KV_BYTES = bentoml.metrics.Gauge("bentochat_kv_cache_usage_bytes",
+                                 "Bytes of keys and values held (running batch and prefix cache)",
+                                 labelnames=["model"], multiprocess_mode="livesum")
 TTFT = bentoml.metrics.Histogram("bentochat_time_to_first_token_seconds", "From arrival at the runner to the first token",
                                  labelnames=["model"], buckets=FIRST_TOKEN_SECONDS)
 TPOT = bentoml.metrics.Histogram("bentochat_time_per_output_token_seconds", "Between consecutive output tokens",
@@ -48,38 +59,63 @@ def chat_runner(served: ServedModel) -> bentoml.Service:
             engine = LLMEngine(ModelRunner(model), max_num_seqs=served.max_concurrency, max_model_len=context,
                                prefix_cache_tokens=served.prefix_cache_tokens)
             self.engine = AsyncLLMEngine(engine, max_queue=served.max_queue)
+            self._counted = {"prompt_tokens": 0, "prefix_cache_hit_tokens": 0}
+            REJECTED.labels(model=served.id).inc(0)  # every series exists from the start, at 0
+            self._observe_load()
 
-        def _observe_load(self) -> None:
-            QUEUE.labels(model=served.id).set(self.engine.num_waiting)
-            RUNNING.labels(model=served.id).set(self.engine.num_running)
+        def _observe_load(self) -> dict:
+            stats = self.engine.stats()
+            QUEUE.labels(model=served.id).set(stats["waiting"])
+            RUNNING.labels(model=served.id).set(stats["running"])
+            KV_BYTES.labels(model=served.id).set(stats["kv_cache_bytes"])
+            for name, counter in (("prompt_tokens", PROMPT_TOKENS), ("prefix_cache_hit_tokens", PREFIX_HITS)):
+                counter.labels(model=served.id).inc(stats[name] - self._counted[name])
+                self._counted[name] = stats[name]
+            return stats
+
+        async def __is_ready__(self) -> bool:
+            """/readyz (and /livez below): false once the engine thread has died, so that an
+            orchestrator restarts this runner; the gateway's health polls see it too."""
+            return self.engine.alive
+
+        async def __is_alive__(self) -> bool:
+            return self.engine.alive
 
         @bentoml.api
         async def generate(self, request_id: str, prompt_ids: t.List[int],
                            params: t.Dict[str, t.Any]) -> t.AsyncGenerator[str, None]:
             from runners.engine import SamplingParams
-            from runners.engine.llm_engine import EngineError, QueueFull
+            from runners.engine.llm_engine import EngineError, QueueFull, RequestError
 
             last = time.monotonic()  # arrival at the runner
-            count = 0
+            count, reason = 0, None
             try:
                 async for event in self.engine.generate(request_id, prompt_ids, SamplingParams.from_dict(params)):
                     now = time.monotonic()
                     (TPOT if count else TTFT).labels(model=served.id).observe(now - last)
                     if not count:
                         self._observe_load()
-                    last, count = now, count + 1
+                    last, count, reason = now, count + 1, event.finish_reason
                     line = {"token": event.token_id, "finish_reason": event.finish_reason}
                     if event.logprob is not None:
                         line["logprob"], line["top_logprobs"] = event.logprob, event.top_logprobs
                     yield json.dumps(line) + "\n"
             except QueueFull as e:
                 REJECTED.labels(model=served.id).inc()
+                reason = "queue full"
                 yield json.dumps({"error": str(e), "code": "queue_full", "retry_after": e.retry_after}) + "\n"
-            except EngineError as e:
-                yield json.dumps({"error": str(e)}) + "\n"
+            except (RequestError, EngineError) as e:
+                code = ("invalid_request" if isinstance(e, RequestError)
+                        else "engine_error" if self.engine.alive else "engine_dead")
+                reason = f"{code}: {e}"
+                logger.warning("request %s failed: %s", request_id, reason)
+                yield json.dumps({"error": str(e), "code": code}) + "\n"
             finally:
                 TOKENS.labels(model=served.id).inc(count)
-                self._observe_load()
+                logger.info("request %s: %d prompt tokens, %d generated, %s", request_id, len(prompt_ids), count,
+                            reason or "aborted")
+                if self.engine.alive:
+                    self._observe_load()
 
         @bentoml.api
         async def abort(self, request_id: str) -> bool:
@@ -95,8 +131,7 @@ def chat_runner(served: ServedModel) -> bentoml.Service:
 
         @bentoml.api
         async def stats(self) -> t.Dict[str, int]:
-            self._observe_load()
-            return {"running": self.engine.num_running, "waiting": self.engine.num_waiting,
-                    "tokens_generated": self.engine.engine.tokens_generated}
+            """The engine's counts; fails (and so fails the gateway's health poll) once it is dead."""
+            return self._observe_load()
 
     return bentoml.service(**service_options(served, "chat"))(ChatRunner)

@@ -14,6 +14,9 @@ from models.config import ServedModel
 from runners.placement import service_options
 
 
+EMBEDDING_MAX_BATCH = 64  # texts encoded in one forward pass
+
+
 def pooling_mode(model_dir: Path) -> str:
     """sentence-transformers' pooling config when the model ships one (mean, cls); mean otherwise."""
     cfg = model_dir / "1_Pooling" / "config.json"
@@ -56,7 +59,10 @@ def embedding_runner(served: ServedModel) -> bentoml.Service:
             """Calls being encoded, as the gateway's health poll reads a chat runner's queue."""
             return {"running": self.running, "waiting": 0}
 
-        @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=1000)
+        # BentoML's batcher refuses (503) a call it expects to finish later than max_latency_ms; a
+        # second's worth was far too little for 64 callers at once on a CPU. The gateway splits large
+        # inputs into calls of a few texts each, and answers 429 when this still refuses.
+        @bentoml.api(batchable=True, max_batch_size=EMBEDDING_MAX_BATCH, max_latency_ms=60_000)
         async def encode(self, texts: t.List[str]) -> np.ndarray:
             """Normalized sentence embeddings; concurrent calls are batched by BentoML."""
             self.running += 1

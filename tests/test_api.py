@@ -403,7 +403,7 @@ def test_embeddings_normalized_batched_and_base64(server, client):
     ({"max_tokens": 0}, "max_tokens"),
     ({"presence_penalty": 9}, "presence_penalty"),
     ({"max_tokens": 9000}, "max_tokens"),
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0]"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": "word " * 9000}]}, "messages"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"extra_body": {"repetition_penalty": -1}}, "repetition_penalty"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from models.config import ServedModel
 from models.served import generation_defaults
 from openai_api.errors import OpenAIError
 from openai_api.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -16,9 +17,11 @@ MSG = [{"role": "user", "content": "hi"}]
 class FakeModel:  # only what sampling_params reads: no generation is tested here
     context_length = 100
     eos_token_ids = [2]
+    tokenizer = range(1000)  # sampling_params reads only its length, the vocabulary
 
-    def __init__(self, defaults):
+    def __init__(self, defaults, **served):
         self.defaults = defaults
+        self.served = ServedModel(id="m", model="m", **served)
 
 
 def chat(**kw):
@@ -42,6 +45,20 @@ def test_greedy_default_when_authors_disable_sampling_and_openai_defaults_otherw
     assert sampling_params(FakeModel(generation_defaults({"do_sample": False})), chat(), 10, "messages", None)["temperature"] == 0
     p = sampling_params(FakeModel({}), CompletionRequest(model="m", prompt="x"), 10, "prompt", 16)
     assert (p["temperature"], p["top_p"], p["max_tokens"]) == (1.0, 1.0, 16)
+
+
+def test_max_tokens_default_caps_requests_that_set_none():
+    model = FakeModel({"max_new_tokens": 50}, max_tokens_default=20)
+    assert sampling_params(model, chat(), 10, "messages", None)["max_tokens"] == 20
+    assert sampling_params(model, chat(max_tokens=40), 10, "messages", None)["max_tokens"] == 40
+    assert sampling_params(FakeModel({}, max_tokens_default=500), chat(), 10, "messages", None)["max_tokens"] == 90
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_400():
+    for ids in ([-100000], [1000]):
+        with pytest.raises(OpenAIError) as e:
+            sampling_params(FakeModel({}), chat(stop_token_ids=ids), 10, "messages", None)
+        assert e.value.status == 400 and e.value.param == "stop_token_ids"
 
 
 def test_context_length_errors_name_the_parameter():
