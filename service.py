@@ -11,7 +11,19 @@ import logging
 
 import bentoml
 
-from controller import Model, Registry, Replica
+from starlette.middleware.cors import CORSMiddleware
+
+from controller import Model, Registry, Replica, unbounded
+from middleware import (
+    PROBES,
+    ApiKeys,
+    BodyLimit,
+    FailedAttempts,
+    RequestIdFilter,
+    RequestIds,
+    label_metrics_by_route,
+    route_label,
+)
 from models.config import load_config
 from models.embedded import ensure_available
 from models.served import ServedModelInfo
@@ -24,7 +36,8 @@ from ui import build_chat_ui, chat_ui_app
 logger = logging.getLogger("bentochat")
 if not logger.handlers:  # BentoML configures its own loggers only: BentoChat's warnings must show too
     _handler = logging.StreamHandler()
-    _handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] [%(name)s] %(message)s"))
+    _handler.addFilter(RequestIdFilter())  # each line names the request it was written for, if any
+    _handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] [%(name)s] [%(request_id)s] %(message)s"))
     logger.addHandler(_handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -42,11 +55,10 @@ class Gateway:
             if m.remote:
                 models.append(Model(m, [Replica(url) for url in m.urls]))
             else:
-                local = Replica("local", client=getattr(self, _dependency_name(m.id)))
+                local = Replica("local", client=unbounded(getattr(self, _dependency_name(m.id))))
                 models.append(Model(m, [local], info=ServedModelInfo.load(m)))
         self.registry = Registry(models, CONFIG.health)
         app.state.registry = self.registry
-        app.state.api_keys = set(CONFIG.api_keys)
         logger.info("serving %s", ", ".join(m.id for m in models))
 
     @bentoml.on_startup
@@ -68,10 +80,24 @@ for _id, _runner in RUNNERS.items():
     # `bentoml serve service:runner_<id>` (the id with characters other than letters and digits as `_`).
     globals()[_dependency_name(_id)] = _runner
 
+# Wrong API keys and wrong UI passwords count together, per client address.
+SIGN_IN_ATTEMPTS = FailedAttempts()
 UI = build_chat_ui(lambda: app.state.registry, [m.id for m in CONFIG.models if m.kind == "chat"],
                    CONFIG.ui.model_list_mode)
 Gateway = bentoml.asgi_app(app, path="/v1")(Gateway)
-Gateway = bentoml.asgi_app(chat_ui_app(UI, "/ui", set(CONFIG.api_keys)), path="/ui")(Gateway)
+Gateway = bentoml.asgi_app(chat_ui_app(UI, "/ui", set(CONFIG.api_keys), SIGN_IN_ATTEMPTS), path="/ui")(Gateway)
 # Readiness is the registry's own (any model up), not BentoML's probe that every dependency is ready.
 BentoChat = bentoml.service(name="bentochat", traffic={"timeout": REQUEST_TIMEOUT_S},
                             runner_probe={"enabled": False})(Gateway)
+# Around every route of the gateway, the first outermost (see middleware.py).
+if CONFIG.cors.allow_origins:
+    BentoChat.add_asgi_middleware(CORSMiddleware, allow_origins=CONFIG.cors.allow_origins, allow_methods=["*"],
+                                  allow_headers=["*"], expose_headers=["x-request-id", "retry-after"])
+BentoChat.add_asgi_middleware(RequestIds)
+BentoChat.add_asgi_middleware(ApiKeys, keys=set(CONFIG.api_keys), public_metrics=CONFIG.public_metrics,
+                              attempts=SIGN_IN_ATTEMPTS)
+BentoChat.add_asgi_middleware(BodyLimit, max_bytes=int(CONFIG.max_body_mb * 2**20))
+# BentoML's request metrics, in this process and the runners', get one series per route, not per path.
+label_metrics_by_route(route_label(app, "/v1", "/ui", exact={
+    "/", "/docs.json", "/schema.json", "/metrics", *PROBES,
+    *(method.route for runner in RUNNERS.values() for method in runner.apis.values())}))

@@ -11,6 +11,9 @@ from collections.abc import Callable
 
 import gradio as gr
 from fastapi import FastAPI
+from starlette.routing import Mount
+
+from middleware import FailedAttempts, UiSignIn
 
 from openai_api.errors import OpenAIError
 from openai_api.generation import generate_text
@@ -137,11 +140,17 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
     return blocks
 
 
-def chat_ui_app(blocks: gr.Blocks, path: str, api_keys: set[str] = frozenset()) -> FastAPI:
+def chat_ui_app(blocks: gr.Blocks, path: str, api_keys: set[str] = frozenset(),
+                attempts: FailedAttempts | None = None) -> FastAPI:
     """The page as an ASGI app to mount at ``path``. Gradio's own mounting is used (BentoML 1.4's
     ``bentoml.gradio`` predates Gradio 6's app set-up); BentoML runs the app's lifespan, which starts
-    the Gradio queue. With API keys configured, the page asks for one at sign-in, as the API does."""
+    the Gradio queue. With API keys configured, the page asks for one at sign-in, as the API does,
+    and failed sign-ins count in ``attempts`` with the API's wrong keys."""
     auth = (lambda _user, password: password in api_keys) if api_keys else None
-    return gr.mount_gradio_app(FastAPI(), blocks, path="/", root_path=path, ssr_mode=False,
-                               footer_links=["api"], show_error=True, auth=auth,
-                               auth_message="Sign in with any user name and one of this server's API keys.")
+    app = gr.mount_gradio_app(FastAPI(), blocks, path="/", root_path=path, ssr_mode=False,
+                              footer_links=["api"], show_error=True, auth=auth,
+                              auth_message="Sign in with any user name and one of this server's API keys.")
+    if api_keys:
+        gradio_app = next(route.app for route in app.routes if isinstance(route, Mount))
+        app.add_middleware(UiSignIn, gradio_app=gradio_app, attempts=attempts or FailedAttempts())
+    return app

@@ -1,0 +1,287 @@
+"""ASGI middleware around the whole gateway: the API at ``/v1``, the chat UI at ``/ui`` and BentoML's
+own routes (``/metrics``, ``/docs.json``, ``/``). Added to the gateway service in this order, the
+first outermost:
+
+- ``RequestIds``: every response carries ``x-request-id`` (the client's, if it sent a usable one),
+  and every BentoChat log line written while handling the request names it.
+- ``ApiKeys``: with API keys configured, everything but the health probes needs
+  ``Authorization: Bearer <key>``; the chat UI signs in with a key instead (Gradio's own sign-in).
+  ``/metrics`` can be left open with ``public_metrics``. A client that keeps sending wrong keys, or
+  wrong UI passwords, is refused with 429 for a while.
+- ``BodyLimit``: a body over the configured size is refused with 413 before it is read.
+
+CORS (Starlette's middleware, configured from ``cors:``) goes outside all three, so that browsers'
+preflight requests, which carry no key, are answered.
+
+``label_metrics_by_route`` keeps BentoML's request metrics to one series per route: it labels
+them with the path, so every unknown path a scanner tries would add series.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import logging
+import re
+import time
+import uuid
+from collections import defaultdict, deque
+from collections.abc import Callable
+
+from openai_api.errors import OpenAIError
+
+logger = logging.getLogger("bentochat.http")
+
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("bentochat_request_id", default=None)
+PROBES = ("/readyz", "/livez", "/healthz")
+_CLIENT_ID = re.compile(r"[!-~]{1,128}")  # visible ASCII, no spaces: safe in headers and log lines
+
+
+class RequestIdFilter(logging.Filter):
+    """Gives every record a ``request_id`` (``-`` outside a request), for the log format."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get() or "-"
+        return True
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class RequestIds:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = _header(scope, b"x-request-id")
+        request_id = given if given and _CLIENT_ID.fullmatch(given) else f"req-{uuid.uuid4().hex}"
+        token = REQUEST_ID.set(request_id)
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()),
+                                                  (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)
+
+
+class FailedAttempts:
+    """Wrong keys or passwords per client address: past ``limit`` within ``window_s`` seconds, the
+    address is refused (429) until its oldest failure leaves the window. Behind a proxy every client
+    shares the proxy's address; the limit then applies to all of them together."""
+
+    def __init__(self, limit: int = 10, window_s: float = 60.0):
+        self.limit, self.window_s = limit, window_s
+        self._failures: dict[str, deque[float]] = defaultdict(deque)
+
+    def retry_after(self, client: str) -> int:
+        """Seconds until ``client`` may try again; 0 when it may now."""
+        failures, now = self._failures.get(client), time.monotonic()
+        while failures and now - failures[0] > self.window_s:
+            failures.popleft()
+        if not failures:
+            self._failures.pop(client, None)
+            return 0
+        return int(self.window_s - (now - failures[0])) + 1 if len(failures) >= self.limit else 0
+
+    def failed(self, client: str) -> None:
+        self._failures[client].append(time.monotonic())
+
+
+def too_many_failures(retry_after: int) -> OpenAIError:
+    return OpenAIError(429, f"Too many failed sign-in attempts from this address; retry after {retry_after} s.",
+                       code="too_many_failed_attempts", headers={"Retry-After": str(retry_after)})
+
+
+def _client(scope) -> str:
+    return (scope.get("client") or ("unknown",))[0]
+
+
+class ApiKeys:
+    """Needs a configured key on every path but the probes, the UI (it signs in with a key itself)
+    and, with ``public_metrics``, ``/metrics``. Wrong keys count as failed attempts (missing ones
+    do not: a client that forgot its key guesses nothing)."""
+
+    def __init__(self, app, keys: set[str], public_metrics: bool, attempts: FailedAttempts, ui_path: str = "/ui"):
+        self.app, self.keys, self.attempts, self.ui_path = app, keys, attempts, ui_path
+        self.open_paths = PROBES + (("/metrics",) if public_metrics else ())
+
+    def _open(self, path: str) -> bool:
+        return path in self.open_paths or path == self.ui_path or path.startswith(self.ui_path + "/")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket") or not self.keys or self._open(scope["path"]):
+            return await self.app(scope, receive, send)
+        client = _client(scope)
+        wait = self.attempts.retry_after(client)
+        if wait:
+            return await too_many_failures(wait).response()(scope, receive, send)
+        authorization = _header(scope, b"authorization")
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or key.strip() not in self.keys:
+            if authorization is not None:  # a wrong key is a guess; a missing one is not
+                self.attempts.failed(client)
+            logger.info("refused %s %s from %s: no valid API key", scope.get("method", ""), scope["path"], client)
+            response = OpenAIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>` with a key "
+                                        "this server accepts.", code="invalid_api_key").response()
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """Refuses a body over ``max_bytes`` with 413: at once when ``Content-Length`` says so, else
+    (a chunked body) as soon as the bytes received pass the limit, before the app sees any of it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self) -> OpenAIError:
+        return OpenAIError(413, f"The request body is larger than this server's limit of {self.max_bytes} bytes "
+                                "(max_body_mb in bentochat.yaml).", code="request_too_large")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = _header(scope, b"content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self.max_bytes:
+                return await self._too_large().response()(scope, receive, send)
+            return await self.app(scope, receive, send)
+        if _header(scope, b"transfer-encoding") is None:  # no body at all
+            return await self.app(scope, receive, send)
+        # A chunked body: read it all (up to the limit) first, then hand it to the app.
+        body, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body.append(message.get("body", b""))
+            more = message.get("more_body", False)
+            if sum(map(len, body)) > self.max_bytes:
+                return await self._too_large().response()(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(body), "more_body": False}
+            return await receive()  # what follows the body: the disconnect
+
+        await self.app(scope, replay, send)
+
+
+def route_label(api, api_prefix: str, ui_prefix: str, exact: set[str]) -> Callable[[str], str]:
+    """The metric label of a path: itself for ``exact`` paths, the route template under
+    ``api_prefix`` (``/v1/models/{model_id}``), ``ui_prefix`` for the whole UI, else ``/{unknown}``."""
+    from starlette.routing import Match
+
+    @functools.lru_cache(maxsize=4096)
+    def label(path: str) -> str:
+        if path in exact:
+            return path
+        if path == ui_prefix or path.startswith(ui_prefix + "/"):
+            return ui_prefix
+        if path.startswith(api_prefix + "/"):
+            scope = {"type": "http", "path": path[len(api_prefix):], "method": "GET", "root_path": ""}
+            for route in api.routes:
+                if getattr(route, "name", "") != "unknown_route" and route.matches(scope)[0] is not Match.NONE:
+                    return api_prefix + getattr(route, "path_format", route.path)
+            return api_prefix + "/{unknown}"
+        return "/{unknown}"
+
+    return label
+
+
+def label_metrics_by_route(label: Callable[[str], str]) -> None:
+    """Make BentoML's request metrics label each request with ``label(path)``, a route rather than
+    the raw path. BentoML 1.4 builds its metrics middleware, outermost, from this module attribute
+    when a server process sets up its app, so this must run at import of the service, before that."""
+    from bentoml._internal.server.http import instruments
+
+    base = instruments.RunnerTrafficMetricsMiddleware
+    if getattr(base, "bentochat_labels", False):
+        return
+
+    class RouteLabelledMetrics(base):
+        bentochat_labels = True
+
+        def __init__(self, app, **options):
+            super().__init__(self._with_real_path, **options)
+            self.inner = app
+
+        async def _with_real_path(self, scope, receive, send):
+            if "bentochat.path" in scope:
+                scope = {**scope, "path": scope["bentochat.path"]}
+            await self.inner(scope, receive, send)
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] in ("http", "websocket"):
+                scope = {**scope, "bentochat.path": scope["path"], "path": label(scope["path"])}
+            await super().__call__(scope, receive, send)
+
+    instruments.RunnerTrafficMetricsMiddleware = RouteLabelledMetrics
+
+
+class UiSignIn:
+    """Around the Gradio app of the chat UI, when it signs in with API keys: counts failed sign-ins
+    (as ``ApiKeys`` counts wrong keys), and lets only what the sign-in page itself needs through
+    without a signed-in session. Gradio checks the session on its API routes, but not on all (its
+    heartbeat, cancel, reset and stream routes answer anyone)."""
+
+    OPEN = {"", "/", "/login", "/login/", "/logout", "/config", "/config/", "/theme.css", "/favicon.ico",
+            "/manifest.json", "/robots.txt", "/gradio_api/theme.css"}
+    OPEN_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon")
+
+    def __init__(self, app, gradio_app, attempts: FailedAttempts):
+        self.app, self.gradio, self.attempts = app, gradio_app, attempts
+
+    def _signed_in(self, scope) -> bool:
+        from http.cookies import SimpleCookie
+
+        cookies = SimpleCookie()
+        cookies.load(_header(scope, b"cookie") or "")
+        cookie_id = self.gradio.cookie_id
+        names = (f"access-token-{cookie_id}", f"access-token-unsecure-{cookie_id}")
+        return any(name in cookies and cookies[name].value in self.gradio.tokens for name in names)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        path = scope["path"][len(scope.get("root_path", "")):] if scope["path"].startswith(
+            scope.get("root_path", "")) else scope["path"]
+        if path.rstrip("/") == "/login" and scope.get("method") == "POST":
+            return await self._sign_in(scope, receive, send)
+        if path in self.OPEN or path.startswith(self.OPEN_PREFIXES) or self._signed_in(scope):
+            return await self.app(scope, receive, send)
+        error = OpenAIError(401, "Sign in to the chat page first.", code="not_signed_in")
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        await error.response()(scope, receive, send)
+
+    async def _sign_in(self, scope, receive, send):
+        client = _client(scope)
+        wait = self.attempts.retry_after(client)
+        if wait:
+            return await too_many_failures(wait).response()(scope, receive, send)
+        status = 0
+
+        async def watch(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, watch)
+        if status != 200:
+            self.attempts.failed(client)

@@ -1,0 +1,91 @@
+"""The gateway's ASGI middleware in-process, around a small app: API keys and the limit on wrong
+ones, body size, request ids. (End to end they are exercised by test_hardening and test_controller.)"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from middleware import REQUEST_ID, ApiKeys, BodyLimit, FailedAttempts, RequestIds
+
+
+async def echo(request: Request):
+    body = await request.body()
+    return JSONResponse({"bytes": len(body), "request_id": REQUEST_ID.get()})
+
+
+def app_with(*layers) -> Starlette:
+    app = Starlette(routes=[Route("/{path:path}", echo, methods=["GET", "POST"])])
+    for cls, options in reversed(layers):
+        app.add_middleware(cls, **options)
+    return app
+
+
+def call(app, method: str, path: str, **kw) -> httpx.Response:
+    async def run():
+        transport = httpx.ASGITransport(app=app, client=("10.0.0.9", 1234))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            return await c.request(method, path, **kw)
+    return asyncio.run(run())
+
+
+def test_keys_guard_everything_but_probes_and_the_ui():
+    app = app_with((ApiKeys, {"keys": {"k1"}, "public_metrics": False, "attempts": FailedAttempts()}))
+    for path in ("/v1/models", "/metrics", "/docs.json", "/"):
+        r = call(app, "GET", path)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+        assert call(app, "GET", path, headers={"Authorization": "Bearer k1"}).status_code == 200
+    for path in ("/readyz", "/livez", "/healthz", "/ui/", "/ui/config"):  # the UI signs in by itself
+        assert call(app, "GET", path).status_code == 200, path
+    public = app_with((ApiKeys, {"keys": {"k1"}, "public_metrics": True, "attempts": FailedAttempts()}))
+    assert call(public, "GET", "/metrics").status_code == 200
+    assert call(public, "GET", "/v1/models").status_code == 401
+
+
+def test_wrong_keys_are_limited_per_address_but_missing_ones_are_not():
+    attempts = FailedAttempts(limit=3, window_s=60)
+    app = app_with((ApiKeys, {"keys": {"k1"}, "public_metrics": False, "attempts": attempts}))
+    for _ in range(5):
+        assert call(app, "GET", "/v1/models").status_code == 401  # no key: not a guess
+    assert [call(app, "GET", "/v1/models", headers={"Authorization": "Bearer bad"}).status_code
+            for _ in range(4)] == [401, 401, 401, 429]
+    r = call(app, "GET", "/v1/models", headers={"Authorization": "Bearer k1"})
+    assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 61  # the right key waits too
+    assert call(app, "GET", "/readyz").status_code == 200
+
+
+def test_failed_attempts_leave_the_window():
+    attempts = FailedAttempts(limit=2, window_s=0.2)
+    attempts.failed("a"), attempts.failed("a")
+    assert attempts.retry_after("a") >= 1 and attempts.retry_after("b") == 0
+    asyncio.run(asyncio.sleep(0.25))
+    assert attempts.retry_after("a") == 0
+
+
+def test_body_limit_by_length_and_by_counting_chunks():
+    app = app_with((BodyLimit, {"max_bytes": 1000}))
+    assert call(app, "POST", "/x", content=b"a" * 1000).json()["bytes"] == 1000
+    r = call(app, "POST", "/x", content=b"a" * 1001)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    async def chunks(n):
+        for _ in range(n):
+            yield b"a" * 100
+
+    assert call(app, "POST", "/x", content=chunks(10)).json()["bytes"] == 1000
+    assert call(app, "POST", "/x", content=chunks(11)).status_code == 413
+
+
+@pytest.mark.parametrize("given, kept", [("trace-42", True), ("has space", False), ("x" * 200, False)])
+def test_request_ids_are_the_clients_when_usable(given, kept):
+    app = app_with((RequestIds, {}))
+    r = call(app, "GET", "/x", headers={"x-request-id": given})
+    assert (r.headers["x-request-id"] == given) is kept
+    assert r.json()["request_id"] == r.headers["x-request-id"]  # what the log lines name
+    assert call(app, "GET", "/x").headers["x-request-id"].startswith("req-")
