@@ -1,5 +1,6 @@
 # BentoChat: `make serve` installs and serves the embedded default models on port 3000;
 # `make test` installs and runs the test suite. Both set up .venv themselves.
+# `make build` builds the bento, `make image` its container image (docs/deploy.md).
 
 VENV    ?= .venv
 PYTHON  ?= python3
@@ -17,7 +18,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.bentochat-installed
 
-.PHONY: install browser serve test build clean
+.PHONY: install browser serve test build image clean
 
 install: $(STAMP)
 
@@ -39,8 +40,20 @@ browser:
 test: install browser
 	$(BIN)/python -m pytest tests
 
+# BENTOFILE=bentofile.cpu.yaml builds the CPU-only bento, bentochat-cpu.
+BENTOFILE ?= bentofile.yaml
 build: install
-	$(BIN)/bentoml build
+	$(BIN)/bentoml build -f $(BENTOFILE)
+
+# `bentoml containerize` of the last BENTO built; BACKEND=buildah or BACKEND=podman where there is
+# no Docker engine. TMPDIR: BentoML 1.4.36 and later refuse the bento's Dockerfile template unless
+# their temporary copy of the bento lies under the working directory (bentoml/BentoML#5566).
+# BUILDAH_FORMAT: buildah and podman otherwise write an OCI image, which drops the HEALTHCHECK.
+BENTO   ?= bentochat:latest
+BACKEND ?= docker
+image: install
+	mkdir -p build/tmp
+	TMPDIR=$(CURDIR)/build/tmp BUILDAH_FORMAT=docker $(BIN)/bentoml containerize $(BENTO) --backend $(BACKEND)
 
 clean:
 	rm -rf $(VENV) *.egg-info

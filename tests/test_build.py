@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tarfile
+import tempfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,39 @@ from runners.placement import runner_name
 pytestmark = pytest.mark.slow
 
 
-def test_bento_holds_models_and_a_complete_dockerfile(embedded_models, tmp_path):
+def instructions(dockerfile: str) -> list[tuple[str, str]]:
+    """A Dockerfile's instructions as (KEYWORD, arguments), continuation lines joined, comments left out."""
+    steps = []
+    for line in re.sub(r"\\\n", " ", dockerfile).splitlines():
+        if line.strip() and not line.strip().startswith("#"):
+            keyword, _, args = line.strip().partition(" ")
+            steps.append((keyword.upper(), args.strip()))
+    return steps
+
+
+def check_image(dockerfile: str) -> None:
+    """What Dockerfile.template makes of BentoML's Dockerfile: no compiler installed, port 3000 alone
+    exposed (it serves /metrics), a HEALTHCHECK that asks /readyz with the image's Python."""
+    steps = instructions(dockerfile)
+    runs = " ".join(args for kw, args in steps if kw == "RUN")
+    assert not re.search(r"build-essential|\bgcc\b|\bg\+\+|\bclang\b", runs)
+    assert [args for kw, args in steps if kw == "EXPOSE"] == ["3000"]
+    (check,) = [args for kw, args in steps if kw == "HEALTHCHECK"]
+    assert re.search(r"CMD \[\"python\", \"-c\", .*urlopen\('http://127\.0\.0\.1:%s/readyz'", check), check
+    assert "'3000'" in check
+
+
+def requirement_names(requirements: str) -> list[str]:
+    """The package names in a requirements.txt, normalized (PEP 503), options and comments left out."""
+    names = []
+    for line in requirements.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            names.append(re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", line).group()).lower())
+    return names
+
+
+def test_bento_holds_models_and_a_complete_dockerfile(embedded_models, tmp_path, monkeypatch):
     import bentoml
 
     bentoml_cli = str(Path(sys.executable).parent / "bentoml")
@@ -36,10 +71,28 @@ def test_bento_holds_models_and_a_complete_dockerfile(embedded_models, tmp_path)
     assert (path / "src" / "runners" / "engine" / "llm_engine.py").is_file()
 
     dockerfile = (path / "env" / "docker" / "Dockerfile").read_text()
-    for needed in ("FROM python:3.11", "requirements.txt", "COPY --chown=bentoml:bentoml . ./", "EXPOSE 3000", "ENTRYPOINT"):
+    # The Dockerfile installs requirements.txt through env/python/install.sh (a bento with a Dockerfile
+    # template is BentoML's spec 1).
+    for needed in ("FROM python:3.11", "env/python/install.sh", "COPY --chown=bentoml:bentoml . ./", "EXPOSE 3000", "ENTRYPOINT"):
         assert needed in dockerfile
+    assert '"$BASEDIR/requirements.txt"' in (path / "env" / "python" / "install.sh").read_text()
+    check_image(dockerfile)
     requirements = (path / "env" / "python" / "requirements.txt").read_text()
-    assert "transformers==5.24.0" in requirements and "torch==2.13.0" in requirements
+    assert "transformers==5.24.0" in requirements and "torch==2.13.0" in requirements.splitlines()
+    names = requirement_names(requirements)
+    assert "bentoml" in names and not [n for n, count in Counter(names).items() if count > 1], requirements
+
+    # `bentoml containerize` renders the Dockerfile again, from the template in a temporary copy of the
+    # bento; BentoML 1.4.36+ accepts it only under the working directory (bentoml/BentoML#5566), which
+    # `make image` arranges with TMPDIR. buildah and podman get it without BuildKit.
+    from bentoml._internal.container import construct_containerfile
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for buildkit in (True, False):
+        with construct_containerfile(bento, enable_buildkit=buildkit) as (context, containerfile):
+            check_image(Path(containerfile).read_text())
+            assert (Path(context) / "models" / "smollm2-135m-instruct").is_dir()
 
     # An exported bento (what `bentoml containerize` and a deployment receive) carries the weights.
     archive = tmp_path / "bentochat.tar"
@@ -48,6 +101,34 @@ def test_bento_holds_models_and_a_complete_dockerfile(embedded_models, tmp_path)
         names = [n.removeprefix("./") for n in tar.getnames()]
     for model in models:
         assert any(n.startswith(f"models/{model}/") and n.endswith(".safetensors") for n in names), model
+
+
+def test_cpu_bento_installs_the_cpu_torch_wheel(embedded_models):
+    """bentofile.cpu.yaml is bentofile.yaml but for torch, which comes from PyTorch's CPU index."""
+    import bentoml
+
+    def but_torch(bentofile: str) -> dict:
+        config = yaml.safe_load((ROOT / bentofile).read_text())
+        del config["name"], config["labels"]
+        python = config["python"]
+        python["packages"] = [p for p in python["packages"] if not p.startswith("torch")]
+        python.pop("extra_index_url", None)
+        python.pop("pip_args", None)
+        return config
+
+    assert but_torch("bentofile.cpu.yaml") == but_torch("bentofile.yaml")
+
+    env = {**os.environ, "BENTOCHAT_CONFIG": str(ROOT / "bentochat.yaml")}
+    subprocess.run([str(Path(sys.executable).parent / "bentoml"), "build", "-f", "bentofile.cpu.yaml"],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    path = Path(bentoml.get("bentochat-cpu:latest").path)
+    requirements = (path / "env" / "python" / "requirements.txt").read_text().splitlines()
+    assert "torch==2.13.0+cpu" in requirements and "torch==2.13.0" not in requirements
+    names = requirement_names("\n".join(requirements))
+    assert not [n for n, count in Counter(names).items() if count > 1], requirements
+    install = (path / "env" / "python" / "install.sh").read_text()
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match" in install
+    check_image((path / "env" / "docker" / "Dockerfile").read_text())
 
 
 def test_bento_carries_remote_code_and_serves_it_offline_as_deployed(tiny_in_store, tmp_path):
