@@ -84,15 +84,27 @@ def listed(srv: Server, headers: dict | None = None) -> set[str]:
     return {m["id"] for m in httpx.get(srv.v1 + "/models", headers=headers, timeout=5).json()["data"]}
 
 
+def own_home() -> str:
+    """A BENTOML_HOME for one server that shares this session's model store. Every `bentoml serve`
+    empties its home's Prometheus directory at start, so servers sharing a home would wipe each
+    other's /metrics."""
+    home = Path(tempfile.mkdtemp(prefix="bentochat-test-home-"))
+    store = Path(os.environ["BENTOML_HOME"]) / "models"
+    store.mkdir(parents=True, exist_ok=True)
+    (home / "models").symlink_to(store)
+    return str(home)
+
+
 def start_serving(target: str, log: Path, *, env: dict | None = None, cwd: Path = ROOT,
                   port: int | None = None, command: list[str] | None = None) -> Server:
     """`bentoml serve TARGET` (or ``command``) on a free loopback port (or ``port``), in a process group
-    of its own."""
+    of its own, with a BentoML home of its own unless ``env`` names one."""
     port = port or _free_port()
     command = command or [str(Path(sys.executable).parent / "bentoml"), "serve", target]
+    env = {"BENTOML_HOME": own_home(), **(env or {})}
     with open(log, "ab") as out:
         proc = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=cwd, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+                                cwd=cwd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     return Server(f"http://127.0.0.1:{port}", log, proc)
 
@@ -182,7 +194,7 @@ def server(tmp_path_factory, tiny_in_store) -> Server:
     config.write_text(f"""models:
   - {{id: {CHAT}, model: {CHAT}:latest, kind: chat}}
   - {{id: {EMBED}, model: {EMBED}:latest, kind: embedding}}
-  - {{id: {TINY}, model: {TINY}:latest, kind: chat, trust_remote_code: true, max_concurrency: 4}}
+  - {{id: {TINY}, model: {TINY}:latest, kind: chat, trust_remote_code: true, max_concurrency: 4, max_tokens_default: 5}}
   - {{id: {ONE_SLOT}, model: {CHAT}:latest, kind: chat, max_concurrency: 1, max_queue: 1}}
 ui: {{model_list_mode: reload}}
 """)

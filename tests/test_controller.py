@@ -17,6 +17,7 @@ from models.config import HealthConfig
 pytestmark = pytest.mark.slow
 
 KEY = "sk-bentochat-test"
+ORIGIN = "https://chat.example.com"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 HEALTH = {"interval_s": 0.5, "timeout_s": 1.0, "failures": 2}
 BOUND_S = HealthConfig(**HEALTH).bound_s  # failures x (interval + timeout), as documented
@@ -39,6 +40,7 @@ def deployment(tmp_path_factory, embedded_models):
     urls: [{runners[0].base_url}, {runners[1].base_url}]
 health: {HEALTH}
 api_keys: [{KEY}]
+cors: {{allow_origins: ["{ORIGIN}"]}}
 """)
     gateway = start_serving("service:BentoChat", ARTIFACTS / "gateway.log", env={"BENTOCHAT_CONFIG": str(gateway_config)})
     state = {"runners": runners, "gateway": gateway, "env": env}
@@ -69,7 +71,13 @@ def test_every_v1_call_needs_a_configured_key(deployment):
     with pytest.raises(openai.AuthenticationError):
         client(deployment, "wrong").chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}])
     assert httpx.get(gateway.v1 + "/models", headers=AUTH).status_code == 200
-    assert httpx.get(gateway.base_url + "/readyz").status_code == 200  # probes need no key
+    for probe in ("/readyz", "/livez", "/healthz"):  # probes need no key
+        assert httpx.get(gateway.base_url + probe).status_code == 200
+    for path in ("/metrics", "/docs.json", "/"):  # BentoML's own routes do
+        assert httpx.get(gateway.base_url + path).status_code == 401, path
+        assert httpx.get(gateway.base_url + path, headers=AUTH).status_code == 200, path
+    # Gradio leaves some routes of the page open; without a signed-in session they are closed too.
+    assert httpx.get(gateway.base_url + "/ui/gradio_api/heartbeat/abc", timeout=5).status_code == 401
 
     # The chat UI asks for a key at sign-in.
     with httpx.Client(base_url=gateway.base_url + "/ui") as ui:
@@ -77,6 +85,20 @@ def test_every_v1_call_needs_a_configured_key(deployment):
         assert ui.post("/login", data={"username": "me", "password": "wrong"}).status_code == 400
         assert ui.post("/login", data={"username": "me", "password": KEY}).status_code == 200
         assert ui.get("/config").status_code == 200
+
+
+def test_browsers_on_allowed_origins_may_call_the_api(deployment):
+    gateway = deployment["gateway"]
+    preflight = httpx.options(gateway.v1 + "/chat/completions", headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == ORIGIN
+    r = httpx.get(gateway.v1 + "/models", headers={**AUTH, "Origin": ORIGIN})
+    assert r.headers["access-control-allow-origin"] == ORIGIN
+    assert "x-request-id" in r.headers["access-control-expose-headers"]
+    other = httpx.options(gateway.v1 + "/chat/completions", headers={
+        "Origin": "https://elsewhere.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in other.headers
 
 
 def test_chat_through_the_gateway_streams_from_a_runner_elsewhere(deployment):

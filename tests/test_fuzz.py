@@ -1,0 +1,61 @@
+"""A bounded fuzz run: schemathesis generates requests from the published OpenAPI schema (valid
+ones and ones that break it) for every /v1 route, and none may get a server error."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+
+from conftest import CHAT, EMBED, TINY
+from openai_api.routes import app
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = {"positive": 40, "negative": 20}  # per route: requests that fit the schema, and ones that do not
+MODELS = [CHAT, TINY, EMBED]
+CAPS = {"max_tokens": 4, "max_completion_tokens": 4, "min_tokens": 4, "n": 2}  # keep generation short
+
+
+def _served(body):
+    """Most generated bodies name one of the served models (so they reach tokenizing and the
+    engine), and ask for few tokens; some keep the model the fuzzer made up."""
+    if not isinstance(body, dict):
+        return body
+    body = dict(body)
+    if isinstance(body.get("model"), str):
+        pick = zlib.crc32(repr(sorted(body, key=str)).encode()) % (len(MODELS) + 1)
+        body["model"] = MODELS[pick] if pick < len(MODELS) else body["model"]
+    for key, cap in CAPS.items():
+        if isinstance(body.get(key), (int, float)) and not isinstance(body[key], bool) and body[key] > cap:
+            body[key] = cap
+    if ("messages" in body or "prompt" in body) and "max_tokens" not in body:
+        body["max_tokens"] = CAPS["max_tokens"]
+    if isinstance(body.get("prompts"), list):
+        body["prompts"] = [_served(p) for p in body["prompts"]]
+    return body
+
+
+# Every route; those with a body also with bodies that break its schema.
+CASES = [(method.upper(), path, mode) for path, operations in app.openapi()["paths"].items()
+         for method, operation in operations.items() for mode in EXAMPLES
+         if mode == "positive" or "requestBody" in operation]
+
+
+@pytest.mark.parametrize("method, path, mode", CASES)
+def test_no_request_gets_a_server_error(server, method, path, mode):
+    schema = schemathesis.openapi.from_dict(app.openapi())
+    schema.config.update(base_url=server.v1)
+    operation = schema[path][method]
+
+    @settings(max_examples=EXAMPLES[mode], deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(case=operation.as_strategy(generation_mode=schemathesis.GenerationMode(mode)))
+    def no_server_error(case):
+        case.body = _served(case.body)
+        response = case.call(timeout=120)
+        assert response.status_code < 500, (case.as_curl_command(), response.status_code, response.text[:500])
+
+    no_server_error()
