@@ -177,9 +177,10 @@ def test_text_only_and_langchain_hints_in_messages(server):
 
 
 def test_published_schema_says_400_and_routes_answer_in_openai_shape(server, client):
-    schema = httpx.get(server.v1 + "/openapi.json").json()
-    responses = schema["paths"]["/chat/completions"]["post"]["responses"]
-    assert "422" not in responses and "400" in responses
+    for url, path in ((server.v1 + "/openapi.json", "/chat/completions"), (server.base_url + "/docs.json",
+                                                                          "/v1/chat/completions")):
+        responses = httpx.get(url).json()["paths"][path]["post"]["responses"]
+        assert "422" not in responses and "400" in responses, url
     r = httpx.get(server.v1 + "/chat/completions")
     assert r.status_code == 405 and r.headers["allow"] == "POST"
     assert r.json()["error"]["type"] == "invalid_request_error"
