@@ -95,7 +95,11 @@ class FailedAttempts:
         return int(self.window_s - (now - failures[0])) + 1 if len(failures) >= self.limit else 0
 
     def failed(self, client: str) -> None:
-        self._failures[client].append(time.monotonic())
+        now = time.monotonic()
+        if len(self._failures) > 10_000:  # many addresses: forget those whose failures are all old
+            for stale in [c for c, f in self._failures.items() if now - f[-1] > self.window_s]:
+                del self._failures[stale]
+        self._failures[client].append(now)
 
 
 def too_many_failures(retry_after: int) -> OpenAIError:
@@ -258,8 +262,7 @@ class UiSignIn:
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        path = scope["path"][len(scope.get("root_path", "")):] if scope["path"].startswith(
-            scope.get("root_path", "")) else scope["path"]
+        path = scope["path"].removeprefix(scope.get("root_path", ""))  # the path within the page's app
         if path.rstrip("/") == "/login" and scope.get("method") == "POST":
             return await self._sign_in(scope, receive, send)
         if path in self.OPEN or path.startswith(self.OPEN_PREFIXES) or self._signed_in(scope):

@@ -87,6 +87,28 @@ def test_every_v1_call_needs_a_configured_key(deployment):
         assert ui.get("/config").status_code == 200
 
 
+def test_the_chat_page_signs_in_with_a_key_in_a_browser(deployment):
+    """What the page needs before sign-in stays open; with the session it chats."""
+    from playwright.sync_api import sync_playwright
+
+    from test_ui import BOT, CHROMIUM, send, wait_until_still
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(deployment["gateway"].base_url + "/ui/")
+            page.locator("input[type=password]").fill(KEY)
+            page.locator("input[type=text]").fill("me")
+            page.keyboard.press("Enter")
+            send(page, "Hello")
+            assert wait_until_still(page, BOT)
+        finally:
+            browser.close()
+
+
 def test_browsers_on_allowed_origins_may_call_the_api(deployment):
     gateway = deployment["gateway"]
     preflight = httpx.options(gateway.v1 + "/chat/completions", headers={
