@@ -13,6 +13,7 @@ first outermost:
 CORS (Starlette's middleware, configured from ``cors:``) goes outside all three, so that browsers'
 preflight requests, which carry no key, are answered.
 
+``UiSignIn`` goes around the chat UI's Gradio app when keys are set (``ui.chat.chat_ui_app``).
 ``label_metrics_by_route`` keeps BentoML's request metrics to one series per route: it labels
 them with the path, so every unknown path a scanner tries would add series.
 """
