@@ -207,10 +207,6 @@ class CompletionRequest(SamplingFields):
         return self
 
     @property
-    def max_new_tokens(self) -> int | None:
-        return self.max_tokens
-
-    @property
     def num_logprobs(self) -> int | None:
         return self.logprobs
 

@@ -56,6 +56,10 @@ class LLMEngine:
     def add(self, seq: Sequence) -> None:
         """Queue a sequence; raises :class:`RequestError` (and queues nothing) for one it cannot run."""
         self.check(seq.prompt_ids, seq.params)
+        self.admit(seq)
+
+    def admit(self, seq: Sequence) -> None:
+        """Queue a sequence that passed :meth:`check`: give it its sampler."""
         try:
             seq.sampler = Sampler(seq.params)
         except Exception as e:
@@ -312,7 +316,7 @@ class AsyncLLMEngine:
             aborts, self._aborts = self._aborts, set()
         for seq in incoming:
             try:
-                self.engine.add(seq)
+                self.engine.admit(seq)  # generate() checked it already
             except RequestError as e:
                 seq.finish("error")
                 seq.on_token(e)
