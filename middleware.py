@@ -165,14 +165,15 @@ class BodyLimit:
         if _header(scope, b"transfer-encoding") is None:  # no body at all
             return await self.app(scope, receive, send)
         # A chunked body: read it all (up to the limit) first, then hand it to the app.
-        body, more = [], True
+        body, size, more = [], 0, True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return
             body.append(message.get("body", b""))
+            size += len(body[-1])
             more = message.get("more_body", False)
-            if sum(map(len, body)) > self.max_bytes:
+            if size > self.max_bytes:
                 return await self._too_large().response()(scope, receive, send)
         replayed = False
 
