@@ -23,7 +23,7 @@ from pathlib import Path
 from models.config import HealthConfig, ServedModel
 from models.served import ServedModelInfo
 from openai_api.errors import OpenAIError, model_down, model_not_found, queue_full
-from runners.placement import NEVER_RECYCLE, REQUEST_TIMEOUT_S
+from runners.base import NEVER_RECYCLE, REQUEST_TIMEOUT_S
 
 logger = logging.getLogger("bentochat.controller")
 ENCODE_CHUNK = 32  # texts per call to an embedding runner; its batches hold up to EMBEDDING_MAX_BATCH

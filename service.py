@@ -24,13 +24,13 @@ from middleware import (
     label_metrics_by_route,
     route_label,
 )
-from models.config import load_config
+from models.config import ServedModel, load_config
 from models.embedded import ensure_available
 from models.served import ServedModelInfo
 from openai_api.routes import app
 from runners.chat import chat_runner
 from runners.embedding import embedding_runner
-from runners.placement import REQUEST_TIMEOUT_S
+from runners.base import REQUEST_TIMEOUT_S
 from ui import build_chat_ui, chat_ui_app
 
 logger = logging.getLogger("bentochat")
@@ -43,6 +43,7 @@ if not logger.handlers:  # BentoML configures its own loggers only: BentoChat's 
     logger.propagate = False
 
 CONFIG = load_config()
+GATEWAY = CONFIG.gateway
 ensure_available(CONFIG)
 # One runner service per model served here; a model given by `urls` is served elsewhere.
 RUNNERS = {m.id: (chat_runner if m.kind == "chat" else embedding_runner)(m) for m in CONFIG.models if not m.remote}
@@ -55,9 +56,9 @@ class Gateway:
             if m.remote:
                 models.append(Model(m, [Replica(url) for url in m.urls]))
             else:
-                local = Replica("local", client=unbounded(getattr(self, _dependency_name(m.id))))
+                local = Replica("local", client=unbounded(getattr(self, _attribute(m))))
                 models.append(Model(m, [local], info=ServedModelInfo.load(m)))
-        self.registry = Registry(models, CONFIG.health)
+        self.registry = Registry(models, GATEWAY.health)
         app.state.registry = self.registry
         logger.info("serving %s", ", ".join(m.id for m in models))
 
@@ -70,33 +71,35 @@ class Gateway:
         return self.registry.ready()
 
 
-def _dependency_name(model_id: str) -> str:
-    return "runner_" + "".join(c if c.isalnum() else "_" for c in model_id)
+def _attribute(served: ServedModel) -> str:
+    """The runner service's name as a Python name: ``runner_smollm2_135m_instruct``."""
+    return served.runner_name.replace("-", "_")
 
 
-for _id, _runner in RUNNERS.items():
-    setattr(Gateway, _dependency_name(_id), bentoml.depends(_runner))
-    # Each runner can also be served on its own, for a gateway elsewhere that names its URL:
-    # `bentoml serve service:runner_<id>` (the id with characters other than letters and digits as `_`).
-    globals()[_dependency_name(_id)] = _runner
+for _served in CONFIG.models:
+    if _served.id in RUNNERS:
+        setattr(Gateway, _attribute(_served), bentoml.depends(RUNNERS[_served.id]))
+        # Each runner can also be served on its own, for a gateway elsewhere that names its URL:
+        # `bentoml serve service:runner_<id>` (the id lowercased, other characters than letters and digits as `_`).
+        globals()[_attribute(_served)] = RUNNERS[_served.id]
 
 # Wrong API keys and wrong UI passwords count together, per client address.
 SIGN_IN_ATTEMPTS = FailedAttempts()
 UI = build_chat_ui(lambda: app.state.registry, [m.id for m in CONFIG.models if m.kind == "chat"],
-                   CONFIG.ui.model_list_mode)
+                   GATEWAY.ui.model_list_mode)
 Gateway = bentoml.asgi_app(app, path="/v1")(Gateway)
-Gateway = bentoml.asgi_app(chat_ui_app(UI, "/ui", set(CONFIG.api_keys), SIGN_IN_ATTEMPTS), path="/ui")(Gateway)
+Gateway = bentoml.asgi_app(chat_ui_app(UI, "/ui", set(GATEWAY.api_keys), SIGN_IN_ATTEMPTS), path="/ui")(Gateway)
 # Readiness is the registry's own (any model up), not BentoML's probe that every dependency is ready.
 BentoChat = bentoml.service(name="bentochat", traffic={"timeout": REQUEST_TIMEOUT_S},
                             runner_probe={"enabled": False})(Gateway)
 # Around every route of the gateway, the first outermost (see middleware.py).
-if CONFIG.cors.allow_origins:
-    BentoChat.add_asgi_middleware(CORSMiddleware, allow_origins=CONFIG.cors.allow_origins, allow_methods=["*"],
+if GATEWAY.cors.allow_origins:
+    BentoChat.add_asgi_middleware(CORSMiddleware, allow_origins=GATEWAY.cors.allow_origins, allow_methods=["*"],
                                   allow_headers=["*"], expose_headers=["x-request-id", "retry-after"])
 BentoChat.add_asgi_middleware(RequestIds)
-BentoChat.add_asgi_middleware(ApiKeys, keys=set(CONFIG.api_keys), public_metrics=CONFIG.public_metrics,
+BentoChat.add_asgi_middleware(ApiKeys, keys=set(GATEWAY.api_keys), public_metrics=GATEWAY.public_metrics,
                               attempts=SIGN_IN_ATTEMPTS)
-BentoChat.add_asgi_middleware(BodyLimit, max_bytes=int(CONFIG.max_body_mb * 2**20))
+BentoChat.add_asgi_middleware(BodyLimit, max_bytes=int(GATEWAY.max_body_mb * 2**20))
 # BentoML's request metrics, in this process and the runners', get one series per route, not per path.
 label_metrics_by_route(route_label(app, "/v1", "/ui", exact={
     "/", "/docs.json", "/schema.json", "/metrics", *PROBES,

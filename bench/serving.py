@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -179,7 +178,7 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
                                          tokenize=True, return_dict=True)["input_ids"]
 
 
-def bench_engine(args, model, tokenizer) -> dict[int, Run]:
+def bench_engine(args, model, tokenizer, context: int) -> dict[int, Run]:
     """The same closed-loop load on the engine with no HTTP: what serving costs on top of it."""
     from runners.engine import AsyncLLMEngine, LLMEngine, ModelRunner, SamplingParams
 
@@ -187,7 +186,7 @@ def bench_engine(args, model, tokenizer) -> dict[int, Run]:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, stop_token_ids=eos)
     results = {}
     for c in args.concurrency:
-        engine = AsyncLLMEngine(LLMEngine(ModelRunner(model), max_num_seqs=max(64, c),
+        engine = AsyncLLMEngine(LLMEngine(ModelRunner(model), max_num_seqs=max(64, c), max_model_len=context,
                                           prefix_cache_tokens=args.prefix_cache_tokens))
         run = Run()
 
@@ -289,10 +288,11 @@ def main() -> None:
 
     from models.config import load_config
     from models.embedded import ensure_available
-    from runners.engine import load_causal_lm
+    from runners.base import load_causal_lm
 
     ensure_available(load_config())
-    path = bentoml.models.get(args.model).path
+    stored = bentoml.models.get(args.model)
+    path = stored.path
     tokenizer = AutoTokenizer.from_pretrained(path)
     runs: dict[str, dict[int, Run]] = {}
     workdir = Path(tempfile.mkdtemp(prefix="bentochat-bench-"))
@@ -308,7 +308,7 @@ def main() -> None:
         model = load_causal_lm(path)
         if "engine" not in args.skip:
             print("engine in-process ...", flush=True)
-            runs["bentochat engine (no HTTP)"] = bench_engine(args, model, tokenizer)
+            runs["bentochat engine (no HTTP)"] = bench_engine(args, model, tokenizer, int(stored.info.metadata["context_length"]))
         if "bare" not in args.skip:
             print("bare decode loop ...", flush=True)
             bare, generate = bench_bare(args, model, tokenizer)

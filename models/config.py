@@ -1,4 +1,5 @@
-"""The served-model configuration: which models BentoChat serves, from where, and on what hardware.
+"""BentoChat's configuration: which models it serves, from where and on what hardware (``models``),
+and the gateway's own settings (every other key: UI, health polls, API keys, CORS, body size).
 
 Read from ``bentochat.yaml`` at the repository root, or the file named by ``BENTOCHAT_CONFIG``.
 The worker options mirror FastChat's model worker flags: ``gpus`` (``--gpus``),
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +24,7 @@ from models.templates import TEMPLATE_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = ROOT / "bentochat.yaml"
+DEFAULT_CONTEXT_LENGTH = 2048  # for a model whose config.json names no context length
 
 
 class ServedModel(BaseModel):
@@ -87,6 +90,12 @@ class ServedModel(BaseModel):
     def store_name(self) -> str:
         return self.model.split(":", 1)[0] if self.model else ""
 
+    @property
+    def runner_name(self) -> str:
+        """Its runner service's name: ``smollm2-135m-instruct`` -> ``runner-smollm2-135m-instruct``
+        (in ``service.py`` the attribute for ``bentoml serve service:<attribute>`` has ``_`` for ``-``)."""
+        return "runner-" + re.sub(r"[^a-z0-9]+", "-", self.id.lower()).strip("-")
+
 
 class UIConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -120,10 +129,11 @@ class CorsConfig(BaseModel):
     allow_origins: list[str] = Field(default_factory=list)  # e.g. [https://chat.example.com], or ["*"]
 
 
-class Config(BaseModel):
+class GatewayConfig(BaseModel):
+    """Every key of bentochat.yaml but ``models``."""
+
     model_config = ConfigDict(extra="forbid")
 
-    models: list[ServedModel]
     ui: UIConfig = Field(default_factory=UIConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     # FastChat's --api-keys: when any are set, every call but the health probes needs
@@ -136,16 +146,26 @@ class Config(BaseModel):
     # A request body larger than this is refused with 413 before it is read.
     max_body_mb: float = Field(default=8, gt=0)
 
+
+class ModelList(BaseModel):
+    models: list[ServedModel]
+
     @field_validator("models")
     @classmethod
     def _unique_ids(cls, v: list[ServedModel]) -> list[ServedModel]:
-        ids = [m.id for m in v]
-        dupes = sorted({i for i in ids if ids.count(i) > 1})
-        if dupes:
-            raise ValueError(f"model ids must be unique, repeated: {', '.join(dupes)}")
         if not v:
             raise ValueError("at least one model must be served")
+        for what, names in (("model ids", [m.id for m in v]), ("runner names", [m.runner_name for m in v])):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{what} must be unique, repeated: {', '.join(dupes)}")
         return v
+
+
+@dataclass
+class Config:
+    models: list[ServedModel]
+    gateway: GatewayConfig
 
 
 class ConfigError(RuntimeError):
@@ -160,10 +180,13 @@ def load_config(path: Path | None = None) -> Config:
     path = path or config_path()
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        config = Config.model_validate(raw)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"invalid BentoChat configuration {path}: expected a mapping of keys")
+        models = ModelList.model_validate({"models": raw.pop("models", None)}).models
+        gateway = GatewayConfig.model_validate(raw)
         env_keys = [k.strip() for k in os.environ.get("BENTOCHAT_API_KEYS", "").split(",") if k.strip()]
-        config.api_keys = list(dict.fromkeys(config.api_keys + env_keys))
-        return config
+        gateway.api_keys = list(dict.fromkeys(gateway.api_keys + env_keys))
+        return Config(models, gateway)
     except FileNotFoundError as e:
         raise ConfigError(f"BentoChat configuration not found: {path}") from e
     except (yaml.YAMLError, ValidationError) as e:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import bentoml
 
+from models.config import DEFAULT_CONTEXT_LENGTH
+
 logger = logging.getLogger("bentochat.models")
 
 # Weights that are converted to safetensors rather than copied.
@@ -70,7 +72,7 @@ def describe(model_dir: Path, source: str, trust_remote_code: bool) -> dict:
         "architecture": architecture,
         "model_type": config.get("model_type", "unknown"),
         "kind": "chat" if _generates(config, architecture) else "embedding",
-        "context_length": context or 2048,
+        "context_length": context or DEFAULT_CONTEXT_LENGTH,
         "dtype": str(config.get("torch_dtype") or config.get("dtype") or "float32"),
         "source": source,
         "trust_remote_code": trust_remote_code,

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import bentoml
 
-from models.config import ServedModel
+from models.config import DEFAULT_CONTEXT_LENGTH, ServedModel
 from models.templates import ChatFormat, resolve_chat_format
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
 # generation_config.json keys that become defaults for parameters a request leaves out.
 GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
 
@@ -23,16 +22,6 @@ def generation_defaults(raw: dict) -> dict:
     if raw.get("do_sample") is False:
         defaults["temperature"] = 0.0  # the authors asked for greedy decoding
     return defaults
-
-
-def describe_stored(stored: bentoml.Model) -> dict:
-    """A runner's answer to ``describe``: what a gateway elsewhere needs to serve its model (metadata,
-    tokenizer, configs, generation_config.json, remote code), every file but the weights, base64."""
-    path = Path(stored.path)
-    files = {str(p.relative_to(path)): base64.b64encode(p.read_bytes()).decode()
-             for p in sorted(path.rglob("*")) if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES)}
-    return {"tag": str(stored.tag), "metadata": dict(stored.info.metadata),
-            "created": int(stored.info.creation_time.timestamp()), "files": files}
 
 
 def _source_name(meta: dict) -> str:
@@ -100,7 +89,7 @@ class ServedModelInfo:
             path=path,
             tag=tag,
             created=created,
-            context_length=int(meta.get("context_length") or 2048),
+            context_length=int(meta.get("context_length") or DEFAULT_CONTEXT_LENGTH),
             tokenizer=tokenizer,
             defaults=generation_defaults(gen),
             eos_token_ids=list(dict.fromkeys(eos)),

@@ -1,10 +1,11 @@
-"""The chat runner: one BentoML service per served chat model, holding its engine.
+"""The chat runner: one BentoML service per served chat model, holding its engine; and its wire
+protocol, both ends (the runner writes it, the gateway's ``controller.Model.generate`` reads it).
 
-Wire format of ``generate``: one JSON object a line, ``{"token": id, "finish_reason": null|"stop"|"length"}``
-(with ``"logprob"`` and ``"top_logprobs": [[id, logprob], ...]`` when asked for), or
-``{"error": "...", "code": ...}`` when the engine refused the request (``"queue_full"``, with
-``"retry_after"`` seconds; ``"invalid_request"``), failed the sequence (``"engine_error"``) or is dead
-(``"engine_dead"``: this runner then fails its health checks and must be restarted).
+``generate`` streams one JSON object a line: ``{"token": id, "finish_reason": null|"stop"|"length"}``
+(with ``"logprob"`` and ``"top_logprobs": [[id, logprob], ...]`` when asked for), or, as its last
+line, ``{"error": "...", "code": ...}`` when the engine refused the request (``queue_full``, with
+``"retry_after"`` seconds; ``invalid_request``), failed the sequence (``engine_error``) or is dead
+(``engine_dead``: this runner then fails its health checks and must be restarted).
 """
 
 from __future__ import annotations
@@ -13,13 +14,56 @@ import json
 import logging
 import time
 import typing as t
+from collections.abc import AsyncIterator
 
 import bentoml
 
-from models.config import ServedModel
-from runners.placement import service_options
+from models.config import DEFAULT_CONTEXT_LENGTH, ServedModel
+from runners.base import StoredModelRunner, load_causal_lm, service_options
+from runners.engine.sequence import SamplingParams, TokenEvent
 
 logger = logging.getLogger("bentochat.runner")
+
+QUEUE_FULL, INVALID_REQUEST, ENGINE_ERROR, ENGINE_DEAD = "queue_full", "invalid_request", "engine_error", "engine_dead"
+
+
+class RunnerRefused(Exception):
+    """The runner ended a request with an error line instead of (more) tokens."""
+
+    def __init__(self, code: str, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.code, self.message, self.retry_after = code, message, retry_after
+
+
+def token_line(event: TokenEvent) -> str:
+    line: dict = {"token": event.token_id, "finish_reason": event.finish_reason}
+    if event.logprob is not None:
+        line["logprob"], line["top_logprobs"] = event.logprob, event.top_logprobs
+    return json.dumps(line) + "\n"
+
+
+def error_line(code: str, message: str, retry_after: int | None = None) -> str:
+    line: dict = {"error": message, "code": code}
+    if retry_after is not None:
+        line["retry_after"] = retry_after
+    return json.dumps(line) + "\n"
+
+
+async def read_events(chunks: AsyncIterator[str | bytes]) -> AsyncIterator[TokenEvent]:
+    """The gateway's end: token events from the runner's stream, whose transport chunks may split or
+    join lines; an error line raises :class:`RunnerRefused`."""
+    buffer = ""
+    async for chunk in chunks:
+        buffer += chunk.decode() if isinstance(chunk, bytes) else chunk
+        *lines, buffer = buffer.split("\n")
+        for line in filter(None, lines):
+            event = json.loads(line)
+            if "error" in event:
+                raise RunnerRefused(event.get("code", ENGINE_ERROR), event["error"], event.get("retry_after"))
+            top = event.get("top_logprobs")
+            yield TokenEvent(event["token"], event["finish_reason"], event.get("logprob"),
+                             [tuple(pair) for pair in top] if top is not None else None)
+
 
 TOKEN_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 FIRST_TOKEN_SECONDS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -46,16 +90,16 @@ TPOT = bentoml.metrics.Histogram("bentochat_time_per_output_token_seconds", "Bet
 
 
 def chat_runner(served: ServedModel) -> bentoml.Service:
-    class ChatRunner:
+    class ChatRunner(StoredModelRunner):
         model_ref = bentoml.models.BentoModel(served.model)  # a class attribute, so `bentoml build` packs it
 
         def __init__(self) -> None:
-            from runners.engine import AsyncLLMEngine, LLMEngine, ModelRunner, load_causal_lm
+            from runners.engine import AsyncLLMEngine, LLMEngine, ModelRunner
 
             stored = self.model_ref  # the attribute resolves to the stored model
             model = load_causal_lm(stored.path, dtype=served.dtype, gpus=served.gpus,
                                    max_gpu_memory=served.max_gpu_memory, trust_remote_code=served.trust_remote_code)
-            context = int(stored.info.metadata.get("context_length") or 2048)
+            context = int(stored.info.metadata.get("context_length") or DEFAULT_CONTEXT_LENGTH)
             engine = LLMEngine(ModelRunner(model), max_num_seqs=served.max_concurrency, max_model_len=context,
                                prefix_cache_tokens=served.prefix_cache_tokens)
             self.engine = AsyncLLMEngine(engine, max_queue=served.max_queue)
@@ -84,8 +128,7 @@ def chat_runner(served: ServedModel) -> bentoml.Service:
         @bentoml.api
         async def generate(self, request_id: str, prompt_ids: t.List[int],
                            params: t.Dict[str, t.Any]) -> t.AsyncGenerator[str, None]:
-            from runners.engine import SamplingParams
-            from runners.engine.llm_engine import EngineError, QueueFull, RequestError
+            from runners.engine.llm_engine import EngineError, QueueFull
 
             last = time.monotonic()  # arrival at the runner
             count, reason = 0, None
@@ -96,20 +139,17 @@ def chat_runner(served: ServedModel) -> bentoml.Service:
                     if not count:
                         self._observe_load()
                     last, count, reason = now, count + 1, event.finish_reason
-                    line = {"token": event.token_id, "finish_reason": event.finish_reason}
-                    if event.logprob is not None:
-                        line["logprob"], line["top_logprobs"] = event.logprob, event.top_logprobs
-                    yield json.dumps(line) + "\n"
+                    yield token_line(event)
             except QueueFull as e:
                 REJECTED.labels(model=served.id).inc()
                 reason = "queue full"
-                yield json.dumps({"error": str(e), "code": "queue_full", "retry_after": e.retry_after}) + "\n"
-            except (RequestError, EngineError) as e:
-                code = ("invalid_request" if isinstance(e, RequestError)
-                        else "engine_error" if self.engine.alive else "engine_dead")
+                yield error_line(QUEUE_FULL, str(e), e.retry_after)
+            except (ValueError, EngineError) as e:  # ValueError: a RequestError, or parameters from_dict refused
+                code = INVALID_REQUEST if isinstance(e, ValueError) else ENGINE_ERROR if self.engine.alive \
+                    else ENGINE_DEAD
                 reason = f"{code}: {e}"
                 logger.warning("request %s failed: %s", request_id, reason)
-                yield json.dumps({"error": str(e), "code": code}) + "\n"
+                yield error_line(code, str(e))
             finally:
                 TOKENS.labels(model=served.id).inc(count)
                 logger.info("request %s: %d prompt tokens, %d generated, %s", request_id, len(prompt_ids), count,
@@ -121,13 +161,6 @@ def chat_runner(served: ServedModel) -> bentoml.Service:
         async def abort(self, request_id: str) -> bool:
             self.engine.abort(request_id)
             return True
-
-        @bentoml.api
-        async def describe(self) -> t.Dict[str, t.Any]:
-            """For a gateway on another machine: the model's metadata and files, all but the weights."""
-            from models.served import describe_stored
-
-            return describe_stored(self.model_ref)
 
         @bentoml.api
         async def stats(self) -> t.Dict[str, int]:

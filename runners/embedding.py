@@ -11,7 +11,7 @@ import bentoml
 import numpy as np
 
 from models.config import ServedModel
-from runners.placement import service_options
+from runners.base import StoredModelRunner, resolve_dtype, service_options
 
 
 EMBEDDING_MAX_BATCH = 64  # texts encoded in one forward pass
@@ -26,14 +26,12 @@ def pooling_mode(model_dir: Path) -> str:
 
 
 def embedding_runner(served: ServedModel) -> bentoml.Service:
-    class EmbeddingRunner:
+    class EmbeddingRunner(StoredModelRunner):
         model_ref = bentoml.models.BentoModel(served.model)
 
         def __init__(self) -> None:
             import torch
             from transformers import AutoModel, AutoTokenizer
-
-            from runners.engine.model_runner import resolve_dtype
 
             path = Path(self.model_ref.path)  # the attribute resolves to the stored model
             device = "cuda:0" if served.gpus else "cpu"
@@ -46,13 +44,6 @@ def embedding_runner(served: ServedModel) -> bentoml.Service:
             self.device = device
             self.pooling = pooling_mode(path)
             self.running = 0
-
-        @bentoml.api
-        async def describe(self) -> t.Dict[str, t.Any]:
-            """For a gateway on another machine: the model's metadata and files, all but the weights."""
-            from models.served import describe_stored
-
-            return describe_stored(self.model_ref)
 
         @bentoml.api
         async def stats(self) -> t.Dict[str, int]:

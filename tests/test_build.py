@@ -16,7 +16,6 @@ import yaml
 
 from conftest import ROOT, TINY, start_serving, stop, wait_ready
 from models.config import ServedModel
-from runners.placement import runner_name
 
 pytestmark = pytest.mark.slow
 
@@ -165,7 +164,7 @@ def test_bento_carries_remote_code_and_serves_it_offline_as_deployed(tiny_in_sto
     # A runner container's `start-http-server --service-name NAME` becomes, through the image's entrypoint:
     runner = start_serving("", tmp_path / "runner.log", cwd=tmp_path, env=env, command=[
         sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server",
-        "--service-name", runner_name(ServedModel(id=TINY, model=tiny_in_store)), bento_path])
+        "--service-name", ServedModel(id=TINY, model=tiny_in_store).runner_name, bento_path])
     gateway_config = tmp_path / "gateway.yaml"
     gateway_config.write_text(f"models:\n  - {{id: {TINY}, kind: chat, trust_remote_code: true, "
                               f"urls: [{runner.base_url}]}}\n")

@@ -9,11 +9,10 @@ import yaml
 
 from conftest import ROOT
 from models.config import load_config
-from runners.placement import runner_name
 
 DEPLOY = ROOT / "deploy"
 CONFIG = load_config(ROOT / "bentochat.yaml")
-RUNNERS = {runner_name(m): m for m in CONFIG.models}  # the runner services of a bento built from it
+RUNNERS = {m.runner_name: m for m in CONFIG.models}  # the runner services of a bento built from it
 
 
 def compose() -> dict:

@@ -8,7 +8,8 @@ import asyncio
 import pytest
 import torch
 
-from runners.engine import AsyncLLMEngine, LLMEngine, ModelRunner, SamplingParams, Sequence, load_causal_lm
+from runners.base import load_causal_lm
+from runners.engine import AsyncLLMEngine, LLMEngine, ModelRunner, SamplingParams, Sequence
 
 
 @pytest.fixture(scope="module")
@@ -110,17 +111,17 @@ def test_shared_prompt_prefix_is_reused_with_unchanged_output(which, request):
     alone = [plain.generate(p, greedy) for p in prompts]
     engine = LLMEngine(runner, max_num_seqs=8, max_model_len=256, max_prefill_tokens=12, prefix_cache_tokens=256)
     assert engine.generate(prompts[0], greedy) == alone[0]
-    assert engine.prefix_cache.hits == 0
+    assert engine.stats()["prefix_cache_hit_tokens"] == 0
     # in one step: three hits (the whole prompt is cached: all but its last token), one miss, and a
     # 37-token prompt whose uncached 20 tokens go in two chunks
     assert engine.generate_batch(prompts[1:], [greedy] * 5) == alone[1:]
-    assert engine.prefix_cache.hits == 17 + 17 + 16 + 17
+    assert engine.stats()["prefix_cache_hit_tokens"] == 17 + 17 + 16 + 17
     if which == "model":
         assert alone == [generate_alone(runner.model, p, 12) for p in prompts]
 
 
 def test_prefix_cache_keeps_to_its_token_budget():
-    from runners.engine.prefix_cache import PrefixCache
+    from runners.engine.scheduler import PrefixCache
 
     kv = lambda n: [(torch.zeros(1, 2, n, 4), torch.zeros(1, 2, n, 4))]  # noqa: E731
     cache = PrefixCache(max_tokens=10)
@@ -220,7 +221,7 @@ def test_abandoned_request_is_aborted(engine):
         await anext(stream)
         await stream.aclose()
         for _ in range(100):
-            if a.num_running == 0 and a.num_waiting == 0:
+            if a.stats()["running"] == 0 and a.stats()["waiting"] == 0:
                 return True
             await asyncio.sleep(0.02)
         return False
@@ -277,7 +278,7 @@ def test_a_failing_forward_pass_fails_its_requests_only(engine, monkeypatch):
     from runners.engine.llm_engine import EngineError
 
     greedy = SamplingParams(max_tokens=8, temperature=0)
-    real = engine.runner.prefill_together
+    real = engine.model_runner.prefill_together
     calls = []
 
     def once_broken(seqs):
@@ -286,7 +287,7 @@ def test_a_failing_forward_pass_fails_its_requests_only(engine, monkeypatch):
             raise RuntimeError("injected fault")
         return real(seqs)
 
-    monkeypatch.setattr(engine.runner, "prefill_together", once_broken)
+    monkeypatch.setattr(engine.model_runner, "prefill_together", once_broken)
 
     async def run():
         a = AsyncLLMEngine(engine)
@@ -295,7 +296,7 @@ def test_a_failing_forward_pass_fails_its_requests_only(engine, monkeypatch):
 
     failed, after = asyncio.run(run())
     assert isinstance(failed, EngineError) and "injected fault" in str(failed)
-    assert after == generate_alone(engine.runner.model, PROMPT, 8)
+    assert after == generate_alone(engine.model_runner.model, PROMPT, 8)
 
 
 def test_a_fault_outside_any_request_fails_that_step_and_the_thread_goes_on(engine, monkeypatch):

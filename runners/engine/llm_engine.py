@@ -9,38 +9,42 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 
 import torch
 
-from runners.engine.model_runner import ModelRunner
-from runners.engine.prefix_cache import PrefixCache
-from runners.engine.sampling import Sampler, SamplingParams, logprobs, sample
+from runners.engine.model_runner import ModelRunner, Sampler, logprobs, sample
 from runners.engine.scheduler import Scheduler
-from runners.engine.sequence import Sequence
+from runners.engine.sequence import SamplingParams, Sequence, TokenEvent
 
 logger = logging.getLogger("bentochat.engine")
 
 
 class LLMEngine:
-    def __init__(self, model_runner: ModelRunner, *, max_num_seqs: int = 64, max_model_len: int = 2048,
+    def __init__(self, model_runner: ModelRunner, *, max_model_len: int, max_num_seqs: int = 64,
                  max_prefill_tokens: int = 512, prefix_cache_tokens: int = 0):
-        self.runner = model_runner
-        self.scheduler = Scheduler(max_num_seqs, max_model_len, max_prefill_tokens)
-        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens and model_runner.batched else None
+        self.model_runner = model_runner
+        # Prefixes are reused by copying KV into a batch row: for batched cache forms only.
+        self.scheduler = Scheduler(max_num_seqs, max_model_len, max_prefill_tokens,
+                                   prefix_cache_tokens if model_runner.batched else 0)
         self.tokens_generated = 0
         self.prompt_tokens = 0  # of the prompts prefilled
 
-    def counters(self) -> dict[str, int]:
-        """Totals since start, and the bytes of keys and values held now (batch and prefix cache)."""
-        cache = self.prefix_cache
-        return {"tokens_generated": self.tokens_generated, "prompt_tokens": self.prompt_tokens,
+    def stats(self) -> dict[str, int]:
+        """Sequences running and waiting now; totals since start; bytes of keys and values held now
+        (running batch and prefix cache)."""
+        cache = self.scheduler.prefix_cache
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "tokens_generated": self.tokens_generated, "prompt_tokens": self.prompt_tokens,
                 "prefix_cache_hit_tokens": cache.hits if cache else 0,
-                "kv_cache_bytes": self.runner.kv_bytes() + (cache.num_bytes if cache else 0)}
+                "kv_cache_bytes": self.model_runner.kv_bytes() + (cache.num_bytes if cache else 0)}
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise :class:`RequestError` for a request the engine cannot run."""
-        vocab = self.runner.vocab_size
+        vocab = self.model_runner.vocab_size
         if not prompt_ids:
             raise RequestError("prompt: must hold at least one token")
         if any(not 0 <= t < vocab for t in prompt_ids):
@@ -69,6 +73,11 @@ class LLMEngine:
     def abort(self, request_id: str) -> Sequence | None:
         return self.scheduler.abort(request_id)
 
+    def fail_all(self) -> list[Sequence]:
+        """End every sequence (a step that failed as a whole, a dead thread); returns them."""
+        self.model_runner.reset()
+        return self.scheduler.drain()
+
     def step(self, emit: Callable[[list[tuple[Sequence, TokenEvent | Exception]]], None] | None = None
              ) -> list[tuple[Sequence, TokenEvent | Exception]]:
         """A bounded amount of prefill for waiting requests, then one decode step for the running batch.
@@ -78,44 +87,34 @@ class LLMEngine:
         if given, gets each phase's results as soon as they are ready: new requests' first tokens
         need not wait for the decode step.
         """
-        self._reuse_prefixes()
         prefills, decodes = self.scheduler.schedule()
         results = self._prefill(prefills)
         if emit and results:
             emit(results)
         if decodes:
             try:
-                decoded = self._finish(decodes, self.runner.decode(decodes))
+                decoded = self._finish(decodes, self.model_runner.decode(decodes))
             except Exception as e:
                 logger.exception("decode step of %d sequences failed", len(decodes))
-                self.runner.reset()
+                self.model_runner.reset()
                 decoded = self._fail(decodes, e)
             if emit:
                 emit(decoded)
             results += decoded
         if not self.scheduler.running:
-            self.runner.reset()  # free the batch cache as soon as nothing is running
+            self.model_runner.reset()  # free the batch cache as soon as nothing is running
         return results
-
-    def _reuse_prefixes(self) -> None:
-        """Start the prompts about to be prefilled from the longest cached prefix there is."""
-        if self.prefix_cache is None:
-            return
-        free = self.scheduler.max_num_seqs - len(self.scheduler.running)
-        for seq in list(self.scheduler.waiting)[:free]:
-            if seq.num_cached == 0:
-                seq.num_cached, seq.cache = self.prefix_cache.lookup(seq.prompt_ids)
 
     def _prefill(self, prefills: list[tuple[Sequence, int]]) -> list[tuple[Sequence, TokenEvent | Exception]]:
         """Prompts that end this step are prefilled together (one forward pass), the first chunks of
         longer ones alone; only the former produce a token."""
         last = [seq for seq, n in prefills if seq.num_cached + n == seq.num_prompt_tokens]
-        if not self.runner.batched:
+        if not self.model_runner.batched:
             last = []
         seqs, logits, failed = [], [], []
         if last:
             try:
-                logits.append(self.runner.prefill_together(last))
+                logits.append(self.model_runner.prefill_together(last))
                 seqs += last
             except Exception as e:
                 logger.exception("prefill of %d requests failed", len(last))
@@ -124,7 +123,7 @@ class LLMEngine:
             if seq in last:
                 continue
             try:
-                out = self.runner.prefill(seq, n)
+                out = self.model_runner.prefill(seq, n)
             except Exception as e:
                 logger.exception("prefill of request %s failed", seq.request_id)
                 failed += self._fail([seq], e)
@@ -132,10 +131,7 @@ class LLMEngine:
             if out is not None:
                 logits.append(out.unsqueeze(0))
                 seqs.append(seq)
-        for seq in seqs:
-            self.prompt_tokens += seq.num_prompt_tokens
-            if self.prefix_cache is not None:
-                self.prefix_cache.store(seq.prompt_ids, seq.cache)
+        self.prompt_tokens += sum(seq.num_prompt_tokens for seq in seqs)
         return (self._finish(seqs, torch.cat(logits)) if seqs else []) + failed
 
     def _fail(self, seqs: list[Sequence], error: Exception) -> list[tuple[Sequence, Exception]]:
@@ -180,14 +176,6 @@ class LLMEngine:
         return [seq.output_ids for seq in seqs]
 
 
-@dataclass
-class TokenEvent:
-    token_id: int | None  # None: the request was aborted
-    finish_reason: str | None = None
-    logprob: float | None = None  # with SamplingParams.logprobs: the chosen token's
-    top_logprobs: list[tuple[int, float]] | None = None  # and the most likely (token id, logprob)
-
-
 class EngineError(RuntimeError):
     """The engine failed this request (its forward pass or sampling raised), or the engine is dead."""
 
@@ -230,19 +218,14 @@ class AsyncLLMEngine:
     def alive(self) -> bool:
         return self.death is None and self._thread.is_alive()
 
-    @property
-    def num_running(self) -> int:
-        return len(self.engine.scheduler.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.engine.scheduler.waiting) + len(self._incoming)
-
     def stats(self) -> dict[str, int]:
-        """Counts for health polls and metrics; raises ``EngineError`` once the engine thread is dead."""
+        """The engine's counts (``LLMEngine.stats``), requests not yet handed to its thread counted as
+        waiting, for health polls and metrics; raises ``EngineError`` once the engine thread is dead."""
         if not self.alive:
             raise EngineError(f"the engine thread has stopped: {self.death!r}")
-        return {"running": self.num_running, "waiting": self.num_waiting, **self.engine.counters()}
+        stats = self.engine.stats()
+        stats["waiting"] += len(self._incoming)
+        return stats
 
     def retry_after(self) -> int:
         """Seconds until a queue place is likely free: one over the recent rate of finishing requests."""
@@ -259,7 +242,8 @@ class AsyncLLMEngine:
             raise EngineError(f"the engine thread has stopped: {self.death!r}")
         self.engine.check(prompt_ids, params)
         if self.max_queue is not None:
-            if self.num_running + self.num_waiting >= self.engine.scheduler.max_num_seqs + self.max_queue:
+            stats = self.stats()
+            if stats["running"] + stats["waiting"] >= self.engine.scheduler.max_num_seqs + self.max_queue:
                 raise QueueFull(self.retry_after())
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
@@ -305,12 +289,11 @@ class AsyncLLMEngine:
             self.death = e
             with self._wake:
                 stranded, self._incoming = self._incoming, []
-            self._fail_all(EngineError(f"the engine thread has stopped: {e!r}"), stranded)
+            self._fail(self.engine.fail_all() + stranded, EngineError(f"the engine thread has stopped: {e!r}"))
 
     def _iterate(self) -> None:
-        scheduler = self.engine.scheduler
         with self._wake:
-            while not (self._incoming or self._aborts or scheduler.has_work):
+            while not (self._incoming or self._aborts or self.engine.has_work):
                 self._wake.wait()
             incoming, self._incoming = self._incoming, []
             aborts, self._aborts = self._aborts, set()
@@ -324,20 +307,18 @@ class AsyncLLMEngine:
             seq = self.engine.abort(request_id)
             if seq is not None:
                 seq.on_token(TokenEvent(None, "abort"))  # ends the request's stream, wherever its reader is
-        if not scheduler.has_work:
+        if not self.engine.has_work:
             return
         try:
             self.engine.step(emit=self._emit)
         except Exception as e:  # a fault no single request could be blamed for: fail what was in the step
             logger.exception("engine step failed")
-            self._fail_all(EngineError(f"generation failed: {e!r}"))
+            self._fail(self.engine.fail_all(), EngineError(f"generation failed: {e!r}"))
 
-    def _fail_all(self, error: Exception, also: list[Sequence] = ()) -> None:
-        scheduler = self.engine.scheduler
-        for seq in [*scheduler.waiting, *scheduler.running, *also]:
-            scheduler.abort(seq.request_id)
+    @staticmethod
+    def _fail(seqs: list[Sequence], error: Exception) -> None:
+        for seq in seqs:
             seq.on_token(error)
-        self.engine.runner.reset()
 
     def _emit(self, results: list[tuple[Sequence, TokenEvent | Exception]]) -> None:
         for seq, event in results:

@@ -1,52 +1,100 @@
-"""Owns the model and its tensors: loading with the configured placement, prefill and decode."""
+"""Owns the tensors: prefill, decode, the running batch's KV cache, and sampling from the logits.
+
+The running batch's KV cache holds per-layer key and value tensors, left-padded so that every row ends
+at the same column and one decode step appends one column for all rows. Two model-side forms are
+understood: transformers' ``DynamicCache`` made only of full-attention ``DynamicLayer``s, and the
+legacy tuple of ``(key, value)`` pairs that older remote-code models (Baichuan, early Qwen) return.
+Both hold ``[batch, heads, length, head_dim]`` tensors. A model whose cache is anything else (sliding
+windows, sequence-first layouts) is run one sequence at a time.
+
+Sampling is a function of logits and each sequence's own parameters (``sequence.SamplingParams``).
+"""
 
 from __future__ import annotations
 
 import inspect
 import logging
-import os
+from typing import Any
 
 import torch
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from runners.engine import kv_cache
+from runners.engine.scheduler import kv_bytes
+from runners.engine.sequence import SamplingParams
 
 logger = logging.getLogger("bentochat.engine")
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+KV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def resolve_dtype(dtype: str, checkpoint_dtype: str | None, on_gpu: bool) -> torch.dtype:
-    if dtype != "auto":
-        return DTYPES[dtype]
-    if not on_gpu:
-        return torch.float32  # half precision on CPU is slow and often unsupported
-    return DTYPES.get(str(checkpoint_dtype), torch.float16)
+def cache_form(cache: Any, batch: int, length: int) -> str | None:
+    """``"dynamic"`` or ``"tuple"`` when the cache can be batched, else None."""
+    if isinstance(cache, DynamicCache):
+        form = "dynamic" if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers) else None
+    elif isinstance(cache, (tuple, list)) and cache and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in cache):
+        form = "tuple"
+    else:
+        form = None
+    if form is None:
+        return None
+    ok = all(k.dim() == 4 and v.dim() == 4 and k.shape[0] == v.shape[0] == batch
+             and k.shape[2] == v.shape[2] == length for k, v in to_kv(cache))
+    return form if ok else None
 
 
-def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = None,
-                   max_gpu_memory: str | None = None, trust_remote_code: bool = False):
-    """Load a stored causal LM onto the configured GPUs (FastChat's --gpus/--max-gpu-memory) or the CPU."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def to_kv(cache: Any) -> KV:
+    if isinstance(cache, DynamicCache):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [tuple(p) for p in cache]
 
-    gpus = list(gpus or [])
-    if gpus:
-        # Pin this process to the configured GPUs before CUDA initializes; they are then cuda:0..n-1.
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"gpus {gpus} are configured but CUDA is not available in this process")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None), bool(gpus))
-    kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
-    if len(gpus) > 1 or max_gpu_memory:
-        kwargs["device_map"] = "auto"
-        if max_gpu_memory:
-            kwargs["max_memory"] = {i: max_gpu_memory for i in range(len(gpus))}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if len(gpus) == 1 and not max_gpu_memory:
-        model.to("cuda:0")
-    model.eval()
-    logger.info("loaded %s as %s on %s", path, torch_dtype, "GPUs " + str(gpus) if gpus else "CPU")
-    return model
+
+def to_model_cache(kv: KV, form: str) -> Any:
+    """Wrap the tensors in the form the model takes, without copying them."""
+    if form == "tuple":
+        return tuple(kv)
+    cache = DynamicCache()
+    cache.layers = []
+    for k, v in kv:
+        layer = DynamicLayer()
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+        cache.layers.append(layer)
+    return cache
+
+
+def left_pad_kv(kv: KV, length: int) -> KV:
+    """Pad every layer on the left (the sequence axis) to ``length`` columns."""
+    have = kv[0][0].shape[2]
+    if have == length:
+        return kv
+    return [(_pad(k, length - have), _pad(v, length - have)) for k, v in kv]
+
+
+def _pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], n, t.shape[3]), t], dim=2)
+
+
+def concat_kv(parts: list[KV]) -> KV:
+    """Stack left-padded batches into one, padding the shorter ones on the left."""
+    if len(parts) == 1:
+        return parts[0]
+    length = max(p[0][0].shape[2] for p in parts)
+    parts = [left_pad_kv(p, length) for p in parts]
+    return [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts])) for i in range(len(parts[0]))]
+
+
+def select_kv(kv: KV, rows: list[int], drop_columns: int = 0) -> KV:
+    """Keep ``rows`` of the batch and drop the ``drop_columns`` leftmost columns (padding for every row)."""
+    index = torch.tensor(rows, device=kv[0][0].device)
+    return [(k.index_select(0, index)[:, :, drop_columns:], v.index_select(0, index)[:, :, drop_columns:])
+            for k, v in kv]
 
 
 def _vocab_size(model) -> int:
@@ -61,7 +109,7 @@ class ModelRunner:
     """Runs the model for the engine: prefill of new sequences (whole prompts together, a long one
     alone in chunks), and one decode step for the whole running batch.
 
-    The running batch shares one left-padded KV cache (see ``kv_cache``): a sequence whose prefill
+    The running batch shares one left-padded KV cache (see above): a sequence whose prefill
     finished joins it at the next decode step, and a finished one leaves it there, so the batch
     never drains. Each row's attention mask hides its padding and its position ids count only its
     own tokens, so a row computes what it would alone. Models whose cache cannot be batched, or whose
@@ -76,7 +124,7 @@ class ModelRunner:
         self.can_batch = "attention_mask" in accepts and "position_ids" in accepts
         self.vocab_size = _vocab_size(model)
         self.rows: list = []  # the sequences in the batch cache, in row order
-        self.kv: kv_cache.KV | None = None  # its row i holds rows[i].num_cached tokens, right-aligned
+        self.kv: KV | None = None  # its row i holds rows[i].num_cached tokens, right-aligned
         self.form = self._probe()  # "dynamic" | "tuple" | "sequential"
         logger.info("decoding %s", f"in batches ({self.form} cache)" if self.batched else "one sequence at a time")
 
@@ -86,7 +134,7 @@ class ModelRunner:
         if not self.can_batch:
             return "sequential"
         _, cache = self._run(torch.tensor([[0, 0]], device=self.device), None)
-        return kv_cache.cache_form(cache, 1, 2) or "sequential"
+        return cache_form(cache, 1, 2) or "sequential"
 
     @property
     def batched(self) -> bool:
@@ -99,7 +147,7 @@ class ModelRunner:
         return out.logits, out[self.cache_arg] if self.cache_arg in out else out.past_key_values
 
     def kv_bytes(self) -> int:
-        return kv_cache.kv_bytes(self.kv)
+        return kv_bytes(self.kv)
 
     def reset(self) -> None:
         """Drop the batch cache (nothing running, or a failed step)."""
@@ -116,9 +164,9 @@ class ModelRunner:
             end = start + len(ids)
             kwargs = {"attention_mask": torch.ones(1, end, dtype=torch.long, device=self.device),
                       "position_ids": torch.arange(start, end, device=self.device).unsqueeze(0)}
-            cache = kv_cache.to_model_cache(cache, self.form)
+            cache = to_model_cache(cache, self.form)
         logits, cache = self._run(torch.tensor([ids], device=self.device), cache, **kwargs)
-        seq.cache = kv_cache.to_kv(cache) if self.batched else cache
+        seq.cache = to_kv(cache) if self.batched else cache
         seq.num_cached += len(ids)
         return logits[0, -1] if seq.num_cached == seq.num_prompt_tokens else None
 
@@ -144,9 +192,9 @@ class ModelRunner:
         if past:
             like = next(s.cache for s in seqs if s.cache is not None)
             empty = [(k[:, :, :0], v[:, :, :0]) for k, v in like]
-            cache = kv_cache.to_model_cache(kv_cache.concat([s.cache or empty for s in seqs]), self.form)
+            cache = to_model_cache(concat_kv([s.cache or empty for s in seqs]), self.form)
         logits, cache = self._run(input_ids, cache, attention_mask=mask, position_ids=positions)
-        kv = kv_cache.to_kv(cache)
+        kv = to_kv(cache)
         for i, seq in enumerate(seqs):
             keep = (slice(past - cached[i], past), slice(past + width - len(new[i]), None))
             seq.cache = [tuple(torch.cat([t[i:i + 1, :, cols] for cols in keep], dim=2) for t in pair) for pair in kv]
@@ -170,9 +218,9 @@ class ModelRunner:
         columns = torch.arange(width + 1, device=self.device)
         mask = (columns >= width - lengths.unsqueeze(1)).long()
         input_ids = torch.tensor([[s.output_ids[-1]] for s in self.rows], device=self.device)
-        logits, cache = self._run(input_ids, kv_cache.to_model_cache(self.kv, self.form),
+        logits, cache = self._run(input_ids, to_model_cache(self.kv, self.form),
                                   attention_mask=mask, position_ids=lengths.unsqueeze(1))
-        self.kv = kv_cache.to_kv(cache)
+        self.kv = to_kv(cache)
         for seq in self.rows:
             seq.num_cached += 1
         return logits[:, -1]
@@ -193,9 +241,94 @@ class ModelRunner:
         parts = []
         if kept:
             longest = max(self.rows[i].num_cached for i in kept)
-            parts.append(kv_cache.select(self.kv, kept, self.kv[0][0].shape[2] - longest))  # drop shared padding
+            parts.append(select_kv(self.kv, kept, self.kv[0][0].shape[2] - longest))  # drop shared padding
         for seq in joining:
             parts.append(seq.cache)
             seq.cache = None  # now held by the batch cache
-        self.kv = kv_cache.concat(parts) if parts else None
+        self.kv = concat_kv(parts) if parts else None
         self.rows = list(seqs)
+
+
+class Sampler:
+    """Turns one sequence's next-token logits into a token id, with that sequence's own parameters.
+
+    Repetition penalty, temperature, top-k and top-p are transformers' own logits processors, so a
+    greedy request matches ``model.generate`` token for token. OpenAI's presence and frequency
+    penalties and ``min_tokens`` have no transformers counterpart and are applied here.
+    """
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        penalties = []
+        if params.repetition_penalty != 1.0:
+            penalties.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+        self.penalties = LogitsProcessorList(penalties)
+        warpers = []
+        if not params.greedy:
+            if params.temperature != 1.0:
+                warpers.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k > 0:
+                warpers.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                warpers.append(TopPLogitsWarper(params.top_p))
+        self.warpers = LogitsProcessorList(warpers)
+        self.generator = None
+        if not params.greedy:
+            self.generator = torch.Generator()
+            if params.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(params.seed % 2**64)  # any integer; torch takes 64 bits
+
+    def is_plain_greedy(self, num_output_tokens: int) -> bool:
+        """Whether the token is simply the argmax of the logits (batched by the engine)."""
+        p = self.params
+        return (p.greedy and not self.penalties and not p.presence_penalty and not p.frequency_penalty
+                and not (num_output_tokens < p.min_tokens and p.stop_token_ids))
+
+    def __call__(self, logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int]) -> int:
+        p = self.params
+        scores = logits.float().reshape(1, -1).cpu().clone()  # a normal tensor, safe to edit in place
+        history = torch.tensor([prompt_ids + output_ids]) if self.penalties or self.warpers else None
+        if self.penalties:
+            scores = self.penalties(history, scores)
+        if output_ids and (p.presence_penalty or p.frequency_penalty):
+            counts = torch.bincount(torch.tensor(output_ids), minlength=scores.shape[-1])[: scores.shape[-1]]
+            scores = scores - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+        if len(output_ids) < p.min_tokens and p.stop_token_ids:
+            scores[0, list(p.stop_token_ids)] = float("-inf")
+        if p.greedy:
+            return int(scores.argmax(dim=-1))
+        probs = torch.softmax(self.warpers(history, scores), dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def sample(seqs: list, logits: torch.Tensor) -> list[int | Exception]:
+    """The next token of every sequence, row i of ``logits`` for ``seqs[i]``, each with its own sampler.
+    Rows that only need an argmax are done in one batched call. A sampler that fails gives its
+    exception in its row instead of a token, so that only its own sequence fails."""
+    tokens: list[int | Exception | None] = [None] * len(seqs)
+    plain = [i for i, s in enumerate(seqs) if s.sampler.is_plain_greedy(len(s.output_ids))]
+    if plain:
+        for i, token in zip(plain, logits[plain].argmax(dim=-1).tolist()):
+            tokens[i] = token
+    for i, seq in enumerate(seqs):
+        if tokens[i] is None:
+            try:
+                tokens[i] = seq.sampler(logits[i], seq.prompt_ids, seq.output_ids)
+            except Exception as e:  # e.g. probabilities that are not finite
+                tokens[i] = e
+    return tokens
+
+
+def logprobs(logits: torch.Tensor, tokens: list[int], top: list[int]) -> list[tuple[float, list[tuple[int, float]]]]:
+    """The model's log-probability of each chosen token and its ``top[i]`` most likely alternatives.
+
+    These are the model's own distribution (before penalties and temperature), as OpenAI reports them.
+    """
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device).unsqueeze(1)).squeeze(1).tolist()
+    k = max(top)
+    values, ids = (lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long()))
+    values, ids = values.tolist(), ids.tolist()
+    return [(c, list(zip(ids[i][:top[i]], values[i][:top[i]]))) for i, c in enumerate(chosen)]
