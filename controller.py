@@ -1,5 +1,6 @@
-"""FastChat's controller, inside the gateway: model id -> the replicas of its runner, their health,
-and shortest-queue dispatch among them.
+"""FastChat's controller, inside the gateway: model id -> :class:`Model`, which holds what the gateway
+knows of the model (:class:`ModelInfo`: tokenizer, template, stops, defaults) and the replicas of its
+runner, their health, and shortest-queue dispatch among them.
 
 A replica is a runner in this ``bentoml serve`` (a BentoML dependency) or a runner served elsewhere
 (an HTTP client on its URL). The gateway polls every replica's ``stats`` each ``health.interval_s``
@@ -7,26 +8,42 @@ A replica is a runner in this ``bentoml serve`` (a BentoML dependency) or a runn
 down: its model leaves ``/v1/models`` and routing when no replica is left, and requests for it get
 503. A replica that answers again is back at that poll. A runner elsewhere also sends, at its first
 answer, its model's files but the weights (tokenizer, configs), so the gateway needs no copy of them.
+
+``Model.generate`` and ``Model.encode`` are the gateway's side of the runner API: they pick the
+replica, name the request, retry on another replica what failed before its first token, abort what
+nobody reads any more, and raise OpenAI's errors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import random
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models.config import HealthConfig, ServedModel
-from models.served import ServedModelInfo
-from openai_api.errors import OpenAIError, model_down, model_not_found, queue_full
+from middleware import REQUEST_ID
+from models.config import DEFAULT_CONTEXT_LENGTH, HealthConfig, ServedModel
+from models.templates import ChatFormat, resolve_chat_format
+from openai_api.errors import generation_failed, invalid_value, model_not_found, model_not_supported, \
+    model_unavailable, queue_full
+from openai_api.protocol import new_id
 from runners.base import NEVER_RECYCLE, REQUEST_TIMEOUT_S
+from runners.chat import ENGINE_DEAD, INVALID_REQUEST, QUEUE_FULL, RunnerRefused, read_events
+from runners.engine.sequence import SamplingParams, TokenEvent
 
 logger = logging.getLogger("bentochat.controller")
 ENCODE_CHUNK = 32  # texts per call to an embedding runner; its batches hold up to EMBEDDING_MAX_BATCH
+ATTEMPTS = 3  # tries of a call that fails before its answer starts, each on the best replica left
+# generation_config.json keys that become defaults for parameters a request leaves out.
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
+_background: set[asyncio.Task] = set()
 
 
 class RunnerSilent(ConnectionError):
@@ -118,14 +135,119 @@ class Replica:
         return self.client
 
 
+def generation_defaults(raw: dict) -> dict:
+    """Only what the model's authors wrote in ``generation_config.json``, not transformers' own defaults."""
+    defaults = {k: raw[k] for k in GENERATION_DEFAULT_KEYS if raw.get(k) is not None}
+    if raw.get("do_sample") is False:
+        defaults["temperature"] = 0.0  # the authors asked for greedy decoding
+    return defaults
+
+
+def _source_name(meta: dict) -> str:
+    """The imported directory's, file's or hub repository's own name: ``dir:/models/Baichuan-13B-Chat`` ->
+    ``Baichuan-13B-Chat``."""
+    source = str(meta.get("source", "")).split(":", 1)[-1]
+    return Path(source).stem if source.endswith(".gguf") else Path(source).name
+
+
+def _ids(*values) -> tuple[int, ...]:
+    """Token ids from ints and lists of them, each once, in order."""
+    ids = [i for v in values for i in ([v] if isinstance(v, int) else v or [])]
+    return tuple(dict.fromkeys(ids))
+
+
+@dataclass
+class ModelInfo:
+    """What the gateway knows of a served model: its tokenizer, context, sampling defaults, and the
+    tokens and strings that end an answer (the template's folded in once, here)."""
+
+    served: ServedModel
+    tag: str  # the store tag of the model, here or on the runner elsewhere
+    created: int
+    context_length: int
+    tokenizer: object
+    defaults: dict = field(default_factory=dict)  # from generation_config.json
+    eos_token_ids: tuple[int, ...] = ()  # what ends a text completion
+    chat_format: ChatFormat | None = None  # chat models only
+    stop_token_ids: tuple[int, ...] = ()  # what ends a chat answer: EOS and the template's stop tokens
+    stop: tuple[str, ...] = ()  # and the template's stop strings
+
+    @property
+    def id(self) -> str:
+        return self.served.id
+
+    @property
+    def kind(self) -> str:
+        return self.served.kind
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    @classmethod
+    def load(cls, served: ServedModel) -> ModelInfo:
+        """From the local model store (a runner in this ``bentoml serve``)."""
+        import bentoml
+
+        stored = bentoml.models.get(served.model)
+        return cls.from_dir(served, Path(stored.path), str(stored.tag), stored.info.metadata,
+                            int(stored.info.creation_time.timestamp()))
+
+    @classmethod
+    def from_description(cls, served: ServedModel, description: dict, into: Path) -> ModelInfo:
+        """From what a runner served elsewhere sent (``describe``): its model's files but the weights."""
+        for name, data in description["files"].items():
+            target = into / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(base64.b64decode(data))
+        return cls.from_dir(served, into, description["tag"], description["metadata"], description["created"])
+
+    @classmethod
+    def from_dir(cls, served: ServedModel, path: Path, tag: str, meta: dict, created: int) -> ModelInfo:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=served.trust_remote_code)
+        raw_gen = path / "generation_config.json"
+        gen = json.loads(raw_gen.read_text(encoding="utf-8")) if raw_gen.is_file() else {}
+        eos = _ids(gen.get("eos_token_id"), tokenizer.eos_token_id)
+        chat_format = None
+        if served.kind == "chat":
+            chat_format = resolve_chat_format(served.id, tokenizer, gen, configured=served.template,
+                                              names=[served.store_name, _source_name(meta)],
+                                              architecture=str(meta.get("architecture", "")))
+        return cls(
+            served=served,
+            tag=tag,
+            created=created,
+            context_length=int(meta.get("context_length") or DEFAULT_CONTEXT_LENGTH),
+            tokenizer=tokenizer,
+            defaults=generation_defaults(gen),
+            eos_token_ids=eos,
+            chat_format=chat_format,
+            stop_token_ids=_ids(eos, chat_format.stop_token_ids if chat_format else ()),
+            stop=tuple(dict.fromkeys(chat_format.stop)) if chat_format else (),
+        )
+
+    def render_chat(self, messages: list[dict]) -> list[int]:
+        return self.chat_format.render(messages)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]
+
+
+def _request_id() -> str:
+    """A sequence's id in its runner: the request's own (x-request-id), so that the runner's log lines
+    name it, and a suffix that keeps choices and retries apart."""
+    return f"{REQUEST_ID.get() or new_id('req')}-{uuid.uuid4().hex[:8]}"
+
+
 @dataclass
 class Model:
-    """One served model: what the gateway knows of it, and the runner API of its replicas."""
+    """One served model: what the gateway knows of it (``info``), and its runner's replicas."""
 
     served: ServedModel
     replicas: list[Replica]
-    info: ServedModelInfo | None = None  # a remote model's is known once a replica has answered
-    _requests: dict[str, Replica] = field(default_factory=dict)  # request id -> replica, for abort
+    info: ModelInfo | None = None  # a remote model's is known once a replica has answered
 
     @property
     def id(self) -> str:
@@ -139,38 +261,72 @@ class Model:
         """The ready replica with the shortest queue (FastChat's shortest_queue), ties at random."""
         ready = [r for r in self.replicas if r.ready]
         if not ready:
-            raise model_down(self.id)
+            raise model_unavailable(self.id)
         now = time.monotonic()
         preferred = [r for r in ready if r.avoid_until <= now] or ready
         shortest = min(r.queue for r in preferred)
         return random.choice([r for r in preferred if r.queue == shortest])
 
-    def _failed(self, replica: Replica, exc: BaseException) -> None:
-        logger.info("call to runner %s of %s failed: %r", replica.name, self.id, exc)
-        replica.avoid_until = time.monotonic() + 60  # until the next poll says otherwise
+    def _failed(self, replica: Replica, exc: BaseException, last: bool) -> None:
+        """A call on ``replica`` failed before it answered: prefer the others until the next poll says
+        otherwise; raise the 503 if this was the ``last`` attempt."""
+        logger.info("call to runner %s of %s failed: %r%s", replica.name, self.id, exc, "" if last else "; retrying")
+        replica.avoid_until = time.monotonic() + 60
+        if last:
+            logger.warning("runner for %s failed: %s: %s", self.id, type(exc).__name__, exc)
+            raise model_unavailable(self.id) from exc
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: dict) -> AsyncIterator:
-        replica = self.pick()
-        replica.queue += 1
-        self._requests[request_id] = replica
-        stream = replica.client.generate(request_id=request_id, prompt_ids=prompt_ids, params=params)
-        finished = False
-        try:
-            async for chunk in _until_silent(stream, replica.down):
-                yield chunk
-            finished = True
-        except Exception as e:
-            self._failed(replica, e)
-            raise
-        finally:
-            replica.queue = max(0, replica.queue - 1)
-            if finished:  # otherwise the caller aborts it, and abort needs to know where it ran
-                self._requests.pop(request_id, None)
-            await stream.aclose()
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+        """The tokens of one sequence as its runner generates them. A call that fails before the first
+        token is retried on another replica (a pooled connection the runner had closed, a replica that
+        died with the request in its queue); one that stops being read (client gone, stop string) or
+        fails is aborted in the runner. Raises OpenAI errors: 429 for a full queue, 400 for what the
+        engine refused, 503 when no replica answers (also mid-stream), 500 when the engine failed."""
+        payload = params.to_dict()
+        for attempt in range(ATTEMPTS):
+            replica, request_id = self.pick(), _request_id()
+            replica.queue += 1
+            stream = replica.client.generate(request_id=request_id, prompt_ids=prompt_ids, params=payload)
+            count, done = 0, False  # done: the runner holds the sequence no more
+            try:
+                async for event in read_events(_until_silent(stream, replica.down)):
+                    count += 1
+                    done = event.finish_reason is not None
+                    yield event
+                done = True
+                return
+            except RunnerRefused as e:
+                done = True  # the runner dropped the sequence itself, or never took it
+                raise self._refused(e) from None
+            except Exception as e:
+                self._failed(replica, e, last=bool(count) or attempt == ATTEMPTS - 1)
+            finally:
+                replica.queue = max(0, replica.queue - 1)
+                await stream.aclose()
+                if not done:
+                    self._abort_later(replica, request_id)
 
-    async def abort(self, request_id: str) -> bool:
-        replica = self._requests.pop(request_id, None)
-        return bool(replica and replica.client and await replica.client.abort(request_id=request_id))
+    def _refused(self, e: RunnerRefused):
+        if e.code == QUEUE_FULL:
+            return queue_full(self.id, e.retry_after or 1)
+        if e.code == INVALID_REQUEST:  # what the API's own checks let through, the engine refused
+            return invalid_value(None, e.message)  # whose text names the parameter
+        if e.code == ENGINE_DEAD:
+            logger.warning("runner for %s: %s", self.id, e.message)
+            return model_unavailable(self.id)
+        return generation_failed(self.id, e.message)
+
+    def _abort_later(self, replica: Replica, request_id: str) -> None:
+        """Tell the runner to drop a sequence nobody reads any more, without waiting for its answer."""
+        async def abort():
+            try:
+                await replica.client.abort(request_id=request_id)
+            except Exception as e:  # the runner may be gone too; nothing left to free then
+                logger.debug("abort of %s failed: %s", request_id, e)
+
+        task = asyncio.get_running_loop().create_task(abort())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
 
     async def encode(self, texts: list[str]) -> list:
         """Embeddings of ``texts``, in calls of at most ``ENCODE_CHUNK`` texts, which the runner's
@@ -179,7 +335,7 @@ class Model:
         return [v for part in await asyncio.gather(*(self._encode(c) for c in chunks)) for v in part]
 
     async def _encode(self, texts: list[str]):
-        for attempt in range(2):  # a replica that fails is avoided: the second try goes to another, if any
+        for attempt in range(ATTEMPTS):
             replica = self.pick()
             replica.queue += 1
             try:
@@ -187,9 +343,7 @@ class Model:
             except Exception as e:
                 if getattr(e, "error_code", None) in (429, 503):  # it answered: too busy (BentoML's batcher)
                     raise queue_full(self.id, 1) from e
-                self._failed(replica, e)
-                if attempt:
-                    raise
+                self._failed(replica, e, last=attempt == ATTEMPTS - 1)
             finally:
                 replica.queue = max(0, replica.queue - 1)
 
@@ -235,7 +389,7 @@ class Model:
     async def _describe(self, client) -> None:
         description = await client.describe()
         into = Path(tempfile.mkdtemp(prefix=f"bentochat-{self.served.store_name or 'remote'}-"))
-        self.info = await asyncio.to_thread(ServedModelInfo.from_description, self.served, description, into)
+        self.info = await asyncio.to_thread(ModelInfo.from_description, self.served, description, into)
         logger.info("model %s: %s from runner (context %s, template %s)", self.id, self.info.kind,
                     self.info.context_length, self.info.chat_format.name if self.info.chat_format else "-")
 
@@ -248,30 +402,24 @@ class Registry:
         self.health = health
         self._task: asyncio.Task | None = None
 
-    def models(self) -> list[ServedModelInfo]:
+    def models(self) -> list[ModelInfo]:
         """The models with at least one ready replica."""
         return [m.info for m in self.entries.values() if m.ready]
 
     def ready(self) -> bool:
         return any(m.ready for m in self.entries.values())
 
-    def model(self, model_id: str) -> Model:
+    def get(self, model_id: str, kind: str | None = None) -> Model:
+        """The model clients call ``model_id``, ready to serve (and of ``kind``, if given); raises the
+        OpenAI error otherwise."""
         if model_id not in self.entries:
             raise model_not_found(model_id)
         model = self.entries[model_id]
         if not model.ready:
-            raise model_down(model_id)
+            raise model_unavailable(model_id)
+        if kind is not None and model.info.kind != kind:
+            raise model_not_supported(model_id, model.info.kind)
         return model
-
-    def info(self, model_id: str) -> ServedModelInfo:
-        return self.model(model_id).info
-
-    def get(self, model_id: str, kind: str) -> tuple[ServedModelInfo, Model]:
-        model = self.model(model_id)
-        if model.info.kind != kind:
-            raise OpenAIError(400, f"The model `{model_id}` is an {model.info.kind} model and does not support this "
-                                   f"endpoint.", param="model", code="model_not_supported")
-        return model.info, model
 
     async def poll(self) -> None:
         await asyncio.gather(*(m.poll(r, self.health) for m in self.entries.values() for r in m.replicas))

@@ -13,7 +13,7 @@ import bentoml
 
 from starlette.middleware.cors import CORSMiddleware
 
-from controller import Model, Registry, Replica, unbounded
+from controller import Model, ModelInfo, Registry, Replica, unbounded
 from middleware import (
     PROBES,
     ApiKeys,
@@ -26,7 +26,6 @@ from middleware import (
 )
 from models.config import ServedModel, load_config
 from models.embedded import ensure_available
-from models.served import ServedModelInfo
 from openai_api.routes import app
 from runners.chat import chat_runner
 from runners.embedding import embedding_runner
@@ -57,7 +56,7 @@ class Gateway:
                 models.append(Model(m, [Replica(url) for url in m.urls]))
             else:
                 local = Replica("local", client=unbounded(getattr(self, _attribute(m))))
-                models.append(Model(m, [local], info=ServedModelInfo.load(m)))
+                models.append(Model(m, [local], info=ModelInfo.load(m)))
         self.registry = Registry(models, GATEWAY.health)
         app.state.registry = self.registry
         logger.info("serving %s", ", ".join(m.id for m in models))

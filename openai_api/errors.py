@@ -42,24 +42,46 @@ class OpenAIError(Exception):
         return ErrorJSONResponse(self.body().model_dump(), status_code=self.status, headers=self.headers)
 
 
-def model_not_found(model: str) -> OpenAIError:
-    return OpenAIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+# One factory per error code a request can meet on its way to a model and back, one message each.
+
+def invalid_value(param: str | None, message: str) -> OpenAIError:
+    return OpenAIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
 
 
-def model_down(model_id: str) -> OpenAIError:
-    return OpenAIError(503, f"The model `{model_id}` is not available right now: none of its runners answers. "
+def context_length_exceeded(context: int, prompt_tokens: int, param: str, max_tokens: int | None = None) -> OpenAIError:
+    asked = f" and max_tokens asks for {max_tokens} more" if max_tokens is not None else ""
+    return OpenAIError(400, f"This model's maximum context length is {context} tokens; `{param}` holds {prompt_tokens} "
+                            f"tokens{asked}.", param="max_tokens" if max_tokens is not None else param,
+                       code="context_length_exceeded")
+
+
+def model_not_found(model_id: str) -> OpenAIError:
+    return OpenAIError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
+
+
+def model_not_supported(model_id: str, kind: str, hint: str = "does not support this endpoint",
+                        param: str = "model") -> OpenAIError:
+    return OpenAIError(400, f"The model `{model_id}` is an {kind} model and {hint}.", param=param,
+                       code="model_not_supported")
+
+
+def model_unavailable(model_id: str) -> OpenAIError:
+    """None of the model's runners answers, or the one generating the answer stopped answering."""
+    return OpenAIError(503, f"The model `{model_id}` is not available right now: its runners do not answer. "
                             "Retry later.", code="model_unavailable")
-
-
-def runner_unavailable(model_id: str, exc: BaseException) -> OpenAIError:
-    logger.warning("runner for %s failed: %s: %s", model_id, type(exc).__name__, exc)
-    return OpenAIError(503, f"The model `{model_id}` is not available right now; retry later.",
-                       code="model_unavailable")
 
 
 def queue_full(model_id: str, retry_after: int) -> OpenAIError:
     return OpenAIError(429, f"The model `{model_id}` is at capacity: its queue is full. Retry after {retry_after} s.",
                        code="queue_full", headers={"Retry-After": str(retry_after)})
+
+
+def generation_failed(model_id: str, reason: str) -> OpenAIError:
+    return OpenAIError(500, f"Generation with `{model_id}` failed: {reason}", code="generation_failed")
+
+
+def client_closed() -> OpenAIError:
+    return OpenAIError(499, "The client closed the request.", code="client_closed_request")
 
 
 # Parts of a pydantic error location that name a member of a union type, not a field.

@@ -1,12 +1,18 @@
-"""Every OpenAI request and response schema BentoChat speaks, as pydantic models, in one place."""
+"""Every OpenAI request and response schema BentoChat speaks, as pydantic models, in one place; and
+how a request becomes the engine's parameters (``to_sampling_params``, after vLLM's)."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from runners.engine.sequence import SamplingParams
+
+if TYPE_CHECKING:
+    from controller import ModelInfo
 
 
 def new_id(prefix: str) -> str:
@@ -112,6 +118,61 @@ class SamplingFields(TopLevelRequest):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    # What differs between chat and text completions: how the prompt is named in errors, how long an
+    # answer that sets no max_tokens may be (None: up to the rest of the context), the logprobs asked
+    # for, and which of the model's stops apply.
+    PROMPT_PARAM: ClassVar[str]
+    DEFAULT_MAX_TOKENS: ClassVar[int | None] = None
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """None: no logprobs; k: the chosen token's and the k most likely."""
+        return None
+
+    def model_stops(self, info: ModelInfo) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        return info.eos_token_ids, ()
+
+    def to_sampling_params(self, info: ModelInfo, prompt_tokens: int, *, fit_context: bool = False) -> SamplingParams:
+        """The engine's parameters for this request on ``info``'s model, for a prompt of ``prompt_tokens``.
+
+        Request values win; what the request leaves out comes from the model's generation_config.json,
+        else OpenAI's defaults. A prompt or ``max_tokens`` beyond the context is a 400, unless
+        ``fit_context`` (the chat page), which cuts ``max_tokens`` to what the context leaves.
+        """
+        from openai_api.errors import context_length_exceeded, invalid_value  # (errors.py imports this module)
+
+        ctx, d = info.context_length, info.defaults
+        if prompt_tokens >= ctx:
+            raise context_length_exceeded(ctx, prompt_tokens, self.PROMPT_PARAM)
+        max_tokens = self.max_new_tokens
+        if max_tokens is None:
+            max_tokens = info.served.max_tokens_default or d.get("max_new_tokens") or self.DEFAULT_MAX_TOKENS or ctx
+        elif prompt_tokens + max_tokens > ctx and not fit_context:
+            raise context_length_exceeded(ctx, prompt_tokens, self.PROMPT_PARAM, max_tokens)
+        vocab = info.vocab_size
+        if any(not 0 <= t < vocab for t in self.stop_token_ids or ()):
+            raise invalid_value("stop_token_ids", f"token ids must be in [0, {vocab})")
+        stop_ids, stops = self.model_stops(info)
+
+        def pick(name, fallback):
+            value = getattr(self, name)
+            return value if value is not None else d.get(name, fallback)
+
+        return SamplingParams(
+            max_tokens=min(max_tokens, ctx - prompt_tokens),
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
+            top_k=min(max(pick("top_k", 0), 0), vocab),
+            repetition_penalty=pick("repetition_penalty", 1.0),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            min_tokens=self.min_tokens or 0,
+            stop_token_ids=tuple(dict.fromkeys([*stop_ids, *(self.stop_token_ids or [])])),
+            stop=tuple(dict.fromkeys([*(self.stop or []), *stops])),
+            seed=self.seed,
+            logprobs=self.num_logprobs,
+        )
+
 
 class TextPart(Request):
     type: Literal["text"]
@@ -149,6 +210,11 @@ class ChatMessage(Request):
         return self.content or ""
 
 
+def chat_messages(messages: list[ChatMessage]) -> list[dict]:
+    """Messages as a template renders them (``developer`` is OpenAI's newer name for ``system``)."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -173,14 +239,19 @@ class ChatCompletionRequest(SamplingFields):
                              "only `text`")
         return self
 
+    PROMPT_PARAM: ClassVar[str] = "messages"
+
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
     @property
     def num_logprobs(self) -> int | None:
-        """None: no logprobs; k: the chosen token's and the k most likely."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def model_stops(self, info: ModelInfo) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        return info.stop_token_ids, info.stop  # the template's, with EOS
+
 
 
 class CompletionRequest(SamplingFields):
@@ -205,6 +276,9 @@ class CompletionRequest(SamplingFields):
             raise ValueError(f"prompt: {len(self.prompts)} prompts x n={self.n} is more than {MAX_SEQUENCES} "
                              "sequences in one request")
         return self
+
+    PROMPT_PARAM: ClassVar[str] = "prompt"
+    DEFAULT_MAX_TOKENS: ClassVar[int | None] = 16  # OpenAI's, for text completions
 
     @property
     def num_logprobs(self) -> int | None:

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import logging
 import struct
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from starlette.routing import Match
 
 from openai_api import errors
-from openai_api.errors import OpenAIError, runner_unavailable
-from openai_api.generation import generate_text, merge, started, unless_disconnected
+from openai_api.errors import OpenAIError, client_closed, context_length_exceeded, invalid_value, \
+    model_not_supported
+from openai_api.generation import generate_text
 from openai_api.logprobs import chat_logprobs, completion_logprobs
 from openai_api.protocol import (
     AssistantMessage,
@@ -33,15 +37,19 @@ from openai_api.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
-    SamplingFields,
     TokenCheckRequest,
     TokenCheckResult,
     TokenCheckResults,
     Tokenized,
     TokenizeRequest,
     Usage,
+    chat_messages,
     new_id,
 )
+from runners.engine.sequence import SamplingParams
+
+if TYPE_CHECKING:
+    from controller import Model, ModelInfo, Registry
 
 # The published schema: errors in OpenAI's shape. ("default" also keeps FastAPI from adding a 422
 # response, which this server never sends: invalid requests are 400.)
@@ -56,48 +64,12 @@ errors.install(app)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # nginx must not buffer a stream
 
 
-def sampling_params(model, req: SamplingFields, prompt_len: int, prompt_param: str, default_max: int | None) -> dict:
-    """Request values win; what the request leaves out comes from the model's generation_config.json."""
-    ctx = model.context_length
-    if prompt_len >= ctx:
-        raise OpenAIError(400, f"This model's maximum context length is {ctx} tokens, but the prompt has "
-                               f"{prompt_len} tokens.", param=prompt_param, code="context_length_exceeded")
-    d = model.defaults
-    max_tokens = req.max_new_tokens
-    if max_tokens is not None and prompt_len + max_tokens > ctx:
-        raise OpenAIError(400, f"This model's maximum context length is {ctx} tokens; the prompt has {prompt_len} "
-                               f"tokens and max_tokens asks for {max_tokens} more.", param="max_tokens",
-                          code="context_length_exceeded")
-    if max_tokens is None:
-        cap = model.served.max_tokens_default or d.get("max_new_tokens") or default_max or ctx
-        max_tokens = min(cap, ctx - prompt_len)
-    vocab = len(model.tokenizer)
-    if any(not 0 <= t < vocab for t in req.stop_token_ids or ()):
-        raise OpenAIError(400, f"stop_token_ids: token ids must be in [0, {vocab})", param="stop_token_ids",
-                          code="invalid_value")
-
-    def pick(name, fallback):
-        value = getattr(req, name)
-        return value if value is not None else d.get(name, fallback)
-
-    return {
-        "max_tokens": max_tokens,
-        "temperature": pick("temperature", 1.0),
-        "top_p": pick("top_p", 1.0),
-        "top_k": min(max(pick("top_k", 0), 0), vocab),
-        "repetition_penalty": pick("repetition_penalty", 1.0),
-        "presence_penalty": req.presence_penalty or 0.0,
-        "frequency_penalty": req.frequency_penalty or 0.0,
-        "min_tokens": req.min_tokens or 0,
-        "stop_token_ids": list(dict.fromkeys(model.eos_token_ids + (req.stop_token_ids or []))),
-        "seed": req.seed,
-        "logprobs": req.num_logprobs,
-    }
+logger = logging.getLogger("bentochat.api")
 
 
-def _choice_params(params: dict, index: int) -> dict:
+def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
     # With a seed, each of the n choices gets its own, so they differ but stay reproducible.
-    return params if params["seed"] is None else {**params, "seed": params["seed"] + index}
+    return params if params.seed is None else dataclasses.replace(params, seed=params.seed + index)
 
 
 def _sse(events: AsyncIterator) -> StreamingResponse:
@@ -112,13 +84,83 @@ def _sse(events: AsyncIterator) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def _run_choices(model, runner, prompts: list[list[int]], params: dict, stops: list[str], n: int):
+async def unless_disconnected(request: Request, awaitable):
+    """``awaitable``'s result, unless the client goes away first: then it is cancelled (which aborts
+    its sequences in the engine) and the request ends with 499. For the work done before a response
+    starts (a non-streamed answer, a stream's wait for its first token); once a stream runs, its
+    response notices the disconnect itself."""
+    async def client_gone():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, gone = asyncio.ensure_future(awaitable), asyncio.ensure_future(client_gone())
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
+        logger.info("client went away before the answer; its generation is aborted")
+        raise client_closed()
+    finally:
+        for task in (work, gone):
+            if not task.done():
+                task.cancel()
+        await asyncio.wait({work, gone})
+
+
+async def started(stream: AsyncIterator) -> AsyncIterator:
+    """Wait for the stream's first item, so that what fails before it (a full queue, a runner that is
+    down) becomes the HTTP status of a streamed response rather than an error inside it."""
+    it = aiter(stream)
+    try:
+        first = await anext(it)
+    except StopAsyncIteration:
+        first = it = None
+
+    async def replay():
+        if it is not None:
+            yield first
+            async for item in it:
+                yield item
+
+    return replay()
+
+
+async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """Interleave several async iterators, yielding ``(index, item)`` as items arrive."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i, stream):
+        try:
+            async for item in stream:
+                await queue.put((i, item))
+            await queue.put((i, done))
+        except Exception as e:  # cancellation is not an item: it ends the pump quietly
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _run_choices(model: Model, prompts: list[list[int]], params: SamplingParams, n: int):
     """Yields (choice index, TextEvent); choice ``p * n + i`` is the i-th choice of prompt p, as OpenAI orders them."""
-    return merge([generate_text(model, runner, prompt_ids, _choice_params(params, i), stops)
-                  for prompt_ids in prompts for i in range(n)])
+    return merge([generate_text(model, prompt_ids, _choice_params(params, i)) for prompt_ids in prompts for i in range(n)])
 
 
-async def _collect(choices, total: int) -> tuple[list[str], list[str | None], list[int], list[list[dict]]]:
+async def _collect(choices, total: int) -> tuple[list[str], list[str | None], list[int], list[list]]:
     """Whole texts, finish reasons, completion token counts and logprob entries of ``total`` choices."""
     texts, reasons, counts, logprobs = [""] * total, [None] * total, [0] * total, [[] for _ in range(total)]
     async for i, ev in choices:
@@ -128,57 +170,53 @@ async def _collect(choices, total: int) -> tuple[list[str], list[str | None], li
     return texts, reasons, counts, logprobs
 
 
-def _card(m) -> ModelCard:
+def _card(m: ModelInfo) -> ModelCard:
     return ModelCard(id=m.id, created=m.created, kind=m.kind, context_length=m.context_length, root=m.tag,
                      template=m.chat_format.name if m.chat_format else None,
                      template_source=m.chat_format.source if m.chat_format else None,
                      generation_defaults=m.defaults)
 
 
+def _registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
 @app.get("/models")
 async def list_models(request: Request) -> ModelList:
-    return ModelList(data=[_card(m) for m in request.app.state.registry.models()])
+    return ModelList(data=[_card(m) for m in _registry(request).models()])
 
 
 @app.get("/models/{model_id:path}")
 async def retrieve_model(model_id: str, request: Request) -> ModelCard:
-    return _card(request.app.state.registry.info(model_id))
+    return _card(_registry(request).get(model_id).info)
 
 
 @app.get("/stats")
 async def runner_stats(request: Request) -> dict:
     """Extension: each model's runner state (a chat engine's running and waiting sequences and tokens
     generated), summed over its ready replicas and per replica."""
-    registry = request.app.state.registry
-    ready = [m for m in registry.entries.values() if m.ready]
+    ready = [m for m in _registry(request).entries.values() if m.ready]
     stats = await asyncio.gather(*(m.stats() for m in ready))
     return {"object": "list", "data": {m.id: s for m, s in zip(ready, stats)}}
 
 
-def prepare_chat(model, req: ChatCompletionRequest) -> tuple[list[int], dict, list[str]]:
-    """Prompt ids, sampling parameters and stop strings of a chat request: the model's template adds
-    its own stop tokens and strings to the request's."""
-    prompt_ids = model.render_chat(chat_messages(req.messages))
-    params = sampling_params(model, req, len(prompt_ids), "messages", None)
-    fmt = model.chat_format
-    params["stop_token_ids"] = list(dict.fromkeys(params["stop_token_ids"] + fmt.stop_token_ids))
-    return prompt_ids, params, list(dict.fromkeys((req.stop or []) + fmt.stop))
-
-
-def chat_messages(messages: list[ChatMessage]) -> list[dict]:
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
+def prepare_chat(info: ModelInfo, req: ChatCompletionRequest, fit_context: bool = False
+                 ) -> tuple[list[int], SamplingParams]:
+    """Prompt ids and engine parameters of a chat request, for the API and the chat page alike."""
+    prompt_ids = info.render_chat(chat_messages(req.messages))
+    return prompt_ids, req.to_sampling_params(info, len(prompt_ids), fit_context=fit_context)
 
 
 @app.post("/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request):
-    model, runner = request.app.state.registry.get(req.model, "chat")
+    model = _registry(request).get(req.model, "chat")
     # Rendering and tokenizing take CPU time that grows with the prompt: never on the event loop.
-    prompt_ids, params, stops = await asyncio.to_thread(prepare_chat, model, req)
-    choices = _run_choices(model, runner, [prompt_ids], params, stops, req.n)
+    prompt_ids, params = await asyncio.to_thread(prepare_chat, model.info, req)
+    choices = _run_choices(model, [prompt_ids], params, req.n)
     rid = new_id("chatcmpl")
 
     def logprobs(entries):
-        return chat_logprobs(model.tokenizer, entries) if req.logprobs else None
+        return chat_logprobs(model.info.tokenizer, entries) if req.logprobs else None
 
     if req.stream:
         choices = await unless_disconnected(request, started(choices))
@@ -207,40 +245,39 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     ])
 
 
-def _encode_prompts(model, req: CompletionRequest) -> list[list[int]]:
+def _encode_prompts(info: ModelInfo, req: CompletionRequest) -> list[list[int]]:
     """Token ids of each prompt. An empty text prompt is the beginning-of-sequence token alone, as
     OpenAI's models take it, when the tokenizer has one."""
     prompts = []
     for i, p in enumerate(req.prompts):
-        ids = p if isinstance(p, list) else model.encode(p)
-        if not ids and model.tokenizer.bos_token_id is not None:
-            ids = [model.tokenizer.bos_token_id]
+        ids = p if isinstance(p, list) else info.encode(p)
+        if not ids and info.tokenizer.bos_token_id is not None:
+            ids = [info.tokenizer.bos_token_id]
         if not ids:
-            param = "prompt" if len(req.prompts) == 1 else f"prompt[{i}]"
-            raise OpenAIError(400, f"{param}: is empty, and this model has no beginning-of-sequence token to start "
-                                   "from; send some text", param=param, code="invalid_value")
+            raise invalid_value("prompt" if len(req.prompts) == 1 else f"prompt[{i}]",
+                                "is empty, and this model has no beginning-of-sequence token to start from; send "
+                                "some text")
         prompts.append(ids)
-    vocab = len(model.tokenizer)
-    if any(not 0 <= t < vocab for p in prompts for t in p):
-        raise OpenAIError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt", code="invalid_value")
+    if any(not 0 <= t < info.vocab_size for p in prompts for t in p):
+        raise invalid_value("prompt", f"token ids must be in [0, {info.vocab_size})")
     return prompts
 
 
 @app.post("/completions")
 async def completions(req: CompletionRequest, request: Request):
-    model, runner = request.app.state.registry.get(req.model, "chat")
-    prompts = await asyncio.to_thread(_encode_prompts, model, req)
-    params = [sampling_params(model, req, len(p), "prompt", 16) for p in prompts]
+    model = _registry(request).get(req.model, "chat")
+    info = model.info
+    prompts = await asyncio.to_thread(_encode_prompts, info, req)
     # max_tokens may be clamped per prompt; the tightest applies to all, as one request.
-    params = min(params, key=lambda p: p["max_tokens"])
-    choices = _run_choices(model, runner, prompts, params, req.stop, req.n)
+    params = min((req.to_sampling_params(info, len(p)) for p in prompts), key=lambda p: p.max_tokens)
+    choices = _run_choices(model, prompts, params, req.n)
     rid = new_id("cmpl")
     prompt_tokens = sum(len(p) for p in prompts)
 
     total = len(prompts) * req.n
 
     def logprobs(entries, offset=0):
-        return completion_logprobs(model.tokenizer, entries, offset) if req.logprobs is not None else None
+        return completion_logprobs(info.tokenizer, entries, offset) if req.logprobs is not None else None
 
     if req.stream:
         choices = await unless_disconnected(request, started(choices))
@@ -267,24 +304,23 @@ async def completions(req: CompletionRequest, request: Request):
     ])
 
 
-def _count(model, prompt: str | list[ChatMessage], add_special_tokens: bool = True) -> list[int]:
+def _count(info: ModelInfo, prompt: str | list[ChatMessage], add_special_tokens: bool = True) -> list[int]:
     if isinstance(prompt, str):
-        return model.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
-    if model.chat_format is None:
-        raise OpenAIError(400, f"The model `{model.id}` is an {model.kind} model and has no chat template; send "
-                               "`prompt` text.", param="messages", code="model_not_supported")
-    return model.render_chat(chat_messages(prompt))
+        return info.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+    if info.chat_format is None:
+        raise model_not_supported(info.id, info.kind, "has no chat template; send `prompt` text", param="messages")
+    return info.render_chat(chat_messages(prompt))
 
 
 @app.post("/tokenize")
 async def tokenize(req: TokenizeRequest, request: Request) -> Tokenized:
     """Extension: the token ids of a prompt, or of a message list rendered with the model's chat
     template exactly as /chat/completions renders it."""
-    model = request.app.state.registry.info(req.model)
+    info = _registry(request).get(req.model).info
     prompt = req.messages if req.messages is not None else req.prompt
-    ids = await asyncio.to_thread(_count, model, prompt, req.add_special_tokens)
-    return Tokenized(model=model.id, tokens=ids, count=len(ids), max_model_len=model.context_length,
-                     template=model.chat_format.name if req.messages is not None else None)
+    ids = await asyncio.to_thread(_count, info, prompt, req.add_special_tokens)
+    return Tokenized(model=info.id, tokens=ids, count=len(ids), max_model_len=info.context_length,
+                     template=info.chat_format.name if req.messages is not None else None)
 
 
 @app.post("/token_check")
@@ -292,37 +328,30 @@ async def token_check(req: TokenCheckRequest, request: Request) -> TokenCheckRes
     """Extension, FastChat's /api/v1/token_check: does each prompt plus its max_tokens fit the context?"""
     results = []
     for item in req.prompts:
-        model = request.app.state.registry.info(item.model)
-        count = len(await asyncio.to_thread(_count, model, item.prompt))
-        results.append(TokenCheckResult(fits=count + item.max_tokens <= model.context_length, tokenCount=count,
-                                        contextLength=model.context_length))
+        info = _registry(request).get(item.model).info
+        count = len(await asyncio.to_thread(_count, info, item.prompt))
+        results.append(TokenCheckResult(fits=count + item.max_tokens <= info.context_length, tokenCount=count,
+                                        contextLength=info.context_length))
     return TokenCheckResults(prompts=results)
 
 
-def _input_lengths(model, texts: list[str]) -> list[int]:
-    lengths = [len(ids) for ids in model.tokenizer(texts)["input_ids"]]
+def _input_lengths(info: ModelInfo, texts: list[str]) -> list[int]:
+    lengths = [len(ids) for ids in info.tokenizer(texts)["input_ids"]]
     for i, n in enumerate(lengths):
-        if n > model.context_length:
-            raise OpenAIError(400, f"input[{i}] has {n} tokens; this model's maximum is {model.context_length}.",
-                              param="input", code="context_length_exceeded")
+        if n > info.context_length:
+            raise context_length_exceeded(info.context_length, n, f"input[{i}]")
     return lengths
 
 
 @app.post("/embeddings")
 async def embeddings(req: EmbeddingRequest, request: Request) -> EmbeddingList:
-    model, runner = request.app.state.registry.get(req.model, "embedding")
+    model = _registry(request).get(req.model, "embedding")
     texts: list[str] = req.input
-    lengths = await asyncio.to_thread(_input_lengths, model, texts)
-    try:
-        vectors = await unless_disconnected(request, runner.encode(texts))
-    except OpenAIError:  # no runner of it answers, or its queue is full: already the error to give
-        raise
-    except Exception as e:
-        raise runner_unavailable(model.id, e) from e
+    lengths = await asyncio.to_thread(_input_lengths, model.info, texts)
+    vectors = await unless_disconnected(request, model.encode(texts))
     dims = len(vectors[0])
     if req.dimensions is not None and req.dimensions != dims:
-        raise OpenAIError(400, f"dimensions: this model returns {dims}-dimensional vectors", param="dimensions",
-                          code="invalid_value")
+        raise invalid_value("dimensions", f"this model returns {dims}-dimensional vectors")
 
     def encode(v) -> list[float] | str:
         values = [float(x) for x in v]

@@ -6,18 +6,18 @@ import pytest
 from pydantic import ValidationError
 
 from models.config import ServedModel
-from models.served import generation_defaults
+from controller import generation_defaults
 from openai_api.errors import OpenAIError
 from openai_api.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from openai_api.routes import sampling_params
 
 MSG = [{"role": "user", "content": "hi"}]
 
 
-class FakeModel:  # only what sampling_params reads: no generation is tested here
+class FakeModel:  # only what to_sampling_params reads of a ModelInfo: no generation is tested here
     context_length = 100
-    eos_token_ids = [2]
-    tokenizer = range(1000)  # sampling_params reads only its length, the vocabulary
+    eos_token_ids = stop_token_ids = (2,)
+    stop = ()
+    vocab_size = 1000
 
     def __init__(self, defaults, **served):
         self.defaults = defaults
@@ -32,41 +32,40 @@ def test_generation_config_defaults_apply_and_request_values_win():
     baichuan = generation_defaults({"temperature": 0.3, "top_k": 5, "top_p": 0.85, "repetition_penalty": 1.1,
                                     "max_new_tokens": 2048, "do_sample": True, "user_token_id": 195})
     model = FakeModel(baichuan)
-    p = sampling_params(model, chat(), 10, "messages", None)
-    assert (p["temperature"], p["top_k"], p["top_p"], p["repetition_penalty"]) == (0.3, 5, 0.85, 1.1)
-    assert p["max_tokens"] == 90  # max_new_tokens 2048 clamped to what the context leaves
-    p = sampling_params(model, chat(temperature=0.9, top_k=-1, top_p=1.0, max_tokens=5, stop_token_ids=[7]), 10,
-                        "messages", None)
-    assert (p["temperature"], p["top_k"], p["top_p"], p["max_tokens"]) == (0.9, 0, 1.0, 5)
-    assert p["stop_token_ids"] == [2, 7]
+    p = chat().to_sampling_params(model, 10)
+    assert (p.temperature, p.top_k, p.top_p, p.repetition_penalty) == (0.3, 5, 0.85, 1.1)
+    assert p.max_tokens == 90  # max_new_tokens 2048 clamped to what the context leaves
+    p = chat(temperature=0.9, top_k=-1, top_p=1.0, max_tokens=5, stop_token_ids=[7]).to_sampling_params(model, 10)
+    assert (p.temperature, p.top_k, p.top_p, p.max_tokens) == (0.9, 0, 1.0, 5)
+    assert p.stop_token_ids == (2, 7)
 
 
 def test_greedy_default_when_authors_disable_sampling_and_openai_defaults_otherwise():
-    assert sampling_params(FakeModel(generation_defaults({"do_sample": False})), chat(), 10, "messages", None)["temperature"] == 0
-    p = sampling_params(FakeModel({}), CompletionRequest(model="m", prompt="x"), 10, "prompt", 16)
-    assert (p["temperature"], p["top_p"], p["max_tokens"]) == (1.0, 1.0, 16)
+    assert chat().to_sampling_params(FakeModel(generation_defaults({"do_sample": False})), 10).temperature == 0
+    p = CompletionRequest(model="m", prompt="x").to_sampling_params(FakeModel({}), 10)
+    assert (p.temperature, p.top_p, p.max_tokens) == (1.0, 1.0, 16)
 
 
 def test_max_tokens_default_caps_requests_that_set_none():
     model = FakeModel({"max_new_tokens": 50}, max_tokens_default=20)
-    assert sampling_params(model, chat(), 10, "messages", None)["max_tokens"] == 20
-    assert sampling_params(model, chat(max_tokens=40), 10, "messages", None)["max_tokens"] == 40
-    assert sampling_params(FakeModel({}, max_tokens_default=500), chat(), 10, "messages", None)["max_tokens"] == 90
+    assert chat().to_sampling_params(model, 10).max_tokens == 20
+    assert chat(max_tokens=40).to_sampling_params(model, 10).max_tokens == 40
+    assert chat().to_sampling_params(FakeModel({}, max_tokens_default=500), 10).max_tokens == 90
 
 
 def test_stop_token_ids_outside_the_vocabulary_are_400():
     for ids in ([-100000], [1000]):
         with pytest.raises(OpenAIError) as e:
-            sampling_params(FakeModel({}), chat(stop_token_ids=ids), 10, "messages", None)
+            chat(stop_token_ids=ids).to_sampling_params(FakeModel({}), 10)
         assert e.value.status == 400 and e.value.param == "stop_token_ids"
 
 
 def test_context_length_errors_name_the_parameter():
     with pytest.raises(OpenAIError) as e:
-        sampling_params(FakeModel({}), chat(), 100, "messages", None)
+        chat().to_sampling_params(FakeModel({}), 100)
     assert e.value.status == 400 and e.value.param == "messages" and e.value.code == "context_length_exceeded"
     with pytest.raises(OpenAIError) as e:
-        sampling_params(FakeModel({}), chat(max_tokens=95), 10, "messages", None)
+        chat(max_tokens=95).to_sampling_params(FakeModel({}), 10)
     assert e.value.param == "max_tokens"
 
 

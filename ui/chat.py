@@ -79,11 +79,12 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
         messages = ([{"role": "system", "content": system}] if (system or "").strip() else []) + _plain(history)
         history = history + [{"role": "assistant", "content": ""}]
         try:
-            model, runner = registry().get(model_id, "chat")
-            request = ChatCompletionRequest(model=model_id, messages=messages, temperature=temperature, top_p=top_p)
-            prompt_ids, params, stops = prepare_chat(model, request)
-            params["max_tokens"] = max(1, min(int(max_tokens), model.context_length - len(prompt_ids)))
-            async for event in generate_text(model, runner, prompt_ids, params, stops):
+            model = registry().get(model_id, "chat")
+            request = ChatCompletionRequest(model=model_id, messages=messages, temperature=temperature, top_p=top_p,
+                                            max_tokens=max(1, int(max_tokens)))
+            # The slider's max_tokens is cut to what the context leaves, rather than refused.
+            prompt_ids, params = prepare_chat(model.info, request, fit_context=True)
+            async for event in generate_text(model, prompt_ids, params):
                 history[-1]["content"] += event.text
                 yield history
         except Exception as e:  # busy (429), down (503), too long (400): said in the chat
