@@ -97,6 +97,28 @@ def test_long_prompt_is_prefilled_in_chunks_without_stalling_others(model):
     assert long.output_ids == generate_alone(model, MIXED[2], 10)
 
 
+def test_the_slot_cache_grows_and_refills_slots_without_changing_tokens(model, monkeypatch):
+    """Sequences of many lengths join and leave a batch whose buffers start small (2 slots, 16 columns):
+    slots are refilled from the last one, buffers grow mid-decode; every answer stays what it is alone."""
+    from runners.engine.model_runner import SlotCache
+
+    monkeypatch.setattr(SlotCache, "ROWS_CHUNK", 2)
+    monkeypatch.setattr(SlotCache, "COLUMNS_CHUNK", 16)
+    engine = LLMEngine(ModelRunner(model), max_num_seqs=5, max_model_len=256)
+    prompts = [MIXED[i % 4] + [60 + i] for i in range(11)]
+    lengths = [3, 25, 7, 1, 18, 12, 30, 2, 9, 21, 5]
+    seqs = [Sequence(f"s{i}", p, SamplingParams(max_tokens=n, temperature=0)) for i, (p, n) in enumerate(zip(prompts, lengths))]
+    for seq in seqs:
+        engine.add(seq)
+    shapes = set()
+    while engine.scheduler.has_work:
+        engine.step()
+        if engine.model_runner.slots.kv is not None:
+            shapes.add(tuple(engine.model_runner.slots.kv[0][0].shape))
+    assert [seq.output_ids for seq in seqs] == [generate_alone(model, p, n) for p, n in zip(prompts, lengths)]
+    assert max(s[0] for s in shapes) == 6 and max(s[2] for s in shapes) >= 48  # grew past its first chunks
+
+
 SYSTEM = [1] + list(range(200, 216))  # a shared "system prompt" of 17 tokens
 
 

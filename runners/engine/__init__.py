@@ -6,7 +6,7 @@ Structure after nano-vllm:
 - ``scheduler`` — the waiting and running queues, admission with the prefix cache, the per-step
   prefill budget;
 - ``model_runner`` — the tensors: chunked and batched prefill, the batched decode step, the running
-  batch's left-padded KV cache, and sampling (per sequence, on transformers' logits processors) with
+  batch's KV cache (a slot per sequence, written in place), and sampling (per sequence, on transformers' logits processors) with
   log-probabilities;
 - ``llm_engine`` — the step loop (schedule, run, postprocess) and the thread that drives it for
   asyncio callers, with the bounded queue.

@@ -1,11 +1,14 @@
 """Owns the tensors: prefill, decode, the running batch's KV cache, and sampling from the logits.
 
-The running batch's KV cache holds per-layer key and value tensors, left-padded so that every row ends
-at the same column and one decode step appends one column for all rows. Two model-side forms are
-understood: transformers' ``DynamicCache`` made only of full-attention ``DynamicLayer``s, and the
-legacy tuple of ``(key, value)`` pairs that older remote-code models (Baichuan, early Qwen) return.
-Both hold ``[batch, heads, length, head_dim]`` tensors. A model whose cache is anything else (sliding
-windows, sequence-first layouts) is run one sequence at a time.
+Two model-side cache forms are batched, both ``[batch, heads, length, head_dim]`` tensors per layer:
+- transformers' ``DynamicCache`` made only of full-attention ``DynamicLayer``s: the running batch's
+  keys and values live in a ``SlotCache``, one preallocated slot per sequence, which each decode step
+  writes in place (no copy of the cache per step, none of the others when a sequence joins or leaves);
+- the legacy tuple of ``(key, value)`` pairs that older remote-code models (Baichuan, early Qwen)
+  return, which the model extends itself: the batch cache is left-padded so that every row ends at
+  the same column and a step appends one column for all rows.
+A model whose cache is anything else (sliding windows, sequence-first layouts) is run one sequence at
+a time.
 
 Sampling is a function of logits and each sequence's own parameters (``sequence.SamplingParams``).
 """
@@ -97,6 +100,91 @@ def select_kv(kv: KV, rows: list[int], drop_columns: int = 0) -> KV:
             for k, v in kv]
 
 
+class SlotLayer(DynamicLayer):
+    """What the model sees of one layer of the slot cache in one decode step: ``update`` writes each
+    row's new key and value in place at that row's own length, and returns views of the first
+    ``width`` columns of the running rows (the longest row plus the new token; the attention mask
+    hides what lies past each row's own length)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, width: int):
+        super().__init__()
+        self.keys, self.values, self.positions, self.width = keys, values, positions, width
+        self.rows = torch.arange(len(positions), device=positions.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.keys[self.rows, :, self.positions] = key_states[:, :, 0]
+        self.values[self.rows, :, self.positions] = value_states[:, :, 0]
+        n = len(self.rows)
+        return self.keys[:n, :, :self.width], self.values[:n, :, :self.width]
+
+    def get_seq_length(self) -> int:
+        return self.width - 1
+
+
+class SlotCache:
+    """The running batch's keys and values for models with transformers' ``DynamicCache``: one slot
+    (row) per sequence in preallocated buffers, written in place. A decode step writes one column per
+    row, at that row's own length; a sequence that joins is copied into the next slot; one that leaves
+    is replaced by the sequence in the last slot, so the running rows are always slots ``0..n-1``.
+    Nothing is copied per step; the buffers grow (and shrink) by whole chunks of rows and columns."""
+
+    ROWS_CHUNK, COLUMNS_CHUNK = 8, 256
+
+    def __init__(self):
+        self.rows: list = []  # the sequence in each slot; slot i holds rows[i].num_cached columns
+        self.kv: KV | None = None  # per layer, [slots, heads, columns, head_dim]
+
+    def arrange(self, seqs: list) -> list[int]:
+        """Make the running rows exactly ``seqs``; returns each one's slot, in ``seqs``' order."""
+        wanted = {id(s) for s in seqs}
+        i = 0
+        while i < len(self.rows):
+            if id(self.rows[i]) in wanted:
+                i += 1
+                continue
+            moved = self.rows.pop()  # the last slot's sequence fills the hole (unless it is the one leaving)
+            if i < len(self.rows):
+                n = moved.num_cached
+                for k, v in self.kv:
+                    k[i, :, :n], v[i, :, :n] = k[len(self.rows), :, :n], v[len(self.rows), :, :n]
+                self.rows[i] = moved
+        present = {id(s) for s in self.rows}
+        joining = [s for s in seqs if id(s) not in present]
+        self._reserve(len(seqs), max(s.num_cached for s in seqs) + 1, joining[0].cache if joining else None)
+        for seq in joining:
+            slot, n = len(self.rows), seq.num_cached
+            for (k, v), (sk, sv) in zip(self.kv, seq.cache):
+                k[slot, :, :n], v[slot, :, :n] = sk[0], sv[0]
+            seq.cache = None  # now held by the slot cache
+            self.rows.append(seq)
+        slot = {id(s): i for i, s in enumerate(self.rows)}
+        return [slot[id(s)] for s in seqs]
+
+    def _reserve(self, rows: int, columns: int, like: KV | None) -> None:
+        """Buffers of at least ``rows`` slots and ``columns`` columns (rounded up to whole chunks), and
+        at most twice that, so that one long request does not hold memory after it left; what is held
+        is kept."""
+        rows = -(-rows // self.ROWS_CHUNK) * self.ROWS_CHUNK
+        columns = -(-columns // self.COLUMNS_CHUNK) * self.COLUMNS_CHUNK
+        if self.kv is not None:
+            have_rows, have_columns = self.kv[0][0].shape[0], self.kv[0][0].shape[2]
+            if rows <= have_rows <= 2 * rows and columns <= have_columns <= 2 * columns:
+                return
+        old, template = self.kv, self.kv or like
+        self.kv = [(k.new_zeros(rows, k.shape[1], columns, k.shape[3]), v.new_zeros(rows, v.shape[1], columns, v.shape[3]))
+                   for k, v in template]
+        if old is not None:
+            n, width = len(self.rows), max((s.num_cached for s in self.rows), default=0)
+            for (k, v), (ok, ov) in zip(self.kv, old):
+                k[:n, :, :width], v[:n, :, :width] = ok[:n, :, :width], ov[:n, :, :width]
+
+    def model_cache(self, lengths: torch.Tensor, width: int) -> DynamicCache:
+        cache = DynamicCache()
+        cache.layers = [SlotLayer(k, v, lengths, width) for k, v in self.kv]
+        return cache
+
+
 def _vocab_size(model) -> int:
     """How many token ids the model can embed (and so take as input, or be told to stop at)."""
     try:
@@ -109,10 +197,10 @@ class ModelRunner:
     """Runs the model for the engine: prefill of new sequences (whole prompts together, a long one
     alone in chunks), and one decode step for the whole running batch.
 
-    The running batch shares one left-padded KV cache (see above): a sequence whose prefill
-    finished joins it at the next decode step, and a finished one leaves it there, so the batch
-    never drains. Each row's attention mask hides its padding and its position ids count only its
-    own tokens, so a row computes what it would alone. Models whose cache cannot be batched, or whose
+    The running batch shares one KV cache (see above): a sequence whose prefill finished joins it at
+    the next decode step, and a finished one leaves it there, so the batch never drains. Each row's
+    attention mask hides what is not its own and its position ids count only its own tokens, so a
+    row computes what it would alone. Models whose cache cannot be batched, or whose
     forward takes no ``attention_mask``/``position_ids``, are decoded one sequence at a time.
     """
 
@@ -123,8 +211,9 @@ class ModelRunner:
         self.cache_arg = "cache" if "cache" in accepts else "past_key_values"
         self.can_batch = "attention_mask" in accepts and "position_ids" in accepts
         self.vocab_size = _vocab_size(model)
-        self.rows: list = []  # the sequences in the batch cache, in row order
+        self.rows: list = []  # "tuple" form: the sequences in the batch cache, in row order
         self.kv: KV | None = None  # its row i holds rows[i].num_cached tokens, right-aligned
+        self.slots = SlotCache()  # "dynamic" form: the batch cache, one slot per sequence
         self.form = self._probe()  # "dynamic" | "tuple" | "sequential"
         logger.info("decoding %s", f"in batches ({self.form} cache)" if self.batched else "one sequence at a time")
 
@@ -147,11 +236,11 @@ class ModelRunner:
         return out.logits, out[self.cache_arg] if self.cache_arg in out else out.past_key_values
 
     def kv_bytes(self) -> int:
-        return kv_bytes(self.kv)
+        return kv_bytes(self.kv) + kv_bytes(self.slots.kv)
 
     def reset(self) -> None:
         """Drop the batch cache (nothing running, or a failed step)."""
-        self.rows, self.kv = [], None
+        self.rows, self.kv, self.slots = [], None, SlotCache()
 
     @torch.inference_mode()
     def prefill(self, seq, max_tokens: int) -> torch.Tensor | None:
@@ -212,6 +301,10 @@ class ModelRunner:
                 seq.num_cached += 1
                 logits.append(out[0, -1])
             return torch.stack(logits)
+        return self._decode_slots(seqs) if self.form == "dynamic" else self._decode_padded(seqs)
+
+    def _decode_padded(self, seqs: list) -> torch.Tensor:
+        """The legacy tuple form: the model appends to the left-padded batch cache itself."""
         self._arrange(seqs)
         width = self.kv[0][0].shape[2]
         lengths = torch.tensor([s.num_cached for s in self.rows], device=self.device)
@@ -224,6 +317,19 @@ class ModelRunner:
         for seq in self.rows:
             seq.num_cached += 1
         return logits[:, -1]
+
+    def _decode_slots(self, seqs: list) -> torch.Tensor:
+        slots = self.slots.arrange(seqs)
+        rows = self.slots.rows
+        lengths = torch.tensor([s.num_cached for s in rows], device=self.device)
+        width = int(lengths.max()) + 1
+        mask = (torch.arange(width, device=self.device) <= lengths.unsqueeze(1)).long()
+        input_ids = torch.tensor([[s.output_ids[-1]] for s in rows], device=self.device)
+        logits, _ = self._run(input_ids, self.slots.model_cache(lengths, width), attention_mask=mask,
+                              position_ids=lengths.unsqueeze(1))
+        for seq in rows:
+            seq.num_cached += 1
+        return logits[torch.tensor(slots, device=self.device), -1]
 
     def _arrange(self, seqs: list) -> None:
         """Make the batch cache's rows exactly ``seqs``: drop rows that left, join new sequences.
