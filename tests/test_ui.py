@@ -47,12 +47,20 @@ def send(page, message: str) -> None:
 
 
 def set_max_tokens(page, n: int) -> None:
+    """Type ``n`` into the slider's number field until the slider itself shows it: on a loaded machine
+    the page may still be wiring its inputs when the test first types."""
     accordion = page.get_by_text("Parameters")
     if not page.locator("#max-tokens").is_visible():
         accordion.click()
     field = page.locator("#max-tokens input[type=number]")
-    field.fill(str(n))
-    field.press("Enter")
+    slider = page.locator("#max-tokens input[type=range]")
+    for _ in range(20):
+        field.fill(str(n))
+        field.press("Enter")
+        time.sleep(0.3)
+        if abs(float(slider.input_value()) - n) < 16 and field.input_value() == str(n):  # the slider steps by 16
+            return
+    raise AssertionError(f"the max tokens slider did not take {n}")
 
 
 def choose_model(page, model: str) -> None:
@@ -76,6 +84,7 @@ def wait_until_still(page, selector: str, quiet_s: float = 2.0, limit_s: float =
 
 def test_model_list_and_a_streamed_answer(page, server):
     page.locator("#chat-model input").wait_for()
+    page.locator("#chatbot").get_by_text(CHAT).first.wait_for()  # the page's load event has run
     assert page.locator("#chat-model input").input_value() == CHAT
     set_max_tokens(page, 24)
     send(page, "Hi! What is the capital of France? 你好 👋")
