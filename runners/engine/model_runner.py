@@ -106,10 +106,10 @@ class SlotLayer(DynamicLayer):
     ``width`` columns of the running rows (the longest row plus the new token; the attention mask
     hides what lies past each row's own length)."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, width: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                 width: int):
         super().__init__()
-        self.keys, self.values, self.positions, self.width = keys, values, positions, width
-        self.rows = torch.arange(len(positions), device=positions.device)
+        self.keys, self.values, self.rows, self.positions, self.width = keys, values, rows, positions, width
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -181,7 +181,8 @@ class SlotCache:
 
     def model_cache(self, lengths: torch.Tensor, width: int) -> DynamicCache:
         cache = DynamicCache()
-        cache.layers = [SlotLayer(k, v, lengths, width) for k, v in self.kv]
+        rows = torch.arange(len(lengths), device=lengths.device)  # one index for every layer's writes
+        cache.layers = [SlotLayer(k, v, rows, lengths, width) for k, v in self.kv]
         return cache
 
 
