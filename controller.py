@@ -30,10 +30,11 @@ from pathlib import Path
 
 from middleware import REQUEST_ID
 from models.config import DEFAULT_CONTEXT_LENGTH, HealthConfig, ServedModel
-from models.templates import ChatFormat, resolve_chat_format
+from models.templates import ChatFormat, describe_tools, resolve_chat_format
 from openai_api.errors import generation_failed, invalid_value, model_not_found, model_not_supported, \
     model_unavailable, queue_full
 from openai_api.protocol import new_id
+from openai_api.tool_calls import FORMATS, ToolFormat, format_for_template
 from runners.base import NEVER_RECYCLE, REQUEST_TIMEOUT_S
 from runners.chat import ENGINE_DEAD, INVALID_REQUEST, QUEUE_FULL, RunnerRefused, read_events
 from runners.engine.sequence import SamplingParams, TokenEvent
@@ -171,6 +172,7 @@ class ModelInfo:
     chat_format: ChatFormat | None = None  # chat models only
     stop_token_ids: tuple[int, ...] = ()  # what ends a chat answer: EOS and the template's stop tokens
     stop: tuple[str, ...] = ()  # and the template's stop strings
+    tool_format: ToolFormat = FORMATS["builtin"]  # how its tool calls are written (chat models)
 
     @property
     def id(self) -> str:
@@ -226,10 +228,19 @@ class ModelInfo:
             chat_format=chat_format,
             stop_token_ids=_ids(eos, chat_format.stop_token_ids if chat_format else ()),
             stop=tuple(dict.fromkeys(chat_format.stop)) if chat_format else (),
+            tool_format=FORMATS[served.tool_parser] if served.tool_parser else
+            format_for_template(chat_format.template_text if chat_format else None),
         )
 
-    def render_chat(self, messages: list[dict]) -> list[int]:
-        return self.chat_format.render(messages)
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Prompt ids of a chat, with ``tools`` the model may call: rendered by its template when that
+        takes tools, else described in the system prompt (``models.templates.describe_tools``)."""
+        fmt = self.chat_format
+        if fmt.takes_tools:
+            return fmt.render(messages, tools)
+        if tools or any("tool_calls" in m or m["role"] == "tool" for m in messages):
+            messages = describe_tools(messages, tools or [], self.tool_format.call_text)
+        return fmt.render(messages)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text)["input_ids"]

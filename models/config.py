@@ -45,6 +45,10 @@ class ServedModel(BaseModel):
                                                                           "that set none; unset: up to the context")
     trust_remote_code: bool = False
     template: str | None = Field(default=None, description="conversation template; unset: resolved from the model")
+    tool_parser: Literal["hermes", "llama3", "mistral", "builtin"] | None = Field(
+        default=None, description="the format of tool calls in the model's text; unset: from its chat template")
+    reasoning: bool = Field(default=False, description="the model writes <think>…</think> first: it goes to "
+                                                       "`reasoning_content`, not `content`")
 
     @field_validator("id")
     @classmethod

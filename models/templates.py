@@ -17,6 +17,7 @@ stop tokens or strings that end an answer.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -218,13 +219,54 @@ MATCH: list[tuple[str, str]] = [
 
 @dataclass
 class ChatFormat:
-    """How one served model renders chats: the template's name, why it was chosen, and its stops."""
+    """How one served model renders chats: the template's name, why it was chosen, and its stops.
+    ``render(messages, tools)`` takes ``tools`` only when ``takes_tools`` (a Jinja template that renders
+    them); for other templates the tools are described in the messages first (``describe_tools``)."""
 
     name: str
     source: str  # config | tokenizer | name | architecture | fallback
-    render: Callable[[list[dict]], list[int]]
+    render: Callable[..., list[int]]
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
+    template_text: str | None = None  # a Jinja template's source
+    takes_tools: bool = False
+
+
+TOOLS_PROMPT = """You may call functions to answer. They are described in JSON Schema within <tools></tools>:
+<tools>
+{tools}
+</tools>
+To call functions, answer with one <tool_call></tool_call> block per call, each holding a JSON object with \
+the function's name and its arguments:
+<tool_call>
+{{"name": "<function name>", "arguments": {{<arguments>}}}}
+</tool_call>
+Otherwise answer in plain text."""
+
+
+def describe_tools(messages: list[dict], tools: list[dict], call_text: Callable[[str, str], str]) -> list[dict]:
+    """Messages for a template that knows nothing of tools: the tools described at the end of the
+    system prompt (``TOOLS_PROMPT``), earlier calls written into the assistant's turns with
+    ``call_text(name, arguments)``, and tool results as the user's turns in ``<tool_response>``."""
+    out = [dict(m) for m in messages]
+    if tools:
+        described = TOOLS_PROMPT.format(tools="\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools))
+        if out[0]["role"] == "system":
+            out[0]["content"] = f"{out[0]['content']}\n\n{described}"
+        else:
+            out.insert(0, {"role": "system", "content": described})
+    for m in out:
+        calls = m.pop("tool_calls", None) or []
+        if calls:
+            written = [call_text(c["function"]["name"], json.dumps(c["function"]["arguments"], ensure_ascii=False)
+                                 if not isinstance(c["function"]["arguments"], str) else c["function"]["arguments"])
+                       for c in calls]
+            m["content"] = "\n".join(([m["content"]] if m["content"] else []) + written)
+        if m["role"] == "tool":
+            m["role"], m["content"] = "user", f"<tool_response>\n{m['content']}\n</tool_response>"
+            m.pop("tool_call_id", None)
+            m.pop("name", None)
+    return out
 
 
 def special_id(special: Special, tokenizer, generation_config: dict) -> int | None:
@@ -271,12 +313,14 @@ def bind(template: Template, source: str, tokenizer, generation_config: dict) ->
 
 
 def _jinja(tokenizer) -> ChatFormat:
-    def render(messages: list[dict]) -> list[int]:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def render(messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        text = tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=False)
         # The template writes BOS and role tokens itself; encoding must not add them again.
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    return ChatFormat(TOKENIZER, "tokenizer", render)
+    source = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else str(tokenizer.chat_template)
+    return ChatFormat(TOKENIZER, "tokenizer", render, template_text=source,
+                      takes_tools=bool(re.search(r"\btools\b", source)))
 
 
 def match_builtin(names: list[str], architecture: str) -> tuple[str, str] | None:

@@ -3,6 +3,8 @@ how a request becomes the engine's parameters (``to_sampling_params``, after vLL
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -59,6 +61,20 @@ class StreamOptions(Request):
     include_usage: bool = False
 
 
+class StructuredOutputs(Request):
+    """vLLM's ``structured_outputs`` extension: exactly one of these."""
+
+    model_config = ConfigDict(extra="allow")  # unknown keys are named in the 400, not dropped
+    json_: dict | str | bool | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def given(self) -> dict:
+        return {"json": self.json_, "regex": self.regex, "choice": self.choice, "grammar": self.grammar,
+                **(self.model_extra or {})}
+
+
 class SamplingFields(TopLevelRequest):
     """Parameters shared by chat and text completions, OpenAI's and the common extensions."""
 
@@ -79,6 +95,11 @@ class SamplingFields(TopLevelRequest):
     repetition_penalty: float | None = Field(default=None, ge=0.01, le=100)
     min_tokens: int | None = Field(default=None, ge=0)
     stop_token_ids: list[int] | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict | str | bool | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("temperature")
     @classmethod
@@ -132,6 +153,14 @@ class SamplingFields(TopLevelRequest):
     def model_stops(self, info: ModelInfo) -> tuple[tuple[int, ...], tuple[str, ...]]:
         return info.eos_token_ids, ()
 
+    def output_grammar(self, info: ModelInfo) -> str | None:
+        """The EBNF grammar the answer must match, if the request constrains it (a 400 when it cannot)."""
+        from openai_api.constraints import extension_grammar
+
+        grammar, _ = extension_grammar(self.structured_outputs.given() if self.structured_outputs else None,
+                                       {k: getattr(self, f"guided_{k}") for k in ("json", "regex", "choice", "grammar")})
+        return grammar
+
     def to_sampling_params(self, info: ModelInfo, prompt_tokens: int, *, fit_context: bool = False) -> SamplingParams:
         """The engine's parameters for this request on ``info``'s model, for a prompt of ``prompt_tokens``.
 
@@ -171,6 +200,7 @@ class SamplingFields(TopLevelRequest):
             stop=tuple(dict.fromkeys([*(self.stop or []), *stops])),
             seed=self.seed,
             logprobs=self.num_logprobs,
+            grammar=self.output_grammar(info),
         )
 
 
@@ -190,10 +220,24 @@ def _text_parts(v):
     return v
 
 
+class FunctionCall(Request):
+    name: str
+    arguments: str = "{}"  # JSON text, as OpenAI sends it
+
+
+class ToolCall(Request):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this is the result of
+    reasoning_content: str | None = None  # assistant: its reasoning, sent back as received; not rendered
 
     _parts = field_validator("content", mode="before")(_text_parts)
 
@@ -201,6 +245,8 @@ class ChatMessage(Request):
     def _has_content(self):
         if self.content is None and self.role != "assistant":
             raise ValueError(f"content: a {self.role} message needs content (text or text parts)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls: only an assistant message makes tool calls")
         return self
 
     @property
@@ -211,8 +257,57 @@ class ChatMessage(Request):
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict]:
-    """Messages as a template renders them (``developer`` is OpenAI's newer name for ``system``)."""
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
+    """Messages as a template renders them (``developer`` is OpenAI's newer name for ``system``);
+    with their tool calls (arguments as objects, as chat templates take them) and tool call ids."""
+    out = []
+    for m in messages:
+        d = {"role": "system" if m.role == "developer" else m.role, "content": m.text}
+        if m.tool_calls:
+            d["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        if m.name is not None and m.role == "tool":
+            d["name"] = m.name
+        out.append(d)
+    return out
+
+
+def _arguments(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+class FunctionDefinition(Request):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        if not TOOL_NAME.fullmatch(v):
+            raise ValueError("must be 1 to 64 letters, digits, underscores, dots or dashes")
+        return v
+
+
+class Tool(Request):
+    type: str
+    function: FunctionDefinition | None = None
+
+    @model_validator(mode="after")
+    def _function(self):
+        if self.type != "function":
+            raise ValueError(f"type: {self.type!r} tools are not supported; only `function` tools")
+        if self.function is None:
+            raise ValueError("function: a function tool needs its function")
+        return self
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -220,24 +315,52 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    parallel_tool_calls: bool = True
     response_format: dict | None = None
 
     @model_validator(mode="after")
-    def _unsupported(self):
+    def _checks(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
-        if self.tools is not None:
-            raise ValueError("tools: tool calling is not supported by this server" if self.tools
-                             else "tools: must not be empty; leave it out instead")
-        if self.tool_choice is not None and self.tool_choice != "none":
-            raise ValueError("tool_choice: only allowed with tools")
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            raise ValueError(f"response_format: type {kind!r} is not supported by this server yet; "
-                             "only `text`")
+        if self.tools is not None and not self.tools:
+            raise ValueError("tools: must not be empty; leave it out instead")
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: function names must be unique")
+        choice = self.tool_choice
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+            if name is None:
+                raise ValueError('tool_choice: must be "none", "auto", "required" or '
+                                 '{"type": "function", "function": {"name": ...}}')
+            if name not in names:
+                raise ValueError(f"tool_choice: names function {name!r}, which is not among the tools")
+        elif choice in ("auto", "required") and not self.tools:
+            raise ValueError(f"tool_choice: {choice!r} needs tools")
+        if self.response_format is not None and not isinstance(self.response_format.get("type"), str):
+            raise ValueError("response_format: needs a `type` (text, json_object or json_schema)")
         return self
+
+    @property
+    def tool_mode(self) -> str:
+        """none, auto, required (a named function is required, of the one tool it names)."""
+        if not self.tools:
+            return "none"
+        if isinstance(self.tool_choice, dict):
+            return "required"
+        return self.tool_choice or "auto"
+
+    @property
+    def active_tools(self) -> list[dict]:
+        """The tools the model may call (one, when ``tool_choice`` names it), as plain dicts."""
+        if self.tool_mode == "none":
+            return []
+        tools = [t.model_dump(exclude_none=True) for t in self.tools]
+        if isinstance(self.tool_choice, dict):
+            tools = [t for t in tools if t["function"]["name"] == self.tool_choice["function"]["name"]]
+        return tools
 
     PROMPT_PARAM: ClassVar[str] = "messages"
 
@@ -251,6 +374,17 @@ class ChatCompletionRequest(SamplingFields):
 
     def model_stops(self, info: ModelInfo) -> tuple[tuple[int, ...], tuple[str, ...]]:
         return info.stop_token_ids, info.stop  # the template's, with EOS
+
+    def output_grammar(self, info: ModelInfo) -> str | None:
+        from openai_api.constraints import combine, response_format_grammar
+        from openai_api.tool_calls import check_tools, tool_grammar
+
+        check_tools([t.model_dump(exclude_none=True) for t in self.tools or ()])
+        tools = self.active_tools
+        calls = (tool_grammar(info.tool_format, tools, self.tool_mode, self.parallel_tool_calls)
+                 if tools else None)
+        return combine((calls, "tool_choice"), (response_format_grammar(self.response_format), "response_format"),
+                       (super().output_grammar(info), "structured_outputs"))
 
 
 
@@ -335,9 +469,25 @@ class Usage(Response):
         return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class FunctionCallOut(Response):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(Response):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+    reasoning_content: str | None = None  # extension (vLLM, DeepSeek): the reasoning models' thinking
 
 
 class TopLogprob(Response):
@@ -358,7 +508,7 @@ class ChatLogprobs(Response):
 class ChatChoice(Response):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: FinishReason | None
     logprobs: ChatLogprobs | None = None
 
 
@@ -371,15 +521,29 @@ class ChatCompletion(Response):
     usage: Usage
 
 
+class FunctionDelta(Response):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(Response):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
 class Delta(Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(Response):
     index: int
     delta: Delta
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
     logprobs: ChatLogprobs | None = None
 
 

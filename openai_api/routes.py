@@ -35,6 +35,8 @@ from openai_api.protocol import (
     EmbeddingList,
     EmbeddingRequest,
     ErrorResponse,
+    FunctionCallOut,
+    FunctionDelta,
     ModelCard,
     ModelList,
     TokenCheckRequest,
@@ -42,10 +44,13 @@ from openai_api.protocol import (
     TokenCheckResults,
     Tokenized,
     TokenizeRequest,
+    ToolCallDelta,
+    ToolCallOut,
     Usage,
     chat_messages,
     new_id,
 )
+from openai_api.tool_calls import AnswerParser
 from runners.engine.sequence import SamplingParams
 
 if TYPE_CHECKING:
@@ -203,43 +208,72 @@ async def runner_stats(request: Request) -> dict:
 def prepare_chat(info: ModelInfo, req: ChatCompletionRequest, fit_context: bool = False
                  ) -> tuple[list[int], SamplingParams]:
     """Prompt ids and engine parameters of a chat request, for the API and the chat page alike."""
-    prompt_ids = info.render_chat(chat_messages(req.messages))
+    prompt_ids = info.render_chat(chat_messages(req.messages), req.active_tools)
     return prompt_ids, req.to_sampling_params(info, len(prompt_ids), fit_context=fit_context)
+
+
+def answer_parser(info: ModelInfo, req: ChatCompletionRequest, prompt_ids: list[int]) -> AnswerParser:
+    """What splits one choice's text: reasoning (a reasoning model), tool calls (tools allowed)."""
+    thinking = info.served.reasoning and info.tokenizer.decode(prompt_ids[-4:]).rstrip().endswith("<think>")
+    return AnswerParser(info.tool_format if req.tool_mode != "none" else None, info.served.reasoning, thinking)
+
+
+def _tool_call_deltas(d) -> list[ToolCallDelta]:
+    return ([ToolCallDelta(index=i, id=call_id, type="function", function=FunctionDelta(name=name, arguments=""))
+             for i, call_id, name in d.started]
+            + [ToolCallDelta(index=i, function=FunctionDelta(arguments=fragment)) for i, fragment in d.arguments])
 
 
 @app.post("/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     model = _registry(request).get(req.model, "chat")
+    info = model.info
     # Rendering and tokenizing take CPU time that grows with the prompt: never on the event loop.
-    prompt_ids, params = await asyncio.to_thread(prepare_chat, model.info, req)
+    prompt_ids, params = await asyncio.to_thread(prepare_chat, info, req)
     choices = _run_choices(model, [prompt_ids], params, req.n)
+    parsers = [answer_parser(info, req, prompt_ids) for _ in range(req.n)]
     rid = new_id("chatcmpl")
 
     def logprobs(entries):
-        return chat_logprobs(model.info.tokenizer, entries) if req.logprobs else None
+        return chat_logprobs(info.tokenizer, entries) if req.logprobs else None
 
     if req.stream:
         choices = await unless_disconnected(request, started(choices))
 
+        def chunk(i, delta=None, finish_reason=None, entries=()):
+            return ChatCompletionChunk(id=rid, model=req.model, choices=[ChatChunkChoice(
+                index=i, delta=delta or Delta(), finish_reason=finish_reason, logprobs=logprobs(entries))])
+
         async def chunks():
             counts = [0] * req.n
             for i in range(req.n):
-                yield ChatCompletionChunk(id=rid, model=req.model,
-                                          choices=[ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+                yield chunk(i, Delta(role="assistant", content=""))
             async for i, ev in choices:
                 counts[i] = ev.completion_tokens
-                if ev.text or ev.finish_reason:
-                    yield ChatCompletionChunk(id=rid, model=req.model, choices=[ChatChunkChoice(
-                        index=i, delta=Delta(content=ev.text), finish_reason=ev.finish_reason,
-                        logprobs=logprobs(ev.logprobs))])
+                d = parsers[i].feed(ev.text, final=ev.finish_reason is not None)
+                entries = ev.logprobs
+                if d.reasoning or d.content or entries:
+                    yield chunk(i, Delta(content=d.content or None, reasoning_content=d.reasoning or None), entries=entries)
+                for call in _tool_call_deltas(d):  # one per chunk, as OpenAI streams them
+                    yield chunk(i, Delta(tool_calls=[call]))
+                if ev.finish_reason:
+                    yield chunk(i, finish_reason=parsers[i].finish_reason(ev.finish_reason))
             if req.include_usage:
                 yield ChatCompletionChunk(id=rid, model=req.model, choices=[],
                                           usage=Usage.of(len(prompt_ids), sum(counts)))
         return _sse(chunks())
 
     texts, reasons, counts, entries = await unless_disconnected(request, _collect(choices, req.n))
+
+    def message(i) -> AssistantMessage:
+        p = parsers[i]
+        p.feed(texts[i], final=True)
+        calls = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in p.calls]
+        return AssistantMessage(content=p.content if p.content or not calls else None, tool_calls=calls or None,
+                                reasoning_content=p.reasoning_text or None)
+
     return ChatCompletion(id=rid, model=req.model, usage=Usage.of(len(prompt_ids), sum(counts)), choices=[
-        ChatChoice(index=i, message=AssistantMessage(content=texts[i]), finish_reason=reasons[i],
+        ChatChoice(index=i, message=message(i), finish_reason=parsers[i].finish_reason(reasons[i]),
                    logprobs=logprobs(entries[i]))
         for i in range(req.n)
     ])

@@ -94,14 +94,18 @@ def chat_runner(served: ServedModel) -> bentoml.Service:
         model_ref = bentoml.models.BentoModel(served.model)  # a class attribute, so `bentoml build` packs it
 
         def __init__(self) -> None:
+            from transformers import AutoTokenizer
+
             from runners.engine import AsyncLLMEngine, LLMEngine, ModelRunner
 
             stored = self.model_ref  # the attribute resolves to the stored model
             model = load_causal_lm(stored.path, dtype=served.dtype, gpus=served.gpus,
                                    max_gpu_memory=served.max_gpu_memory, trust_remote_code=served.trust_remote_code)
             context = int(stored.info.metadata.get("context_length") or DEFAULT_CONTEXT_LENGTH)
+            # The tokenizer's vocabulary is what constrained decoding (structured outputs, tool calls) masks.
+            tokenizer = AutoTokenizer.from_pretrained(stored.path, trust_remote_code=served.trust_remote_code)
             engine = LLMEngine(ModelRunner(model), max_num_seqs=served.max_concurrency, max_model_len=context,
-                               prefix_cache_tokens=served.prefix_cache_tokens)
+                               prefix_cache_tokens=served.prefix_cache_tokens, tokenizer=tokenizer)
             self.engine = AsyncLLMEngine(engine, max_queue=served.max_queue)
             self._counted = {"prompt_tokens": 0, "prefix_cache_hit_tokens": 0}
             REJECTED.labels(model=served.id).inc(0)  # every series exists from the start, at 0

@@ -147,6 +147,9 @@ def test_lone_surrogates_are_400_and_the_connection_stays_usable(server):
         assert http.get("/models").status_code == 200
 
 
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
 @pytest.mark.parametrize("route, body, param", [
     ("/embeddings", {"model": EMBED, "input": ""}, "input"),
     ("/embeddings", {"model": EMBED, "input": []}, "input"),
@@ -154,8 +157,16 @@ def test_lone_surrogates_are_400_and_the_connection_stays_usable(server):
     ("/chat/completions", {"model": CHAT, "messages": [{"role": "user", "content": None}]}, "messages[0].content"),
     ("/chat/completions", {"model": CHAT, "messages": HELLO, "tool_choice": "auto"}, "tool_choice"),
     ("/chat/completions", {"model": CHAT, "messages": HELLO, "tools": []}, "tools"),
-    ("/chat/completions", {"model": CHAT, "messages": HELLO, "response_format": {"type": "json_object"}},
-     "response_format"),
+    ("/chat/completions", {"model": CHAT, "messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "strin"}}}}, "response_format.json_schema.schema"),
+    ("/chat/completions", {"model": CHAT, "messages": HELLO, "response_format": {"type": "yaml"}}, "response_format.type"),
+    ("/chat/completions", {"model": CHAT, "messages": HELLO, "extra_body": 1, "guided_regex": "("}, "guided_regex"),
+    ("/chat/completions", {"model": CHAT, "messages": HELLO, "tools": [TOOL], "tool_choice": {
+        "type": "function", "function": {"name": "nowhere"}}}, "tool_choice"),
+    ("/chat/completions", {"model": CHAT, "messages": HELLO, "tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ("/chat/completions", {"model": CHAT, "messages": HELLO, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": 3}}}}}]},
+     "tools[0].function.parameters"),
     ("/chat/completions", {"model": CHAT, "messages": [{"role": "user", "content": [
         {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
      "messages[0].content"),

@@ -216,7 +216,7 @@ def baichuan_ids_by_hand(sp, messages) -> list[int]:
     return ids + [ASSISTANT_TOKEN_ID]
 
 
-def build_tiny_model(out: Path, *, remote_code: bool = True, seed: int = 0) -> Path:
+def build_tiny_model(out: Path, *, remote_code: bool = True, seed: int = 0, context: int = 256) -> Path:
     import sentencepiece as spm
     import torch
 
@@ -240,7 +240,7 @@ def build_tiny_model(out: Path, *, remote_code: bool = True, seed: int = 0) -> P
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}))
 
     dims = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                num_attention_heads=4, max_position_embeddings=context, bos_token_id=1, eos_token_id=2,
                 pad_token_id=0, tie_word_embeddings=False)
     if remote_code:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -283,4 +283,28 @@ def build_tiny_model(out: Path, *, remote_code: bool = True, seed: int = 0) -> P
     total = sum(v.numel() * v.element_size() for v in state.values())
     (out / "pytorch_model.bin.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return out
+
+
+def build_tiny_bpe_model(out: Path, *, context: int = 1024, seed: int = 0) -> Path:
+    """A tiny Llama with random weights and a byte-level BPE fast tokenizer (GPT-2 style, as SmolLM2,
+    Qwen and Llama 3 have), trained here on the corpus. Token ids: <s> 0, </s> 1, <unk> 2."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([CORPUS] * 20, vocab_size=600, min_frequency=1, special_tokens=["<s>", "</s>", "<unk>"])
+    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(out)
+    config = LlamaConfig(vocab_size=bpe.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+                         bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.ones_like(p) if "norm" in name else torch.randn_like(p) * 0.3)
+    model.save_pretrained(out)
     return out

@@ -15,14 +15,17 @@ import torch
 from runners.engine.model_runner import ModelRunner, Sampler, logprobs, sample
 from runners.engine.scheduler import Scheduler
 from runners.engine.sequence import SamplingParams, Sequence, TokenEvent
+from runners.engine.structured import GrammarError, Grammars
 
 logger = logging.getLogger("bentochat.engine")
 
 
 class LLMEngine:
     def __init__(self, model_runner: ModelRunner, *, max_model_len: int, max_num_seqs: int = 64,
-                 max_prefill_tokens: int = 512, prefix_cache_tokens: int = 0):
+                 max_prefill_tokens: int = 512, prefix_cache_tokens: int = 0, tokenizer=None):
         self.model_runner = model_runner
+        # Constrained decoding needs the tokenizer's vocabulary; without one, a grammar is refused.
+        self.grammars = Grammars(tokenizer, model_runner.vocab_size) if tokenizer is not None else None
         # Prefixes are reused by copying KV into a batch row: for batched cache forms only.
         self.scheduler = Scheduler(max_num_seqs, max_model_len, max_prefill_tokens,
                                    prefix_cache_tokens if model_runner.batched else 0)
@@ -36,6 +39,7 @@ class LLMEngine:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "tokens_generated": self.tokens_generated, "prompt_tokens": self.prompt_tokens,
                 "prefix_cache_hit_tokens": cache.hits if cache else 0,
+                "grammars_compiled": self.grammars.compiled_count if self.grammars else 0,
                 "kv_cache_bytes": self.model_runner.kv_bytes() + (cache.num_bytes if cache else 0)}
 
     @property
@@ -56,6 +60,17 @@ class LLMEngine:
             params.check(vocab)
         except ValueError as e:
             raise RequestError(str(e)) from e
+        if params.grammar is not None and self.grammars is None:
+            raise RequestError("grammar: this engine has no tokenizer to constrain its output with")
+
+    def compile(self, seq: Sequence) -> None:
+        """Compile the sequence's grammar, if it has one and it is not compiled yet (from the cache
+        when the same grammar came before); raises :class:`RequestError` for one that does not."""
+        if seq.params.grammar is not None and seq.grammar is None:
+            try:
+                seq.grammar = self.grammars.compile(seq.params.grammar)
+            except GrammarError as e:
+                raise RequestError(str(e)) from e
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence; raises :class:`RequestError` (and queues nothing) for one it cannot run."""
@@ -63,9 +78,12 @@ class LLMEngine:
         self.admit(seq)
 
     def admit(self, seq: Sequence) -> None:
-        """Queue a sequence that passed :meth:`check`: give it its sampler."""
+        """Queue a sequence that passed :meth:`check`: give it its sampler and grammar matcher."""
+        self.compile(seq)
         try:
             seq.sampler = Sampler(seq.params)
+            if seq.grammar is not None:
+                seq.matcher = self.grammars.matcher(seq.grammar, seq.params.stop_token_ids)
         except Exception as e:
             raise RequestError(f"invalid sampling parameters: {e}") from e
         self.scheduler.add(seq)
@@ -255,6 +273,8 @@ class AsyncLLMEngine:
                 pass
 
         seq = Sequence(request_id, prompt_ids, params, on_token)
+        if params.grammar is not None:  # compiling may take a while: on a worker thread, not the step loop
+            await asyncio.to_thread(self.engine.compile, seq)
         with self._wake:
             self._incoming.append(seq)
             self._wake.notify()

@@ -31,6 +31,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from runners.engine.scheduler import kv_bytes
 from runners.engine.sequence import SamplingParams
+from runners.engine.structured import GrammarError, accept, apply_masks
 
 logger = logging.getLogger("bentochat.engine")
 
@@ -413,7 +414,9 @@ class Sampler:
 def sample(seqs: list, logits: torch.Tensor) -> list[int | Exception]:
     """The next token of every sequence, row i of ``logits`` for ``seqs[i]``, each with its own sampler.
     Rows that only need an argmax are done in one batched call. A sampler that fails gives its
-    exception in its row instead of a token, so that only its own sequence fails."""
+    exception in its row instead of a token, so that only its own sequence fails. A constrained
+    sequence samples from the tokens its grammar allows (its row is masked in place)."""
+    apply_masks(seqs, logits)
     tokens: list[int | Exception | None] = [None] * len(seqs)
     plain = [i for i, s in enumerate(seqs) if s.sampler.is_plain_greedy(len(s.output_ids))]
     if plain:
@@ -424,6 +427,11 @@ def sample(seqs: list, logits: torch.Tensor) -> list[int | Exception]:
             try:
                 tokens[i] = seq.sampler(logits[i], seq.prompt_ids, seq.output_ids)
             except Exception as e:  # e.g. probabilities that are not finite
+                tokens[i] = e
+        if not isinstance(tokens[i], Exception):
+            try:
+                accept(seq, tokens[i])
+            except GrammarError as e:
                 tokens[i] = e
     return tokens
 

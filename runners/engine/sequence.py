@@ -30,6 +30,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings: the gateway's detokenizer ends the text there; the engine sees ids only
     seed: int | None = None
     logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k most likely
+    grammar: str | None = None  # EBNF (xgrammar's dialect) the output must match; it ends when the grammar does
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,7 +94,9 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.on_token = on_token
-        self.sampler: Any = None  # a sampling.Sampler, made by the engine when it admits the sequence
+        self.sampler: Any = None  # a model_runner.Sampler, made by the engine when it admits the sequence
+        self.grammar: Any = None  # params.grammar compiled (structured.Grammars), before it is queued
+        self.matcher: Any = None  # and its state in this sequence, made at admission
         self.cache: Any = None  # its own KV cache until it joins the batch cache (model runner)
         self.num_cached = 0  # tokens already in a KV cache
 

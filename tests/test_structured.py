@@ -1,0 +1,187 @@
+"""Constrained decoding in the engine, in-process on a tiny model with random weights: what it writes
+at temperature 1 always matches the grammar, whatever else is in the batch; and the tool-call and
+reasoning parsers, streamed in arbitrary splits, give what the whole text gives."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import jsonschema
+import pytest
+from transformers import AutoTokenizer
+
+from openai_api.constraints import choice_grammar, to_grammar
+from openai_api.errors import OpenAIError
+from openai_api.tool_calls import FORMATS, ReasoningParser, ToolCallParser, tool_grammar
+from runners.base import load_causal_lm
+from runners.engine import LLMEngine, ModelRunner, SamplingParams
+from tests.tiny_model import build_tiny_bpe_model
+
+# Free strings are bounded by a pattern: a random model at temperature 1 would not end one of its own
+# accord. (Its bytes may also form no UTF-8, which xgrammar 0.2 lets through; maxLength is checked on a
+# real model in test_agents.py.)
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z ]{1,12}$"},
+        "age": {"type": "integer", "minimum": 18, "maximum": 99},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3},
+        "address": {"type": "object", "properties": {"city": {"type": "string", "pattern": "^[a-z]{2,10}$"},
+                                                     "zip": {"type": "integer", "minimum": 0, "maximum": 99999}},
+                    "required": ["city", "zip"], "additionalProperties": False},
+    },
+    "required": ["name", "age", "role", "address"],
+    "additionalProperties": False,
+}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "pattern": "^[A-Z][a-z]{1,11}$"},
+                                     "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET", "PST"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def bpe_llama(tmp_path_factory):
+    """A tiny Llama with a byte-level BPE fast tokenizer and a context long enough for what a random
+    model writes at temperature 1."""
+    return build_tiny_bpe_model(tmp_path_factory.mktemp("hf") / "tiny-bpe-llama", context=1024)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(bpe_llama):
+    return AutoTokenizer.from_pretrained(bpe_llama)
+
+
+@pytest.fixture(scope="module")
+def engine(bpe_llama, tokenizer):
+    return LLMEngine(ModelRunner(load_causal_lm(str(bpe_llama))), max_num_seqs=16, max_model_len=1024,
+                     tokenizer=tokenizer)
+
+
+def sampled(engine, tokenizer, grammars: list[str], seeds) -> list[str]:
+    eos = tokenizer.eos_token_id
+    params = [SamplingParams(max_tokens=900, temperature=1.0, seed=seed, grammar=g, stop_token_ids=(eos,))
+              for g, seed in zip(grammars, seeds)]
+    outs = engine.generate_batch([tokenizer("Hello world")["input_ids"]] * len(params), params)
+    assert all(o[-1] == eos for o in outs), "every answer ends where its grammar does, with its stop token"
+    return [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+
+
+def test_json_schema_holds_for_50_seeds_at_temperature_1(engine, tokenizer):
+    grammar = to_grammar("json_schema", SCHEMA, "response_format")
+    before = engine.stats()["grammars_compiled"]
+    texts = []
+    for start in range(0, 50, 10):
+        texts += sampled(engine, tokenizer, [grammar] * 10, range(start, start + 10))
+    for text in texts:
+        jsonschema.validate(json.loads(text), SCHEMA)
+    assert len(set(texts)) > 40  # they are samples, not one answer
+    assert engine.stats()["grammars_compiled"] - before == 1  # the same grammar compiled once
+
+
+def test_required_tool_call_arguments_validate(engine, tokenizer):
+    fmt = FORMATS["builtin"]
+    grammar = tool_grammar(fmt, [WEATHER, CLOCK], "required", parallel=False)
+    for text in sampled(engine, tokenizer, [grammar] * 16, range(16)):
+        parser = ToolCallParser(fmt)
+        parser.feed(text)
+        parser.finish()
+        assert parser.calls and not parser.content.strip()
+        for call in parser.calls:
+            schema = {"get_weather": WEATHER, "get_time": CLOCK}[call.name]["function"]["parameters"]
+            jsonschema.validate(json.loads(call.arguments), schema)
+
+
+def test_rows_keep_their_own_constraints(engine, tokenizer):
+    """Eight sequences in one batch, each with another grammar (and one with none)."""
+    schemas = [{"type": "object", "properties": {f"k{i}": {"type": "integer", "minimum": i, "maximum": i}},
+                "required": [f"k{i}"], "additionalProperties": False} for i in range(5)]
+    grammars = [to_grammar("json_schema", s, "x") for s in schemas]
+    grammars += [to_grammar("regex", r"[a-c]{3}-\d{2}", "x"), choice_grammar(["yes", "no"]), None]
+    texts = sampled(engine, tokenizer, grammars[:7], range(7))
+    for i in range(5):
+        assert json.loads(texts[i]) == {f"k{i}": i}
+    assert __import__("re").fullmatch(r"[a-c]{3}-\d{2}", texts[5])
+    assert texts[6] in ("yes", "no")
+
+
+def test_a_schema_the_library_refuses_is_a_400_naming_the_field():
+    with pytest.raises(OpenAIError) as e:
+        to_grammar("json_schema", {"type": "strin"}, "response_format.json_schema.schema")
+    assert e.value.status == 400 and e.value.param == "response_format.json_schema.schema"
+    assert "strin" in e.value.message and ".cc" not in e.value.message
+
+
+def test_a_tokenizer_of_remote_code_takes_grammars(tiny_model_dir):
+    model = load_causal_lm(str(tiny_model_dir), trust_remote_code=True)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir, trust_remote_code=True)
+    engine = LLMEngine(ModelRunner(model), max_num_seqs=4, max_model_len=256, tokenizer=tok)
+    grammar = to_grammar("json_schema", WEATHER["function"]["parameters"], "x")
+    out = engine.generate([1, 20, 30], SamplingParams(max_tokens=200, temperature=0, grammar=grammar,
+                                                      stop_token_ids=(2,)))
+    jsonschema.validate(json.loads(tok.decode(out, skip_special_tokens=True)), WEATHER["function"]["parameters"])
+
+
+# --- parsers ---------------------------------------------------------------------------------
+
+# Each family's documented output (Hermes 2 Pro / Qwen; Llama 3.1 JSON tool calling; Mistral v0.3).
+LITERAL = {
+    "hermes": ('I will look both up.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
+               '"unit": "celsius"}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n'
+               '</tool_call>'),
+    "llama3": '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}; '
+              '{"name": "get_time", "parameters": {"zone": "CET"}}',
+    "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris {1}", "unit": "celsius"}}, '
+               '{"name": "get_time", "arguments": {"zone": "C\\"ET"}}]',
+    "builtin": '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>',
+}
+
+
+def parse(fmt: str, text: str, cuts: list[int]) -> tuple[str, list[tuple[str, str, str]]]:
+    parser, content, calls = ToolCallParser(FORMATS[fmt]), "", {}
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    for delta in [parser.feed(p) for p in pieces] + [parser.finish()]:
+        content += delta.content
+        for index, call_id, name in delta.started:
+            calls[index] = [call_id, name, ""]
+        for index, fragment in delta.arguments:
+            calls[index][2] += fragment
+    assert [c.arguments for c in parser.calls] == [c[2] for c in calls.values()]
+    return content, [(name, args, call_id[:5]) for call_id, name, args in calls.values()]
+
+
+@pytest.mark.parametrize("fmt", sorted(LITERAL))
+def test_each_parser_streamed_in_any_split_gives_the_whole_texts_calls(fmt):
+    text = LITERAL[fmt]
+    whole = parse(fmt, text, [])
+    assert [json.loads(args) for _, args, _ in whole[1]][0]["city" if fmt != "builtin" else "zone"]
+    assert all(prefix == "call_" for *_, prefix in whole[1])
+    for seed in range(300):
+        rng = random.Random(seed)
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, min(40, len(text) - 1))))
+        assert parse(fmt, text, cuts) == whole
+    if fmt == "hermes":
+        assert whole[0] == "I will look both up.\n" and [n for n, *_ in whole[1]] == ["get_weather", "get_time"]
+
+
+def test_text_that_only_looks_like_a_call_is_text():
+    assert parse("hermes", "a < b, and <tool is no tag", [3, 12]) == ("a < b, and <tool is no tag", [])
+    assert parse("llama3", "Use {braces} freely", [5]) == ("Use {braces} freely", [])
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_reasoning_split_in_any_split(thinking):
+    text = ("" if thinking else "<think>") + "Let me think: 2 < 3.\n</think>\n\nThe answer is 3."
+    for seed in range(100):
+        rng = random.Random(seed)
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(0, 10)))
+        parser, reasoning, content = ReasoningParser(thinking), "", ""
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        for i, piece in enumerate(pieces):
+            r, c = parser.feed(piece, final=i == len(pieces) - 1)
+            reasoning, content = reasoning + r, content + c
+        assert (reasoning, content) == ("Let me think: 2 < 3.\n", "The answer is 3.")
