@@ -26,6 +26,7 @@ from middleware import (
 )
 from models.config import ServedModel, load_config
 from models.embedded import ensure_available
+from openai_api.responses import ResponseStore
 from openai_api.routes import app
 from runners.chat import chat_runner
 from runners.embedding import embedding_runner
@@ -59,6 +60,7 @@ class Gateway:
                 models.append(Model(m, [local], info=ModelInfo.load(m)))
         self.registry = Registry(models, GATEWAY.health)
         app.state.registry = self.registry
+        app.state.responses = ResponseStore(GATEWAY.responses.store_size)
         logger.info("serving %s", ", ".join(m.id for m in models))
 
     @bentoml.on_startup

@@ -133,6 +133,15 @@ class CorsConfig(BaseModel):
     allow_origins: list[str] = Field(default_factory=list)  # e.g. [https://chat.example.com], or ["*"]
 
 
+class ResponsesConfig(BaseModel):
+    """The Responses API's store: the last ``store_size`` responses are kept in memory, for
+    ``previous_response_id`` and ``GET /v1/responses/{id}``; older ones are a 404. 0 keeps none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store_size: int = Field(default=1000, ge=0)
+
+
 class GatewayConfig(BaseModel):
     """Every key of bentochat.yaml but ``models``."""
 
@@ -149,6 +158,7 @@ class GatewayConfig(BaseModel):
     cors: CorsConfig = Field(default_factory=CorsConfig)
     # A request body larger than this is refused with 413 before it is read.
     max_body_mb: float = Field(default=8, gt=0)
+    responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
 
 
 class ModelList(BaseModel):

@@ -21,6 +21,9 @@ from openai_api.errors import OpenAIError, invalid_value
 # The longest run of whitespace allowed between JSON tokens: enough to indent a few levels, too
 # little for a small model to fill its answer with newlines.
 MAX_WHITESPACE = 8
+# The most digits of a JSON number's integer part, fraction or exponent that a schema does not bound:
+# 15 is what a double holds exactly; an unbounded run lets a small model write digits until max_tokens.
+MAX_DIGITS = 15
 
 
 def library_message(error: Exception) -> str:
@@ -46,9 +49,19 @@ def _convert(kind: str, spec: str) -> str:
         grammar = xgr.Grammar.from_structural_tag(spec)
     else:
         raise ValueError(kind)
-    # xgrammar 0.2 writes the characters of a string with maxLength (or minLength) without JSON's
-    # ban on raw control characters, so a model could put a tab or a NUL in one: add the ban.
-    return str(grammar).replace(r'[^\"\\\r\n]', r'[^\0-\x1f\"\\\r\n]')
+    text = str(grammar)
+    if kind in ("json_schema", "json_object", "structural_tag"):
+        text = bound_json(text)
+    return text
+
+
+def bound_json(ebnf: str) -> str:
+    """Bound the digit runs of JSON numbers (``MAX_DIGITS``), and mend what xgrammar 0.2 writes for
+    the characters of a string with maxLength or minLength: without JSON's ban on raw control
+    characters, so a model could put a tab or a NUL in one."""
+    ebnf = ebnf.replace("[0-9]*", f"[0-9]{{0, {MAX_DIGITS - 1}}}")
+    ebnf = re.sub(r"(\w*digits\w*)\{1, -1\}", rf"\1{{1, {MAX_DIGITS}}}", ebnf)
+    return ebnf.replace(r'[^\"\\\r\n]', r'[^\0-\x1f\"\\\r\n]')
 
 
 def to_grammar(kind: str, spec: Any, param: str) -> str:

@@ -381,8 +381,8 @@ class ChatCompletionRequest(SamplingFields):
 
         check_tools([t.model_dump(exclude_none=True) for t in self.tools or ()])
         tools = self.active_tools
-        calls = (tool_grammar(info.tool_format, tools, self.tool_mode, self.parallel_tool_calls)
-                 if tools else None)
+        calls = (tool_grammar(info.tool_format, tools, self.tool_mode, self.parallel_tool_calls,
+                              named=isinstance(self.tool_choice, dict)) if tools else None)
         return combine((calls, "tool_choice"), (response_format_grammar(self.response_format), "response_format"),
                        (super().output_grammar(info), "structured_outputs"))
 

@@ -5,19 +5,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import json
 import logging
 import struct
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.routing import Match
 
-from openai_api import errors
+from openai_api import errors, responses
 from openai_api.errors import OpenAIError, client_closed, context_length_exceeded, invalid_value, \
     model_not_supported
-from openai_api.generation import generate_text
+from openai_api.generation import TextEvent, generate_text
 from openai_api.logprobs import chat_logprobs, completion_logprobs
 from openai_api.protocol import (
     AssistantMessage,
@@ -50,7 +53,8 @@ from openai_api.protocol import (
     chat_messages,
     new_id,
 )
-from openai_api.tool_calls import AnswerParser
+from openai_api.responses import ResponsesRequest, ResponseStore, to_chat_request
+from openai_api.tool_calls import AnswerDelta, AnswerParser
 from runners.engine.sequence import SamplingParams
 
 if TYPE_CHECKING:
@@ -224,22 +228,56 @@ def _tool_call_deltas(d) -> list[ToolCallDelta]:
             + [ToolCallDelta(index=i, function=FunctionDelta(arguments=fragment)) for i, fragment in d.arguments])
 
 
+@dataclass
+class ChatRun:
+    """A chat request under way: its prompt, and each choice's answer as its parser splits it."""
+
+    info: ModelInfo
+    prompt_ids: list[int]
+    choices: AsyncIterator  # (choice index, TextEvent)
+    parsers: list[AnswerParser]
+
+    async def deltas(self) -> AsyncIterator[tuple[int, TextEvent, AnswerDelta]]:
+        async for i, ev in self.choices:
+            yield i, ev, self.parsers[i].feed(ev.text, final=ev.finish_reason is not None)
+
+    async def collect(self) -> tuple[list[str | None], list[int], list[list]]:
+        """Each choice's finish reason, completion tokens and logprob entries; the parsers hold the rest."""
+        n = len(self.parsers)
+        reasons, counts, entries = [None] * n, [0] * n, [[] for _ in range(n)]
+        async for i, ev, _ in self.deltas():
+            reasons[i] = self.parsers[i].finish_reason(ev.finish_reason)
+            counts[i] = ev.completion_tokens
+            entries[i] += ev.logprobs
+        return reasons, counts, entries
+
+
+async def start_chat(request: Request, req: ChatCompletionRequest) -> ChatRun:
+    """Render, check and queue a chat request (chat completions and responses alike); a stream's
+    first token is awaited, so that what fails before it is the response's HTTP status."""
+    model = _registry(request).get(req.model, "chat")
+    # Rendering and tokenizing take CPU time that grows with the prompt: never on the event loop.
+    prompt_ids, params = await asyncio.to_thread(prepare_chat, model.info, req)
+    choices = _run_choices(model, [prompt_ids], params, req.n)
+    if req.stream:
+        choices = await unless_disconnected(request, started(choices))
+    return ChatRun(model.info, prompt_ids, choices, [answer_parser(model.info, req, prompt_ids) for _ in range(req.n)])
+
+
+def _tool_calls(parser: AnswerParser) -> list[ToolCallOut] | None:
+    return [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
+            for c in parser.calls] or None
+
+
 @app.post("/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request):
-    model = _registry(request).get(req.model, "chat")
-    info = model.info
-    # Rendering and tokenizing take CPU time that grows with the prompt: never on the event loop.
-    prompt_ids, params = await asyncio.to_thread(prepare_chat, info, req)
-    choices = _run_choices(model, [prompt_ids], params, req.n)
-    parsers = [answer_parser(info, req, prompt_ids) for _ in range(req.n)]
+    run = await start_chat(request, req)
     rid = new_id("chatcmpl")
 
     def logprobs(entries):
-        return chat_logprobs(info.tokenizer, entries) if req.logprobs else None
+        return chat_logprobs(run.info.tokenizer, entries) if req.logprobs else None
 
     if req.stream:
-        choices = await unless_disconnected(request, started(choices))
-
         def chunk(i, delta=None, finish_reason=None, entries=()):
             return ChatCompletionChunk(id=rid, model=req.model, choices=[ChatChunkChoice(
                 index=i, delta=delta or Delta(), finish_reason=finish_reason, logprobs=logprobs(entries))])
@@ -248,34 +286,30 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
             counts = [0] * req.n
             for i in range(req.n):
                 yield chunk(i, Delta(role="assistant", content=""))
-            async for i, ev in choices:
+            async for i, ev, d in run.deltas():
                 counts[i] = ev.completion_tokens
-                d = parsers[i].feed(ev.text, final=ev.finish_reason is not None)
-                entries = ev.logprobs
-                if d.reasoning or d.content or entries:
-                    yield chunk(i, Delta(content=d.content or None, reasoning_content=d.reasoning or None), entries=entries)
+                if d.reasoning or d.content or ev.logprobs:
+                    yield chunk(i, Delta(content=d.content or None, reasoning_content=d.reasoning or None),
+                                entries=ev.logprobs)
                 for call in _tool_call_deltas(d):  # one per chunk, as OpenAI streams them
                     yield chunk(i, Delta(tool_calls=[call]))
                 if ev.finish_reason:
-                    yield chunk(i, finish_reason=parsers[i].finish_reason(ev.finish_reason))
+                    yield chunk(i, finish_reason=run.parsers[i].finish_reason(ev.finish_reason))
             if req.include_usage:
                 yield ChatCompletionChunk(id=rid, model=req.model, choices=[],
-                                          usage=Usage.of(len(prompt_ids), sum(counts)))
+                                          usage=Usage.of(len(run.prompt_ids), sum(counts)))
         return _sse(chunks())
 
-    texts, reasons, counts, entries = await unless_disconnected(request, _collect(choices, req.n))
+    reasons, counts, entries = await unless_disconnected(request, run.collect())
 
-    def message(i) -> AssistantMessage:
-        p = parsers[i]
-        p.feed(texts[i], final=True)
-        calls = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in p.calls]
-        return AssistantMessage(content=p.content if p.content or not calls else None, tool_calls=calls or None,
+    def message(p: AnswerParser) -> AssistantMessage:
+        calls = _tool_calls(p)
+        return AssistantMessage(content=p.content if p.content or not calls else None, tool_calls=calls,
                                 reasoning_content=p.reasoning_text or None)
 
-    return ChatCompletion(id=rid, model=req.model, usage=Usage.of(len(prompt_ids), sum(counts)), choices=[
-        ChatChoice(index=i, message=message(i), finish_reason=parsers[i].finish_reason(reasons[i]),
-                   logprobs=logprobs(entries[i]))
-        for i in range(req.n)
+    return ChatCompletion(id=rid, model=req.model, usage=Usage.of(len(run.prompt_ids), sum(counts)), choices=[
+        ChatChoice(index=i, message=message(p), finish_reason=reasons[i], logprobs=logprobs(entries[i]))
+        for i, p in enumerate(run.parsers)
     ])
 
 
@@ -395,6 +429,53 @@ async def embeddings(req: EmbeddingRequest, request: Request) -> EmbeddingList:
 
     return EmbeddingList(model=req.model, usage=Usage(prompt_tokens=sum(lengths), total_tokens=sum(lengths)),
                          data=[EmbeddingData(index=i, embedding=encode(v)) for i, v in enumerate(vectors)])
+
+
+def _store(request: Request) -> ResponseStore:
+    store = getattr(request.app.state, "responses", None)
+    if store is None:
+        store = request.app.state.responses = ResponseStore()
+    return store
+
+
+@app.post("/responses")
+async def create_response(req: ResponsesRequest, request: Request):
+    """OpenAI's Responses API, run as a chat completion (``openai_api.responses``)."""
+    store = _store(request)
+    history = store.get(req.previous_response_id)[1] if req.previous_response_id is not None else []
+    chat, conversation = to_chat_request(req, history)
+    if chat.n != 1:
+        raise invalid_value("n", "a response has one answer")
+    run = await start_chat(request, chat)
+    rid = new_id("resp")
+
+    def finish(response: dict, turn: list[dict]) -> None:
+        if req.store:
+            store.put(response, conversation + turn)
+
+    if req.stream:
+        async def body():
+            try:
+                async for event in responses.events(req, rid, run, finish):
+                    yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+            except OpenAIError as e:
+                error = {"type": "error", "code": e.code, "message": e.message, "param": e.param}
+                yield f"event: error\ndata: {json.dumps(error)}\n\n"
+        return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    created = time.time()
+    reasons, counts, _ = await unless_disconnected(request, run.collect())
+    items, turn = responses.output_items(run.parsers[0])
+    response = responses.response_object(req, rid, created, "completed", items,
+                                         responses.usage_of(len(run.prompt_ids), counts[0]),
+                                         "length" if reasons[0] == "length" else None)
+    finish(response, turn)
+    return JSONResponse(response)
+
+
+@app.get("/responses/{response_id}")
+async def retrieve_response(response_id: str, request: Request):
+    return JSONResponse(_store(request).get(response_id)[0])
 
 
 @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],

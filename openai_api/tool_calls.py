@@ -53,6 +53,9 @@ FORMATS = {
     "mistral": ToolFormat("mistral", ("[TOOL_CALLS]",), '[TOOL_CALLS][{"name": "', "arguments", "}]"),
 }
 TOOL_PARSERS = tuple(FORMATS)
+# Calls in one answer when tool_choice is `required` and parallel calls are allowed: a small model
+# repeats a call for as long as the grammar lets it.
+MAX_PARALLEL_CALLS = 8
 
 
 def format_for_template(template_text: str | None) -> ToolFormat:
@@ -67,17 +70,21 @@ def format_for_template(template_text: str | None) -> ToolFormat:
     return FORMATS["hermes"]
 
 
-def tool_grammar(fmt: ToolFormat, tools: list[dict], mode: str, parallel: bool) -> str:
-    """EBNF for ``mode`` (``auto``: text, then calls once one starts; ``required``: calls only) over
-    ``tools`` (OpenAI function tools, already checked)."""
-    from xgrammar.structural_tag import (JSONSchemaFormat, StructuralTag, TagFormat, TagsWithSeparatorFormat,
-                                         TriggeredTagsFormat)
+def tool_grammar(fmt: ToolFormat, tools: list[dict], mode: str, parallel: bool, named: bool = False) -> str:
+    """EBNF for ``mode`` (``auto``: text, then calls once one starts; ``required``: calls only, at most
+    ``MAX_PARALLEL_CALLS``, or one of the ``named`` function) over ``tools`` (OpenAI function tools,
+    already checked)."""
+    from xgrammar.structural_tag import (ConstStringFormat, JSONSchemaFormat, OrFormat, RepeatFormat,
+                                         SequenceFormat, StructuralTag, TagFormat, TriggeredTagsFormat)
 
     tags = [TagFormat(begin=f'{fmt.opening}{t["function"]["name"]}", "{fmt.arguments_key}": ',
                       content=JSONSchemaFormat(json_schema=parameters_of(t), max_whitespace_cnt=MAX_WHITESPACE),
                       end=fmt.closing) for t in tools]
-    if mode == "required":  # calls only, one per line
-        calls = TagsWithSeparatorFormat(tags=tags, separator="\n", at_least_one=True, stop_after_first=not parallel)
+    if mode == "required":  # calls only, one per line; a named function is called once
+        choice = OrFormat(elements=tags) if len(tags) > 1 else tags[0]
+        more = MAX_PARALLEL_CALLS - 1 if parallel and not named else 0
+        calls = SequenceFormat(elements=[choice, RepeatFormat(min=0, max=more, content=SequenceFormat(
+            elements=[ConstStringFormat(value="\n"), choice]))]) if more else choice
     else:
         calls = TriggeredTagsFormat(triggers=[fmt.triggers[0]], tags=tags, stop_after_first=not parallel)
     tag = StructuralTag(format=calls)
@@ -171,8 +178,8 @@ class ToolCallParser:
         delta = self.feed("")
         if self.calls and not self.calls[-1].done:
             self._report(self.calls[-1], self.buffer, delta, final=True)
-        elif not self.calls or self.buffer.strip(" \n;,]"):
-            delta.content += self.buffer
+        elif not self.calls or not self.fmt.closing[1:].strip().startswith(self.buffer.strip(" \n;,")):
+            delta.content += self.buffer  # (not a closing tag cut short)
             self.content += self.buffer
         self.buffer = ""
         return delta

@@ -197,6 +197,7 @@ def server(tmp_path_factory, tiny_in_store) -> Server:
   - {{id: {TINY}, model: {TINY}:latest, kind: chat, trust_remote_code: true, max_concurrency: 4, max_tokens_default: 5}}
   - {{id: {ONE_SLOT}, model: {CHAT}:latest, kind: chat, max_concurrency: 1, max_queue: 1}}
 ui: {{model_list_mode: reload}}
+responses: {{store_size: 4}}
 """)
     ARTIFACTS.mkdir(exist_ok=True)
     with serving("service:BentoChat", ARTIFACTS / "serve.log", env={"BENTOCHAT_CONFIG": str(config)},

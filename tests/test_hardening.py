@@ -160,7 +160,7 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"
     ("/chat/completions", {"model": CHAT, "messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "strin"}}}}, "response_format.json_schema.schema"),
     ("/chat/completions", {"model": CHAT, "messages": HELLO, "response_format": {"type": "yaml"}}, "response_format.type"),
-    ("/chat/completions", {"model": CHAT, "messages": HELLO, "extra_body": 1, "guided_regex": "("}, "guided_regex"),
+    ("/chat/completions", {"model": CHAT, "messages": HELLO, "guided_regex": "("}, "guided_regex"),
     ("/chat/completions", {"model": CHAT, "messages": HELLO, "tools": [TOOL], "tool_choice": {
         "type": "function", "function": {"name": "nowhere"}}}, "tool_choice"),
     ("/chat/completions", {"model": CHAT, "messages": HELLO, "tools": [{"type": "web_search"}]}, "tools[0].type"),

@@ -1,0 +1,285 @@
+"""OpenAI's Responses API on the chat path: a request becomes a ``ChatCompletionRequest`` (its input
+items become messages, its function tools chat tools, ``text.format`` a response format), runs as
+a chat does, and its answer becomes output items (a message, function calls) and, streamed, the
+documented event sequence. Finished responses are kept in a bounded in-memory store
+(``ResponseStore``) for ``previous_response_id`` and ``GET /v1/responses/{id}``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, ValidationError
+
+from openai_api.errors import OpenAIError, invalid_value
+from openai_api.protocol import ChatCompletionRequest, TopLevelRequest, new_id
+
+DEFAULT_STORE_SIZE = 1000
+
+
+class ResponsesRequest(TopLevelRequest):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: str | list[dict] = Field(default_factory=list)
+    instructions: str | None = None
+    tools: list[dict] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    parallel_tool_calls: bool = True
+    text: dict | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stream: bool = False
+    store: bool = True
+    previous_response_id: str | None = None
+    metadata: dict | None = None
+    user: str | None = None
+
+
+class ResponseStore:
+    """The last ``size`` finished responses, with the messages that led to them, oldest dropped first."""
+
+    def __init__(self, size: int = DEFAULT_STORE_SIZE):
+        self.size = size
+        self._items: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, response: dict, messages: list[dict]) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._items[response["id"]] = (response, messages)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def get(self, response_id: str) -> tuple[dict, list[dict]]:
+        with self._lock:
+            found = self._items.get(response_id)
+        if found is None:
+            raise OpenAIError(404, f"Response with id '{response_id}' not found. This server keeps the last "
+                                   f"{self.size} responses in memory.", param="response_id", code="response_not_found")
+        return found
+
+
+def _text_of(content: Any, param: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for i, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in ("input_text", "output_text", "text"):
+                raise invalid_value(f"{param}[{i}]", f"is of type {kind!r}; this model takes text only")
+            parts.append(part.get("text") or "")
+        return "".join(parts)
+    raise invalid_value(param, "must be text or a list of text parts")
+
+
+def input_messages(req: ResponsesRequest) -> list[dict]:
+    """The request's ``input`` as chat messages (without instructions or earlier responses)."""
+    if isinstance(req.input, str):
+        return [{"role": "user", "content": req.input}]
+    messages: list[dict] = []
+    for i, item in enumerate(req.input):
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "assistant", "system", "developer"):
+                raise invalid_value(f"input[{i}].role", "must be user, assistant, system or developer")
+            messages.append({"role": role, "content": _text_of(item.get("content"), f"input[{i}].content")})
+        elif kind == "function_call":
+            call = {"id": item.get("call_id"), "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"}}
+            last = messages[-1] if messages else None
+            if last and last["role"] == "assistant" and last.get("tool_calls") is not None:
+                last["tool_calls"].append(call)  # parallel calls: one assistant turn
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                             "content": output if isinstance(output, str) else json.dumps(output)})
+        elif kind == "reasoning":
+            continue  # a reasoning item sent back: not shown to the model again
+        else:
+            raise invalid_value(f"input[{i}].type", f"{kind!r} items are not supported; send messages, "
+                                                    "function_call and function_call_output items")
+    return messages
+
+
+def _chat_tools(tools: list[dict] | None) -> list[dict] | None:
+    if tools is None:
+        return None
+    out = []
+    for i, tool in enumerate(tools):
+        if tool.get("type") != "function":
+            raise invalid_value(f"tools[{i}].type", f"{tool.get('type')!r} tools are not supported; only `function` tools")
+        out.append({"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters", "strict")
+                                                     if tool.get(k) is not None}})
+    return out or None
+
+
+def _chat_tool_choice(choice):
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    return choice
+
+
+def _response_format(text: dict | None) -> dict | None:
+    fmt = (text or {}).get("format")
+    if not fmt or fmt.get("type") != "json_schema":
+        return fmt
+    return {"type": "json_schema", "json_schema": {"name": fmt.get("name", "output"), "schema": fmt.get("schema"),
+                                                   "strict": fmt.get("strict")}}
+
+
+def to_chat_request(req: ResponsesRequest, history: list[dict]) -> tuple[ChatCompletionRequest, list[dict]]:
+    """The chat request this response runs as, and the conversation it holds (for the store)."""
+    conversation = history + input_messages(req)
+    messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + conversation
+    try:
+        chat = ChatCompletionRequest.model_validate({
+            "model": req.model, "messages": messages, "tools": _chat_tools(req.tools),
+            "tool_choice": _chat_tool_choice(req.tool_choice), "parallel_tool_calls": req.parallel_tool_calls,
+            "response_format": _response_format(req.text), "max_tokens": req.max_output_tokens,
+            "temperature": req.temperature, "top_p": req.top_p, "stream": req.stream})
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        raise invalid_value("input" if where.startswith("messages") else where or None,
+                            err.get("msg", str(e)).removeprefix("Value error, ")) from e
+    return chat, conversation
+
+
+# --- the answer as a response -------------------------------------------------------------------
+
+def message_item(item_id: str, text: str, status: str = "completed") -> dict:
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if text or
+            status == "completed" else []}
+
+
+def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str = "completed") -> dict:
+    return {"type": "function_call", "id": item_id, "call_id": call_id, "name": name, "arguments": arguments,
+            "status": status}
+
+
+def reasoning_item(item_id: str, text: str) -> dict:
+    return {"type": "reasoning", "id": item_id, "summary": [], "content": [{"type": "reasoning_text", "text": text}]}
+
+
+def response_object(req: ResponsesRequest, rid: str, created: float, status: str, output: list[dict],
+                    usage: dict | None = None, finish_reason: str | None = None) -> dict:
+    incomplete = {"reason": "max_output_tokens"} if finish_reason == "length" else None
+    return {
+        "id": rid, "object": "response", "created_at": created, "model": req.model,
+        "status": "incomplete" if incomplete and status == "completed" else status,
+        "error": None, "incomplete_details": incomplete, "instructions": req.instructions,
+        "max_output_tokens": req.max_output_tokens, "metadata": req.metadata or {}, "output": output,
+        "parallel_tool_calls": req.parallel_tool_calls, "previous_response_id": req.previous_response_id,
+        "temperature": req.temperature, "top_p": req.top_p, "tools": req.tools or [],
+        "tool_choice": req.tool_choice or "auto", "text": req.text or {"format": {"type": "text"}},
+        "truncation": "disabled", "store": req.store, "user": req.user, "usage": usage,
+    }
+
+
+def usage_of(prompt_tokens: int, output_tokens: int) -> dict:
+    return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt_tokens + output_tokens}
+
+
+def output_items(parser) -> tuple[list[dict], list[dict]]:
+    """(output items, the assistant's turn as chat messages) of a finished answer."""
+    items, turn = [], {"role": "assistant", "content": parser.content or None}
+    if parser.reasoning_text:
+        items.append(reasoning_item(new_id("rs"), parser.reasoning_text))
+    if parser.content or not parser.calls:
+        items.append(message_item(new_id("msg"), parser.content))
+    for c in parser.calls:
+        items.append(call_item(new_id("fc"), c.id, c.name, c.arguments))
+    if parser.calls:
+        turn["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                              for c in parser.calls]
+    return items, [turn]
+
+
+async def events(req: ResponsesRequest, rid: str, run, finish: callable) -> AsyncIterator[dict]:
+    """The streamed event sequence of one answer (``run``: an ``openai_api.routes.ChatRun`` with one
+    choice). ``finish(response, turn)`` stores the finished response."""
+    created = time.time()
+    seq = iter(range(1 << 62))
+
+    def event(kind: str, **fields) -> dict:
+        return {"type": kind, "sequence_number": next(seq), **fields}
+
+    yield event("response.created", response=response_object(req, rid, created, "in_progress", []))
+    yield event("response.in_progress", response=response_object(req, rid, created, "in_progress", []))
+    output: list[dict] = []
+    message: dict | None = None
+    text = ""
+    calls: dict[int, dict] = {}  # parser call index -> its item
+    reasoning_text = ""
+    count, reason = 0, None
+
+    def close_message():
+        nonlocal message
+        if message is None:
+            return []
+        index = output.index(message)
+        message.update(message_item(message["id"], text))
+        part = message["content"][0]
+        done = [event("response.output_text.done", item_id=message["id"], output_index=index, content_index=0,
+                      text=text, logprobs=[]),
+                event("response.content_part.done", item_id=message["id"], output_index=index, content_index=0,
+                      part=part),
+                event("response.output_item.done", output_index=index, item=message)]
+        message = None
+        return done
+
+    async for _, ev, d in run.deltas():
+        count, reason = ev.completion_tokens, ev.finish_reason
+        reasoning_text += d.reasoning
+        if d.content and not (calls and not d.content.strip()):
+            if message is None:
+                message = message_item(new_id("msg"), "", status="in_progress")
+                output.append(message)
+                yield event("response.output_item.added", output_index=len(output) - 1, item=dict(message))
+                yield event("response.content_part.added", item_id=message["id"], output_index=len(output) - 1,
+                            content_index=0, part={"type": "output_text", "text": "", "annotations": []})
+            text += d.content
+            yield event("response.output_text.delta", item_id=message["id"], output_index=output.index(message),
+                        content_index=0, delta=d.content, logprobs=[])
+        for index, call_id, name in d.started:
+            for done in close_message():
+                yield done
+            item = call_item(new_id("fc"), call_id, name, "", status="in_progress")
+            calls[index] = item
+            output.append(item)
+            yield event("response.output_item.added", output_index=len(output) - 1, item=dict(item))
+        for index, fragment in d.arguments:
+            item = calls[index]
+            item["arguments"] += fragment
+            yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=output.index(item),
+                        delta=fragment)
+    for done in close_message():
+        yield done
+    for item in calls.values():
+        item["status"] = "completed"
+        i = output.index(item)
+        yield event("response.function_call_arguments.done", item_id=item["id"], output_index=i, name=item["name"],
+                    arguments=item["arguments"])
+        yield event("response.output_item.done", output_index=i, item=item)
+    if reasoning_text:  # last, so that the indices the events named stay right
+        output.append(reasoning_item(new_id("rs"), reasoning_text))
+    response = response_object(req, rid, created, "completed", output, usage_of(len(run.prompt_ids), count), reason)
+    _, turn = output_items(run.parsers[0])
+    finish(response, turn)
+    yield event("response.incomplete" if response["status"] == "incomplete" else "response.completed",
+                response=response)
