@@ -29,6 +29,7 @@ from tiny_model import build_tiny_model  # noqa: E402
 CHAT = "smollm2-135m-instruct"
 EMBED = "all-minilm-l6-v2"
 TINY = "tiny-remote"
+TINY_LONG = "tiny-remote-long"  # the same with a context of 1024: room for tool descriptions
 ONE_SLOT = "smollm2-one-slot"  # the chat model again, with room for one running and one waiting request
 
 
@@ -188,7 +189,15 @@ def tiny_in_store(tiny_model_dir) -> str:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory, tiny_in_store) -> Server:
+def tiny_long_in_store(tmp_path_factory) -> str:
+    path = build_tiny_model(tmp_path_factory.mktemp("hf") / "tiny-baichuan-like-long", context=1024)
+    subprocess.run([sys.executable, "-m", "models", "import", str(path), "--name", TINY_LONG, "--trust-remote-code"],
+                   cwd=ROOT, check=True)
+    return TINY_LONG
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_in_store, tiny_long_in_store) -> Server:
     """`bentoml serve` with the two embedded models and a tiny remote-code model imported by the CLI."""
     config = tmp_path_factory.mktemp("config") / "bentochat.yaml"
     config.write_text(f"""models:
@@ -196,12 +205,13 @@ def server(tmp_path_factory, tiny_in_store) -> Server:
   - {{id: {EMBED}, model: {EMBED}:latest, kind: embedding}}
   - {{id: {TINY}, model: {TINY}:latest, kind: chat, trust_remote_code: true, max_concurrency: 4, max_tokens_default: 5}}
   - {{id: {ONE_SLOT}, model: {CHAT}:latest, kind: chat, max_concurrency: 1, max_queue: 1}}
+  - {{id: {TINY_LONG}, model: {TINY_LONG}:latest, kind: chat, trust_remote_code: true, max_concurrency: 4}}
 ui: {{model_list_mode: reload}}
 responses: {{store_size: 4}}
 """)
     ARTIFACTS.mkdir(exist_ok=True)
     with serving("service:BentoChat", ARTIFACTS / "serve.log", env={"BENTOCHAT_CONFIG": str(config)},
-                 models=(CHAT, EMBED, TINY, ONE_SLOT)) as srv:
+                 models=(CHAT, EMBED, TINY, ONE_SLOT, TINY_LONG)) as srv:
         yield srv
 
 
