@@ -15,7 +15,8 @@ skipped, and the table says so.
 Load: streaming chat, closed loop (each of C clients sends its next request when the last ends),
 ``--requests`` requests per client, ``--max-tokens`` output tokens each; output tokens are counted by
 re-tokenizing the streamed text. TTFT is from sending the request to the first text; ITL is the gap
-between consecutive text chunks.
+between consecutive text chunks. BentoChat also runs the load with a JSON schema on every request
+(``response_format``, one schema per client) at the ``--structured`` concurrencies.
 """
 
 from __future__ import annotations
@@ -74,14 +75,15 @@ def free_port() -> int:
 
 # ---- load over HTTP -------------------------------------------------------------------------------
 
-async def drive_http(url: str, model: str, tokenizer, concurrency: int, requests: int, max_tokens: int) -> Run:
+async def drive_http(url: str, model: str, tokenizer, concurrency: int, requests: int, max_tokens: int,
+                     extra: dict | None = None) -> Run:
     import httpx
 
     run = Run()
 
     async def one(client: httpx.AsyncClient, prompt: str):
         body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                "temperature": 0, "stream": True}
+                "temperature": 0, "stream": True, **(extra or {})}
         start = last = time.perf_counter()
         text, first = "", None
         async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
@@ -151,7 +153,16 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def bench_bentochat(args, tag: str, tokenizer, workdir: Path) -> dict[int, Run]:
+# The structured-output load: every request with a JSON schema (a different one per client, so that
+# the grammar cache does not hide compiling), long enough strings that answers run to max_tokens.
+def story_schema(c: int) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": f"story{c}", "strict": True, "schema": {
+        "type": "object", "additionalProperties": False, "required": ["title", f"story_{c}"],
+        "properties": {"title": {"type": "string", "maxLength": 40}, f"story_{c}": {"type": "string"}}}}}
+
+
+def bench_bentochat(args, tag: str, tokenizer, workdir: Path) -> tuple[dict[int, Run], dict[int, Run]]:
+    """(the plain load at each concurrency, the structured-output load at each --structured one)."""
     config = workdir / "bentochat.yaml"
     config.write_text(f"models:\n  - {{id: bench, model: {tag}, kind: chat, dtype: {args.dtype}, max_concurrency: "
                       f"{max(64, max(args.concurrency))}, prefix_cache_tokens: {args.prefix_cache_tokens}}}\n")
@@ -159,9 +170,13 @@ def bench_bentochat(args, tag: str, tokenizer, workdir: Path) -> dict[int, Run]:
     bentoml = Path(sys.executable).parent / "bentoml"
     proc = serve([str(bentoml), "serve", "service:BentoChat", "--host", "127.0.0.1", "--port", str(port)],
                  f"http://127.0.0.1:{port}/readyz", workdir / "bentochat.log", {"BENTOCHAT_CONFIG": str(config)})
+    url = f"http://127.0.0.1:{port}"
     try:
-        return {c: asyncio.run(drive_http(f"http://127.0.0.1:{port}", "bench", tokenizer, c, args.requests,
-                                          args.max_tokens)) for c in args.concurrency}
+        plain = {c: asyncio.run(drive_http(url, "bench", tokenizer, c, args.requests, args.max_tokens))
+                 for c in args.concurrency}
+        structured = {c: asyncio.run(drive_http(url, "bench", tokenizer, c, args.requests, args.max_tokens,
+                                                {"response_format": story_schema(c)})) for c in args.structured}
+        return plain, structured
     finally:
         stop(proc)
 
@@ -305,6 +320,8 @@ def report(args, runs: dict[str, dict[int, Run]], bare: dict[int, float], genera
             parts.append(f"{r.tps / runs['bentochat engine (no HTTP)'][c].tps:.2f}x engine in-process")
         if c == 1 and generate:
             parts.append(f"{r.tps / generate:.2f}x model.generate")
+        if c in runs.get("bentochat json_schema", {}):
+            parts.append(f"{runs['bentochat json_schema'][c].tps / r.tps:.2f}x with a json_schema on every request")
         for peer in PEER_NAMES.values():
             if c in runs.get(peer, {}):
                 other = runs[peer][c]
@@ -321,6 +338,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 32])
     parser.add_argument("--requests", type=int, default=2, help="requests per client")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--structured", type=int, nargs="*", default=[32],
+                        help="concurrencies of BentoChat's structured-output load (every request with a JSON schema)")
     parser.add_argument("--prefix-cache-tokens", type=int, default=ServedModel.model_fields["prefix_cache_tokens"].default,
                         help="as in bentochat.yaml (0: off), for BentoChat and the engine in-process")
     parser.add_argument("--dtype", default="float32", choices=sorted(LLAMA_QUANT),
@@ -346,7 +365,7 @@ def main() -> None:
     print(f"server logs in {workdir}", flush=True)
     if "bentochat" not in args.skip:
         print("BentoChat ...", flush=True)
-        runs["bentochat (HTTP)"] = bench_bentochat(args, args.model, tokenizer, workdir)
+        runs["bentochat (HTTP)"], runs["bentochat json_schema"] = bench_bentochat(args, args.model, tokenizer, workdir)
     if "transformers" not in args.skip:
         print("transformers serve --continuous-batching ...", flush=True)
         runs["transformers serve --cb"] = bench_transformers(args, path, tokenizer, workdir)
