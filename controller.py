@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import random
@@ -231,6 +232,15 @@ class ModelInfo:
             tool_format=FORMATS[served.tool_parser] if served.tool_parser else
             format_for_template(chat_format.template_text if chat_format else None),
         )
+
+    @functools.cached_property
+    def tool_marker_ids(self) -> frozenset[int]:
+        """Special tokens of the tokenizer that are markers of its tool-call format (``[TOOL_CALLS]``,
+        ``<|python_tag|>``): the detokenizer shows them to the tool-call parser."""
+        special = set(self.tokenizer.all_special_ids) | {
+            i for i, t in getattr(self.tokenizer, "added_tokens_decoder", {}).items() if t.special}
+        ids = {self.tokenizer.convert_tokens_to_ids(t): t for t in self.tool_format.triggers}
+        return frozenset(i for i, t in ids.items() if i in special and self.tokenizer.convert_ids_to_tokens(i) == t)
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Prompt ids of a chat, with ``tools`` the model may call: rendered by its template when that

@@ -22,17 +22,21 @@ class IncrementalDetokenizer:
     tokens so the first generated word keeps its leading space under sentencepiece.
     """
 
-    def __init__(self, tokenizer, prompt_ids: list[int]):
+    def __init__(self, tokenizer, prompt_ids: list[int], keep: frozenset[int] = frozenset()):
         self.tokenizer = tokenizer
         self.ids = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
+        self.keep = keep  # special tokens shown as their text (tool-call markers such as [TOOL_CALLS])
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def step(self, token_id: int) -> str:
         self.ids.append(token_id)
+        if token_id in self.keep:
+            self.prefix_offset = self.read_offset = len(self.ids)
+            return self.tokenizer.convert_ids_to_tokens(token_id)
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])
         if full.endswith("\ufffd") or len(full) <= len(prefix):
@@ -78,10 +82,12 @@ class TextEvent:
     logprobs: list[TokenEvent] = field(default_factory=list)  # the tokens since the last event, with logprobs
 
 
-async def generate_text(model, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TextEvent]:
+async def generate_text(model, prompt_ids: list[int], params: SamplingParams,
+                        keep: frozenset[int] = frozenset()) -> AsyncIterator[TextEvent]:
     """The text of one sequence of ``model`` (a ``controller.Model``) as it is generated; ends at the
-    model's finish or at the first of ``params.stop``, which is never shown."""
-    detokenizer = IncrementalDetokenizer(model.info.tokenizer, prompt_ids)
+    model's finish or at the first of ``params.stop``, which is never shown. Special tokens are not
+    shown, but those in ``keep``."""
+    detokenizer = IncrementalDetokenizer(model.info.tokenizer, prompt_ids, keep)
     stop_strings = StopStrings(list(params.stop))
     count, logprobs = 0, []
     async with contextlib.aclosing(model.generate(prompt_ids, params)) as tokens:  # closing it aborts the rest

@@ -331,8 +331,9 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("tools: function names must be unique")
         choice = self.tool_choice
         if isinstance(choice, dict):
-            name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
-            if name is None:
+            function = choice.get("function") if choice.get("type") == "function" else None
+            name = function.get("name") if isinstance(function, dict) else None
+            if not isinstance(name, str):
                 raise ValueError('tool_choice: must be "none", "auto", "required" or '
                                  '{"type": "function", "function": {"name": ...}}')
             if name not in names:

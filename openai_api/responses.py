@@ -118,7 +118,9 @@ def _chat_tools(tools: list[dict] | None) -> list[dict] | None:
         return None
     out = []
     for i, tool in enumerate(tools):
-        if tool.get("type") != "function":
+        if tool.get("type") != "function" or not isinstance(tool.get("name"), str):
+            if tool.get("type") == "function":
+                raise invalid_value(f"tools[{i}].name", "a function tool needs its name")
             raise invalid_value(f"tools[{i}].type", f"{tool.get('type')!r} tools are not supported; only `function` tools")
         out.append({"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters", "strict")
                                                      if tool.get(k) is not None}})
@@ -133,6 +135,8 @@ def _chat_tool_choice(choice):
 
 def _response_format(text: dict | None) -> dict | None:
     fmt = (text or {}).get("format")
+    if fmt is not None and not isinstance(fmt, dict):
+        raise invalid_value("text.format", "must be an object with a `type`")
     if not fmt or fmt.get("type") != "json_schema":
         return fmt
     return {"type": "json_schema", "json_schema": {"name": fmt.get("name", "output"), "schema": fmt.get("schema"),

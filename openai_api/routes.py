@@ -164,9 +164,11 @@ async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _run_choices(model: Model, prompts: list[list[int]], params: SamplingParams, n: int):
+def _run_choices(model: Model, prompts: list[list[int]], params: SamplingParams, n: int,
+                 keep: frozenset[int] = frozenset()):
     """Yields (choice index, TextEvent); choice ``p * n + i`` is the i-th choice of prompt p, as OpenAI orders them."""
-    return merge([generate_text(model, prompt_ids, _choice_params(params, i)) for prompt_ids in prompts for i in range(n)])
+    return merge([generate_text(model, prompt_ids, _choice_params(params, i), keep)
+                  for prompt_ids in prompts for i in range(n)])
 
 
 async def _collect(choices, total: int) -> tuple[list[str], list[str | None], list[int], list[list]]:
@@ -258,7 +260,9 @@ async def start_chat(request: Request, req: ChatCompletionRequest) -> ChatRun:
     model = _registry(request).get(req.model, "chat")
     # Rendering and tokenizing take CPU time that grows with the prompt: never on the event loop.
     prompt_ids, params = await asyncio.to_thread(prepare_chat, model.info, req)
-    choices = _run_choices(model, [prompt_ids], params, req.n)
+    # A tool-call marker that is a special token (Mistral's [TOOL_CALLS]) must reach the parser.
+    keep = model.info.tool_marker_ids if req.tool_mode != "none" else frozenset()
+    choices = _run_choices(model, [prompt_ids], params, req.n, keep)
     if req.stream:
         choices = await unless_disconnected(request, started(choices))
     return ChatRun(model.info, prompt_ids, choices, [answer_parser(model.info, req, prompt_ids) for _ in range(req.n)])

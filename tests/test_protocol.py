@@ -93,3 +93,40 @@ def test_prompt_shapes():
     with pytest.raises(ValidationError):
         EmbeddingRequest(model="m", input=[1, 2, 3])
     assert EmbeddingRequest(model="m", input="x").input == ["x"]
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("kw, param", [
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": "get_weather"}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "retrieval"}]}, "type"),
+    ({"tools": [TOOL, TOOL]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "name"),
+    ({"response_format": {"json_schema": {}}}, "response_format"),
+])
+def test_tool_and_format_mistakes_are_refused_naming_the_field(kw, param):
+    with pytest.raises(ValidationError) as e:
+        chat(**kw)
+    assert param in str(e.value)
+
+
+def test_tool_modes_and_the_tools_the_model_may_call():
+    other = {"type": "function", "function": {"name": "get_time"}}
+    assert chat().tool_mode == "none" and chat(tools=[TOOL]).tool_mode == "auto"
+    assert chat(tools=[TOOL], tool_choice="none").active_tools == []
+    named = chat(tools=[TOOL, other], tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert named.tool_mode == "required" and [t["function"]["name"] for t in named.active_tools] == ["get_time"]
+
+
+def test_one_output_constraint_per_request():
+    with pytest.raises(OpenAIError) as e:
+        chat(response_format={"type": "json_object"}, guided_regex="a+").to_sampling_params(FakeModel({}), 10)
+    assert e.value.status == 400 and e.value.param == "structured_outputs"
+    params = chat(extra_field=1, structured_outputs={"choice": ["a", "b"]}).to_sampling_params(FakeModel({}), 10)
+    assert params.grammar == 'root ::= "a" | "b"'
+    with pytest.raises(OpenAIError) as e:
+        chat(structured_outputs={"json_schema": {}}).to_sampling_params(FakeModel({}), 10)
+    assert e.value.param == "structured_outputs.json_schema"

@@ -185,3 +185,36 @@ def test_reasoning_split_in_any_split(thinking):
             r, c = parser.feed(piece, final=i == len(pieces) - 1)
             reasoning, content = reasoning + r, content + c
         assert (reasoning, content) == ("Let me think: 2 < 3.\n", "The answer is 3.")
+
+
+# --- tools in the prompt ---------------------------------------------------------------------
+
+def test_a_template_without_tools_gets_them_described(tokenizer):
+    from models.templates import describe_tools
+
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    out = describe_tools(messages, [WEATHER], FORMATS["builtin"].call_text)
+    assert out[0]["role"] == "system" and '"name": "get_weather"' in out[0]["content"] and "<tools>" in out[0]["content"]
+    assert out[2]["content"] == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    assert out[3] == {"role": "user", "content": "<tool_response>\nsunny\n</tool_response>"}
+    parser = ToolCallParser(FORMATS["builtin"])
+    parser.feed(out[2]["content"])
+    parser.finish()
+    assert [(c.name, json.loads(c.arguments)) for c in parser.calls] == [("get_weather", {"city": "Paris"})]
+
+
+def test_a_template_that_takes_tools_renders_them(tokenizer):
+    from models.templates import _jinja
+
+    tokenizer.chat_template = ("{% for t in tools or [] %}TOOL {{ t.function.name }}\n{% endfor %}"
+                               "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    try:
+        fmt = _jinja(tokenizer)
+        assert fmt.takes_tools
+        ids = fmt.render([{"role": "user", "content": "hi"}], [WEATHER])
+        assert tokenizer.decode(ids).startswith("TOOL get_weather\nuser: hi")
+    finally:
+        tokenizer.chat_template = None

@@ -86,3 +86,12 @@ def test_earliest_of_several_stops_wins_and_flush_returns_held_tail():
 
 def test_no_stops_passes_everything_through():
     assert feed_all([], ["a", "b"]) == (["a", "b", ""], False)
+
+
+def test_kept_special_tokens_are_shown_others_not(smollm_tokenizer):
+    tok = smollm_tokenizer
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = tok("Hi there", add_special_tokens=False)["input_ids"] + [im_end]
+    assert "".join(stream(tok, [], ids)) == "Hi there"
+    d = IncrementalDetokenizer(tok, [], keep=frozenset({im_end}))
+    assert "".join(d.step(i) for i in ids) == "Hi there<|im_end|>"
