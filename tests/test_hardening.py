@@ -195,9 +195,11 @@ def test_published_schema_says_400_and_routes_answer_in_openai_shape(server, cli
     r = httpx.get(server.v1 + "/chat/completions")
     assert r.status_code == 405 and r.headers["allow"] == "POST"
     assert r.json()["error"]["type"] == "invalid_request_error"
-    r = httpx.post(server.v1 + "/responses", json={})
+    r = httpx.post(server.v1 + "/assistants", json={})
     assert r.status_code == 404 and r.headers["content-type"] == "application/json"
     assert r.json()["error"]["code"] == "unknown_route"
+    r = httpx.post(server.v1 + "/responses", json={})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
     assert client.models.retrieve(CHAT).id == CHAT
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
