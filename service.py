@@ -7,7 +7,9 @@ the BentoML model store that BentoChat embeds are imported on the first start.
 
 from __future__ import annotations
 
+import importlib
 import logging
+import threading
 
 import bentoml
 
@@ -66,6 +68,8 @@ class Gateway:
     @bentoml.on_startup
     async def watch_runners(self) -> None:
         self.registry.start()
+        # xgrammar (and the torch it loads) takes seconds to import: not on the first structured request.
+        threading.Thread(target=importlib.import_module, args=("xgrammar",), name="import-xgrammar", daemon=True).start()
 
     async def __is_ready__(self) -> bool:
         """/readyz: ready while at least one model has a runner that answers."""

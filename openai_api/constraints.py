@@ -132,7 +132,7 @@ def extension_grammar(structured_outputs: dict | None, guided: dict[str, Any]) -
     return to_grammar(kind, value, param), param
 
 
-def combine(*grammars: tuple[str | None, str]) -> str | None:
+def combine(*grammars: tuple[str | None, str | None]) -> str | None:
     """The one grammar among ``(grammar, field)`` pairs; a 400 when two fields constrain the output."""
     given = [(g, p) for g, p in grammars if g is not None]
     if len(given) > 1:

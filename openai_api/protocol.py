@@ -153,13 +153,16 @@ class SamplingFields(TopLevelRequest):
     def model_stops(self, info: ModelInfo) -> tuple[tuple[int, ...], tuple[str, ...]]:
         return info.eos_token_ids, ()
 
-    def output_grammar(self, info: ModelInfo) -> str | None:
-        """The EBNF grammar the answer must match, if the request constrains it (a 400 when it cannot)."""
+    def extension_grammar(self) -> tuple[str | None, str | None]:
+        """(EBNF, the field it came from) of vLLM's structured-output extensions, if the request has one."""
         from openai_api.constraints import extension_grammar
 
-        grammar, _ = extension_grammar(self.structured_outputs.given() if self.structured_outputs else None,
-                                       {k: getattr(self, f"guided_{k}") for k in ("json", "regex", "choice", "grammar")})
-        return grammar
+        return extension_grammar(self.structured_outputs.given() if self.structured_outputs else None,
+                                 {k: getattr(self, f"guided_{k}") for k in ("json", "regex", "choice", "grammar")})
+
+    def output_grammar(self, info: ModelInfo) -> str | None:
+        """The EBNF grammar the answer must match, if the request constrains it (a 400 when it cannot)."""
+        return self.extension_grammar()[0]
 
     def to_sampling_params(self, info: ModelInfo, prompt_tokens: int, *, fit_context: bool = False) -> SamplingParams:
         """The engine's parameters for this request on ``info``'s model, for a prompt of ``prompt_tokens``.
@@ -385,7 +388,7 @@ class ChatCompletionRequest(SamplingFields):
         calls = (tool_grammar(info.tool_format, tools, self.tool_mode, self.parallel_tool_calls,
                               named=isinstance(self.tool_choice, dict)) if tools else None)
         return combine((calls, "tool_choice"), (response_format_grammar(self.response_format), "response_format"),
-                       (super().output_grammar(info), "structured_outputs"))
+                       self.extension_grammar())
 
 
 

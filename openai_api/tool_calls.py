@@ -22,6 +22,7 @@ answer and a stream, so a stream cut anywhere gives the same calls.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import uuid
@@ -47,12 +48,11 @@ class ToolFormat:
 HERMES = ToolFormat("hermes", ("<tool_call>",), '<tool_call>\n{"name": "', "arguments", "}\n</tool_call>")
 FORMATS = {
     "hermes": HERMES,
-    "builtin": ToolFormat("builtin", *[getattr(HERMES, f) for f in ("triggers", "opening", "arguments_key", "closing")]),
+    "builtin": dataclasses.replace(HERMES, name="builtin"),
     "llama3": ToolFormat("llama3", ('{"name": ', "<|python_tag|>", '{"name":'), '{"name": "', "parameters", "}",
                          trigger_in_json=True),
     "mistral": ToolFormat("mistral", ("[TOOL_CALLS]",), '[TOOL_CALLS][{"name": "', "arguments", "}]"),
 }
-TOOL_PARSERS = tuple(FORMATS)
 # Calls in one answer when tool_choice is `required` and parallel calls are allowed: a small model
 # repeats a call for as long as the grammar lets it.
 MAX_PARALLEL_CALLS = 8
@@ -142,9 +142,6 @@ class ToolDelta:
     content: str = ""
     started: list[tuple[int, str, str]] = field(default_factory=list)
     arguments: list[tuple[int, str]] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.content or self.started or self.arguments)
 
 
 _NAME = re.compile(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
@@ -305,9 +302,6 @@ class ReasoningParser:
 @dataclass
 class AnswerDelta(ToolDelta):
     reasoning: str = ""
-
-    def __bool__(self) -> bool:
-        return bool(self.reasoning) or super().__bool__()
 
 
 class AnswerParser:

@@ -181,3 +181,13 @@ def test_bento_carries_remote_code_and_serves_it_offline_as_deployed(tiny_in_sto
     finally:
         stop(gateway)
         stop(runner)
+
+
+def test_the_bento_lists_every_runtime_dependency():
+    """bentofile.yaml names its packages itself: each of pyproject.toml's dependencies must be there."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    packages = yaml.safe_load((ROOT / "bentofile.yaml").read_text())["python"]["packages"]
+    assert set(requirement_names("\n".join(project["dependencies"]))) - {"bentoml"} <= set(
+        requirement_names("\n".join(packages)))

@@ -124,7 +124,7 @@ def test_tool_modes_and_the_tools_the_model_may_call():
 def test_one_output_constraint_per_request():
     with pytest.raises(OpenAIError) as e:
         chat(response_format={"type": "json_object"}, guided_regex="a+").to_sampling_params(FakeModel({}), 10)
-    assert e.value.status == 400 and e.value.param == "structured_outputs"
+    assert e.value.status == 400 and e.value.param == "guided_regex"
     params = chat(extra_field=1, structured_outputs={"choice": ["a", "b"]}).to_sampling_params(FakeModel({}), 10)
     assert params.grammar == 'root ::= "a" | "b"'
     with pytest.raises(OpenAIError) as e:

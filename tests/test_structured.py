@@ -218,3 +218,14 @@ def test_a_template_that_takes_tools_renders_them(tokenizer):
         assert tokenizer.decode(ids).startswith("TOOL get_weather\nuser: hi")
     finally:
         tokenizer.chat_template = None
+
+
+def test_an_answer_with_reasoning_then_a_call():
+    from openai_api.tool_calls import AnswerParser
+
+    parser = AnswerParser(FORMATS["hermes"], reasoning=True)
+    text = '<think>I need the weather.</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>'
+    pieces = [parser.feed(text[i:i + 7], final=i + 7 >= len(text)) for i in range(0, len(text), 7)]
+    assert "".join(p.reasoning for p in pieces) == parser.reasoning_text == "I need the weather."
+    assert parser.content == "" and [(c.name, c.arguments) for c in parser.calls] == [("get_weather", "{}")]
+    assert parser.finish_reason("stop") == "tool_calls" and parser.finish_reason("length") == "length"
