@@ -385,10 +385,12 @@ class ChatCompletionRequest(SamplingFields):
 
         check_tools([t.model_dump(exclude_none=True) for t in self.tools or ()])
         tools = self.active_tools
-        calls = (tool_grammar(info.tool_format, tools, self.tool_mode, self.parallel_tool_calls,
-                              named=isinstance(self.tool_choice, dict)) if tools else None)
-        return combine((calls, "tool_choice"), (response_format_grammar(self.response_format), "response_format"),
-                       self.extension_grammar())
+        answer = response_format_grammar(self.response_format)
+        if tools:  # the answer's format folds into the tools' grammar: calls, or (auto) an answer in it
+            answer = tool_grammar(info.tool_format, tools, self.tool_mode, self.parallel_tool_calls,
+                                  named=isinstance(self.tool_choice, dict),
+                                  answer=answer if self.tool_mode == "auto" else None)
+        return combine((answer, "tools" if tools else "response_format"), self.extension_grammar())
 
 
 

@@ -70,21 +70,26 @@ def format_for_template(template_text: str | None) -> ToolFormat:
     return FORMATS["hermes"]
 
 
-def tool_grammar(fmt: ToolFormat, tools: list[dict], mode: str, parallel: bool, named: bool = False) -> str:
+def tool_grammar(fmt: ToolFormat, tools: list[dict], mode: str, parallel: bool, named: bool = False,
+                 answer: str | None = None) -> str:
     """EBNF for ``mode`` (``auto``: text, then calls once one starts; ``required``: calls only, at most
     ``MAX_PARALLEL_CALLS``, or one of the ``named`` function) over ``tools`` (OpenAI function tools,
-    already checked)."""
-    from xgrammar.structural_tag import (ConstStringFormat, JSONSchemaFormat, OrFormat, RepeatFormat,
-                                         SequenceFormat, StructuralTag, TagFormat, TriggeredTagsFormat)
+    already checked). ``answer``: with ``auto``, the grammar of a text answer (a response format):
+    the model writes either calls or that."""
+    from xgrammar.structural_tag import (ConstStringFormat, GrammarFormat, JSONSchemaFormat, OrFormat,
+                                         RepeatFormat, SequenceFormat, StructuralTag, TagFormat,
+                                         TriggeredTagsFormat)
 
     tags = [TagFormat(begin=f'{fmt.opening}{t["function"]["name"]}", "{fmt.arguments_key}": ',
                       content=JSONSchemaFormat(json_schema=parameters_of(t), max_whitespace_cnt=MAX_WHITESPACE),
                       end=fmt.closing) for t in tools]
-    if mode == "required":  # calls only, one per line; a named function is called once
+    if mode == "required" or answer is not None:  # calls only, one per line; a named function once
         choice = OrFormat(elements=tags) if len(tags) > 1 else tags[0]
         more = MAX_PARALLEL_CALLS - 1 if parallel and not named else 0
         calls = SequenceFormat(elements=[choice, RepeatFormat(min=0, max=more, content=SequenceFormat(
             elements=[ConstStringFormat(value="\n"), choice]))]) if more else choice
+        if answer is not None:
+            calls = OrFormat(elements=[calls, GrammarFormat(grammar=answer)])
     else:
         calls = TriggeredTagsFormat(triggers=[fmt.triggers[0]], tags=tags, stop_after_first=not parallel)
     tag = StructuralTag(format=calls)

@@ -229,3 +229,20 @@ def test_an_answer_with_reasoning_then_a_call():
     assert "".join(p.reasoning for p in pieces) == parser.reasoning_text == "I need the weather."
     assert parser.content == "" and [(c.name, c.arguments) for c in parser.calls] == [("get_weather", "{}")]
     assert parser.finish_reason("stop") == "tool_calls" and parser.finish_reason("length") == "length"
+
+
+def test_auto_tools_with_a_response_format_give_calls_or_that_format(engine, tokenizer):
+    fmt = FORMATS["builtin"]
+    grammar = tool_grammar(fmt, [WEATHER], "auto", parallel=False, answer=to_grammar("json_schema", SCHEMA, "x"))
+    kinds = set()
+    for text in sampled(engine, tokenizer, [grammar] * 16, range(16)):
+        parser = ToolCallParser(fmt)
+        parser.feed(text)
+        parser.finish()
+        if parser.calls:
+            kinds.add("call")
+            jsonschema.validate(json.loads(parser.calls[0].arguments), WEATHER["function"]["parameters"])
+        else:
+            kinds.add("answer")
+            jsonschema.validate(json.loads(text), SCHEMA)
+    assert kinds == {"call", "answer"}  # a random model takes both ways
