@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 EXAMPLES = {"positive": 40, "negative": 20}  # per route: requests that fit the schema, and ones that do not
 MODELS = [CHAT, TINY, EMBED]
-CAPS = {"max_tokens": 4, "max_completion_tokens": 4, "min_tokens": 4, "n": 2}  # keep generation short
+# keep generation short
+CAPS = {"max_tokens": 4, "max_completion_tokens": 4, "max_output_tokens": 4, "min_tokens": 4, "n": 2}
 
 
 def _served(body):
@@ -33,6 +34,8 @@ def _served(body):
             body[key] = cap
     if ("messages" in body or "prompt" in body) and "max_tokens" not in body:
         body["max_tokens"] = CAPS["max_tokens"]
+    if "input" in body and "max_output_tokens" not in body:  # the Responses API (embeddings ignore it)
+        body["max_output_tokens"] = CAPS["max_output_tokens"]
     if isinstance(body.get("prompts"), list):
         body["prompts"] = [_served(p) for p in body["prompts"]]
     return body
