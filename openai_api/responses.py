@@ -11,7 +11,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError
@@ -214,7 +214,8 @@ def output_items(parser) -> tuple[list[dict], list[dict]]:
     return items, [turn]
 
 
-async def events(req: ResponsesRequest, rid: str, run, finish: callable) -> AsyncIterator[dict]:
+async def events(req: ResponsesRequest, rid: str, run, finish: Callable[[dict, list[dict]], None]
+                 ) -> AsyncIterator[dict]:
     """The streamed event sequence of one answer (``run``: an ``openai_api.routes.ChatRun`` with one
     choice). ``finish(response, turn)`` stores the finished response."""
     created = time.time()

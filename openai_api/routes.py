@@ -448,8 +448,6 @@ async def create_response(req: ResponsesRequest, request: Request):
     store = _store(request)
     history = store.get(req.previous_response_id)[1] if req.previous_response_id is not None else []
     chat, conversation = to_chat_request(req, history)
-    if chat.n != 1:
-        raise invalid_value("n", "a response has one answer")
     run = await start_chat(request, chat)
     rid = new_id("resp")
 
