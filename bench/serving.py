@@ -164,8 +164,10 @@ def story_schema(c: int) -> dict:
 def bench_bentochat(args, tag: str, tokenizer, workdir: Path) -> tuple[dict[int, Run], dict[int, Run]]:
     """(the plain load at each concurrency, the structured-output load at each --structured one)."""
     config = workdir / "bentochat.yaml"
-    config.write_text(f"models:\n  - {{id: bench, model: {tag}, kind: chat, dtype: {args.dtype}, max_concurrency: "
-                      f"{max(64, max(args.concurrency))}, prefix_cache_tokens: {args.prefix_cache_tokens}}}\n")
+    quantization = f", quantization: {args.quantization}" if args.quantization else ""
+    config.write_text(f"models:\n  - {{id: bench, model: {tag}, kind: chat, dtype: {args.dtype}, forward: {args.forward}"
+                      f"{quantization}, max_concurrency: {max(64, max(args.concurrency))}, "
+                      f"prefix_cache_tokens: {args.prefix_cache_tokens}}}\n")
     port = free_port()
     bentoml = Path(sys.executable).parent / "bentoml"
     proc = serve([str(bentoml), "serve", "service:BentoChat", "--host", "127.0.0.1", "--port", str(port)],
@@ -260,7 +262,8 @@ def bench_engine(args, model, tokenizer, context: int) -> dict[int, Run]:
 
 def bench_bare(args, model, tokenizer) -> tuple[dict[int, float], float]:
     """The model's own batched decode loop (tokens/s of the decode steps at batch B, prefill left
-    out), and ``model.generate`` alone (tokens/s including its prefill)."""
+    out), and ``model.generate`` alone (tokens/s including its prefill; 0 on the lean forward, which
+    has no ``generate``)."""
     import torch
 
     ids = prompt_ids(tokenizer, PROMPTS[0])
@@ -274,6 +277,8 @@ def bench_bare(args, model, tokenizer) -> tuple[dict[int, float], float]:
                 out = model(input_ids=token, cache=cache, use_cache=True)
                 cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
             bare[b] = b * args.max_tokens / (time.perf_counter() - start)
+        if not hasattr(model, "generate"):
+            return bare, 0.0
         model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)  # warm-up
         start = time.perf_counter()
         n = args.max_tokens
@@ -293,7 +298,8 @@ PEER_NAMES = {"llamacpp": "llama.cpp llama-server", "vllm": "vLLM CPU backend"}
 
 def report(args, runs: dict[str, dict[int, Run]], bare: dict[int, float], generate: float,
            skipped: dict[str, str]) -> None:
-    print(f"\nSmolLM2-135M-Instruct {args.dtype} on CPU ({os.cpu_count()} cores), {args.max_tokens} output tokens, "
+    weights = f"{args.dtype}, int8 weights" if args.quantization else args.dtype
+    print(f"\nSmolLM2-135M-Instruct {weights}, {args.forward} forward, on CPU ({os.cpu_count()} cores), {args.max_tokens} output tokens, "
           f"{args.requests} requests per client, greedy, streaming chat, prefix cache {args.prefix_cache_tokens} tokens"
           f" (llama.cpp: the {LLAMA_QUANT[args.dtype]} GGUF)\n")
     print(f"{'system':<26}{'conc':>5}{'tok/s':>9}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}{'ITL p50 ms':>12}")
@@ -344,6 +350,9 @@ def main() -> None:
                         help="as in bentochat.yaml (0: off), for BentoChat and the engine in-process")
     parser.add_argument("--dtype", default="float32", choices=sorted(LLAMA_QUANT),
                         help="BentoChat's, transformers serve's and vLLM's precision; llama.cpp runs the GGUF of it")
+    parser.add_argument("--forward", default="lean", choices=["lean", "transformers"],
+                        help="BentoChat's and the engine's forward pass, as in bentochat.yaml")
+    parser.add_argument("--quantization", choices=["int8"], help="BentoChat's and the engine's weights in int8")
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["bentochat", "transformers", "llamacpp", "vllm", "engine", "bare"])
     parser.add_argument("--install-peers", action="store_true", help="run bench/peers.sh install first")
@@ -381,7 +390,7 @@ def main() -> None:
                 runs[PEER_NAMES[name]] = peer
     bare, generate = {}, 0.0
     if not {"engine", "bare"} <= set(args.skip):
-        model = load_causal_lm(path, dtype=args.dtype)
+        model = load_causal_lm(path, dtype=args.dtype, forward=args.forward, quantization=args.quantization)
         if "engine" not in args.skip:
             print("engine in-process ...", flush=True)
             runs["bentochat engine (no HTTP)"] = bench_engine(args, model, tokenizer, int(stored.info.metadata["context_length"]))

@@ -36,6 +36,10 @@ class ServedModel(BaseModel):
                                                               "several are replicas")
     kind: Literal["chat", "embedding"] = "chat"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    quantization: Literal["int8"] | None = Field(default=None, description="int8: weights stored and multiplied "
+                                                                           "as int8 (FastChat --load-8bit)")
+    forward: Literal["lean", "transformers"] = Field(default="lean", description="lean: BentoChat's own forward "
+                                                     "for Llama, Mistral, Qwen2 and Qwen3; transformers: theirs")
     gpus: list[int] = Field(default_factory=list, description="GPU indices; empty runs on CPU")
     max_gpu_memory: str | None = Field(default=None, description="cap per GPU, e.g. `20GiB`")
     max_concurrency: int = Field(default=64, ge=1, description="sequences generated together (the batch)")

@@ -37,20 +37,29 @@ def service_options(served: ServedModel, kind: str) -> dict:
     }
 
 
-def resolve_dtype(dtype: str, checkpoint_dtype: str | None, on_gpu: bool):
+def resolve_dtype(dtype: str, checkpoint_dtype: str | None, on_gpu: bool, lean: bool = False):
+    """The torch dtype to load in. ``auto``: on a GPU the checkpoint's own; on a CPU with bfloat16
+    instructions (AVX-512 BF16, AMX) bfloat16 for a model on the lean forward, whose packed bfloat16
+    matmuls are faster than float32 at every batch size; float32 otherwise (transformers' bfloat16
+    path is slower than float32 at small batches, and half precision is often unsupported)."""
     import torch
 
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype != "auto":
         return dtypes[dtype]
-    if not on_gpu:
-        return torch.float32  # half precision on CPU is slow and often unsupported
-    return dtypes.get(str(checkpoint_dtype), torch.float16)
+    if on_gpu:
+        return dtypes.get(str(checkpoint_dtype), torch.float16)
+    if lean and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = None,
-                   max_gpu_memory: str | None = None, trust_remote_code: bool = False):
-    """Load a stored causal LM onto the configured GPUs (FastChat's --gpus/--max-gpu-memory) or the CPU."""
+                   max_gpu_memory: str | None = None, trust_remote_code: bool = False, forward: str = "transformers",
+                   quantization: str | None = None):
+    """Load a stored causal LM onto the configured GPUs (FastChat's --gpus/--max-gpu-memory) or the CPU;
+    with ``forward="lean"``, on BentoChat's lean forward where its family is supported, its weights
+    in int8 with ``quantization="int8"`` (FastChat's --load-8bit)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -61,7 +70,13 @@ def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = N
         if not torch.cuda.is_available():
             raise RuntimeError(f"gpus {gpus} are configured but CUDA is not available in this process")
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None), bool(gpus))
+    from runners.engine.lean import FAMILIES, lean, supported_config
+
+    on_lean = forward == "lean" and supported_config(config)
+    if quantization and not on_lean:
+        raise ValueError(f"quantization: {quantization} runs on the lean forward, for {', '.join(FAMILIES)} models "
+                         f"with forward: lean; this one is {config.model_type} with forward: {forward}")
+    torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None), bool(gpus), on_lean)
     kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if len(gpus) > 1 or max_gpu_memory:
         kwargs["device_map"] = "auto"
@@ -72,7 +87,7 @@ def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = N
         model.to("cuda:0")
     model.eval()
     logger.info("loaded %s as %s on %s", path, torch_dtype, "GPUs " + str(gpus) if gpus else "CPU")
-    return model
+    return lean(model, int8=quantization == "int8") if on_lean else model
 
 
 def describe_stored(stored: bentoml.Model) -> dict:

@@ -1,5 +1,6 @@
 """The engine in-process, on the tiny models: exact greedy decoding alone and in continuous batches,
-per-request sampling, chunked prefill, logprobs, abort."""
+per-request sampling, chunked prefill, logprobs, abort; each on transformers' forward and on the lean
+forward (float32, bfloat16), whose reference is ``model.generate`` in the same dtype."""
 
 from __future__ import annotations
 
@@ -10,11 +11,27 @@ import torch
 
 from runners.base import load_causal_lm
 from runners.engine import AsyncLLMEngine, LLMEngine, ModelRunner, SamplingParams, Sequence
+from runners.engine.lean import LeanCausalLM
 
 
-@pytest.fixture(scope="module")
-def model(tiny_llama_dir):
-    return load_causal_lm(str(tiny_llama_dir))
+@pytest.fixture(scope="module", params=["transformers", "lean", "lean-bf16"])
+def model(tiny_llama_dir, request):
+    """The tiny Llama on transformers' forward, or on the lean forward in float32 or bfloat16 with the
+    transformers model it was made from (eager attention, as the lean forward computes it) as its
+    ``reference``, which ``model.generate`` runs."""
+    if request.param == "transformers":
+        return load_causal_lm(str(tiny_llama_dir))
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if request.param == "lean-bf16" else torch.float32
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=dtype, attn_implementation="eager").eval()
+    lean = LeanCausalLM(hf)
+    lean.__dict__["reference"] = hf  # not a submodule
+    return lean
+
+
+def reference(model):
+    return model.__dict__.get("reference", model)
 
 
 @pytest.fixture()
@@ -32,8 +49,8 @@ MIXED = [[1, 7], [1, 20, 30, 40, 50], [1] + list(range(100, 131)), [1, 300, 12, 
 
 
 def generate_alone(model, prompt, n):
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         repetition_penalty=1.0)
+    out = reference(model).generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                    repetition_penalty=1.0)
     return out[0, len(prompt):].tolist()
 
 
@@ -122,24 +139,32 @@ def test_the_slot_cache_grows_and_refills_slots_without_changing_tokens(model, m
 SYSTEM = [1] + list(range(200, 216))  # a shared "system prompt" of 17 tokens
 
 
-@pytest.mark.parametrize("which", ["model", "remote_model"])
-def test_shared_prompt_prefix_is_reused_with_unchanged_output(which, request):
+def check_prefix_reuse(model) -> list[list[int]]:
     """Prompts starting like an earlier one skip its tokens, alone, in a chunk and in a mixed batch
-    (hits and misses prefilled together); nobody's tokens change."""
-    runner = ModelRunner(request.getfixturevalue(which))
+    (hits and misses prefilled together); nobody's tokens change. Returns the answers alone."""
+    runner = ModelRunner(model)
     greedy = SamplingParams(max_tokens=12, temperature=0)
-    prompts = [SYSTEM + [5, 6, 7], SYSTEM + [8, 9], SYSTEM + [8, 9, 10, 11], SYSTEM, [5, 7], SYSTEM + list(range(60, 80))]
     plain = LLMEngine(runner, max_num_seqs=8, max_model_len=256)
-    alone = [plain.generate(p, greedy) for p in prompts]
+    alone = [plain.generate(p, greedy) for p in PREFIXED]
     engine = LLMEngine(runner, max_num_seqs=8, max_model_len=256, max_prefill_tokens=12, prefix_cache_tokens=256)
-    assert engine.generate(prompts[0], greedy) == alone[0]
+    assert engine.generate(PREFIXED[0], greedy) == alone[0]
     assert engine.stats()["prefix_cache_hit_tokens"] == 0
     # in one step: three hits (the whole prompt is cached: all but its last token), one miss, and a
     # 37-token prompt whose uncached 20 tokens go in two chunks
-    assert engine.generate_batch(prompts[1:], [greedy] * 5) == alone[1:]
+    assert engine.generate_batch(PREFIXED[1:], [greedy] * 5) == alone[1:]
     assert engine.stats()["prefix_cache_hit_tokens"] == 17 + 17 + 16 + 17
-    if which == "model":
-        assert alone == [generate_alone(runner.model, p, 12) for p in prompts]
+    return alone
+
+
+PREFIXED = [SYSTEM + [5, 6, 7], SYSTEM + [8, 9], SYSTEM + [8, 9, 10, 11], SYSTEM, [5, 7], SYSTEM + list(range(60, 80))]
+
+
+def test_shared_prompt_prefix_is_reused_with_unchanged_output(model):
+    assert check_prefix_reuse(model) == [generate_alone(model, p, 12) for p in PREFIXED]
+
+
+def test_shared_prompt_prefix_is_reused_with_remote_code_tuple_cache(remote_model):
+    check_prefix_reuse(remote_model)
 
 
 def test_prefix_cache_keeps_to_its_token_budget():
@@ -162,14 +187,14 @@ def test_prefix_cache_keeps_to_its_token_budget():
 
 
 def test_greedy_matches_model_generate(model, engine):
-    ref = model.generate(torch.tensor([PROMPT]), max_new_tokens=20, do_sample=False, min_new_tokens=20,
-                         repetition_penalty=1.0)
+    ref = reference(model).generate(torch.tensor([PROMPT]), max_new_tokens=20, do_sample=False, min_new_tokens=20,
+                                    repetition_penalty=1.0)
     assert engine.generate(PROMPT, SamplingParams(max_tokens=20, temperature=0)) == ref[0, len(PROMPT):].tolist()
 
 
 def test_repetition_penalty_matches_model_generate(model, engine):
-    ref = model.generate(torch.tensor([PROMPT]), max_new_tokens=20, do_sample=False, repetition_penalty=1.5,
-                         min_new_tokens=20)
+    ref = reference(model).generate(torch.tensor([PROMPT]), max_new_tokens=20, do_sample=False,
+                                    repetition_penalty=1.5, min_new_tokens=20)
     out = engine.generate(PROMPT, SamplingParams(max_tokens=20, temperature=0, repetition_penalty=1.5))
     assert out == ref[0, len(PROMPT):].tolist()
 

@@ -1,0 +1,253 @@
+"""BentoChat's own forward pass for the common decoder-only families (Llama, Mistral, Qwen2, Qwen3): the
+same maths as transformers' modules, in fewer and larger operations per layer, behind the same call
+(``input_ids``, ``attention_mask``, ``position_ids``, ``cache``) and the same caches (``DynamicCache``,
+the model runner's slot cache), so the model runner drives either.
+
+What it does that transformers' eager modules do not:
+- one matmul for the q, k and v projections and one for gate and up (five weight reads per layer
+  become three calls), and no per-layer mask, cache or kwargs bookkeeping: the attention mask is built
+  once per step for all layers;
+- weights on the CPU are packed once for oneDNN (``torch.ops.mkldnn._reorder_linear_weight``, what
+  ``torch.compile``'s freezing does): in bfloat16 it uses the AVX-512 BF16/AMX instructions at every
+  batch size (transformers' bfloat16 ``F.linear`` is slower than float32 at batch 1), and in float32
+  it is faster than MKL's matmul on this kind of CPU;
+- logits only for each row's last position (all the engine samples from).
+
+Every other model, and every model when ``forward: transformers`` is configured, keeps transformers'
+own forward.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+logger = logging.getLogger("bentochat.engine")
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def unsupported(config) -> str | None:
+    """Why a model of this transformers config cannot run on the lean forward, or None when it can."""
+    if config.model_type not in FAMILIES or type(config).__module__.split(".")[0] != "transformers":
+        return f"architecture {config.model_type} (the lean forward runs transformers' {', '.join(FAMILIES)})"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act}"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    return None
+
+
+def supported_config(config) -> bool:
+    reason = unsupported(config)
+    if reason is not None:
+        logger.info("transformers' forward: %s", reason)
+    return reason is None
+
+
+# The batch size oneDNN packs a weight for (a hint: any batch runs); measured here, these are about
+# the fastest at every batch from 1 to 64.
+PACK_FOR = {torch.float32: 32, torch.bfloat16: 16}
+
+
+def packs(weight: torch.Tensor) -> bool:
+    """Whether the weight is packed for oneDNN: on the CPU, float32 (faster than MKL's matmul here at
+    every batch) and bfloat16 where the CPU has the instructions."""
+    if weight.device.type != "cpu" or weight.dtype not in PACK_FOR or not torch.backends.mkldnn.is_available():
+        return False
+    return weight.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class Linear:
+    """``y = x W^T + b``, with the weight packed for oneDNN on the CPU (see :func:`packs`), or int8.
+
+    oneDNN's bfloat16 kernels give each row the same result whatever the batch only while the inner
+    dimension is at most ``K_BLOCK``; beyond it (``down_proj`` of most models) a row's sums depend on
+    how many rows there are. A packed weight is therefore split along that dimension in blocks of
+    ``K_BLOCK`` and their products summed, so that a sequence decodes the same alone and in a batch."""
+
+    K_BLOCK = 1024
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, int8: bool = False):
+        self.packed = packs(weight) and not int8
+        self.bias = bias
+        self.int8 = int8
+        if int8:  # symmetric, one scale per output channel
+            scales = weight.float().abs().amax(dim=1).clamp(min=1e-8) / 127
+            self.weight = (weight.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+            self.scales = scales.to(weight.dtype)
+        elif self.packed:
+            self.blocks = [torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_FOR[weight.dtype])
+                           for w in weight.split(self.K_BLOCK, dim=1)]
+        else:
+            self.weight = weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8:
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales)
+            y = y.view(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias
+        if not self.packed:
+            return F.linear(x, self.weight, self.bias)
+        y = None
+        for i, (part, w) in enumerate(zip(x.split(self.K_BLOCK, dim=-1), self.blocks)):
+            out = torch.ops.mkldnn._linear_pointwise(part, w, self.bias if i == 0 else None, "none", [], "")
+            y = out if y is None else y.add_(out)
+        return y
+
+
+def _fused(*modules, int8: bool = False) -> Linear:
+    weight = torch.cat([m.weight.detach() for m in modules]) if len(modules) > 1 else modules[0].weight.detach()
+    biases = [m.bias for m in modules]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b.detach() if b is not None else m.weight.new_zeros(m.weight.shape[0]) for m, b in zip(modules, biases)])
+    return Linear(weight, bias, int8)
+
+
+class _Layer:
+    def __init__(self, layer, int8: bool):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv = _fused(attn.q_proj, attn.k_proj, attn.v_proj, int8=int8)
+        self.o = _fused(attn.o_proj, int8=int8)
+        self.gate_up = _fused(mlp.gate_proj, mlp.up_proj, int8=int8)
+        self.down = _fused(mlp.down_proj, int8=int8)
+        self.norm1 = layer.input_layernorm.weight.detach()
+        self.norm2 = layer.post_attention_layernorm.weight.detach()
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)  # Qwen3
+        self.q_norm = q_norm.weight.detach() if q_norm is not None else None
+        self.k_norm = k_norm.weight.detach() if k_norm is not None else None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama RMSNorm: normalized in float32, scaled in the input's dtype."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
+
+
+def row_columns(seen_by_last: torch.Tensor, past: int) -> tuple[torch.Tensor, int]:
+    """The columns a row's last query sees (the row's own tokens, without padding), and how many of
+    them are new (the last ones)."""
+    columns = seen_by_last.nonzero().squeeze(1)
+    return columns, int((columns >= past).sum())
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, pad: int = 0) -> torch.Tensor:
+    """transformers' eager attention: scores in the model's dtype, softmax in float32; the query heads
+    of one key-value head in one matmul (no copy of the keys per query head). ``mask`` (from
+    :func:`query_mask`) says which columns each query sees. Each row's result depends on its own
+    columns only, wherever they lie, so a sequence decodes the same alone and in any batch. ``pad``
+    left-pads the queries with zero rows (a row of a prefill batch shorter than the others)."""
+    batch, heads, queries, dim = q.shape
+    kv_heads = k.shape[1]
+    # (the slot cache's keys are a view into its buffers: the matmul is 3x faster on a contiguous copy)
+    scores = torch.matmul(q.reshape(batch, kv_heads, -1, dim), k.contiguous().transpose(-1, -2)) * dim ** -0.5
+    probs = torch.softmax(scores.masked_fill_(mask, float("-inf")), dim=-1, dtype=torch.float32).to(v.dtype)
+    out = torch.matmul(probs, v).view(batch, heads, queries, dim)
+    return F.pad(out, (0, 0, pad, 0)) if pad else out
+
+
+def query_mask(seen: torch.Tensor, groups: int) -> torch.Tensor:
+    """``seen`` [batch, queries, columns] (which columns each query sees) as the columns each row of
+    :func:`attend`'s scores must not see: [batch, 1, groups * queries, columns]."""
+    batch, queries, columns = seen.shape
+    return ~seen[:, None, None].expand(batch, 1, groups, queries, columns).reshape(batch, 1, groups * queries, columns)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class LeanCausalLM(torch.nn.Module):
+    """A transformers causal LM of a supported family (see :func:`unsupported`), run by BentoChat's own
+    forward. Takes the model's weights (fusing some); ``model`` itself may be dropped afterwards.
+    ``int8``: every linear layer's weight is quantized to int8 (one scale per output channel) and
+    multiplied as int8 (``torch.ops.aten._weight_int8pack_mm``); the embeddings stay as they are."""
+
+    def __init__(self, model, int8: bool = False):
+        super().__init__()
+        config = model.config
+        self.config = config
+        base = model.model
+        self.embed_tokens = base.embed_tokens
+        self.rotary_emb = base.rotary_emb
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        self.layers = [_Layer(layer, int8) for layer in base.layers[:config.num_hidden_layers]]
+        self.norm = base.norm.weight.detach()
+        self.lm_head = _fused(model.lm_head, int8=int8)
+        self.dtype = self.embed_tokens.weight.dtype
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache=None, use_cache: bool = True,
+                logits_to_keep: int = 1, **_) -> CausalLMOutputWithPast:
+        """transformers' causal LM call; logits only for the last ``logits_to_keep`` positions (0: all)."""
+        batch, new = input_ids.shape
+        if cache is None:
+            cache = DynamicCache()
+            cache.layers = [DynamicLayer() for _ in self.layers]
+        past = cache.layers[0].get_seq_length() if cache.layers[0].is_initialized else 0
+        total = past + new
+        device = input_ids.device
+        if position_ids is None:
+            position_ids = torch.arange(past, total, device=device).unsqueeze(0).expand(batch, -1)
+        # Which columns each query sees: its row's own (attention_mask), up to itself.
+        seen = (attention_mask.bool()[:, None, :] if attention_mask is not None
+                else torch.ones(batch, 1, total, dtype=torch.bool, device=device))
+        if new > 1:
+            columns = torch.arange(total, device=device)
+            seen = seen & (columns <= columns[past:, None])
+        groups = self.heads // self.kv_heads
+        if batch == 1 or new == 1:
+            rows, mask = None, query_mask(seen, groups)
+        else:  # several prompts prefilled together (padded): attention row by row, over each row's own columns
+            rows = [row_columns(seen[b, -1], past) for b in range(batch)]
+            masks = [query_mask(seen[b:b + 1, -n:, c], groups) for b, (c, n) in enumerate(rows)]
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(h, position_ids)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        for layer, cache_layer in zip(self.layers, cache.layers):
+            qkv = layer.qkv(rms_norm(h, layer.norm1, self.eps))
+            qk = qkv[..., :(heads + kv_heads) * dim].view(batch, new, heads + kv_heads, dim)
+            if layer.q_norm is not None:
+                qk = torch.cat([rms_norm(qk[:, :, :heads], layer.q_norm, self.eps),
+                                rms_norm(qk[:, :, heads:], layer.k_norm, self.eps)], dim=2)
+            qk = rotate(qk.transpose(1, 2), cos, sin)  # queries and keys at once
+            v = qkv[..., (heads + kv_heads) * dim:].view(batch, new, kv_heads, dim).transpose(1, 2)
+            q = qk[:, :heads]
+            k, v = cache_layer.update(qk[:, heads:], v)
+            if rows is None:
+                a = attend(q, k, v, mask)
+            else:
+                a = torch.cat([attend(q[b:b + 1, :, -n:], k[b:b + 1, :, c], v[b:b + 1, :, c], m, pad=new - n)
+                               for b, ((c, n), m) in enumerate(zip(rows, masks))])
+            h = h + layer.o(a.transpose(1, 2).reshape(batch, new, heads * dim))
+            gate, up = layer.gate_up(rms_norm(h, layer.norm2, self.eps)).chunk(2, dim=-1)
+            h = h + layer.down(F.silu(gate) * up)
+        logits = self.lm_head(rms_norm(h[:, -logits_to_keep:], self.norm, self.eps))
+        return CausalLMOutputWithPast(logits=logits.float(), cache=cache)
+
+
+def lean(model, int8: bool = False):
+    """``model`` (of a supported config) on the lean forward, unless its weights are spread over
+    several devices (``device_map``), which transformers' forward handles."""
+    if len({p.device for p in model.parameters()}) > 1:
+        if int8:
+            raise ValueError("quantization: int8 needs the model on one device (one GPU or the CPU)")
+        logger.info("transformers' forward: the weights are on several devices")
+        return model
+    logger.info("BentoChat's lean forward (%s, %s%s)", model.config.model_type, next(model.parameters()).dtype,
+                ", int8 weights" if int8 else "")
+    return LeanCausalLM(model, int8)

@@ -1,0 +1,114 @@
+"""The lean forward on its own: every family it runs (Llama, Mistral, Qwen2 with q/k/v biases, Qwen3 with
+q/k norms) decodes greedily as transformers' ``model.generate`` does, alone and in batches; bfloat16
+rows do not depend on the batch, past oneDNN's inner block too; int8 weights; which models stay on
+transformers' forward; what ``dtype: auto`` picks. (tests/test_engine.py runs the whole engine suite
+on the lean forward as well.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runners.base import load_causal_lm, resolve_dtype
+from runners.engine import LLMEngine, ModelRunner, SamplingParams
+from runners.engine.lean import LeanCausalLM, Linear, packs, unsupported
+
+MIXED = [[1, 7], [1, 20, 30, 40, 50], [1] + list(range(100, 131)), [1, 250, 12, 9, 77, 5, 61, 200, 18, 3, 90]]
+N = 16
+bf16_packed = pytest.mark.skipif(not packs(torch.zeros(1, dtype=torch.bfloat16)),
+                                 reason="this CPU has no bfloat16 instructions for oneDNN")
+
+
+def tiny(family: str, dtype=torch.float32, intermediate: int = 96, **extra):
+    """A random transformers model of ``family`` (eager attention, as the lean forward computes it),
+    with weights large enough that greedy choices are clear."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(family, vocab_size=300, hidden_size=64, intermediate_size=intermediate,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  max_position_embeddings=256, tie_word_embeddings=False, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.ones_like(p) if "norm" in name else torch.randn_like(p) * 0.3)
+    return model.to(dtype).eval()
+
+
+def alone(model, prompt: list[int]) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=N, min_new_tokens=N, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def batched(lean) -> list[list[int]]:
+    engine = LLMEngine(ModelRunner(lean), max_num_seqs=8, max_model_len=256)
+    return engine.generate_batch(MIXED, [SamplingParams(max_tokens=N, temperature=0)] * len(MIXED))
+
+
+@pytest.mark.parametrize("family,extra", [("llama", {}), ("mistral", {"sliding_window": None}),
+                                          ("qwen2", {}), ("qwen3", {})])
+def test_each_family_decodes_as_model_generate_alone(family, extra):
+    model = tiny(family, **extra)
+    lean = LeanCausalLM(model)
+    if family == "qwen2":
+        assert lean.layers[0].qkv.bias is not None  # q, k and v projections have biases
+    if family == "qwen3":
+        assert lean.layers[0].q_norm is not None
+    answers = batched(lean)
+    assert answers == [alone(model, p) for p in MIXED]
+    assert len({tuple(a) for a in answers}) == len(MIXED)  # rows did not get mixed up
+
+
+@bf16_packed
+def test_bfloat16_rows_do_not_depend_on_the_batch():
+    """An inner dimension past oneDNN's block (2112 > 1024, as down_proj has in most models): a row's
+    product is the same whatever else is in the batch, so greedy decoding is batch invariant."""
+    torch.manual_seed(0)
+    weight = (torch.randn(64, 2112) * 0.05).bfloat16()
+    linear = Linear(weight)
+    assert linear.packed and len(linear.blocks) == 3
+    x = torch.randn(8, 1, 2112).bfloat16()
+    for m in range(2, 9):
+        assert all(torch.equal(linear(x[:m])[j], linear(x[j:j + 1])[0]) for j in range(m))
+    model = tiny("llama", torch.bfloat16, intermediate=2112)
+    lean = LeanCausalLM(model)
+    engine = LLMEngine(ModelRunner(lean), max_num_seqs=8, max_model_len=256)
+    greedy = SamplingParams(max_tokens=N, temperature=0)
+    assert batched(lean) == [engine.generate(p, greedy) for p in MIXED]
+
+
+def test_int8_weights_decode_batch_invariant_close_to_float32():
+    model = tiny("llama")
+    full, int8 = LeanCausalLM(model), LeanCausalLM(model, int8=True)
+    layer = int8.layers[0]
+    assert layer.qkv.weight.dtype == layer.down.weight.dtype == int8.lm_head.weight.dtype == torch.int8
+    engine = LLMEngine(ModelRunner(int8), max_num_seqs=8, max_model_len=256)
+    greedy = SamplingParams(max_tokens=N, temperature=0)
+    answers = batched(int8)
+    assert answers == [engine.generate(p, greedy) for p in MIXED]
+    # Teacher-forced on float32's answers: int8 rounding moves a few near choices, not most.
+    agree = 0
+    for prompt, answer in zip(MIXED, batched(full)):
+        ids = torch.tensor([prompt + answer])
+        predicted = [m(ids, logits_to_keep=0).logits[0, len(prompt) - 1:-1].argmax(-1) for m in (full, int8)]
+        agree += int((predicted[0] == predicted[1]).sum())
+    assert agree >= 0.8 * N * len(MIXED)
+
+
+def test_models_outside_the_families_keep_transformers_forward(tiny_model_dir, tiny_llama_dir):
+    remote = load_causal_lm(str(tiny_model_dir), trust_remote_code=True, forward="lean")
+    assert not isinstance(remote, LeanCausalLM)  # remote code: its own modeling file
+    assert "architecture tiny_baichuan" in unsupported(remote.config)
+    assert unsupported(tiny("mistral", sliding_window=8).config) == "sliding-window attention"
+    assert isinstance(load_causal_lm(str(tiny_llama_dir), forward="lean"), LeanCausalLM)
+    assert not isinstance(load_causal_lm(str(tiny_llama_dir)), LeanCausalLM)  # forward="transformers"
+    with pytest.raises(ValueError, match="quantization: int8 runs on the lean forward"):
+        load_causal_lm(str(tiny_model_dir), trust_remote_code=True, forward="lean", quantization="int8")
+
+
+def test_auto_dtype_is_bfloat16_on_the_lean_forward_where_the_cpu_has_it():
+    bf16 = packs(torch.zeros(1, dtype=torch.bfloat16))
+    assert resolve_dtype("auto", "bfloat16", on_gpu=False, lean=True) == (torch.bfloat16 if bf16 else torch.float32)
+    assert resolve_dtype("auto", "bfloat16", on_gpu=False, lean=False) == torch.float32
+    assert resolve_dtype("auto", "bfloat16", on_gpu=True) == torch.bfloat16  # the checkpoint's own on a GPU
+    assert resolve_dtype("float32", None, on_gpu=False, lean=True) == torch.float32
