@@ -24,7 +24,6 @@ VARIANTS = {  # name: load_causal_lm options
     "lean float32": {"dtype": "float32", "forward": "lean"},
     "lean bfloat16": {"dtype": "bfloat16", "forward": "lean"},
     "lean bfloat16, int8 weights": {"dtype": "bfloat16", "forward": "lean", "quantization": "int8"},
-    "lean float32, int8 weights": {"dtype": "float32", "forward": "lean", "quantization": "int8"},
 }
 
 

@@ -390,6 +390,11 @@ def main() -> None:
                 runs[PEER_NAMES[name]] = peer
     bare, generate = {}, 0.0
     if not {"engine", "bare"} <= set(args.skip):
+        import torch
+
+        from runners.chat import cpu_threads
+
+        torch.set_num_threads(cpu_threads(ServedModel(id="bench")))  # as the runner, beside this process's client
         model = load_causal_lm(path, dtype=args.dtype, forward=args.forward, quantization=args.quantization)
         if "engine" not in args.skip:
             print("engine in-process ...", flush=True)

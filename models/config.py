@@ -38,6 +38,8 @@ class ServedModel(BaseModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     quantization: Literal["int8"] | None = Field(default=None, description="int8: weights stored and multiplied "
                                                                            "as int8 (FastChat --load-8bit)")
+    cpu_threads: int | None = Field(default=None, ge=1, description="torch threads of this model's runner on "
+                                    "CPU; unset: every core but one (left to the gateway and HTTP), at least one")
     forward: Literal["lean", "transformers"] = Field(default="lean", description="lean: BentoChat's own forward "
                                                      "for Llama, Mistral, Qwen2 and Qwen3; transformers: theirs")
     gpus: list[int] = Field(default_factory=list, description="GPU indices; empty runs on CPU")

@@ -136,16 +136,21 @@ def test_tokenize_errors_are_openai_errors(server, body, status, param):
     assert error["message"] and error["param"] == param
 
 
-def test_chat_matches_model_generate_with_chat_template(client, chat_tokenizer):
-    """Greedy output is what transformers' generate gives on the prompt the model's own template renders."""
+def test_chat_matches_the_model_alone_with_chat_template(client, chat_tokenizer):
+    """Greedy output is what the model gives alone, in-process, on the prompt its own template renders
+    (loaded as the server loads it: the lean forward, in bfloat16 where the CPU has it; tests/test_engine.py
+    checks that against transformers' generate)."""
     import bentoml
-    from transformers import AutoModelForCausalLM
+
+    from runners.base import load_causal_lm
+    from runners.engine import LLMEngine, ModelRunner, SamplingParams
 
     r = chat(client, STORY, max_tokens=24)
     prompt = chat_tokenizer.apply_chat_template(STORY, add_generation_prompt=True, tokenize=False)
     ids = chat_tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    model = AutoModelForCausalLM.from_pretrained(bentoml.models.get(f"{CHAT}:latest").path)
-    ref = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):]
+    model = load_causal_lm(bentoml.models.get(f"{CHAT}:latest").path, forward="lean")
+    engine = LLMEngine(ModelRunner(model), max_model_len=2048)
+    ref = engine.generate(ids, SamplingParams(max_tokens=24, temperature=0))
     assert r.choices[0].message.content == chat_tokenizer.decode(ref, skip_special_tokens=True)
     assert r.usage.prompt_tokens == len(ids)
     assert r.usage.completion_tokens == 24 and r.choices[0].finish_reason == "length"

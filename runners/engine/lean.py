@@ -4,9 +4,9 @@ same maths as transformers' modules, in fewer and larger operations per layer, b
 the model runner's slot cache), so the model runner drives either.
 
 What it does that transformers' eager modules do not:
-- one matmul for the q, k and v projections and one for gate and up (five weight reads per layer
-  become three calls), and no per-layer mask, cache or kwargs bookkeeping: the attention mask is built
-  once per step for all layers;
+- one matmul for the q, k and v projections and one for gate and up (a layer's seven weight matrices
+  take four matmuls), rotary embeddings applied to queries and keys at once, and no per-layer mask,
+  cache or kwargs bookkeeping: the attention mask is built once per step for all layers;
 - weights on the CPU are packed once for oneDNN (``torch.ops.mkldnn._reorder_linear_weight``, what
   ``torch.compile``'s freezing does): in bfloat16 it uses the AVX-512 BF16/AMX instructions at every
   batch size (transformers' bfloat16 ``F.linear`` is slower than float32 at batch 1), and in float32
@@ -183,7 +183,6 @@ class LeanCausalLM(torch.nn.Module):
         self.layers = [_Layer(layer, int8) for layer in base.layers[:config.num_hidden_layers]]
         self.norm = base.norm.weight.detach()
         self.lm_head = _fused(model.lm_head, int8=int8)
-        self.dtype = self.embed_tokens.weight.dtype
 
     def get_input_embeddings(self):
         return self.embed_tokens
