@@ -63,6 +63,8 @@ def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = N
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from runners.engine.lean import FAMILIES, lean, supported_config
+
     gpus = list(gpus or [])
     if gpus:
         # Pin this process to the configured GPUs before CUDA initializes; they are then cuda:0..n-1.
@@ -70,8 +72,6 @@ def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = N
         if not torch.cuda.is_available():
             raise RuntimeError(f"gpus {gpus} are configured but CUDA is not available in this process")
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    from runners.engine.lean import FAMILIES, lean, supported_config
-
     on_lean = forward == "lean" and supported_config(config)
     if quantization and not on_lean:
         raise ValueError(f"quantization: {quantization} runs on the lean forward, for {', '.join(FAMILIES)} models "
