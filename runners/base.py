@@ -44,12 +44,14 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str | None, on_gpu: bool, lean: 
     path is slower than float32 at small batches, and half precision is often unsupported)."""
     import torch
 
+    from runners.engine.lean import cpu_bf16
+
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype != "auto":
         return dtypes[dtype]
     if on_gpu:
         return dtypes.get(str(checkpoint_dtype), torch.float16)
-    if lean and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if lean and cpu_bf16():
         return torch.bfloat16
     return torch.float32
 

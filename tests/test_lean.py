@@ -11,12 +11,11 @@ import torch
 
 from runners.base import load_causal_lm, resolve_dtype
 from runners.engine import LLMEngine, ModelRunner, SamplingParams
-from runners.engine.lean import LeanCausalLM, Linear, packs, unsupported
+from runners.engine.lean import LeanCausalLM, Linear, cpu_bf16, unsupported
 
 MIXED = [[1, 7], [1, 20, 30, 40, 50], [1] + list(range(100, 131)), [1, 250, 12, 9, 77, 5, 61, 200, 18, 3, 90]]
 N = 16
-bf16_packed = pytest.mark.skipif(not packs(torch.zeros(1, dtype=torch.bfloat16)),
-                                 reason="this CPU has no bfloat16 instructions for oneDNN")
+bf16_packed = pytest.mark.skipif(not cpu_bf16(), reason="this CPU has no bfloat16 instructions for oneDNN")
 
 
 def tiny(family: str, dtype=torch.float32, intermediate: int = 96, **extra):
@@ -107,8 +106,7 @@ def test_models_outside_the_families_keep_transformers_forward(tiny_model_dir, t
 
 
 def test_auto_dtype_is_bfloat16_on_the_lean_forward_where_the_cpu_has_it():
-    bf16 = packs(torch.zeros(1, dtype=torch.bfloat16))
-    assert resolve_dtype("auto", "bfloat16", on_gpu=False, lean=True) == (torch.bfloat16 if bf16 else torch.float32)
+    assert resolve_dtype("auto", "bfloat16", on_gpu=False, lean=True) == (torch.bfloat16 if cpu_bf16() else torch.float32)
     assert resolve_dtype("auto", "bfloat16", on_gpu=False, lean=False) == torch.float32
     assert resolve_dtype("auto", "bfloat16", on_gpu=True) == torch.bfloat16  # the checkpoint's own on a GPU
     assert resolve_dtype("float32", None, on_gpu=False, lean=True) == torch.float32

@@ -54,12 +54,17 @@ def supported_config(config) -> bool:
 PACK_FOR = {torch.float32: 32, torch.bfloat16: 16}
 
 
+def cpu_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 on this CPU with its own instructions (AVX-512 BF16, AMX)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def packs(weight: torch.Tensor) -> bool:
     """Whether the weight is packed for oneDNN: on the CPU, float32 (faster than MKL's matmul here at
     every batch) and bfloat16 where the CPU has the instructions."""
     if weight.device.type != "cpu" or weight.dtype not in PACK_FOR or not torch.backends.mkldnn.is_available():
         return False
-    return weight.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return weight.dtype == torch.float32 or cpu_bf16()
 
 
 class Linear:
