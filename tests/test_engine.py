@@ -174,12 +174,12 @@ def test_prefix_cache_keeps_to_its_token_budget():
     cache = PrefixCache(max_tokens=10)
     cache.store([1, 2, 3], kv(3))
     cache.store([1, 2, 3, 4, 5], kv(5))  # covers the first: replaces it
-    assert list(cache.entries) == [(1, 2, 3, 4, 5)] and cache.num_tokens == 5
+    assert list(cache.entries) == [(None, (1, 2, 3, 4, 5))] and cache.num_tokens == 5
     cache.store([7, 8, 9, 10], kv(4))
     n, found = cache.lookup([1, 2, 3, 9])
     assert n == 3 and found[0][0].shape[2] == 3
     cache.store([6, 6, 6], kv(3))  # over budget: the least recently used (7, 8, 9, 10) goes
-    assert list(cache.entries) == [(1, 2, 3, 4, 5), (6, 6, 6)] and cache.num_tokens == 8
+    assert list(cache.entries) == [(None, (1, 2, 3, 4, 5)), (None, (6, 6, 6))] and cache.num_tokens == 8
     assert cache.lookup([1, 2, 3, 4, 5])[0] == 4  # its last token's logits are needed
     assert cache.lookup([2, 3])[0] == 0
     cache.store(list(range(11)), kv(11))  # longer than the whole budget: not kept

@@ -308,3 +308,25 @@ def build_tiny_bpe_model(out: Path, *, context: int = 1024, seed: int = 0) -> Pa
             p.copy_(torch.ones_like(p) if "norm" in name else torch.randn_like(p) * 0.3)
     model.save_pretrained(out)
     return out
+
+
+def build_tiny_adapter(base_dir: Path, out: Path, *, seed: int, rank: int = 8,
+                       targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj")) -> Path:
+    """A PEFT LoRA adapter of the model in ``base_dir``, saved with PEFT itself: random A and B, large
+    enough that greedy answers differ from the base model's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False,
+                        lora_dropout=0.0)
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    peft_model.save_pretrained(out)
+    return out

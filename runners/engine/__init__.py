@@ -8,6 +8,8 @@ Structure after nano-vllm:
 - ``model_runner`` — the tensors: chunked and batched prefill, the batched decode step, the running
   batch's KV cache (a slot per sequence, written in place), and sampling (per sequence, on transformers' logits processors) with
   log-probabilities;
+- ``lora`` — LoRA adapters: read and checked, held in slots (least recently used evicted), each
+  row of a batch with its own adapter;
 - ``llm_engine`` — the step loop (schedule, run, postprocess) and the thread that drives it for
   asyncio callers, with the bounded queue.
 
@@ -17,7 +19,7 @@ Names are imported lazily, so that importing ``runners.engine.sequence`` loads n
 from importlib import import_module
 
 _EXPORTS = {"AsyncLLMEngine": "llm_engine", "LLMEngine": "llm_engine", "ModelRunner": "model_runner",
-            "SamplingParams": "sequence", "Sequence": "sequence", "TokenEvent": "sequence"}
+            "RequestError": "llm_engine", "SamplingParams": "sequence", "Sequence": "sequence", "TokenEvent": "sequence"}
 __all__ = list(_EXPORTS)
 
 

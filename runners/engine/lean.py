@@ -189,6 +189,24 @@ class LeanCausalLM(torch.nn.Module):
         self.norm = base.norm.weight.detach()
         self.lm_head = _fused(model.lm_head, int8=int8)
 
+    def linear_parts(self) -> dict:
+        """transformers' name of each linear layer -> where the lean forward computes it (LoRA adapters
+        target layers by those names): q, k and v are rows of ``qkv``, gate and up of ``gate_up``."""
+        from runners.engine.lora import Part
+
+        hidden, inner = self.config.hidden_size, self.config.intermediate_size
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        parts = {"lm_head": Part(self, "lm_head", 0, self.config.vocab_size, hidden)}
+        for i, layer in enumerate(self.layers):
+            name = f"model.layers.{i}"
+            for module, attr, offset, out, into in (
+                    ("self_attn.q_proj", "qkv", 0, q, hidden), ("self_attn.k_proj", "qkv", q, kv, hidden),
+                    ("self_attn.v_proj", "qkv", q + kv, kv, hidden), ("self_attn.o_proj", "o", 0, hidden, q),
+                    ("mlp.gate_proj", "gate_up", 0, inner, hidden), ("mlp.up_proj", "gate_up", inner, inner, hidden),
+                    ("mlp.down_proj", "down", 0, hidden, inner)):
+                parts[f"{name}.{module}"] = Part(layer, attr, offset, out, into)
+        return parts
+
     def get_input_embeddings(self):
         return self.embed_tokens
 

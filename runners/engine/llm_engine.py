@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
 import threading
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 
 import torch
 
+from runners.engine.lora import Adapter, AdapterError
 from runners.engine.model_runner import ModelRunner, Sampler, logprobs, sample
 from runners.engine.scheduler import Scheduler
 from runners.engine.sequence import SamplingParams, Sequence, TokenEvent
@@ -28,9 +30,11 @@ class LLMEngine:
         self.grammars = Grammars(tokenizer, model_runner.vocab_size) if tokenizer is not None else None
         # Prefixes are reused by copying KV into a batch row: for batched cache forms only.
         self.scheduler = Scheduler(max_num_seqs, max_model_len, max_prefill_tokens,
-                                   prefix_cache_tokens if model_runner.batched else 0)
+                                   prefix_cache_tokens if model_runner.batched else 0, can_start=self._can_start)
+        self.adapters = model_runner.adapters
         self.tokens_generated = 0
         self.prompt_tokens = 0  # of the prompts prefilled
+        self.adapter_tokens: dict[str, int] = {}  # tokens generated per adapter name
 
     def stats(self) -> dict[str, int]:
         """Sequences running and waiting now; totals since start; bytes of keys and values held now
@@ -40,15 +44,54 @@ class LLMEngine:
                 "tokens_generated": self.tokens_generated, "prompt_tokens": self.prompt_tokens,
                 "prefix_cache_hit_tokens": cache.hits if cache else 0,
                 "grammars_compiled": self.grammars.compiled_count if self.grammars else 0,
-                "kv_cache_bytes": self.model_runner.kv_bytes() + (cache.num_bytes if cache else 0)}
+                "kv_cache_bytes": self.model_runner.kv_bytes() + (cache.num_bytes if cache else 0),
+                "adapters": self.adapter_stats()}
+
+    def adapter_stats(self) -> dict[str, dict]:
+        """Per loaded adapter: where it comes from, whether it holds a slot, its sequences running and
+        waiting, and the tokens generated on it."""
+        seqs = [*self.scheduler.running, *self.scheduler.waiting]
+        resident = {a.name for a in list(self.adapters.resident)}
+        return {name: {**adapter.describe(), "resident": name in resident,
+                       "running": sum(s.adapter is adapter for s in self.scheduler.running),
+                       "waiting": sum(s.adapter is adapter for s in seqs) - sum(
+                           s.adapter is adapter for s in self.scheduler.running),
+                       "tokens_generated": self.adapter_tokens.get(name, 0)}
+                for name, adapter in list(self.adapters.known.items())}
+
+    def add_adapter(self, adapter: Adapter) -> None:
+        """Serve ``adapter`` (read and checked by ``adapters.read``) under its name; its weights take a
+        slot when a request first needs them."""
+        self.adapters.add(adapter)
+        self.adapter_tokens.pop(adapter.name, None)
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving adapter ``name``: new requests for it are refused, those already queued or
+        running finish on it, and its slot is freed after them."""
+        adapter = self.adapters.remove(name)
+        if self.scheduler.prefix_cache is not None:
+            self.scheduler.prefix_cache.forget(adapter)
+
+    def _busy(self) -> set[Adapter]:
+        """The adapters of the sequences that run or have started (they keep their slots)."""
+        return {s.adapter for s in (*self.scheduler.running, *self.scheduler.waiting)
+                if s.adapter is not None and s.holds_slot}
+
+    def _can_start(self, seq: Sequence) -> bool:
+        if seq.adapter is None or seq.holds_slot:
+            return True
+        seq.holds_slot = self.adapters.slot(seq.adapter, self._busy()) is not None
+        return seq.holds_slot
 
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
-    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def check(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> None:
         """Raise :class:`RequestError` for a request the engine cannot run."""
         vocab = self.model_runner.vocab_size
+        if adapter is not None and adapter not in self.adapters.known:
+            raise RequestError(f"model: no adapter named {adapter!r} is loaded")
         if not prompt_ids:
             raise RequestError("prompt: must hold at least one token")
         if any(not 0 <= t < vocab for t in prompt_ids):
@@ -74,11 +117,16 @@ class LLMEngine:
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence; raises :class:`RequestError` (and queues nothing) for one it cannot run."""
-        self.check(seq.prompt_ids, seq.params)
+        self.check(seq.prompt_ids, seq.params, seq.adapter_name)
         self.admit(seq)
 
     def admit(self, seq: Sequence) -> None:
-        """Queue a sequence that passed :meth:`check`: give it its sampler and grammar matcher."""
+        """Queue a sequence that passed :meth:`check`: give it its adapter, sampler and grammar matcher."""
+        if seq.adapter_name is not None:
+            try:
+                seq.adapter = self.adapters.get(seq.adapter_name)
+            except AdapterError as e:  # unloaded since it was checked
+                raise RequestError(str(e)) from e
         self.compile(seq)
         try:
             seq.sampler = Sampler(seq.params)
@@ -105,6 +153,8 @@ class LLMEngine:
         if given, gets each phase's results as soon as they are ready: new requests' first tokens
         need not wait for the decode step.
         """
+        if self.adapters.resident:
+            self.adapters.free_unknown(self._busy())  # the slots of unloaded adapters nobody uses any more
         prefills, decodes = self.scheduler.schedule()
         results = self._prefill(prefills)
         if emit and results:
@@ -178,15 +228,21 @@ class LLMEngine:
         for seq, out in zip(seqs, outputs):
             out.finish_reason = seq.finish_reason
         self.tokens_generated += len(tokens)
+        for seq in seqs:
+            if seq.adapter is not None:
+                self.adapter_tokens[seq.adapter.name] = self.adapter_tokens.get(seq.adapter.name, 0) + 1
         return list(zip(seqs, outputs)) + failed
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+    def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> list[int]:
         """Run one request to completion in the calling thread (tests, benchmarks)."""
-        return self.generate_batch([prompt_ids], [params])[0]
+        return self.generate_batch([prompt_ids], [params], [adapter])[0]
 
-    def generate_batch(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
+    def generate_batch(self, prompts: list[list[int]], params: list[SamplingParams],
+                       adapters: list[str | None] | None = None) -> list[list[int]]:
         """Run requests together to completion in the calling thread (tests, benchmarks)."""
-        seqs = [Sequence(f"generate-{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+        adapters = adapters or [None] * len(prompts)
+        seqs = [Sequence(f"generate-{i}", p, sp, adapter_name=a)
+                for i, (p, sp, a) in enumerate(zip(prompts, params, adapters))]
         for seq in seqs:
             self.add(seq)
         while any(seq.finish_reason is None for seq in seqs):
@@ -229,6 +285,7 @@ class AsyncLLMEngine:
         self._wake = threading.Condition(self._lock)
         self._incoming: list[Sequence] = []
         self._aborts: set[str] = set()
+        self._calls: list[tuple[concurrent.futures.Future, Callable, tuple]] = []
         self._thread = threading.Thread(target=self._run, name="bentochat-engine", daemon=True)
         self._thread.start()
 
@@ -252,13 +309,25 @@ class AsyncLLMEngine:
             return 1
         return max(1, min(60, math.ceil((done[-1] - done[0]) / (len(done) - 1))))
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+    async def call(self, fn: Callable, *args):
+        """``fn(*args)`` on the engine thread, between two steps (what changes the engine's state, such
+        as loading an adapter); its result, or what it raised."""
+        if not self.alive:
+            raise EngineError(f"the engine thread has stopped: {self.death!r}")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            self._calls.append((future, fn, args))
+            self._wake.notify()
+        return await asyncio.wrap_future(future)
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       adapter: str | None = None) -> AsyncIterator[TokenEvent]:
         """The request's tokens as they are generated. Raises before the first: ``RequestError`` for
         a request the engine cannot run, ``QueueFull`` when the engine already holds
         ``max_num_seqs + max_queue`` requests, ``EngineError`` when its thread is dead."""
         if not self.alive:
             raise EngineError(f"the engine thread has stopped: {self.death!r}")
-        self.engine.check(prompt_ids, params)
+        self.engine.check(prompt_ids, params, adapter)
         if self.max_queue is not None:
             stats = self.stats()
             if stats["running"] + stats["waiting"] >= self.engine.scheduler.max_num_seqs + self.max_queue:
@@ -272,7 +341,7 @@ class AsyncLLMEngine:
             except RuntimeError:  # the reader's event loop is closed: nobody is left to tell
                 pass
 
-        seq = Sequence(request_id, prompt_ids, params, on_token)
+        seq = Sequence(request_id, prompt_ids, params, on_token, adapter)
         if params.grammar is not None:  # compiling may take a while: on a worker thread, not the step loop
             await asyncio.to_thread(self.engine.compile, seq)
         with self._wake:
@@ -309,14 +378,23 @@ class AsyncLLMEngine:
             self.death = e
             with self._wake:
                 stranded, self._incoming = self._incoming, []
+                calls, self._calls = self._calls, []
+            for future, _, _ in calls:
+                future.set_exception(EngineError(f"the engine thread has stopped: {e!r}"))
             self._fail(self.engine.fail_all() + stranded, EngineError(f"the engine thread has stopped: {e!r}"))
 
     def _iterate(self) -> None:
         with self._wake:
-            while not (self._incoming or self._aborts or self.engine.has_work):
+            while not (self._incoming or self._aborts or self._calls or self.engine.has_work):
                 self._wake.wait()
             incoming, self._incoming = self._incoming, []
             aborts, self._aborts = self._aborts, set()
+            calls, self._calls = self._calls, []
+        for future, fn, args in calls:
+            try:
+                future.set_result(fn(*args))
+            except Exception as e:
+                future.set_exception(e)
         for seq in incoming:
             try:
                 self.engine.admit(seq)  # generate() checked it already

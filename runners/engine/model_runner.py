@@ -29,6 +29,7 @@ from transformers import (
 )
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from runners.engine.lora import Adapters
 from runners.engine.scheduler import kv_bytes
 from runners.engine.sequence import SamplingParams
 from runners.engine.structured import GrammarError, accept, apply_masks
@@ -206,8 +207,9 @@ class ModelRunner:
     forward takes no ``attention_mask``/``position_ids``, are decoded one sequence at a time.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, max_loras: int = 4):
         self.model = model
+        self.adapters = Adapters(model, max_loras)  # LoRA adapters, each row its own (lora.py)
         self.device = next(model.parameters()).device
         accepts = inspect.signature(model.forward).parameters
         self.cache_arg = "cache" if "cache" in accepts else "past_key_values"
@@ -224,14 +226,16 @@ class ModelRunner:
         """Which cache form the model returns, from a two-token forward pass (which also warms it up)."""
         if not self.can_batch:
             return "sequential"
-        _, cache = self._run(torch.tensor([[0, 0]], device=self.device), None)
+        _, cache = self._run(torch.tensor([[0, 0]], device=self.device), None, [])
         return cache_form(cache, 1, 2) or "sequential"
 
     @property
     def batched(self) -> bool:
         return self.form in ("dynamic", "tuple")
 
-    def _run(self, input_ids: torch.Tensor, cache, **kwargs):
+    def _run(self, input_ids: torch.Tensor, cache, rows: list, **kwargs):
+        """The model on ``input_ids``, row i for sequence ``rows[i]`` (its adapter)."""
+        self.adapters.select(rows)
         out = self.model(input_ids=input_ids, use_cache=True, **{self.cache_arg: cache}, **kwargs)
         if isinstance(out, tuple):  # remote code called without return_dict support
             return out[0], out[1]
@@ -256,7 +260,7 @@ class ModelRunner:
             kwargs = {"attention_mask": torch.ones(1, end, dtype=torch.long, device=self.device),
                       "position_ids": torch.arange(start, end, device=self.device).unsqueeze(0)}
             cache = to_model_cache(cache, self.form)
-        logits, cache = self._run(torch.tensor([ids], device=self.device), cache, **kwargs)
+        logits, cache = self._run(torch.tensor([ids], device=self.device), cache, [seq], **kwargs)
         seq.cache = to_kv(cache) if self.batched else cache
         seq.num_cached += len(ids)
         return logits[0, -1] if seq.num_cached == seq.num_prompt_tokens else None
@@ -284,7 +288,7 @@ class ModelRunner:
             like = next(s.cache for s in seqs if s.cache is not None)
             empty = [(k[:, :, :0], v[:, :, :0]) for k, v in like]
             cache = to_model_cache(concat_kv([s.cache or empty for s in seqs]), self.form)
-        logits, cache = self._run(input_ids, cache, attention_mask=mask, position_ids=positions)
+        logits, cache = self._run(input_ids, cache, seqs, attention_mask=mask, position_ids=positions)
         kv = to_kv(cache)
         for i, seq in enumerate(seqs):
             keep = (slice(past - cached[i], past), slice(past + width - len(new[i]), None))
@@ -299,7 +303,7 @@ class ModelRunner:
         if not self.batched:
             logits = []
             for seq in seqs:
-                out, seq.cache = self._run(torch.tensor([[seq.output_ids[-1]]], device=self.device), seq.cache)
+                out, seq.cache = self._run(torch.tensor([[seq.output_ids[-1]]], device=self.device), seq.cache, [seq])
                 seq.num_cached += 1
                 logits.append(out[0, -1])
             return torch.stack(logits)
@@ -313,7 +317,7 @@ class ModelRunner:
         columns = torch.arange(width + 1, device=self.device)
         mask = (columns >= width - lengths.unsqueeze(1)).long()
         input_ids = torch.tensor([[s.output_ids[-1]] for s in self.rows], device=self.device)
-        logits, cache = self._run(input_ids, to_model_cache(self.kv, self.form),
+        logits, cache = self._run(input_ids, to_model_cache(self.kv, self.form), self.rows,
                                   attention_mask=mask, position_ids=lengths.unsqueeze(1))
         self.kv = to_kv(cache)
         for seq in self.rows:
@@ -327,7 +331,7 @@ class ModelRunner:
         width = int(lengths.max()) + 1
         mask = (torch.arange(width, device=self.device) <= lengths.unsqueeze(1)).long()
         input_ids = torch.tensor([[s.output_ids[-1]] for s in rows], device=self.device)
-        logits, _ = self._run(input_ids, self.slots.model_cache(lengths, width), attention_mask=mask,
+        logits, _ = self._run(input_ids, self.slots.model_cache(lengths, width), rows, attention_mask=mask,
                               position_ids=lengths.unsqueeze(1))
         for seq in rows:
             seq.num_cached += 1

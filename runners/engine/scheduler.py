@@ -6,14 +6,17 @@ of earlier prompts (as nano-vllm's scheduler owns its block manager)."""
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Callable
 
 from runners.engine.sequence import Sequence, SequenceStatus
 
 
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_model_len: int, max_prefill_tokens: int = 512,
-                 prefix_cache_tokens: int = 0):
+                 prefix_cache_tokens: int = 0, can_start: Callable[[Sequence], bool] | None = None):
         self.max_num_seqs = max_num_seqs
+        # Whether a waiting sequence may start now (its LoRA adapter has a slot); it waits otherwise.
+        self.can_start = can_start or (lambda seq: True)
         self.max_model_len = max_model_len
         self.max_prefill_tokens = max_prefill_tokens
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
@@ -34,8 +37,10 @@ class Scheduler:
         from the longest cached prefix of its prompt."""
         prefills, budget = [], self.max_prefill_tokens
         for seq in list(self.waiting)[: self.max_num_seqs - len(self.running)]:
+            if not self.can_start(seq):
+                continue
             if self.prefix_cache is not None and seq.num_cached == 0:
-                seq.num_cached, seq.cache = self.prefix_cache.lookup(seq.prompt_ids)
+                seq.num_cached, seq.cache = self.prefix_cache.lookup(seq.prompt_ids, seq.adapter)
             if budget <= 0:
                 continue  # a sequence admitted now keeps its cached prefix until its turn
             n = min(seq.num_prompt_tokens - seq.num_cached, budget)
@@ -51,7 +56,7 @@ class Scheduler:
             if seq.status is SequenceStatus.WAITING:
                 self.waiting.remove(seq)
                 if self.prefix_cache is not None:
-                    self.prefix_cache.store(seq.prompt_ids, seq.cache)
+                    self.prefix_cache.store(seq.prompt_ids, seq.cache, seq.adapter)
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
             seq.output_ids.append(token)
@@ -85,24 +90,26 @@ class PrefixCache:
     template's system prompt, the earlier turns of a conversation, a shared instruction) skips
     prefilling them.
 
-    Entries are whole prompts; a new prompt reuses the longest common prefix with any entry, since
-    the keys and values of a token depend only on the tokens before it. The cache holds at most
-    ``max_tokens`` tokens and forgets the least recently used prompt first.
+    Entries are whole prompts; a new prompt reuses the longest common prefix with any entry of the same
+    LoRA adapter (``adapter``, None for the base model), since the keys and values of a token depend
+    only on the tokens before it and the weights. The cache holds at most ``max_tokens`` tokens and
+    forgets the least recently used prompt first.
     """
 
     def __init__(self, max_tokens: int):
         self.max_tokens = max_tokens
-        self.entries: OrderedDict[tuple[int, ...], list] = OrderedDict()  # prompt -> per-layer (key, value)
+        # (adapter, prompt) -> per-layer (key, value)
+        self.entries: OrderedDict[tuple[object, tuple[int, ...]], list] = OrderedDict()
         self.num_tokens = 0
         self.num_bytes = 0  # of the keys and values held
         self.hits = 0  # prompt tokens not prefilled thanks to the cache
 
-    def lookup(self, prompt_ids: list[int]) -> tuple[int, list | None]:
+    def lookup(self, prompt_ids: list[int], adapter=None) -> tuple[int, list | None]:
         """``(n, kv)``: the cached keys and values of the first ``n`` tokens of ``prompt_ids``
         (views, never written to), at most all but the last token, whose logits are needed."""
         best, found = 0, None
         for key in self.entries:
-            n = common_prefix(key, prompt_ids)
+            n = common_prefix(key[1], prompt_ids) if key[0] is adapter else 0
             if n > best:
                 best, found = n, key
         best = min(best, len(prompt_ids) - 1)
@@ -112,26 +119,33 @@ class PrefixCache:
         self.hits += best
         return best, [(k[:, :, :best], v[:, :, :best]) for k, v in self.entries[found]]
 
-    def store(self, prompt_ids: list[int], kv: list) -> None:
+    def store(self, prompt_ids: list[int], kv: list, adapter=None) -> None:
         """Keep a prompt's keys and values (``[1, heads, len(prompt_ids), head_dim]`` per layer).
         The tensors are kept as they are: the caller must not write to them afterwards."""
-        key = tuple(prompt_ids)
-        if len(key) > self.max_tokens:
+        prompt = tuple(prompt_ids)
+        key = (adapter, prompt)
+        if len(prompt) > self.max_tokens:
             return
         if key in self.entries:
             self.entries.move_to_end(key)
             return
-        for other in [k for k in self.entries if len(k) <= len(key) and key[:len(k)] == k]:
+        for other in [k for k in self.entries if k[0] is adapter and len(k[1]) <= len(prompt)
+                      and prompt[:len(k[1])] == k[1]]:
             self._drop(other)  # the new prompt covers it
-        while self.num_tokens + len(key) > self.max_tokens:
+        while self.num_tokens + len(prompt) > self.max_tokens:
             self._drop(next(iter(self.entries)))
         self.entries[key] = kv
-        self.num_tokens += len(key)
+        self.num_tokens += len(prompt)
         self.num_bytes += kv_bytes(kv)
 
-    def _drop(self, key: tuple[int, ...]) -> None:
+    def forget(self, adapter) -> None:
+        """Drop every prompt of ``adapter`` (unloaded: its weights are gone)."""
+        for key in [k for k in self.entries if k[0] is adapter]:
+            self._drop(key)
+
+    def _drop(self, key: tuple) -> None:
         self.num_bytes -= kv_bytes(self.entries.pop(key))
-        self.num_tokens -= len(key)
+        self.num_tokens -= len(key[1])
 
 
 def kv_bytes(kv: list | None) -> int:

@@ -1,0 +1,139 @@
+"""LoRA adapters in the engine, in-process: rows for the base model and for two adapters mixed in one
+batch each decode as PEFT's ``PeftModel`` does alone with that adapter, on transformers' forward and on
+the lean one; one slot shared by turns (LRU); the prefix cache kept apart per adapter; unloading while
+a request runs; adapters that do not fit the model refused with a reason."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from runners.base import load_causal_lm
+from runners.engine import LLMEngine, ModelRunner, RequestError, SamplingParams, Sequence
+from runners.engine.lora import AdapterError
+from tiny_model import build_tiny_adapter
+
+PROMPTS = [[1, 7], [1, 20, 30, 40, 50], [1] + list(range(100, 131))]
+N = 16
+GREEDY = SamplingParams(max_tokens=N, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama_dir, tmp_path_factory):
+    """Two adapters of the tiny Llama: every linear layer at rank 8; q and v only at rank 4."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {"all": build_tiny_adapter(tiny_llama_dir, root / "all", seed=1),
+            "qv": build_tiny_adapter(tiny_llama_dir, root / "qv", seed=2, rank=4, targets=("q_proj", "v_proj"))}
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_llama_dir, adapters):
+    """(prompt index, adapter or None) -> PeftModel's greedy answer alone."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    answers = {}
+    for name in (None, *adapters):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="eager").eval()
+        if name is not None:
+            model = PeftModel.from_pretrained(model, adapters[name]).eval()
+        for i, prompt in enumerate(PROMPTS):
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=N, min_new_tokens=N, do_sample=False,
+                                 repetition_penalty=1.0)
+            answers[i, name] = out[0, len(prompt):].tolist()
+    assert len({tuple(answers[0, name]) for name in (None, *adapters)}) == 3  # the adapters change the answers
+    return answers
+
+
+def engine_with(tiny_llama_dir, adapters, forward: str, max_loras: int = 4, **kwargs) -> LLMEngine:
+    runner = ModelRunner(load_causal_lm(str(tiny_llama_dir), dtype="float32", forward=forward), max_loras=max_loras)
+    engine = LLMEngine(runner, max_num_seqs=16, max_model_len=256, **kwargs)
+    for name, path in adapters.items():
+        engine.add_adapter(runner.adapters.read(name, path))
+    return engine
+
+
+def mixed(adapters) -> list[tuple[int, str | None]]:
+    return [(i, name) for i in range(len(PROMPTS)) for name in (None, *adapters)]
+
+
+@pytest.mark.parametrize("forward", ["transformers", "lean"])
+def test_mixed_batch_matches_peft_alone(tiny_llama_dir, adapters, expected, forward):
+    """Nine requests at once (three prompts, each on the base and on both adapters): one forward pass
+    per step, each row with its own adapter, each answer PEFT's alone."""
+    engine = engine_with(tiny_llama_dir, adapters, forward)
+    rows = mixed(adapters)
+    got = engine.generate_batch([PROMPTS[i] for i, _ in rows], [GREEDY] * len(rows), [a for _, a in rows])
+    assert got == [expected[row] for row in rows]
+    stats = engine.stats()["adapters"]
+    assert stats["all"]["tokens_generated"] == stats["qv"]["tokens_generated"] == N * len(PROMPTS)
+    assert stats["all"]["resident"] and stats["all"]["rank"] == 8 and stats["qv"]["modules"] == 4
+
+
+def test_one_slot_is_shared_least_recently_used_first(tiny_llama_dir, adapters, expected):
+    """With max_loras 1, requests for two adapters take turns in the slot; every answer stays right."""
+    engine = engine_with(tiny_llama_dir, adapters, "lean", max_loras=1)
+    rows = mixed(adapters)
+    got = engine.generate_batch([PROMPTS[i] for i, _ in rows], [GREEDY] * len(rows), [a for _, a in rows])
+    assert got == [expected[row] for row in rows]
+    assert engine.adapters.evictions >= 1 and len(engine.adapters.resident) == 1
+    assert engine.generate(PROMPTS[0], GREEDY, "all") == expected[0, "all"]  # read again from its files
+
+
+def test_prefix_cache_is_kept_per_adapter(tiny_llama_dir, adapters, expected):
+    engine = engine_with(tiny_llama_dir, adapters, "lean", prefix_cache_tokens=1024)
+    long = len(PROMPTS) - 1
+    assert engine.generate(PROMPTS[long], GREEDY) == expected[long, None]
+    assert engine.generate(PROMPTS[long], GREEDY, "all") == expected[long, "all"]  # not the base's keys
+    assert engine.generate(PROMPTS[long], GREEDY, "all") == expected[long, "all"]
+    assert engine.scheduler.prefix_cache.hits > 0
+
+
+def test_unload_lets_running_requests_finish(tiny_llama_dir, adapters, expected):
+    engine = engine_with(tiny_llama_dir, adapters, "lean")
+    seq = Sequence("running", PROMPTS[1], GREEDY, adapter_name="all")
+    engine.add(seq)
+    engine.step()
+    engine.remove_adapter("all")
+    with pytest.raises(RequestError, match="no adapter named 'all'"):
+        engine.add(Sequence("late", PROMPTS[1], GREEDY, adapter_name="all"))
+    while seq.finish_reason is None:
+        engine.step()
+    assert seq.output_ids == expected[1, "all"]
+    engine.step()  # nothing runs: the unloaded adapter's slot is freed
+    assert [a.name for a in engine.adapters.resident] == []
+    assert "all" not in engine.stats()["adapters"]
+
+
+def test_adapters_that_do_not_fit_are_refused(tiny_llama_dir, adapters, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    def edited(name: str, edit) -> object:
+        copy = shutil.copytree(adapters["qv"], tmp_path / name)
+        state = load_file(copy / "adapter_model.safetensors")
+        save_file(dict(edit(k, v) for k, v in state.items()), copy / "adapter_model.safetensors")
+        return copy
+
+    runner = ModelRunner(load_causal_lm(str(tiny_llama_dir), dtype="float32", forward="lean"))
+    # Trained on a model with a hidden size of 48, not 32.
+    wider = edited("wider", lambda k, v: (k, torch.zeros(v.shape[0], 48) if "lora_A" in k else v))
+    with pytest.raises(AdapterError, match="32x48 in the adapter but 32x32 in this model"):
+        runner.adapters.read("wider", wider)
+    with pytest.raises(AdapterError, match="not a directory"):
+        runner.adapters.read("missing", tmp_path / "nowhere")
+    broken = shutil.copytree(adapters["qv"], tmp_path / "no-weights")
+    (broken / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterError, match="holds no adapter weights"):
+        runner.adapters.read("no-weights", broken)
+    dora = shutil.copytree(adapters["qv"], tmp_path / "dora")
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(AdapterError, match="DoRA"):
+        runner.adapters.read("dora", dora)
+    # An adapter of the Baichuan-like model names its fused W_pack layer, which a Llama does not have.
+    baichuan = edited("baichuan", lambda k, v: (k.replace("q_proj", "W_pack"), v))
+    with pytest.raises(AdapterError, match="W_pack, a linear layer this model does not have"):
+        runner.adapters.read("baichuan", baichuan)
