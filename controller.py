@@ -12,6 +12,10 @@ answer, its model's files but the weights (tokenizer, configs), so the gateway n
 ``Model.generate`` and ``Model.encode`` are the gateway's side of the runner API: they pick the
 replica, name the request, retry on another replica what failed before its first token, abort what
 nobody reads any more, and raise OpenAI's errors.
+
+A chat model's LoRA adapters are served by its runners: each poll tells the gateway which adapters a
+replica serves, and :class:`AdapterModel` is an adapter as the routes see a model, whose requests go
+to the replicas serving it.
 """
 
 from __future__ import annotations
@@ -121,6 +125,8 @@ class Replica:
     failures: int = 0
     queue: int = 0  # running + waiting at the last poll, plus the requests dispatched since
     avoid_until: float = 0.0  # after a failed call, others are preferred until the next poll
+    adapters: dict[str, dict] = field(default_factory=dict)  # LoRA adapters it serves (its last poll), by name
+    adapters_at: float = 0.0  # when the gateway last loaded or unloaded one: older polls do not say
     down: asyncio.Event = field(default_factory=asyncio.Event)  # set when polls find it silent: calls on it end
 
     async def connect(self) -> object:
@@ -278,11 +284,17 @@ class Model:
     def ready(self) -> bool:
         return self.info is not None and any(r.ready for r in self.replicas)
 
-    def pick(self) -> Replica:
-        """The ready replica with the shortest queue (FastChat's shortest_queue), ties at random."""
-        ready = [r for r in self.replicas if r.ready]
+    @property
+    def adapters(self) -> dict[str, dict]:
+        """The LoRA adapters its ready replicas serve, by name."""
+        return {name: a for r in self.replicas if r.ready for name, a in r.adapters.items()}
+
+    def pick(self, adapter: str | None = None) -> Replica:
+        """The ready replica (serving ``adapter``, if given) with the shortest queue (FastChat's
+        shortest_queue), ties at random."""
+        ready = [r for r in self.replicas if r.ready and (adapter is None or adapter in r.adapters)]
         if not ready:
-            raise model_unavailable(self.id)
+            raise model_unavailable(adapter or self.id)
         now = time.monotonic()
         preferred = [r for r in ready if r.avoid_until <= now] or ready
         shortest = min(r.queue for r in preferred)
@@ -297,17 +309,19 @@ class Model:
             logger.warning("runner for %s failed: %s: %s", self.id, type(exc).__name__, exc)
             raise model_unavailable(self.id) from exc
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
-        """The tokens of one sequence as its runner generates them. A call that fails before the first
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None
+                       ) -> AsyncIterator[TokenEvent]:
+        """The tokens of one sequence (on LoRA ``adapter``, if given) as its runner generates them. A call that fails before the first
         token is retried on another replica (a pooled connection the runner had closed, a replica that
         died with the request in its queue); one that stops being read (client gone, stop string) or
         fails is aborted in the runner. Raises OpenAI errors: 429 for a full queue, 400 for what the
         engine refused, 503 when no replica answers (also mid-stream), 500 when the engine failed."""
         payload = params.to_dict()
+        lora = {"adapter": adapter} if adapter else {}
         for attempt in range(ATTEMPTS):
-            replica, request_id = self.pick(), _request_id()
+            replica, request_id = self.pick(adapter), _request_id()
             replica.queue += 1
-            stream = replica.client.generate(request_id=request_id, prompt_ids=prompt_ids, params=payload)
+            stream = replica.client.generate(request_id=request_id, prompt_ids=prompt_ids, params=payload, **lora)
             count, done = 0, False  # done: the runner holds the sequence no more
             try:
                 async for event in read_events(_until_silent(stream, replica.down)):
@@ -375,17 +389,53 @@ class Model:
         answers = await asyncio.gather(*(asyncio.wait_for(r.client.stats(), 5) for r in replicas),
                                        return_exceptions=True)
         total: dict = {}
+        adapters: dict[str, dict] = {}
         per_replica = []
         for replica, answer in zip(replicas, answers):
             if isinstance(answer, BaseException):
                 per_replica.append({"runner": replica.name, "error": repr(answer)})
                 continue
             per_replica.append({"runner": replica.name, **answer})
-            for key, value in answer.items():
-                total[key] = total.get(key, 0) + value
-        return {**total, "replicas": per_replica}
+            for name, counts in answer.get("adapters", {}).items():
+                adapters[name] = _add(adapters.get(name, {}), counts)
+            total = _add(total, {k: v for k, v in answer.items() if k != "adapters"})
+        return {**total, "adapters": adapters, "replicas": per_replica}
+
+    async def load_adapter(self, name: str, source: str) -> dict:
+        """Serve LoRA adapter ``source`` (a PEFT directory on the runners' machine, or an adapter's store
+        tag there) as ``name`` on every ready replica; on none if one refuses it (a 400 saying why)."""
+        replicas = [r for r in self.replicas if r.ready]
+        if not replicas:
+            raise model_unavailable(self.id)
+        answers = await asyncio.gather(*(r.client.load_adapter(name=name, source=source) for r in replicas),
+                                       return_exceptions=True)
+        loaded = [(r, a) for r, a in zip(replicas, answers) if isinstance(a, dict) and "adapter" in a]
+        if len(loaded) < len(replicas):
+            await asyncio.gather(*(r.client.unload_adapter(name=name) for r, _ in loaded), return_exceptions=True)
+            refusal = next(a for a in answers if not (isinstance(a, dict) and "adapter" in a))
+            if isinstance(refusal, BaseException):
+                logger.warning("loading adapter %s on %s failed: %r", name, self.id, refusal)
+                raise model_unavailable(self.id)
+            raise invalid_value("lora_path", refusal["error"])
+        for replica, answer in loaded:
+            replica.adapters[name] = answer["adapter"]  # served now, not only after the next poll
+            replica.adapters_at = time.monotonic()
+        return loaded[0][1]["adapter"]
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving adapter ``name`` on every replica that serves it."""
+        replicas = [r for r in self.replicas if name in r.adapters]
+        for replica in replicas:
+            replica.adapters.pop(name, None)  # no new request goes there
+            replica.adapters_at = time.monotonic()
+        answers = await asyncio.gather(*(r.client.unload_adapter(name=name) for r in replicas if r.ready),
+                                       return_exceptions=True)
+        for answer in answers:
+            if isinstance(answer, BaseException) or "error" in answer:
+                logger.warning("unloading adapter %s of %s: %r", name, self.id, answer)
 
     async def poll(self, replica: Replica, health: HealthConfig) -> None:
+        started = time.monotonic()
         try:
             client = await asyncio.wait_for(replica.connect(), health.timeout_s)
             stats = await asyncio.wait_for(client.stats(), health.timeout_s)
@@ -406,6 +456,9 @@ class Model:
                 replica.down = asyncio.Event()
         replica.ready, replica.failures, replica.avoid_until = True, 0, 0.0
         replica.queue = int(stats.get("running", 0)) + int(stats.get("waiting", 0))
+        if started > replica.adapters_at:
+            replica.adapters = {name: {k: a.get(k) for k in ("source", "base_model", "rank")}
+                                for name, a in stats.get("adapters", {}).items()}
 
     async def _describe(self, client) -> None:
         description = await client.describe()
@@ -415,8 +468,44 @@ class Model:
                     self.info.context_length, self.info.chat_format.name if self.info.chat_format else "-")
 
 
+def _add(total: dict, counts: dict) -> dict:
+    """Counts summed key by key; what is not a number is kept as the first one said."""
+    out = dict(total)
+    for key, value in counts.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = out.get(key, 0) + value
+        else:
+            out.setdefault(key, value)
+    return out
+
+
+@dataclass
+class AdapterModel:
+    """A LoRA adapter served on chat model ``base``, as the routes see a model: the base's ``info``
+    (tokenizer, template), and requests that run on the base's replicas serving the adapter."""
+
+    base: Model
+    name: str
+
+    @property
+    def id(self) -> str:
+        return self.name
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.base.info
+
+    @property
+    def description(self) -> dict:
+        return self.base.adapters.get(self.name, {})
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+        return self.base.generate(prompt_ids, params, adapter=self.name)
+
+
 class Registry:
-    """Model id -> :class:`Model`; what the routes and the UI ask about models."""
+    """Model id -> :class:`Model`; what the routes and the UI ask about models. A LoRA adapter is
+    asked for by its name, or as ``<model id>:<adapter>``."""
 
     def __init__(self, models: list[Model], health: HealthConfig):
         self.entries = {m.id: m for m in models}
@@ -427,14 +516,31 @@ class Registry:
         """The models with at least one ready replica."""
         return [m.info for m in self.entries.values() if m.ready]
 
+    def adapters(self) -> list[AdapterModel]:
+        """The adapters that ready replicas serve."""
+        return [AdapterModel(m, name) for m in self.entries.values() if m.ready for name in m.adapters]
+
+    def adapter(self, model_id: str) -> AdapterModel | None:
+        """The adapter clients call ``model_id`` (its name, or ``<model id>:<name>``), or None."""
+        base_id, _, name = model_id.rpartition(":")
+        base = self.entries.get(base_id)
+        if base is not None and base.ready and name in base.adapters:
+            return AdapterModel(base, name)
+        return next((a for a in self.adapters() if a.name == model_id), None)
+
     def ready(self) -> bool:
         return any(m.ready for m in self.entries.values())
 
-    def get(self, model_id: str, kind: str | None = None) -> Model:
+    def get(self, model_id: str, kind: str | None = None) -> Model | AdapterModel:
         """The model clients call ``model_id``, ready to serve (and of ``kind``, if given); raises the
         OpenAI error otherwise."""
         if model_id not in self.entries:
-            raise model_not_found(model_id)
+            adapter = self.adapter(model_id)
+            if adapter is None:
+                raise model_not_found(model_id)
+            if kind is not None and kind != "chat":
+                raise model_not_supported(model_id, "adapter of a chat")
+            return adapter
         model = self.entries[model_id]
         if not model.ready:
             raise model_unavailable(model_id)

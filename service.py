@@ -90,7 +90,8 @@ for _served in CONFIG.models:
 
 # Wrong API keys and wrong UI passwords count together, per client address.
 SIGN_IN_ATTEMPTS = FailedAttempts()
-UI = build_chat_ui(lambda: app.state.registry, [m.id for m in CONFIG.models if m.kind == "chat"],
+UI = build_chat_ui(lambda: app.state.registry,
+                   [name for m in CONFIG.models if m.kind == "chat" for name in (m.id, *(a.name for a in m.adapters))],
                    GATEWAY.ui.model_list_mode)
 Gateway = bentoml.asgi_app(app, path="/v1")(Gateway)
 Gateway = bentoml.asgi_app(chat_ui_app(UI, "/ui", set(GATEWAY.api_keys), SIGN_IN_ATTEMPTS), path="/ui")(Gateway)

@@ -1,4 +1,4 @@
-"""``python -m models import SOURCE --name NAME [--trust-remote-code]``"""
+"""``python -m models import SOURCE --name NAME [--trust-remote-code] [--base MODEL]``"""
 
 from __future__ import annotations
 
@@ -13,15 +13,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models", description="BentoChat model store tools")
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="import a model into the BentoML model store")
-    imp.add_argument("source", help="local Hugging Face directory, .gguf file, or hub id (org/name)")
+    imp.add_argument("source", help="local Hugging Face directory, .gguf file, hub id (org/name), or a PEFT "
+                                    "LoRA adapter directory")
     imp.add_argument("--name", required=True, help="model store name, e.g. qwen-7b-chat")
     imp.add_argument("--trust-remote-code", action="store_true",
                      help="keep the model's own *.py code (custom tokenizer/modeling) in the stored model")
+    imp.add_argument("--base", help="adapters: the base model to record (default: the one adapter_config.json "
+                                    "names)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        model = import_model(args.source, args.name, trust_remote_code=args.trust_remote_code)
+        model = import_model(args.source, args.name, trust_remote_code=args.trust_remote_code, base=args.base)
     except ImportFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -27,6 +27,40 @@ DEFAULT_CONFIG_PATH = ROOT / "bentochat.yaml"
 DEFAULT_CONTEXT_LENGTH = 2048  # for a model whose config.json names no context length
 
 
+ADAPTER_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+
+
+class AdapterEntry(BaseModel):
+    """A LoRA adapter served on a chat model: a store tag (``python -m models import`` of a PEFT
+    directory; ``bentoml build`` packs it) or a PEFT directory on this machine (read at start, not
+    packed). It is served as model ``name`` (unset: the tag's name or the directory's) and as
+    ``<model id>:<name>``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str
+    name: str = ""
+
+    @property
+    def is_directory(self) -> bool:
+        return "/" in self.source or self.source.startswith((".", "~"))
+
+    @property
+    def tag(self) -> str | None:
+        """The store tag, None for a directory."""
+        if self.is_directory:
+            return None
+        return self.source if ":" in self.source else f"{self.source}:latest"
+
+    @model_validator(mode="after")
+    def _name(self):
+        if not self.name:
+            self.name = Path(self.source.rstrip("/")).name if self.is_directory else self.source.split(":", 1)[0]
+        if not re.fullmatch(ADAPTER_NAME, self.name):
+            raise ValueError(f"adapter name {self.name!r} may hold only letters, digits and . _ -")
+        return self
+
+
 class ServedModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -55,6 +89,15 @@ class ServedModel(BaseModel):
         default=None, description="the format of tool calls in the model's text; unset: from its chat template")
     reasoning: bool = Field(default=False, description="the model writes <think>…</think> first: it goes to "
                                                        "`reasoning_content`, not `content`")
+    adapters: list[AdapterEntry] = Field(default_factory=list, description="LoRA adapters served on this chat "
+                                         "model, each as a model id of its own: store tags or PEFT directories")
+    max_loras: int = Field(default=4, ge=1, description="adapters resident at once; beyond, the least recently "
+                                                        "used idle one is evicted and read again when next asked for")
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _adapter_strings(cls, v):
+        return [{"source": e} if isinstance(e, str) else e for e in v or []]
 
     @field_validator("id")
     @classmethod
@@ -90,6 +133,9 @@ class ServedModel(BaseModel):
         if (self.model is None) == (not self.urls):
             raise ValueError(f"model {self.id!r}: give either `model` (a store tag, served here) or `urls` "
                              "(runners served elsewhere)")
+        if self.adapters and (self.kind != "chat" or self.remote):
+            raise ValueError(f"model {self.id!r}: adapters are served on a chat model served here; a runner "
+                             "elsewhere lists its own in its bentochat.yaml")
         return self
 
     @property
@@ -175,7 +221,8 @@ class ModelList(BaseModel):
     def _unique_ids(cls, v: list[ServedModel]) -> list[ServedModel]:
         if not v:
             raise ValueError("at least one model must be served")
-        for what, names in (("model ids", [m.id for m in v]), ("runner names", [m.runner_name for m in v])):
+        ids = [m.id for m in v] + [a.name for m in v for a in m.adapters]
+        for what, names in (("model and adapter ids", ids), ("runner names", [m.runner_name for m in v])):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 raise ValueError(f"{what} must be unique, repeated: {', '.join(dupes)}")

@@ -5,6 +5,10 @@ Sources: a local Hugging Face directory (safetensors, or sharded ``*.bin`` with
 ``.gguf`` file. Whatever the source, the stored model is config + safetensors weights + tokenizer
 files + ``generation_config.json`` (+ the model's own ``*.py`` with ``trust_remote_code``), so
 loading it later needs neither the network nor a conversion.
+
+A PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors`` or ``.bin``)
+is stored the same way, as ``adapter_config.json`` + ``adapter_model.safetensors``, with its base
+model recorded (``base_model``: ``--base``, else what its config names).
 """
 
 from __future__ import annotations
@@ -33,9 +37,14 @@ class ImportFailed(RuntimeError):
     pass
 
 
-def import_model(source: str, name: str, *, trust_remote_code: bool = False) -> bentoml.Model:
+def import_model(source: str, name: str, *, trust_remote_code: bool = False, base: str | None = None
+                 ) -> bentoml.Model:
     """Import ``source`` into the store under ``name``; return the stored model."""
     path = Path(source).expanduser()
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return import_adapter(path, name, base)
+    if base is not None:
+        raise ImportFailed(f"--base is for LoRA adapters; {source} has no adapter_config.json")
     if path.is_file() and path.suffix == ".gguf":
         builder, origin = (lambda dst: _from_gguf(path, dst, trust_remote_code)), f"gguf:{path}"
     elif path.is_dir():
@@ -57,6 +66,43 @@ def import_model(source: str, name: str, *, trust_remote_code: bool = False) -> 
                 shutil.move(str(item), os.path.join(ref.path, item.name))
     stored = bentoml.models.get(ref.tag)
     logger.info("imported %s as %s (%s)", source, stored.tag, metadata["architecture"])
+    return stored
+
+
+def import_adapter(path: Path, name: str, base: str | None = None) -> bentoml.Model:
+    """Store a PEFT LoRA adapter directory: its config and weights (pickled ``.bin`` as safetensors),
+    after checking that they are readable and consistent (the base model's fit is checked when it is
+    served)."""
+    from runners.engine.lora import AdapterError, read_config, read_weights, weight_file
+
+    try:
+        config = read_config(path)
+        weights = read_weights(path, config)
+        file = weight_file(path)
+    except AdapterError as e:
+        raise ImportFailed(str(e)) from e
+    metadata = {
+        "kind": "adapter",
+        "peft_type": "LORA",
+        "base_model": base or str(config.get("base_model_name_or_path") or ""),
+        "rank": max(a.shape[0] for a, _, _ in weights.values()),
+        "modules": len(weights),
+        "source": f"dir:{path}",
+    }
+    with bentoml.models.create(name, metadata=metadata, labels={"kind": "adapter"}) as ref:
+        shutil.copy2(path / "adapter_config.json", os.path.join(ref.path, "adapter_config.json"))
+        if file.suffix == ".safetensors":
+            shutil.copy2(file, os.path.join(ref.path, file.name))
+        else:
+            import torch
+            from safetensors.torch import save_file
+
+            state = torch.load(file, map_location="cpu", weights_only=True)
+            save_file({k: v.contiguous() for k, v in state.items()},
+                      os.path.join(ref.path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    stored = bentoml.models.get(ref.tag)
+    logger.info("imported LoRA adapter %s as %s (base %s, rank %s)", path, stored.tag, metadata["base_model"] or "?",
+                metadata["rank"])
     return stored
 
 

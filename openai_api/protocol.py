@@ -610,11 +610,37 @@ class ModelCard(Response):
     template: str | None = None  # chat models: the conversation template and why it was chosen
     template_source: Literal["config", "tokenizer", "name", "architecture", "fallback"] | None = None
     generation_defaults: dict[str, float | int] = Field(default_factory=dict)  # from generation_config.json
+    parent: str | None = None  # a LoRA adapter: the model it runs on (vLLM's field); `root` is its source
 
 
 class ModelList(Response):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class LoadLoRAAdapterRequest(TopLevelRequest):
+    """vLLM's ``POST /v1/load_lora_adapter``; ``model`` (an extension) names the base model, which may be
+    left out when one chat model is served."""
+
+    lora_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)
+    lora_path: str = Field(min_length=1, description="a PEFT directory on the runner's machine, or the store tag "
+                                                     "of an imported adapter")
+    model: str | None = None
+
+
+class UnloadLoRAAdapterRequest(TopLevelRequest):
+    """vLLM's ``POST /v1/unload_lora_adapter``."""
+
+    lora_name: str
+
+
+class LoRAAdapterStatus(Response):
+    object: Literal["lora_adapter"] = "lora_adapter"
+    id: str
+    parent: str
+    status: Literal["loaded", "unloaded"]
+    rank: int | None = None
+    source: str | None = None
 
 
 class ErrorBody(Response):

@@ -38,6 +38,8 @@ from openai_api.protocol import (
     EmbeddingList,
     EmbeddingRequest,
     ErrorResponse,
+    LoadLoRAAdapterRequest,
+    LoRAAdapterStatus,
     FunctionCallOut,
     FunctionDelta,
     ModelCard,
@@ -49,6 +51,7 @@ from openai_api.protocol import (
     TokenizeRequest,
     ToolCallDelta,
     ToolCallOut,
+    UnloadLoRAAdapterRequest,
     Usage,
     chat_messages,
     new_id,
@@ -58,7 +61,7 @@ from openai_api.tool_calls import AnswerDelta, AnswerParser
 from runners.engine.sequence import SamplingParams
 
 if TYPE_CHECKING:
-    from controller import Model, ModelInfo, Registry
+    from controller import AdapterModel, Model, ModelInfo, Registry
 
 # The published schema: errors in OpenAI's shape. ("default" also keeps FastAPI from adding a 422
 # response, which this server never sends: invalid requests are 400.)
@@ -181,11 +184,15 @@ async def _collect(choices, total: int) -> tuple[list[str], list[str | None], li
     return texts, reasons, counts, logprobs
 
 
-def _card(m: ModelInfo) -> ModelCard:
-    return ModelCard(id=m.id, created=m.created, kind=m.kind, context_length=m.context_length, root=m.tag,
+def _card(m: ModelInfo, adapter: AdapterModel | None = None) -> ModelCard:
+    """A model's card, or that of a LoRA ``adapter`` on it (``parent`` the model, ``root`` the adapter's source)."""
+    card = ModelCard(id=m.id, created=m.created, kind=m.kind, context_length=m.context_length, root=m.tag,
                      template=m.chat_format.name if m.chat_format else None,
                      template_source=m.chat_format.source if m.chat_format else None,
                      generation_defaults=m.defaults)
+    if adapter is not None:
+        card.id, card.parent, card.root = adapter.name, m.id, str(adapter.description.get("source") or "")
+    return card
 
 
 def _registry(request: Request) -> Registry:
@@ -194,12 +201,48 @@ def _registry(request: Request) -> Registry:
 
 @app.get("/models")
 async def list_models(request: Request) -> ModelList:
-    return ModelList(data=[_card(m) for m in _registry(request).models()])
+    registry = _registry(request)
+    return ModelList(data=[_card(m) for m in registry.models()] + [_card(a.info, a) for a in registry.adapters()])
 
 
 @app.get("/models/{model_id:path}")
 async def retrieve_model(model_id: str, request: Request) -> ModelCard:
-    return _card(_registry(request).get(model_id).info)
+    model = _registry(request).get(model_id)
+    return _card(model.info, model if model.id != model.info.id else None)
+
+
+@app.post("/load_lora_adapter")
+async def load_lora_adapter(req: LoadLoRAAdapterRequest, request: Request) -> LoRAAdapterStatus:
+    """vLLM's: serve a LoRA adapter from now on, as model ``lora_name`` (until the runner restarts)."""
+    registry = _registry(request)
+    if req.lora_name in registry.entries or registry.adapter(req.lora_name) is not None:
+        raise invalid_value("lora_name", f"`{req.lora_name}` is served already; unload it first or pick another name")
+    if req.model is None:
+        chat = [m for m in registry.entries.values() if m.served.kind == "chat"]
+        if len(chat) != 1:
+            raise invalid_value("model", f"name the base model the adapter runs on: one of "
+                                         f"{', '.join(m.id for m in chat)}")
+        base = registry.get(chat[0].id, "chat")
+    else:
+        base = registry.get(req.model, "chat")
+        if base.id != base.info.id:
+            raise invalid_value("model", f"`{req.model}` is an adapter itself; name its base model")
+    adapter = await base.load_adapter(req.lora_name, req.lora_path)
+    logger.info("adapter %s loaded on %s from %s", req.lora_name, base.id, req.lora_path)
+    return LoRAAdapterStatus(id=req.lora_name, parent=base.id, status="loaded", rank=adapter.get("rank"),
+                             source=adapter.get("source"))
+
+
+@app.post("/unload_lora_adapter")
+async def unload_lora_adapter(req: UnloadLoRAAdapterRequest, request: Request) -> LoRAAdapterStatus:
+    """vLLM's: stop serving a LoRA adapter; requests already running on it finish first."""
+    adapter = _registry(request).adapter(req.lora_name)
+    if adapter is None:
+        raise errors.OpenAIError(404, f"No LoRA adapter `{req.lora_name}` is loaded.", param="lora_name",
+                                 code="adapter_not_found")
+    await adapter.base.unload_adapter(adapter.name)
+    logger.info("adapter %s unloaded from %s", adapter.name, adapter.base.id)
+    return LoRAAdapterStatus(id=adapter.name, parent=adapter.base.id, status="unloaded")
 
 
 @app.get("/stats")

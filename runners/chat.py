@@ -5,11 +5,14 @@ protocol, both ends (the runner writes it, the gateway's ``controller.Model.gene
 (with ``"logprob"`` and ``"top_logprobs": [[id, logprob], ...]`` when asked for), or, as its last
 line, ``{"error": "...", "code": ...}`` when the engine refused the request (``queue_full``, with
 ``"retry_after"`` seconds; ``invalid_request``), failed the sequence (``engine_error``) or is dead
-(``engine_dead``: this runner then fails its health checks and must be restarted).
+(``engine_dead``: this runner then fails its health checks and must be restarted). A request names
+its LoRA adapter in ``adapter``; ``load_adapter`` and ``unload_adapter`` change which are served, and
+``stats`` lists them (the gateway learns of them from its health polls).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -17,6 +20,7 @@ import sys
 import time
 import typing as t
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import bentoml
 
@@ -100,6 +104,29 @@ def cpu_threads(served: ServedModel) -> int:
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
+def adapter_path(source: str, what: str = "adapter") -> str:
+    """A PEFT directory's path, or the path of an adapter imported into the store under tag ``source``."""
+    from runners.engine.lora import AdapterError
+
+    if Path(source).expanduser().is_dir():
+        return str(Path(source).expanduser())
+    try:
+        stored = bentoml.models.get(source)
+    except Exception as e:  # not found, or not a tag at all
+        raise AdapterError(f"{what}: {source} is neither a directory on the runner's machine nor an adapter "
+                           f"in its model store ({e})") from e
+    return stored_adapter_path(stored, what)
+
+
+def stored_adapter_path(stored, what: str = "adapter") -> str:
+    from runners.engine.lora import AdapterError
+
+    if stored.info.metadata.get("kind") != "adapter":
+        raise AdapterError(f"{what}: {stored.tag} is a model, not a LoRA adapter (python -m models import "
+                           "<PEFT directory>)")
+    return stored.path
+
+
 def chat_runner(served: ServedModel) -> bentoml.Service:
     class ChatRunner(StoredModelRunner):
         model_ref = bentoml.models.BentoModel(served.model)  # a class attribute, so `bentoml build` packs it
@@ -119,8 +146,13 @@ def chat_runner(served: ServedModel) -> bentoml.Service:
             context = int(stored.info.metadata.get("context_length") or DEFAULT_CONTEXT_LENGTH)
             # The tokenizer's vocabulary is what constrained decoding (structured outputs, tool calls) masks.
             tokenizer = AutoTokenizer.from_pretrained(stored.path, trust_remote_code=served.trust_remote_code)
-            engine = LLMEngine(ModelRunner(model), max_num_seqs=served.max_concurrency, max_model_len=context,
-                               prefix_cache_tokens=served.prefix_cache_tokens, tokenizer=tokenizer)
+            engine = LLMEngine(ModelRunner(model, max_loras=served.max_loras), max_num_seqs=served.max_concurrency,
+                               max_model_len=context, prefix_cache_tokens=served.prefix_cache_tokens,
+                               tokenizer=tokenizer)
+            for i, entry in enumerate(served.adapters):  # a bad one stops the start, saying why
+                path = (stored_adapter_path(getattr(self, f"adapter_{i}"), f"adapter {entry.name}") if entry.tag
+                        else adapter_path(entry.source, f"adapter {entry.name}"))
+                engine.add_adapter(engine.adapters.read(entry.name, path))
             self.engine = AsyncLLMEngine(engine, max_queue=served.max_queue)
             # The engine thread runs Python between torch ops all the time; with the default 5 ms switch
             # interval the event loop waits that long for the GIL to stream each token (measured: 1.15x
@@ -135,6 +167,9 @@ def chat_runner(served: ServedModel) -> bentoml.Service:
             QUEUE.labels(model=served.id).set(stats["waiting"])
             RUNNING.labels(model=served.id).set(stats["running"])
             KV_BYTES.labels(model=served.id).set(stats["kv_cache_bytes"])
+            for name, adapter in stats["adapters"].items():  # the base's series count all, an adapter's its own
+                QUEUE.labels(model=name).set(adapter["waiting"])
+                RUNNING.labels(model=name).set(adapter["running"])
             for name, counter in (("prompt_tokens", PROMPT_TOKENS), ("prefix_cache_hit_tokens", PREFIX_HITS)):
                 counter.labels(model=served.id).inc(stats[name] - self._counted[name])
                 self._counted[name] = stats[name]
@@ -149,22 +184,24 @@ def chat_runner(served: ServedModel) -> bentoml.Service:
             return self.engine.alive
 
         @bentoml.api
-        async def generate(self, request_id: str, prompt_ids: t.List[int],
-                           params: t.Dict[str, t.Any]) -> t.AsyncGenerator[str, None]:
+        async def generate(self, request_id: str, prompt_ids: t.List[int], params: t.Dict[str, t.Any],
+                           adapter: t.Optional[str] = None) -> t.AsyncGenerator[str, None]:
             from runners.engine.llm_engine import EngineError, QueueFull
 
             last = time.monotonic()  # arrival at the runner
             count, reason = 0, None
+            label = adapter or served.id  # metrics count per adapter
             try:
-                async for event in self.engine.generate(request_id, prompt_ids, SamplingParams.from_dict(params)):
+                async for event in self.engine.generate(request_id, prompt_ids, SamplingParams.from_dict(params),
+                                                        adapter):
                     now = time.monotonic()
-                    (TPOT if count else TTFT).labels(model=served.id).observe(now - last)
+                    (TPOT if count else TTFT).labels(model=label).observe(now - last)
                     if not count:
                         self._observe_load()
                     last, count, reason = now, count + 1, event.finish_reason
                     yield token_line(event)
             except QueueFull as e:
-                REJECTED.labels(model=served.id).inc()
+                REJECTED.labels(model=label).inc()
                 reason = "queue full"
                 yield error_line(QUEUE_FULL, str(e), e.retry_after)
             except (ValueError, EngineError) as e:  # ValueError: a RequestError, or parameters from_dict refused
@@ -174,9 +211,9 @@ def chat_runner(served: ServedModel) -> bentoml.Service:
                 logger.warning("request %s failed: %s", request_id, reason)
                 yield error_line(code, str(e))
             finally:
-                TOKENS.labels(model=served.id).inc(count)
-                logger.info("request %s: %d prompt tokens, %d generated, %s", request_id, len(prompt_ids), count,
-                            reason or "aborted")
+                TOKENS.labels(model=label).inc(count)
+                logger.info("request %s%s: %d prompt tokens, %d generated, %s", request_id,
+                            f" on adapter {adapter}" if adapter else "", len(prompt_ids), count, reason or "aborted")
                 if self.engine.alive:
                     self._observe_load()
 
@@ -186,8 +223,40 @@ def chat_runner(served: ServedModel) -> bentoml.Service:
             return True
 
         @bentoml.api
-        async def stats(self) -> t.Dict[str, int]:
-            """The engine's counts; fails (and so fails the gateway's health poll) once it is dead."""
+        async def stats(self) -> t.Dict[str, t.Any]:
+            """The engine's counts, and its adapters' (``adapters``); fails (and so fails the gateway's
+            health poll) once it is dead."""
             return self._observe_load()
 
+        @bentoml.api
+        async def load_adapter(self, name: str, source: str) -> t.Dict[str, t.Any]:
+            """Serve a LoRA adapter (a PEFT directory here, or an adapter's store tag) as ``name``:
+            ``{"adapter": ...}``, or ``{"error": ...}`` saying why not."""
+            from runners.engine.lora import AdapterError
+
+            engine = self.engine.engine
+            try:
+                path = await asyncio.to_thread(adapter_path, source, "lora_path")
+                adapter = await asyncio.to_thread(engine.adapters.read, name, path)  # reads files: not on the loop
+                await self.engine.call(engine.add_adapter, adapter)
+            except AdapterError as e:
+                return {"error": str(e)}
+            logger.info("adapter %s loaded from %s", name, path)
+            return {"adapter": {"name": name, **adapter.describe()}}
+
+        @bentoml.api
+        async def unload_adapter(self, name: str) -> t.Dict[str, t.Any]:
+            """Stop serving adapter ``name``; what runs on it finishes first."""
+            from runners.engine.lora import AdapterError
+
+            try:
+                await self.engine.call(self.engine.engine.remove_adapter, name)
+            except AdapterError as e:
+                return {"error": str(e)}
+            logger.info("adapter %s unloaded", name)
+            return {"unloaded": name}
+
+    for i, entry in enumerate(served.adapters):  # class attributes, so that `bentoml build` packs them
+        if entry.tag:
+            setattr(ChatRunner, f"adapter_{i}", bentoml.models.BentoModel(entry.tag))
     return bentoml.service(**service_options(served, "chat"))(ChatRunner)

@@ -24,13 +24,17 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from tiny_model import build_tiny_model  # noqa: E402
+from tiny_model import build_tiny_adapter, build_tiny_model  # noqa: E402
 
 CHAT = "smollm2-135m-instruct"
 EMBED = "all-minilm-l6-v2"
 TINY = "tiny-remote"
 TINY_LONG = "tiny-remote-long"  # the same with a context of 1024: room for tool descriptions
 ONE_SLOT = "smollm2-one-slot"  # the chat model again, with room for one running and one waiting request
+LORA_BASE = "tiny-llama"  # transformers' Llama (tiny), served with two LoRA adapters
+LORA_ONE_SLOT = "tiny-llama-one-slot"  # the same with the same adapters, one resident at a time
+LORA_ALL = "tiny-lora-all"  # an adapter of every linear layer, imported into the store by the CLI
+LORA_QV = "qv"  # an adapter of q_proj and v_proj, served from its directory
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +47,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """The same tokenizer with transformers' own Llama, which ``model.generate`` can run."""
     return build_tiny_model(tmp_path_factory.mktemp("hf") / "tiny-llama", remote_code=False)
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
+    """Two PEFT adapters of the tiny Llama: every linear layer at rank 8 ("all"); q and v at rank 4 ("qv")."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {"all": build_tiny_adapter(tiny_llama_dir, root / "all", seed=1),
+            "qv": build_tiny_adapter(tiny_llama_dir, root / LORA_QV, seed=2, rank=4, targets=("q_proj", "v_proj"))}
+
+
+@pytest.fixture(scope="session")
+def lora_in_store(tiny_llama_dir, lora_adapters) -> str:
+    """The tiny Llama and its "all" adapter imported through the CLI; the adapter's store name."""
+    subprocess.run([sys.executable, "-m", "models", "import", str(tiny_llama_dir), "--name", LORA_BASE,
+                    "--trust-remote-code"], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "models", "import", str(lora_adapters["all"]), "--name", LORA_ALL,
+                    "--base", LORA_BASE], cwd=ROOT, check=True)
+    return LORA_ALL
 
 
 @pytest.fixture(scope="session")
@@ -197,8 +219,10 @@ def tiny_long_in_store(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory, tiny_in_store, tiny_long_in_store) -> Server:
-    """`bentoml serve` with the two embedded models and a tiny remote-code model imported by the CLI."""
+def server(tmp_path_factory, tiny_in_store, tiny_long_in_store, lora_in_store, lora_adapters) -> Server:
+    """`bentoml serve` with the two embedded models, tiny remote-code models imported by the CLI, and a
+    tiny Llama with two LoRA adapters (twice: with room for both, and for one at a time)."""
+    qv = lora_adapters["qv"]
     config = tmp_path_factory.mktemp("config") / "bentochat.yaml"
     config.write_text(f"""models:
   - {{id: {CHAT}, model: {CHAT}:latest, kind: chat}}
@@ -206,12 +230,16 @@ def server(tmp_path_factory, tiny_in_store, tiny_long_in_store) -> Server:
   - {{id: {TINY}, model: {TINY}:latest, kind: chat, trust_remote_code: true, max_concurrency: 4, max_tokens_default: 5}}
   - {{id: {ONE_SLOT}, model: {CHAT}:latest, kind: chat, max_concurrency: 1, max_queue: 1}}
   - {{id: {TINY_LONG}, model: {TINY_LONG}:latest, kind: chat, trust_remote_code: true, max_concurrency: 4}}
+  - {{id: {LORA_BASE}, model: {LORA_BASE}:latest, kind: chat, trust_remote_code: true, dtype: float32,
+      adapters: [{lora_in_store}, {qv}]}}
+  - {{id: {LORA_ONE_SLOT}, model: {LORA_BASE}:latest, kind: chat, trust_remote_code: true, dtype: float32,
+      max_loras: 1, adapters: [{{source: {lora_in_store}, name: one-slot-all}}, {{source: {qv}, name: one-slot-qv}}]}}
 ui: {{model_list_mode: reload}}
 responses: {{store_size: 4}}
 """)
     ARTIFACTS.mkdir(exist_ok=True)
     with serving("service:BentoChat", ARTIFACTS / "serve.log", env={"BENTOCHAT_CONFIG": str(config)},
-                 models=(CHAT, EMBED, TINY, ONE_SLOT, TINY_LONG)) as srv:
+                 models=(CHAT, EMBED, TINY, ONE_SLOT, TINY_LONG, LORA_BASE, LORA_ONE_SLOT)) as srv:
         yield srv
 
 

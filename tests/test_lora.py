@@ -14,19 +14,14 @@ import torch
 from runners.base import load_causal_lm
 from runners.engine import LLMEngine, ModelRunner, RequestError, SamplingParams, Sequence
 from runners.engine.lora import AdapterError
-from tiny_model import build_tiny_adapter
-
 PROMPTS = [[1, 7], [1, 20, 30, 40, 50], [1] + list(range(100, 131))]
 N = 16
 GREEDY = SamplingParams(max_tokens=N, temperature=0)
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_llama_dir, tmp_path_factory):
-    """Two adapters of the tiny Llama: every linear layer at rank 8; q and v only at rank 4."""
-    root = tmp_path_factory.mktemp("adapters")
-    return {"all": build_tiny_adapter(tiny_llama_dir, root / "all", seed=1),
-            "qv": build_tiny_adapter(tiny_llama_dir, root / "qv", seed=2, rank=4, targets=("q_proj", "v_proj"))}
+def adapters(lora_adapters):
+    return lora_adapters
 
 
 @pytest.fixture(scope="module")

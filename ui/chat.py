@@ -49,14 +49,15 @@ def _plain(history: list[dict]) -> list[dict]:
 
 def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_list_mode: str) -> gr.Blocks:
     """``registry()`` gives the gateway's model registry once it is up; ``chat_models`` are the
-    configured chat model ids (the list in ``once`` mode)."""
+    configured chat model ids and their adapters' (the list in ``once`` mode)."""
 
     def available_models() -> list[str]:
         if model_list_mode == "once":
             return chat_models
-        # reload: the models whose runners answer the gateway's health polls now
-        up = {m.id for m in registry().models() if m.kind == "chat"}
-        return [m for m in chat_models if m in up]
+        # reload: the models whose runners answer the gateway's health polls now, with the adapters
+        # they serve (those loaded at run time too)
+        up = [m.id for m in registry().models() if m.kind == "chat"] + [a.name for a in registry().adapters()]
+        return [m for m in chat_models if m in up] + [m for m in up if m not in chat_models]
 
     async def on_load(current: str | None):
         models = available_models()

@@ -45,7 +45,8 @@ class LLMEngine:
                 "prefix_cache_hit_tokens": cache.hits if cache else 0,
                 "grammars_compiled": self.grammars.compiled_count if self.grammars else 0,
                 "kv_cache_bytes": self.model_runner.kv_bytes() + (cache.num_bytes if cache else 0),
-                "adapters": self.adapter_stats()}
+                "adapters": self.adapter_stats(), "adapter_loads": self.adapters.loads,
+                "adapter_evictions": self.adapters.evictions}
 
     def adapter_stats(self) -> dict[str, dict]:
         """Per loaded adapter: where it comes from, whether it holds a slot, its sequences running and
