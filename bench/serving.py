@@ -16,7 +16,9 @@ Load: streaming chat, closed loop (each of C clients sends its next request when
 ``--requests`` requests per client, ``--max-tokens`` output tokens each; output tokens are counted by
 re-tokenizing the streamed text. TTFT is from sending the request to the first text; ITL is the gap
 between consecutive text chunks. BentoChat also runs the load with a JSON schema on every request
-(``response_format``, one schema per client) at the ``--structured`` concurrencies.
+(``response_format``, one schema per client) at the ``--structured`` concurrencies, and a mixed LoRA
+load at ``--lora-concurrency``: the clients split evenly across the base model and ``--lora`` random
+rank-16 adapters of every linear layer, all in one batch, against the same load on the base alone.
 """
 
 from __future__ import annotations
@@ -75,13 +77,15 @@ def free_port() -> int:
 
 # ---- load over HTTP -------------------------------------------------------------------------------
 
-async def drive_http(url: str, model: str, tokenizer, concurrency: int, requests: int, max_tokens: int,
+async def drive_http(url: str, model: str | list[str], tokenizer, concurrency: int, requests: int, max_tokens: int,
                      extra: dict | None = None) -> Run:
+    """The load; with a list of ``model`` ids, client c asks for ``model[c % len(model)]``."""
     import httpx
 
     run = Run()
+    models = [model] if isinstance(model, str) else model
 
-    async def one(client: httpx.AsyncClient, prompt: str):
+    async def one(client: httpx.AsyncClient, prompt: str, model: str = models[0]):
         body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
                 "temperature": 0, "stream": True, **(extra or {})}
         start = last = time.perf_counter()
@@ -107,11 +111,12 @@ async def drive_http(url: str, model: str, tokenizer, concurrency: int, requests
 
     async def client_loop(client, c):
         for i in range(requests):
-            await one(client, PROMPTS[(c + i) % len(PROMPTS)])
+            await one(client, PROMPTS[(c + i) % len(PROMPTS)], models[c % len(models)])
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as client:
-        await one(client, "Hello")  # warm-up
+        for m in models:
+            await one(client, "Hello", m)  # warm-up (and an adapter's first load)
         run.tokens, run.ttft, run.itl = 0, [], []
         start = time.perf_counter()
         await asyncio.gather(*[client_loop(client, c) for c in range(concurrency)])
@@ -161,13 +166,47 @@ def story_schema(c: int) -> dict:
         "properties": {"title": {"type": "string", "maxLength": 40}, f"story_{c}": {"type": "string"}}}}}
 
 
-def bench_bentochat(args, tag: str, tokenizer, workdir: Path) -> tuple[dict[int, Run], dict[int, Run]]:
-    """(the plain load at each concurrency, the structured-output load at each --structured one)."""
+def write_random_adapter(model_path: str, out: Path, seed: int, rank: int = 16) -> Path:
+    """A PEFT LoRA adapter of every linear layer of a Llama-family model, with random weights (as
+    PEFT saves one: ``adapter_config.json`` and ``adapter_model.safetensors``)."""
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+    head = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * head, config.get("num_key_value_heads", config["num_attention_heads"]) * head
+    shapes = {"self_attn.q_proj": (hidden, q), "self_attn.k_proj": (hidden, kv), "self_attn.v_proj": (hidden, kv),
+              "self_attn.o_proj": (q, hidden), "mlp.gate_proj": (hidden, inner), "mlp.up_proj": (hidden, inner),
+              "mlp.down_proj": (inner, hidden)}
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for layer in range(config["num_hidden_layers"]):
+        for module, (into, outof) in shapes.items():
+            key = f"base_model.model.model.layers.{layer}.{module}"
+            state[f"{key}.lora_A.weight"] = torch.randn(rank, into, generator=generator) / into ** 0.5
+            state[f"{key}.lora_B.weight"] = torch.randn(outof, rank, generator=generator) * 0.01
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, out / "adapter_model.safetensors")
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "base_model_name_or_path": model_path,
+        "target_modules": [m.split(".")[1] for m in shapes], "lora_dropout": 0.0, "bias": "none"}))
+    return out
+
+
+def bench_bentochat(args, tag: str, tokenizer, workdir: Path) -> tuple[dict[int, Run], dict[int, Run], dict[int, Run]]:
+    """(the plain load at each concurrency, the structured-output load at each --structured one, the
+    mixed LoRA load and the same load on the base alone at --lora-concurrency)."""
+    import bentoml
+
     config = workdir / "bentochat.yaml"
     quantization = f", quantization: {args.quantization}" if args.quantization else ""
+    adapters = [write_random_adapter(bentoml.models.get(tag).path, workdir / f"lora-{i}", seed=i)
+                for i in range(1, args.lora + 1)]
+    lora = f", adapters: [{', '.join(map(str, adapters))}]" if adapters else ""
     config.write_text(f"models:\n  - {{id: bench, model: {tag}, kind: chat, dtype: {args.dtype}, forward: {args.forward}"
                       f"{quantization}, max_concurrency: {max(64, max(args.concurrency))}, "
-                      f"prefix_cache_tokens: {args.prefix_cache_tokens}}}\n")
+                      f"prefix_cache_tokens: {args.prefix_cache_tokens}{lora}}}\n")
     port = free_port()
     bentoml = Path(sys.executable).parent / "bentoml"
     proc = serve([str(bentoml), "serve", "service:BentoChat", "--host", "127.0.0.1", "--port", str(port)],
@@ -178,7 +217,14 @@ def bench_bentochat(args, tag: str, tokenizer, workdir: Path) -> tuple[dict[int,
                  for c in args.concurrency}
         structured = {c: asyncio.run(drive_http(url, "bench", tokenizer, c, args.requests, args.max_tokens,
                                                 {"response_format": story_schema(c)})) for c in args.structured}
-        return plain, structured
+        mixed = {}
+        if adapters:
+            c = args.lora_concurrency
+            mixed = {"base alone": plain.get(c) or asyncio.run(drive_http(url, "bench", tokenizer, c, args.requests,
+                                                                          args.max_tokens)),
+                     "mixed": asyncio.run(drive_http(url, ["bench"] + [a.name for a in adapters], tokenizer, c,
+                                                     args.requests, args.max_tokens))}
+        return plain, structured, mixed
     finally:
         stop(proc)
 
@@ -297,7 +343,7 @@ PEER_NAMES = {"llamacpp": "llama.cpp llama-server", "vllm": "vLLM CPU backend"}
 
 
 def report(args, runs: dict[str, dict[int, Run]], bare: dict[int, float], generate: float,
-           skipped: dict[str, str]) -> None:
+           skipped: dict[str, str], lora: dict[str, Run]) -> None:
     weights = f"{args.dtype}, int8 weights" if args.quantization else args.dtype
     print(f"\nSmolLM2-135M-Instruct {weights}, {args.forward} forward, on CPU ({os.cpu_count()} cores), {args.max_tokens} output tokens, "
           f"{args.requests} requests per client, greedy, streaming chat, prefix cache {args.prefix_cache_tokens} tokens"
@@ -313,6 +359,14 @@ def report(args, runs: dict[str, dict[int, Run]], bare: dict[int, float], genera
         print(f"{'model.generate':<26}{1:>5}{generate:>9.1f}")
     for name, reason in skipped.items():
         print(f"{PEER_NAMES[name]}: skipped ({reason})")
+    if lora:
+        c = args.lora_concurrency
+        print(f"\nLoRA: {c} clients on the base model alone, then split evenly across the base and {args.lora} "
+              "adapters (rank 16, every linear layer), in one batch")
+        for name, r in lora.items():
+            print(f"{'bentochat ' + name:<26}{c:>5}{r.tps:>9.1f}{ms(pct(r.ttft, .5)):>13}{ms(pct(r.ttft, .99)):>13}"
+                  f"{ms(pct(r.itl, .5)):>12}")
+        print(f"  mixed adapters: {lora['mixed'].tps / lora['base alone'].tps:.2f}x the base alone's tokens/s")
 
     print("\nratios (same run)")
     served = runs.get("bentochat (HTTP)", {})
@@ -353,6 +407,8 @@ def main() -> None:
     parser.add_argument("--forward", default="lean", choices=["lean", "transformers"],
                         help="BentoChat's and the engine's forward pass, as in bentochat.yaml")
     parser.add_argument("--quantization", choices=["int8"], help="BentoChat's and the engine's weights in int8")
+    parser.add_argument("--lora", type=int, default=3, help="adapters in BentoChat's mixed LoRA load (0: none)")
+    parser.add_argument("--lora-concurrency", type=int, default=32, help="clients of the mixed LoRA load")
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["bentochat", "transformers", "llamacpp", "vllm", "engine", "bare"])
     parser.add_argument("--install-peers", action="store_true", help="run bench/peers.sh install first")
@@ -370,11 +426,13 @@ def main() -> None:
     path = stored.path
     tokenizer = AutoTokenizer.from_pretrained(path)
     runs: dict[str, dict[int, Run]] = {}
+    lora: dict[str, Run] = {}
     workdir = Path(tempfile.mkdtemp(prefix="bentochat-bench-"))
     print(f"server logs in {workdir}", flush=True)
     if "bentochat" not in args.skip:
         print("BentoChat ...", flush=True)
-        runs["bentochat (HTTP)"], runs["bentochat json_schema"] = bench_bentochat(args, args.model, tokenizer, workdir)
+        runs["bentochat (HTTP)"], runs["bentochat json_schema"], lora = bench_bentochat(args, args.model, tokenizer,
+                                                                                         workdir)
     if "transformers" not in args.skip:
         print("transformers serve --continuous-batching ...", flush=True)
         runs["transformers serve --cb"] = bench_transformers(args, path, tokenizer, workdir)
@@ -402,7 +460,7 @@ def main() -> None:
         if "bare" not in args.skip:
             print("bare decode loop ...", flush=True)
             bare, generate = bench_bare(args, model, tokenizer)
-    report(args, runs, bare, generate, skipped)
+    report(args, runs, bare, generate, skipped, lora)
 
 
 if __name__ == "__main__":

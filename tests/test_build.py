@@ -130,21 +130,28 @@ def test_cpu_bento_installs_the_cpu_torch_wheel(embedded_models):
     check_image((path / "env" / "docker" / "Dockerfile").read_text())
 
 
-def test_bento_carries_remote_code_and_serves_it_offline_as_deployed(tiny_in_store, tmp_path):
-    """Build from a checkout whose bentochat.yaml serves the remote-code model; export the bento and
-    import it into an empty store with no hub, as on another machine. There, run its runner and a
-    gateway that names the runner's URL, each as deploy/docker-compose.yaml starts them in a container:
-    the model's own *.py came with the bento, and the gateway gets the tokenizer from the runner."""
+def test_bento_carries_remote_code_and_serves_it_offline_as_deployed(tiny_in_store, tiny_model_dir, tmp_path):
+    """Build from a checkout whose bentochat.yaml serves the remote-code model with a LoRA adapter of its
+    fused W_pack layer; export the bento and import it into an empty store with no hub, as on another
+    machine. There, run its runner and a gateway that names the runner's URL, each as
+    deploy/docker-compose.yaml starts them in a container: the model's own *.py and the adapter came
+    with the bento, the gateway gets the tokenizer from the runner, and learns of the adapter from it."""
     import shutil
 
     import bentoml
     import openai
 
+    from tiny_model import build_tiny_adapter
+
+    adapter = build_tiny_adapter(tiny_model_dir, tmp_path / "w-pack-adapter", seed=4, targets=("W_pack", "o_proj"))
+    subprocess.run([sys.executable, "-m", "models", "import", str(adapter), "--name", "tiny-remote-lora"],
+                   cwd=ROOT, check=True)
     src = tmp_path / "checkout"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".*", "tests", "bench", "docs", "deploy",
                                                                "__pycache__", "*.egg-info", "build"))
     (src / "bentochat.yaml").write_text(
-        f"models:\n  - {{id: {TINY}, model: {tiny_in_store}:latest, kind: chat, trust_remote_code: true}}\n")
+        f"models:\n  - {{id: {TINY}, model: {tiny_in_store}:latest, kind: chat, trust_remote_code: true, "
+        "adapters: [tiny-remote-lora]}\n")
     env = {k: v for k, v in os.environ.items() if k != "BENTOCHAT_CONFIG"}
     out = subprocess.run([str(Path(sys.executable).parent / "bentoml"), "build", "--output", "tag"], cwd=src, env=env,
                          check=True, capture_output=True, text=True).stdout
@@ -152,9 +159,12 @@ def test_bento_carries_remote_code_and_serves_it_offline_as_deployed(tiny_in_sto
     archive = tmp_path / "bento.tar"
     bentoml.get(tag).export(str(archive), output_format="tar")
     with tarfile.open(archive) as tar:
-        shipped = {Path(n).name for n in tar.getnames() if n.removeprefix("./").startswith(f"models/{tiny_in_store}/")}
+        names = [n.removeprefix("./") for n in tar.getnames()]
+    shipped = {Path(n).name for n in names if n.startswith(f"models/{tiny_in_store}/")}
     assert {"tokenization_tiny.py", "modeling_tiny.py", "configuration_tiny.py", "tokenizer.model",
             "generation_config.json", "model.safetensors.index.json"} <= shipped
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {
+        Path(n).name for n in names if n.startswith("models/tiny-remote-lora/")}
 
     home = tmp_path / "elsewhere"  # another machine: a store holding nothing but the imported bento
     env = {"BENTOML_HOME": str(home), "HF_HUB_OFFLINE": "1"}
@@ -177,7 +187,12 @@ def test_bento_carries_remote_code_and_serves_it_offline_as_deployed(tiny_in_sto
         client = openai.OpenAI(base_url=gateway.v1, api_key="unused", max_retries=0, timeout=120)
         r = client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "你好"}], max_tokens=4)
         assert r.usage.prompt_tokens > 0 and r.choices[0].finish_reason in ("stop", "length")
-        assert client.models.list().data[0].model_extra["template"] == "baichuan"
+        cards = {m.id: m.model_extra for m in client.models.list().data}
+        assert cards[TINY]["template"] == "baichuan" and cards["tiny-remote-lora"]["parent"] == TINY
+        base, lora = (client.completions.create(model=m, prompt="hello", max_tokens=8, temperature=0,
+                                                extra_body={"min_tokens": 8}).choices[0].text
+                      for m in (TINY, "tiny-remote-lora"))
+        assert base != lora  # the adapter's W_pack and o_proj changed the answer
     finally:
         stop(gateway)
         stop(runner)

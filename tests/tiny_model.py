@@ -319,7 +319,7 @@ def build_tiny_adapter(base_dir: Path, out: Path, *, seed: int, rank: int = 8,
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=True)
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False,
                         lora_dropout=0.0)
     peft_model = get_peft_model(model, config)

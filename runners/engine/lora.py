@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 logger = logging.getLogger("bentochat.engine")
 
@@ -226,6 +225,7 @@ class LoRALinear(torch.nn.Module):
         self.present = [False] * rows.slots
         self.a = torch.zeros(0, in_features, device=device, dtype=dtype)
         self.b = torch.zeros(out_features, 0, device=device, dtype=dtype)
+        self._pack()
 
     def set(self, slot: int, deltas: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
         """Slot ``slot`` computes ``B A`` for each ``(offset, A, B)`` (B scaled), in rows ``offset..``."""
@@ -240,12 +240,21 @@ class LoRALinear(torch.nn.Module):
             self.b[offset:offset + b.shape[0], column:column + r] = b
             column += r
         self.present[slot] = True
+        self._pack()
 
     def clear(self, slot: int) -> None:
         if self.present[slot]:
             self.a[slot * self.rank:(slot + 1) * self.rank] = 0
             self.b[:, slot * self.rank:(slot + 1) * self.rank] = 0
             self.present[slot] = False
+            self._pack()
+
+    def _pack(self) -> None:
+        """The matmuls by A and B, with the weights packed for oneDNN as the lean forward's (on the CPU,
+        torch's own bfloat16 matmul of these narrow matrices is several times slower)."""
+        from runners.engine.lean import Linear
+
+        self.mm_a, self.mm_b = (Linear(self.a.clone()), Linear(self.b.clone())) if self.rank else (None, None)
 
     def _grow(self, rank: int) -> None:
         """``rank`` columns per slot; each slot's columns are kept (the new ones are zero)."""
@@ -263,7 +272,7 @@ class LoRALinear(torch.nn.Module):
         if mask is None:
             return y
         rows = mask.shape[0]
-        d = F.linear(F.linear(x.reshape(rows, -1, x.shape[-1]), self.a) * mask, self.b)
+        d = self.mm_b(self.mm_a(x.reshape(rows, -1, x.shape[-1])) * mask)
         return y + d.view(y.shape)
 
     __call__ = forward  # no hooks: this runs hundreds of times per step
