@@ -52,3 +52,28 @@ def ensure_available(config: Config) -> None:
             )
         logger.warning("first start: importing the embedded model %s into the BentoML model store", served.store_name)
         import_model(str(EMBEDDED[served.store_name]()), served.store_name)
+    for served in config.models:
+        for adapter in served.adapters:
+            check_adapter_source(served.id, adapter)
+
+
+def check_adapter_source(model_id: str, adapter) -> None:
+    """Fail the start clearly on an adapter of ``bentochat.yaml`` that is not there (whether it fits the
+    model is checked when its runner loads it)."""
+    from runners.engine.lora import AdapterError, read_config, weight_file
+
+    where = f"adapter {adapter.name!r} of model {model_id!r}"
+    if adapter.tag is None:
+        try:
+            read_config(Path(adapter.source).expanduser())
+            weight_file(Path(adapter.source).expanduser())
+        except AdapterError as e:
+            raise RuntimeError(f"{where}: {e}") from None
+        return
+    try:
+        stored = bentoml.models.get(adapter.tag)
+    except NotFound:
+        raise RuntimeError(f"{where}: {adapter.tag} is not in the BentoML model store; import its PEFT directory "
+                           f"with `python -m models import DIRECTORY --name {adapter.tag.split(':')[0]}`") from None
+    if stored.info.metadata.get("kind") != "adapter":
+        raise RuntimeError(f"{where}: {adapter.tag} is a model, not a LoRA adapter")

@@ -68,6 +68,8 @@ def test_every_v1_call_needs_a_configured_key(deployment):
         r = httpx.get(gateway.v1 + "/models", headers=headers)
         assert r.status_code == 401, headers
         assert r.json()["error"]["code"] == "invalid_api_key"
+        r = httpx.post(gateway.v1 + "/load_lora_adapter", headers=headers, json={"lora_name": "a", "lora_path": "/"})
+        assert r.status_code == 401, headers  # adapters are loaded behind the keys too
     with pytest.raises(openai.AuthenticationError):
         client(deployment, "wrong").chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}])
     assert httpx.get(gateway.v1 + "/models", headers=AUTH).status_code == 200

@@ -6,6 +6,7 @@ a request runs; adapters that do not fit the model refused with a reason."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -132,3 +133,42 @@ def test_adapters_that_do_not_fit_are_refused(tiny_llama_dir, adapters, tmp_path
     baichuan = edited("baichuan", lambda k, v: (k.replace("q_proj", "W_pack"), v))
     with pytest.raises(AdapterError, match="W_pack, a linear layer this model does not have"):
         runner.adapters.read("baichuan", baichuan)
+
+
+@pytest.mark.parametrize("models, words", [
+    ("[{id: m, model: m, adapters: [m]}]", "repeated: m"),
+    ("[{id: m, model: m, adapters: [a]}, {id: n, model: n, adapters: [./x/a]}]", "repeated: a"),
+    ("[{id: e, model: e, kind: embedding, adapters: [a]}]", "adapters are served on a chat model"),
+    ("[{id: r, urls: ['http://h:3000'], adapters: [a]}]", "lists its own"),
+    ("[{id: m, model: m, adapters: [{source: a, name: 'x y'}]}]", "may hold only"),
+    ("[{id: m, model: m, max_loras: 0}]", "max_loras"),
+])
+def test_adapter_configuration_errors(tmp_path, models, words):
+    from models.config import ConfigError, load_config
+
+    config = tmp_path / "bentochat.yaml"
+    config.write_text(f"models: {models}\n")
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        load_config(config)
+
+
+def test_adapter_entries_name_themselves():
+    from models.config import ServedModel
+
+    served = ServedModel(id="m", model="m", adapters=["support-bot", "./adapters/sql/", {"source": "t:v2", "name": "n"}])
+    assert [(a.name, a.tag) for a in served.adapters] == [("support-bot", "support-bot:latest"), ("sql", None),
+                                                          ("n", "t:v2")]
+
+
+def test_missing_configured_adapters_stop_the_start(adapters, tmp_path):
+    """What `bentoml serve` checks before starting anything (models.embedded.ensure_available)."""
+    from models.config import AdapterEntry
+    from models.embedded import check_adapter_source
+
+    check_adapter_source("m", AdapterEntry(source=str(adapters["qv"])))
+    no_weights = shutil.copytree(adapters["qv"], tmp_path / "no-weights")
+    (no_weights / "adapter_model.safetensors").unlink()
+    with pytest.raises(RuntimeError, match="adapter 'no-weights' of model 'm': .* holds no adapter weights"):
+        check_adapter_source("m", AdapterEntry(source=str(no_weights)))
+    with pytest.raises(RuntimeError, match="not in the BentoML model store; import its PEFT directory"):
+        check_adapter_source("m", AdapterEntry(source="never-imported"))

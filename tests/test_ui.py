@@ -11,7 +11,7 @@ import openai
 import pytest
 from playwright.sync_api import sync_playwright
 
-from conftest import ARTIFACTS, CHAT, ONE_SLOT
+from conftest import ARTIFACTS, CHAT, LORA_ALL, LORA_BASE, ONE_SLOT
 
 pytestmark = pytest.mark.slow
 
@@ -161,3 +161,13 @@ def test_a_busy_model_is_said_in_the_chat(page, server):
         client.close()
     send(page, "Hello again?")  # the page keeps working
     page.locator(BOT).nth(1).wait_for()
+
+
+def test_adapters_are_in_the_model_list_and_answer(page, server):
+    """The page lists the LoRA adapters beside the models (the shared server lists in reload mode)."""
+    page.locator("#clear").click()
+    choose_model(page, LORA_ALL)
+    send(page, "Hello")
+    page.locator(BOT).first.wait_for()
+    assert "⚠️" not in wait_until_still(page, BOT)
+    assert httpx.get(server.v1 + "/stats").json()["data"][LORA_BASE]["adapters"][LORA_ALL]["tokens_generated"] > 0
