@@ -79,6 +79,28 @@ def test_one_slot_is_shared_least_recently_used_first(tiny_llama_dir, adapters, 
     assert engine.generate(PROMPTS[0], GREEDY, "all") == expected[0, "all"]  # read again from its files
 
 
+def test_a_request_waiting_for_a_slot_is_not_overtaken(tiny_llama_dir, adapters):
+    """max_loras 1, "all" in use: a request for "qv" waits for the slot, and a later one for "all" waits
+    behind it rather than keep "all" busy for ever."""
+    engine = engine_with(tiny_llama_dir, adapters, "lean", max_loras=1)
+    first = Sequence("first", PROMPTS[0], GREEDY, adapter_name="all")
+    other = Sequence("other", PROMPTS[0], GREEDY, adapter_name="qv")
+    later = Sequence("later", PROMPTS[0], GREEDY, adapter_name="all")
+    started: dict[str, int] = {}
+    engine.add(first)
+    engine.step()
+    for seq in (other, later):
+        engine.add(seq)
+    step = 1
+    while any(s.finish_reason is None for s in (first, other, later)):
+        engine.step()
+        step += 1
+        for seq in (first, other, later):
+            if seq.output_ids:
+                started.setdefault(seq.request_id, step)
+    assert started["other"] < started["later"]
+
+
 def test_prefix_cache_is_kept_per_adapter(tiny_llama_dir, adapters, expected):
     engine = engine_with(tiny_llama_dir, adapters, "lean", prefix_cache_tokens=1024)
     long = len(PROMPTS) - 1

@@ -35,6 +35,7 @@ class LLMEngine:
         self.tokens_generated = 0
         self.prompt_tokens = 0  # of the prompts prefilled
         self.adapter_tokens: dict[str, int] = {}  # tokens generated per adapter name
+        self._slots_contended = False  # in this step's scheduling, a sequence waits for an adapter slot
 
     def stats(self) -> dict[str, int]:
         """Sequences running and waiting now; totals since start; bytes of keys and values held now
@@ -51,14 +52,14 @@ class LLMEngine:
     def adapter_stats(self) -> dict[str, dict]:
         """Per loaded adapter: where it comes from, whether it holds a slot, its sequences running and
         waiting, and the tokens generated on it."""
-        seqs = [*self.scheduler.running, *self.scheduler.waiting]
-        resident = {a.name for a in list(self.adapters.resident)}
-        return {name: {**adapter.describe(), "resident": name in resident,
-                       "running": sum(s.adapter is adapter for s in self.scheduler.running),
-                       "waiting": sum(s.adapter is adapter for s in seqs) - sum(
-                           s.adapter is adapter for s in self.scheduler.running),
-                       "tokens_generated": self.adapter_tokens.get(name, 0)}
-                for name, adapter in list(self.adapters.known.items())}
+        counts = {name: {**adapter.describe(), "resident": adapter in self.adapters.resident, "running": 0,
+                         "waiting": 0, "tokens_generated": self.adapter_tokens.get(name, 0)}
+                  for name, adapter in list(self.adapters.known.items())}
+        for state, seqs in (("running", list(self.scheduler.running)), ("waiting", list(self.scheduler.waiting))):
+            for seq in seqs:
+                if seq.adapter is not None and seq.adapter.name in counts:
+                    counts[seq.adapter.name][state] += 1
+        return counts
 
     def add_adapter(self, adapter: Adapter) -> None:
         """Serve ``adapter`` (read and checked by ``adapters.read``) under its name; its weights take a
@@ -79,9 +80,14 @@ class LLMEngine:
                 if s.adapter is not None and s.holds_slot}
 
     def _can_start(self, seq: Sequence) -> bool:
+        """Whether a waiting sequence may start: it has its adapter's slot, or gets one now. Once one
+        waits for a slot, later sequences on adapters wait behind it (first come, first served), so
+        that the adapters in the slots fall idle and one can be evicted for it."""
         if seq.adapter is None or seq.holds_slot:
             return True
-        seq.holds_slot = self.adapters.slot(seq.adapter, self._busy()) is not None
+        if not self._slots_contended:
+            seq.holds_slot = self.adapters.slot(seq.adapter, self._busy()) is not None
+            self._slots_contended = not seq.holds_slot
         return seq.holds_slot
 
     @property
@@ -156,6 +162,7 @@ class LLMEngine:
         """
         if self.adapters.resident:
             self.adapters.free_unknown(self._busy())  # the slots of unloaded adapters nobody uses any more
+        self._slots_contended = False
         prefills, decodes = self.scheduler.schedule()
         results = self._prefill(prefills)
         if emit and results:

@@ -254,7 +254,7 @@ class LoRALinear(torch.nn.Module):
         torch's own bfloat16 matmul of these narrow matrices is several times slower)."""
         from runners.engine.lean import Linear
 
-        self.mm_a, self.mm_b = (Linear(self.a.clone()), Linear(self.b.clone())) if self.rank else (None, None)
+        self.mm_a, self.mm_b = (Linear(self.a), Linear(self.b)) if self.rank else (None, None)
 
     def _grow(self, rank: int) -> None:
         """``rank`` columns per slot; each slot's columns are kept (the new ones are zero)."""
