@@ -194,9 +194,10 @@ def write_random_adapter(model_path: str, out: Path, seed: int, rank: int = 16) 
     return out
 
 
-def bench_bentochat(args, tag: str, tokenizer, workdir: Path) -> tuple[dict[int, Run], dict[int, Run], dict[int, Run]]:
+def bench_bentochat(args, tag: str, tokenizer, workdir: Path
+                    ) -> tuple[dict[int, Run], dict[int, Run], dict[str, list[Run]]]:
     """(the plain load at each concurrency, the structured-output load at each --structured one, the
-    mixed LoRA load and the same load on the base alone at --lora-concurrency)."""
+    same load on the base alone and the mixed LoRA load at --lora-concurrency, in --lora-rounds turns)."""
     import bentoml
 
     config = workdir / "bentochat.yaml"
@@ -217,13 +218,11 @@ def bench_bentochat(args, tag: str, tokenizer, workdir: Path) -> tuple[dict[int,
                  for c in args.concurrency}
         structured = {c: asyncio.run(drive_http(url, "bench", tokenizer, c, args.requests, args.max_tokens,
                                                 {"response_format": story_schema(c)})) for c in args.structured}
-        mixed = {}
-        if adapters:
-            c = args.lora_concurrency
-            mixed = {"base alone": plain.get(c) or asyncio.run(drive_http(url, "bench", tokenizer, c, args.requests,
-                                                                          args.max_tokens)),
-                     "mixed": asyncio.run(drive_http(url, ["bench"] + [a.name for a in adapters], tokenizer, c,
-                                                     args.requests, args.max_tokens))}
+        mixed: dict[str, list[Run]] = {"base alone": [], "mixed": []}
+        for _ in range(args.lora_rounds if adapters else 0):  # in turns, so that the machine's drift hits both
+            for name, models in (("base alone", "bench"), ("mixed", ["bench"] + [a.name for a in adapters])):
+                mixed[name].append(asyncio.run(drive_http(url, models, tokenizer, args.lora_concurrency,
+                                                          args.requests, args.max_tokens)))
         return plain, structured, mixed
     finally:
         stop(proc)
@@ -343,7 +342,7 @@ PEER_NAMES = {"llamacpp": "llama.cpp llama-server", "vllm": "vLLM CPU backend"}
 
 
 def report(args, runs: dict[str, dict[int, Run]], bare: dict[int, float], generate: float,
-           skipped: dict[str, str], lora: dict[str, Run]) -> None:
+           skipped: dict[str, str], lora: dict[str, list[Run]]) -> None:
     weights = f"{args.dtype}, int8 weights" if args.quantization else args.dtype
     print(f"\nSmolLM2-135M-Instruct {weights}, {args.forward} forward, on CPU ({os.cpu_count()} cores), {args.max_tokens} output tokens, "
           f"{args.requests} requests per client, greedy, streaming chat, prefix cache {args.prefix_cache_tokens} tokens"
@@ -359,14 +358,17 @@ def report(args, runs: dict[str, dict[int, Run]], bare: dict[int, float], genera
         print(f"{'model.generate':<26}{1:>5}{generate:>9.1f}")
     for name, reason in skipped.items():
         print(f"{PEER_NAMES[name]}: skipped ({reason})")
-    if lora:
+    if lora and lora["mixed"]:
         c = args.lora_concurrency
         print(f"\nLoRA: {c} clients on the base model alone, then split evenly across the base and {args.lora} "
-              "adapters (rank 16, every linear layer), in one batch")
-        for name, r in lora.items():
-            print(f"{'bentochat ' + name:<26}{c:>5}{r.tps:>9.1f}{ms(pct(r.ttft, .5)):>13}{ms(pct(r.ttft, .99)):>13}"
-                  f"{ms(pct(r.itl, .5)):>12}")
-        print(f"  mixed adapters: {lora['mixed'].tps / lora['base alone'].tps:.2f}x the base alone's tokens/s")
+              f"adapters (rank 16, every linear layer) in one batch; {len(lora['mixed'])} turns")
+        for name, turns in lora.items():
+            for r in turns:
+                print(f"{'bentochat ' + name:<26}{c:>5}{r.tps:>9.1f}{ms(pct(r.ttft, .5)):>13}"
+                      f"{ms(pct(r.ttft, .99)):>13}{ms(pct(r.itl, .5)):>12}")
+        ratios = [m.tps / b.tps for b, m in zip(lora["base alone"], lora["mixed"])]
+        print(f"  mixed adapters: {', '.join(f'{x:.2f}x' for x in ratios)} the base alone's tokens/s "
+              f"(mean {sum(ratios) / len(ratios):.2f}x)")
 
     print("\nratios (same run)")
     served = runs.get("bentochat (HTTP)", {})
@@ -409,6 +411,7 @@ def main() -> None:
     parser.add_argument("--quantization", choices=["int8"], help="BentoChat's and the engine's weights in int8")
     parser.add_argument("--lora", type=int, default=3, help="adapters in BentoChat's mixed LoRA load (0: none)")
     parser.add_argument("--lora-concurrency", type=int, default=32, help="clients of the mixed LoRA load")
+    parser.add_argument("--lora-rounds", type=int, default=3, help="turns of base alone, then mixed")
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["bentochat", "transformers", "llamacpp", "vllm", "engine", "bare"])
     parser.add_argument("--install-peers", action="store_true", help="run bench/peers.sh install first")
@@ -426,7 +429,7 @@ def main() -> None:
     path = stored.path
     tokenizer = AutoTokenizer.from_pretrained(path)
     runs: dict[str, dict[int, Run]] = {}
-    lora: dict[str, Run] = {}
+    lora: dict[str, list[Run]] = {}
     workdir = Path(tempfile.mkdtemp(prefix="bentochat-bench-"))
     print(f"server logs in {workdir}", flush=True)
     if "bentochat" not in args.skip:

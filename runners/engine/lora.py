@@ -271,9 +271,9 @@ class LoRALinear(torch.nn.Module):
         mask = self.rows.mask(self)
         if mask is None:
             return y
-        rows = mask.shape[0]
-        d = self.mm_b(self.mm_a(x.reshape(rows, -1, x.shape[-1])) * mask)
-        return y + d.view(y.shape)
+        if x.dim() != 3:  # [rows * tokens, in] from a model that flattens
+            return y + self.mm_b(self.mm_a(x.view(mask.shape[0], -1, x.shape[-1])) * mask).view(y.shape)
+        return y.add_(self.mm_b(self.mm_a(x) * mask))  # y is the base layer's own new tensor
 
     __call__ = forward  # no hooks: this runs hundreds of times per step
 
@@ -311,9 +311,9 @@ class Adapters:
     def remove(self, name: str) -> Adapter:
         """Forget adapter ``name`` (engine thread): no new request can use it; its slot is freed once
         the requests already using it are done (:meth:`free_unknown`)."""
-        if name not in self.known:
-            raise AdapterError(f"no adapter named {name!r} is loaded")
-        return self.known.pop(name)
+        adapter = self.get(name)
+        del self.known[name]
+        return adapter
 
     def get(self, name: str) -> Adapter:
         if name not in self.known:

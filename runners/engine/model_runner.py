@@ -10,6 +10,8 @@ Two model-side cache forms are batched, both ``[batch, heads, length, head_dim]`
 A model whose cache is anything else (sliding windows, sequence-first layouts) is run one sequence at
 a time.
 
+Each row of a forward pass runs on its sequence's own LoRA adapter, or on none (``lora.Adapters``).
+
 Sampling is a function of logits and each sequence's own parameters (``sequence.SamplingParams``).
 """
 
