@@ -1,7 +1,8 @@
 """LoRA adapters in the engine, in-process: rows for the base model and for two adapters mixed in one
 batch each decode as PEFT's ``PeftModel`` does alone with that adapter, on transformers' forward and on
-the lean one; one slot shared by turns (LRU); the prefix cache kept apart per adapter; unloading while
-a request runs; adapters that do not fit the model refused with a reason."""
+the lean one (and the same alone and together in bfloat16); one slot shared by turns (LRU, first come
+first served); the prefix cache kept apart per adapter; unloading while a request runs; adapters and
+configurations that do not fit refused with a reason."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from runners.base import load_causal_lm
 from runners.engine import LLMEngine, ModelRunner, RequestError, SamplingParams, Sequence
+from runners.engine.lean import cpu_bf16
 from runners.engine.lora import AdapterError
 PROMPTS = [[1, 7], [1, 20, 30, 40, 50], [1] + list(range(100, 131))]
 N = 16
@@ -194,3 +196,17 @@ def test_missing_configured_adapters_stop_the_start(adapters, tmp_path):
         check_adapter_source("m", AdapterEntry(source=str(no_weights)))
     with pytest.raises(RuntimeError, match="not in the BentoML model store; import its PEFT directory"):
         check_adapter_source("m", AdapterEntry(source="never-imported"))
+
+
+@pytest.mark.skipif(not cpu_bf16(), reason="this CPU has no bfloat16 instructions for oneDNN")
+def test_bfloat16_rows_on_adapters_do_not_depend_on_the_batch(tiny_llama_dir, adapters):
+    """The served default on such CPUs: in bfloat16 each (prompt, adapter) decodes the same alone and
+    in the mixed batch."""
+    runner = ModelRunner(load_causal_lm(str(tiny_llama_dir), dtype="bfloat16", forward="lean"))
+    engine = LLMEngine(runner, max_num_seqs=16, max_model_len=256)
+    for name, path in adapters.items():
+        engine.add_adapter(runner.adapters.read(name, path))
+    rows = mixed(adapters)
+    alone = [engine.generate(PROMPTS[i], GREEDY, a) for i, a in rows]
+    assert engine.generate_batch([PROMPTS[i] for i, _ in rows], [GREEDY] * len(rows), [a for _, a in rows]) == alone
+    assert alone[1] != alone[0]  # the adapter changed the answer
