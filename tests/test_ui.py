@@ -171,3 +171,67 @@ def test_adapters_are_in_the_model_list_and_answer(page, server):
     page.locator(BOT).first.wait_for()
     assert "⚠️" not in wait_until_still(page, BOT)
     assert httpx.get(server.v1 + "/stats").json()["data"][LORA_BASE]["adapters"][LORA_ALL]["tokens_generated"] > 0
+
+
+def idle(page) -> None:
+    """Until no answer runs: the input takes text again."""
+    page.wait_for_function("() => !document.querySelector('#chat-input textarea').disabled", timeout=120_000)
+
+
+def test_no_message_is_lost_while_an_answer_streams(page, server):
+    """During a stream the input and Send are disabled (a message sent then used to vanish) and Stop is
+    the one active button; after it, the next message is sent and answered."""
+    page.locator("#clear").click()
+    choose_model(page, CHAT)
+    set_max_tokens(page, 2048)
+    send(page, "Write a very long story about a lighthouse keeper, in ten chapters.")
+    page.wait_for_function("s => (document.querySelector(s)?.innerText || '').trim().length > 0", arg=BOT)
+    box = page.locator("#chat-input textarea")
+    assert box.is_disabled() and page.locator("#send").is_disabled() and page.locator("#stop").is_enabled()
+    assert box.get_attribute("placeholder") == "Wait for the answer, or stop it"
+    page.locator("#stop").click()
+    idle(page)
+    assert page.locator("#stop").is_disabled() and page.locator("#send").is_enabled()
+    set_max_tokens(page, 24)
+    send(page, "Thanks! And in one sentence?")
+    page.locator(BOT).nth(1).wait_for()
+    idle(page)
+    assert texts(page, USER) == ["Write a very long story about a lighthouse keeper, in ten chapters.",
+                                 "Thanks! And in one sentence?"]
+    assert "tokens/s" in texts(page, BOT)[-1] and CHAT in texts(page, BOT)[-1]  # the answer's statistics
+
+
+def test_edit_a_sent_message_and_get_a_new_answer(page, server):
+    page.locator("#clear").click()
+    send(page, "What is the capital of France?")
+    page.locator(BOT).first.wait_for()
+    idle(page)
+    page.locator(USER).first.hover()
+    page.locator("#chatbot button[aria-label=Edit]").first.click()
+    page.locator("#chatbot textarea").fill("What is the capital of Germany?")
+    page.locator("#chatbot button[aria-label=Submit]").first.click()
+    page.wait_for_function("() => document.querySelector('#chat-input textarea').disabled", timeout=30_000)
+    idle(page)
+    assert texts(page, USER) == ["What is the capital of Germany?"]  # the edited turn replaced the old one
+    assert len(texts(page, BOT)) == 1 and "⚠️" not in texts(page, BOT)[0]
+
+
+def test_use_via_api_shows_the_openai_client_for_the_chosen_model(page, server):
+    page.get_by_text("Use via API").click()
+    snippet = page.locator("#api-snippet")
+    snippet.get_by_text("base_url").wait_for()
+    assert f'model="{CHAT}"' in snippet.inner_text()
+    choose_model(page, LORA_ALL)
+    page.wait_for_function("m => document.querySelector('#api-snippet').innerText.includes(m)", arg=f'model="{LORA_ALL}"')
+    assert "/v1" in snippet.inner_text()
+
+
+def test_statistics_and_notices_never_reach_the_model():
+    from ui.chat import _plain, notice, stats_line
+
+    history = [{"role": "user", "content": "Hi"},
+               {"role": "assistant", "content": "Hello!" + stats_line(CHAT, 3, 0.1, 0.05)},
+               {"role": "user", "content": "Again"}, notice("busy")]
+    assert _plain(history) == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                               {"role": "user", "content": "Again"}]
+    assert stats_line(CHAT, 3, 0.1, 0.05).endswith("3 tokens · 30.0 tokens/s · first token 0.05 s*")

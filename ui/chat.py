@@ -1,12 +1,16 @@
-"""The Gradio chat page: pick a model, chat with streamed answers, stop, regenerate, clear.
+"""The Gradio chat page: pick a model, chat with streamed answers, stop, regenerate, edit a sent
+message and resend it, clear; each answer with its statistics; how to call the model from the openai
+client.
 
 The page keeps the conversation in the browser (the chatbot's messages); every answer renders the
 whole history with the model's chat template, as an API client sending the same messages would get.
+While an answer streams, the input is disabled and Stop is the one thing to press.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import gradio as gr
@@ -26,11 +30,41 @@ NO_MODEL = "No chat model is available right now. Reload the page when one is up
 
 
 NOTICE = "⚠️ "
+STATS = "\n\n*📊 "  # an answer's statistics follow this, at its end; never sent to the model
+WAITING = "Wait for the answer, or stop it"
+PLACEHOLDER = "Type a message and press Enter"
 
 
 def notice(text: str) -> dict:
     """An assistant message that tells the user what went wrong; never sent to the model."""
     return {"role": "assistant", "content": NOTICE + text}
+
+
+def stats_line(model_id: str, tokens: int, seconds: float, first_token_s: float | None) -> str:
+    """``STATS`` and what one answer took: model, tokens, tokens/s, time to first token."""
+    rate = f"{tokens / seconds:.1f} tokens/s" if seconds > 0 and tokens else "- tokens/s"
+    first = f"first token {first_token_s:.2f} s" if first_token_s is not None else "no token"
+    return f"{STATS}{model_id} · {tokens} tokens · {rate} · {first}*"
+
+
+def api_snippet(model_id: str | None) -> str:
+    """How to call ``model_id`` from the openai client, for the page's "Use via API" box."""
+    return (f"""The chat above runs on BentoChat's OpenAI-compatible API at `/v1` of this server:
+
+```python
+from openai import OpenAI
+
+client = OpenAI(base_url="http://<this server>/v1", api_key="<your key, or anything when none is set>")
+answer = client.chat.completions.create(
+    model="{model_id or '<model>'}",
+    messages=[{{"role": "user", "content": "Hello!"}}],
+    stream=True,
+)
+for chunk in answer:
+    print(chunk.choices[0].delta.content or "", end="")
+```
+
+`GET /v1/models` lists the models; `/v1/openapi.json` describes every route.""")
 
 
 def _text(content) -> str:
@@ -43,7 +77,7 @@ def _text(content) -> str:
 
 def _plain(history: list[dict]) -> list[dict]:
     """The conversation as chat messages: the model's own turns, without the UI's notices."""
-    messages = [{"role": m["role"], "content": _text(m.get("content"))} for m in history]
+    messages = [{"role": m["role"], "content": _text(m.get("content")).split(STATS)[0]} for m in history]
     return [m for m in messages if not m["content"].startswith(NOTICE)]
 
 
@@ -62,12 +96,26 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
     async def on_load(current: str | None):
         models = available_models()
         value = current if current in models else (models[0] if models else None)
-        return gr.Dropdown(choices=models, value=value), gr.Chatbot(label=value or "no model")
+        return gr.Dropdown(choices=models, value=value), gr.Chatbot(label=value or "no model"), api_snippet(value)
 
     def add_user_turn(text: str, history: list[dict]):
         if not text.strip():
             return "", history
         return "", history + [{"role": "user", "content": text}]
+
+    def edit_user_turn(history: list[dict], edit: gr.EditData):
+        """The conversation up to the edited message, which is now the last, with its new text."""
+        text = edit.value if isinstance(edit.value, str) else _text(edit.value)
+        return history[:edit.index] + [{"role": "user", "content": text}]
+
+    def busy():
+        """While an answer streams: no new message (it would be lost), Stop active."""
+        return (gr.Textbox(interactive=False, placeholder=WAITING), gr.Button(interactive=False),
+                gr.Button(interactive=True))
+
+    def idle():
+        return (gr.Textbox(interactive=True, placeholder=PLACEHOLDER), gr.Button(interactive=True),
+                gr.Button(interactive=False))
 
     async def answer(model_id: str | None, system: str, temperature: float, top_p: float, max_tokens: int,
                      history: list[dict]):
@@ -79,13 +127,18 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
             return
         messages = ([{"role": "system", "content": system}] if (system or "").strip() else []) + _plain(history)
         history = history + [{"role": "assistant", "content": ""}]
+        tokens, first = 0, None
         try:
             model = registry().get(model_id, "chat")
             request = ChatCompletionRequest(model=model_id, messages=messages, temperature=temperature, top_p=top_p,
                                             max_tokens=max(1, int(max_tokens)))
             # The slider's max_tokens is cut to what the context leaves, rather than refused.
             prompt_ids, params = prepare_chat(model.info, request, fit_context=True)
+            start = time.monotonic()
             async for event in generate_text(model, prompt_ids, params):
+                if first is None and event.completion_tokens:
+                    first = time.monotonic()
+                tokens = event.completion_tokens
                 history[-1]["content"] += event.text
                 yield history
         except Exception as e:  # busy (429), down (503), too long (400): said in the chat
@@ -97,6 +150,8 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
             return
         if not history[-1]["content"]:
             history[-1]["content"] = "(empty answer)"
+        decoding = time.monotonic() - first if first is not None else 0.0
+        history[-1]["content"] += stats_line(model_id, tokens, decoding, first - start if first else None)
         yield history
 
     def drop_last_answer(history: list[dict]) -> list[dict]:
@@ -111,13 +166,12 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
             model = gr.Dropdown(choices=chat_models, value=chat_models[0] if chat_models else None,
                                 label="Model", elem_id="chat-model", interactive=True)
         chatbot = gr.Chatbot(label=chat_models[0] if chat_models else "no model", elem_id="chatbot", height=480,
-                             buttons=["copy"])
+                             buttons=["copy"], editable="user")
         with gr.Row():
-            text = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=8,
-                              elem_id="chat-input", autofocus=True)
+            text = gr.Textbox(placeholder=PLACEHOLDER, show_label=False, scale=8, elem_id="chat-input", autofocus=True)
             send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
         with gr.Row():
-            stop = gr.Button("Stop", elem_id="stop")
+            stop = gr.Button("Stop", elem_id="stop", interactive=False)
             regenerate = gr.Button("Regenerate", elem_id="regenerate")
             clear = gr.Button("Clear", elem_id="clear")
         with gr.Accordion("Parameters", open=False):
@@ -125,19 +179,27 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
             temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature")
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top p")
             max_tokens = gr.Slider(16, 2048, value=512, step=16, label="Max new tokens", elem_id="max-tokens")
+        with gr.Accordion("Use via API", open=False, elem_id="use-via-api"):
+            snippet = gr.Markdown(api_snippet(chat_models[0] if chat_models else None), elem_id="api-snippet")
 
         settings = [model, system, temperature, top_p, max_tokens]
+        controls = [text, send, stop]
         running = []
-        for trigger in (text.submit, send.click):
-            running.append(trigger(add_user_turn, [text, chatbot], [text, chatbot], queue=False)
-                           .then(answer, settings + [chatbot], chatbot))
-        running.append(regenerate.click(drop_last_answer, chatbot, chatbot, queue=False)
-                       .then(answer, settings + [chatbot], chatbot))
+        for event, prepare, inputs in ((text.submit, add_user_turn, [text, chatbot]),
+                                       (send.click, add_user_turn, [text, chatbot]),
+                                       (regenerate.click, drop_last_answer, [chatbot]),
+                                       (chatbot.edit, edit_user_turn, [chatbot])):
+            outputs = [text, chatbot] if prepare is add_user_turn else [chatbot]
+            answering = (event(prepare, inputs, outputs, queue=False).then(busy, None, controls, queue=False)
+                         .then(answer, settings + [chatbot], chatbot))
+            answering.then(idle, None, controls, queue=False)
+            running.append(answering)
         # Cancelling the answer's event closes its generator, which aborts the sequence in the engine.
-        stop.click(None, None, None, cancels=running, queue=False)
-        clear.click(lambda: [], None, chatbot, cancels=running, queue=False)
-        model.change(lambda m: gr.Chatbot(label=m or "no model"), model, chatbot, queue=False)
-        blocks.load(on_load, model, [model, chatbot])
+        stop.click(idle, None, controls, cancels=running, queue=False)
+        clear.click(lambda: [], None, chatbot, cancels=running, queue=False).then(idle, None, controls, queue=False)
+        model.change(lambda m: (gr.Chatbot(label=m or "no model"), api_snippet(m)), model, [chatbot, snippet],
+                     queue=False)
+        blocks.load(on_load, model, [model, chatbot, snippet])
     blocks.queue(default_concurrency_limit=None)  # the engine batches; the UI must not serialize
     return blocks
 
@@ -150,7 +212,7 @@ def chat_ui_app(blocks: gr.Blocks, path: str, api_keys: set[str] = frozenset(),
     and failed sign-ins count in ``attempts`` with the API's wrong keys."""
     auth = (lambda _user, password: password in api_keys) if api_keys else None
     app = gr.mount_gradio_app(FastAPI(), blocks, path="/", root_path=path, ssr_mode=False,
-                              footer_links=["api"], show_error=True, auth=auth,
+                              footer_links=["gradio", "settings"], show_error=True, auth=auth,
                               auth_message="Sign in with any user name and one of this server's API keys.")
     if api_keys:
         gradio_app = next(route.app for route in app.routes if isinstance(route, Mount))
