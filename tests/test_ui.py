@@ -235,3 +235,62 @@ def test_statistics_and_notices_never_reach_the_model():
     assert _plain(history) == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                                {"role": "user", "content": "Again"}]
     assert stats_line(CHAT, 3, 0.1, 0.05).endswith("3 tokens · 30.0 tokens/s · first token 0.05 s*")
+
+
+def option_texts(page) -> list[str]:
+    """The open dropdown's options (the chosen one marked with a check, left out here)."""
+    return [t.replace("✓", "").strip() for t in page.get_by_role("option").all_inner_texts()]
+
+
+def test_history_survives_a_reload_and_chats_reopen_rename_export_and_delete(page, server):
+    page.locator("#clear").click()  # "New chat": the chat before stays in the history
+    choose_model(page, CHAT)
+    send(page, "Name a river in Europe.")
+    page.locator(BOT).first.wait_for()
+    idle(page)
+    page.reload()
+    page.locator(USER).first.wait_for()  # the newest chat is open again
+    assert texts(page, USER) == ["Name a river in Europe."] and "tokens/s" in texts(page, BOT)[0]
+    page.get_by_text("History").first.click()
+    title = page.locator("#chat-title textarea")
+    assert title.input_value() == "Name a river in Europe."
+    title.fill("Rivers")
+    title.press("Enter")
+    page.wait_for_function("() => document.querySelector('#history-list input').value === 'Rivers'")
+
+    page.locator("#export-json").click()
+    link = page.locator("#exported a").first
+    link.wait_for()
+    exported = httpx.get(link.get_attribute("href"), timeout=30).json()
+    assert exported["title"] == "Rivers" and exported["model"] == CHAT
+    assert exported["messages"][0] == {"role": "user", "content": "Name a river in Europe."}
+    assert "📊" not in exported["messages"][1]["content"]  # as a client would send it back
+    page.locator("#export-md").click()
+    page.wait_for_function("() => (document.querySelector('#exported a')?.href || '').endsWith('.md')")
+    markdown = httpx.get(page.locator("#exported a").first.get_attribute("href"), timeout=30).text
+    assert markdown.startswith("# Rivers") and "Name a river in Europe." in markdown
+
+    # An older chat of this page reopens from the list; the one deleted leaves it.
+    page.locator("#history-list input").click()
+    options = option_texts(page)
+    assert options[0] == "Rivers" and len(options) > 1
+    page.get_by_role("option", name=options[1], exact=True).click()
+    page.wait_for_function("t => document.querySelector('#chat-title textarea').value === t", arg=options[1])
+    assert texts(page, USER) and texts(page, USER) != ["Name a river in Europe."]
+    page.locator("#delete-chat").click()
+    page.wait_for_function("() => document.querySelectorAll('#chatbot .message-row').length === 0")
+    page.locator("#history-list input").click()
+    assert options[1] not in option_texts(page)
+    page.keyboard.press("Escape")
+
+
+def test_history_store_keeps_the_newest_first():
+    from ui import history
+
+    store, first = history.save(None, None, CHAT, [{"role": "user", "content": "one " * 20}])
+    store, second = history.save(store, None, CHAT, [{"role": "user", "content": [{"type": "text", "text": "two"}]}])
+    assert [c for c, _ in history.choices(store)] == ["two", "one one one one one one one one one one…"]
+    store, _ = history.save(store, first, CHAT, [{"role": "user", "content": "one"}, {"role": "assistant", "content": "1"}])
+    assert history.choices(store)[0] == ("one one one one one one one one one one…", first)  # kept its title, moved up
+    assert history.choices(history.rename(store, second, " Two  "))[1] == ("Two", second)
+    assert [i for _, i in history.choices(history.delete(store, first))] == [second]

@@ -1,6 +1,6 @@
 """The Gradio chat page: pick a model, chat with streamed answers, stop, regenerate, edit a sent
-message and resend it, clear; each answer with its statistics; how to call the model from the openai
-client.
+message and resend it, clear; each answer with its statistics; past chats kept in the browser to
+reopen, rename, delete and export (``history.py``); how to call the model from the openai client.
 
 The page keeps the conversation in the browser (the chatbot's messages); every answer renders the
 whole history with the model's chat template, as an API client sending the same messages would get.
@@ -23,6 +23,7 @@ from openai_api.errors import OpenAIError
 from openai_api.generation import generate_text
 from openai_api.protocol import ChatCompletionRequest
 from openai_api.routes import prepare_chat
+from ui import history as chats
 
 logger = logging.getLogger("bentochat.ui")
 
@@ -67,17 +68,9 @@ for chunk in answer:
 `GET /v1/models` lists the models; `/v1/openapi.json` describes every route.""")
 
 
-def _text(content) -> str:
-    """A chatbot message's text: Gradio gives a string or a list of typed parts."""
-    if isinstance(content, str):
-        return content
-    parts = content if isinstance(content, list) else [content]
-    return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in parts)
-
-
 def _plain(history: list[dict]) -> list[dict]:
     """The conversation as chat messages: the model's own turns, without the UI's notices."""
-    messages = [{"role": m["role"], "content": _text(m.get("content")).split(STATS)[0]} for m in history]
+    messages = [{"role": m["role"], "content": chats.text_of(m.get("content")).split(STATS)[0]} for m in history]
     return [m for m in messages if not m["content"].startswith(NOTICE)]
 
 
@@ -105,7 +98,7 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
 
     def edit_user_turn(history: list[dict], edit: gr.EditData):
         """The conversation up to the edited message, which is now the last, with its new text."""
-        text = edit.value if isinstance(edit.value, str) else _text(edit.value)
+        text = edit.value if isinstance(edit.value, str) else chats.text_of(edit.value)
         return history[:edit.index] + [{"role": "user", "content": text}]
 
     def busy():
@@ -160,8 +153,57 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
             history = history[:-1]
         return history
 
+    def remember(store: dict, chat_id: str | None, model_id: str | None, messages: list[dict]):
+        """Keep the open chat in the browser's history (a new entry for a new chat)."""
+        store, chat_id = chats.save(store, chat_id, model_id, messages)
+        return store, chat_id, gr.Dropdown(choices=chats.choices(store), value=chat_id)
+
+    def reopen(store: dict, chat_id: str | None, current_model: str | None):
+        """The chat picked in the history list, in the chatbot (on its model, if that is still served)."""
+        chat = chats.find(store, chat_id)
+        if chat is None:
+            return [], None, current_model, ""
+        model_id = chat.get("model") if chat.get("model") in available_models() else current_model
+        return chat["messages"], chat_id, model_id, chat["title"]
+
+    def restore(store: dict, current_model: str | None):
+        """At page load: the list of past chats, and the newest one open."""
+        newest = (store or chats.EMPTY)["chats"][:1]
+        messages, chat_id, model_id, title = reopen(store, newest[0]["id"] if newest else None, current_model)
+        return gr.Dropdown(choices=chats.choices(store), value=chat_id), messages, chat_id, model_id, title
+
+    def forget(store: dict, chat_id: str | None):
+        store = chats.delete(store, chat_id)
+        return store, None, [], gr.Dropdown(choices=chats.choices(store), value=None), ""
+
+    def retitle(store: dict, chat_id: str | None, title: str):
+        store = chats.rename(store, chat_id, title)
+        return store, gr.Dropdown(choices=chats.choices(store), value=chat_id)
+
+    def export(store: dict, chat_id: str | None, kind: str):
+        chat = chats.find(store, chat_id)
+        if chat is None:
+            gr.Warning("Open a chat from the history first.")
+            return None
+        if kind == "json":  # the conversation as a client would send it: no statistics, no notices
+            chat = dict(chat, messages=_plain(chat["messages"]))
+        return chats.export(chat, kind)
+
     with gr.Blocks(title="BentoChat") as blocks:
         gr.Markdown("## BentoChat")
+        # Every chat, in this browser's local storage (the server keeps none).
+        store = gr.BrowserState(chats.EMPTY, storage_key="bentochat-history", secret="bentochat-history")
+        current = gr.State(None)  # the open chat's id in the history; None: a new chat
+        with gr.Accordion("History", open=False, elem_id="history"):
+            with gr.Row():
+                history_list = gr.Dropdown(choices=[], value=None, label="Past chats", elem_id="history-list",
+                                           scale=3, interactive=True)
+                title = gr.Textbox(label="Title (Enter renames)", elem_id="chat-title", scale=3)
+            with gr.Row():
+                delete = gr.Button("Delete chat", elem_id="delete-chat", size="sm")
+                export_json = gr.Button("Export JSON", elem_id="export-json", size="sm")
+                export_md = gr.Button("Export Markdown", elem_id="export-md", size="sm")
+            exported = gr.File(label="Exported chat", elem_id="exported", interactive=False)
         with gr.Row():
             model = gr.Dropdown(choices=chat_models, value=chat_models[0] if chat_models else None,
                                 label="Model", elem_id="chat-model", interactive=True)
@@ -173,7 +215,7 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
         with gr.Row():
             stop = gr.Button("Stop", elem_id="stop", interactive=False)
             regenerate = gr.Button("Regenerate", elem_id="regenerate")
-            clear = gr.Button("Clear", elem_id="clear")
+            clear = gr.Button("New chat", elem_id="clear")
         with gr.Accordion("Parameters", open=False):
             system = gr.Textbox(label="System prompt", lines=2, elem_id="system-prompt")
             temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature")
@@ -192,14 +234,26 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
             outputs = [text, chatbot] if prepare is add_user_turn else [chatbot]
             answering = (event(prepare, inputs, outputs, queue=False).then(busy, None, controls, queue=False)
                          .then(answer, settings + [chatbot], chatbot))
-            answering.then(idle, None, controls, queue=False)
+            answering.then(idle, None, controls, queue=False).then(
+                remember, [store, current, model, chatbot], [store, current, history_list], queue=False)
             running.append(answering)
         # Cancelling the answer's event closes its generator, which aborts the sequence in the engine.
-        stop.click(idle, None, controls, cancels=running, queue=False)
-        clear.click(lambda: [], None, chatbot, cancels=running, queue=False).then(idle, None, controls, queue=False)
+        stop.click(idle, None, controls, cancels=running, queue=False).then(
+            remember, [store, current, model, chatbot], [store, current, history_list], queue=False)
+        # Clear starts a new chat; the one before stays in the history.
+        clear.click(lambda: ([], None, gr.Dropdown(value=None), ""), None, [chatbot, current, history_list, title],
+                    cancels=running, queue=False).then(idle, None, controls, queue=False)
+        history_list.input(reopen, [store, history_list, model], [chatbot, current, model, title], cancels=running,
+                           queue=False).then(idle, None, controls, queue=False)
+        title.submit(retitle, [store, current, title], [store, history_list], queue=False)
+        delete.click(forget, [store, current], [store, current, chatbot, history_list, title], cancels=running,
+                     queue=False).then(idle, None, controls, queue=False)
+        export_json.click(lambda s, c: export(s, c, "json"), [store, current], exported, queue=False)
+        export_md.click(lambda s, c: export(s, c, "md"), [store, current], exported, queue=False)
         model.change(lambda m: (gr.Chatbot(label=m or "no model"), api_snippet(m)), model, [chatbot, snippet],
                      queue=False)
-        blocks.load(on_load, model, [model, chatbot, snippet])
+        blocks.load(on_load, model, [model, chatbot, snippet]).then(
+            restore, [store, model], [history_list, chatbot, current, model, title], queue=False)
     blocks.queue(default_concurrency_limit=None)  # the engine batches; the UI must not serialize
     return blocks
 
