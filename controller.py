@@ -311,10 +311,10 @@ class Model:
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None
                        ) -> AsyncIterator[TokenEvent]:
-        """The tokens of one sequence (on LoRA ``adapter``, if given) as its runner generates them. A call that fails before the first
-        token is retried on another replica (a pooled connection the runner had closed, a replica that
-        died with the request in its queue); one that stops being read (client gone, stop string) or
-        fails is aborted in the runner. Raises OpenAI errors: 429 for a full queue, 400 for what the
+        """The tokens of one sequence (on LoRA ``adapter``, if given) as its runner generates them. A
+        call that fails before the first token is retried on another replica (a pooled connection the
+        runner had closed, a replica that died with the request in its queue); one that stops being read
+        (client gone, stop string) or fails is aborted in the runner. Raises OpenAI errors: 429 for a full queue, 400 for what the
         engine refused, 503 when no replica answers (also mid-stream), 500 when the engine failed."""
         payload = params.to_dict()
         lora = {"adapter": adapter} if adapter else {}

@@ -92,7 +92,7 @@ for _served in CONFIG.models:
 SIGN_IN_ATTEMPTS = FailedAttempts()
 UI = build_chat_ui(lambda: app.state.registry,
                    [name for m in CONFIG.models if m.kind == "chat" for name in (m.id, *(a.name for a in m.adapters))],
-                   GATEWAY.ui.model_list_mode)
+                   GATEWAY.ui.model_list_mode, GATEWAY.ui.log_dir)
 Gateway = bentoml.asgi_app(app, path="/v1")(Gateway)
 Gateway = bentoml.asgi_app(chat_ui_app(UI, "/ui", set(GATEWAY.api_keys), SIGN_IN_ATTEMPTS), path="/ui")(Gateway)
 # Readiness is the registry's own (any model up), not BentoML's probe that every dependency is ready.

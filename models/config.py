@@ -159,6 +159,9 @@ class UIConfig(BaseModel):
     # FastChat's --model-list-mode: `once` lists the chat models at start; `reload` lists, on every
     # page load, those whose runners answer the gateway's health polls.
     model_list_mode: Literal["once", "reload"] = "once"
+    # FastChat's --log-dir: the side by side and arena tabs' answers and every vote, appended as JSON
+    # lines (conv-YYYY-MM-DD.json) here; the leaderboard is computed from them. Unset: nothing logged.
+    log_dir: str | None = None
 
 
 class HealthConfig(BaseModel):

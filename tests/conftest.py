@@ -95,6 +95,7 @@ class Server:
     base_url: str
     log: Path
     process: subprocess.Popen
+    ui_log_dir: Path | None = None  # the chat page's conversation log (ui.log_dir), when configured
 
     @property
     def v1(self) -> str:
@@ -223,6 +224,7 @@ def server(tmp_path_factory, tiny_in_store, tiny_long_in_store, lora_in_store, l
     """`bentoml serve` with the two embedded models, tiny remote-code models imported by the CLI, and a
     tiny Llama with two LoRA adapters (twice: with room for both, and for one at a time)."""
     qv = lora_adapters["qv"]
+    ui_log_dir = tmp_path_factory.mktemp("ui-log")
     config = tmp_path_factory.mktemp("config") / "bentochat.yaml"
     config.write_text(f"""models:
   - {{id: {CHAT}, model: {CHAT}:latest, kind: chat}}
@@ -234,12 +236,13 @@ def server(tmp_path_factory, tiny_in_store, tiny_long_in_store, lora_in_store, l
       adapters: [{lora_in_store}, {qv}]}}
   - {{id: {LORA_ONE_SLOT}, model: {LORA_BASE}:latest, kind: chat, trust_remote_code: true, dtype: float32,
       max_loras: 1, adapters: [{{source: {lora_in_store}, name: one-slot-all}}, {{source: {qv}, name: one-slot-qv}}]}}
-ui: {{model_list_mode: reload}}
+ui: {{model_list_mode: reload, log_dir: {ui_log_dir}}}
 responses: {{store_size: 4}}
 """)
     ARTIFACTS.mkdir(exist_ok=True)
     with serving("service:BentoChat", ARTIFACTS / "serve.log", env={"BENTOCHAT_CONFIG": str(config)},
                  models=(CHAT, EMBED, TINY, ONE_SLOT, TINY_LONG, LORA_BASE, LORA_ONE_SLOT)) as srv:
+        srv.ui_log_dir = ui_log_dir
         yield srv
 
 

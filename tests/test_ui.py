@@ -11,7 +11,7 @@ import openai
 import pytest
 from playwright.sync_api import sync_playwright
 
-from conftest import ARTIFACTS, CHAT, LORA_ALL, LORA_BASE, ONE_SLOT
+from conftest import ARTIFACTS, CHAT, LORA_ALL, LORA_BASE, ONE_SLOT, TINY_LONG
 
 pytestmark = pytest.mark.slow
 
@@ -46,14 +46,13 @@ def send(page, message: str) -> None:
     box.press("Enter")
 
 
-def set_max_tokens(page, n: int) -> None:
+def set_max_tokens(page, n: int, slider_id: str = "max-tokens") -> None:
     """Type ``n`` into the slider's number field until the slider itself shows it: on a loaded machine
     the page may still be wiring its inputs when the test first types."""
-    accordion = page.get_by_text("Parameters")
-    if not page.locator("#max-tokens").is_visible():
-        accordion.click()
-    field = page.locator("#max-tokens input[type=number]")
-    slider = page.locator("#max-tokens input[type=range]")
+    if not page.locator(f"#{slider_id}").is_visible():
+        page.get_by_text("Parameters").click()  # the direct chat's, in an accordion
+    field = page.locator(f"#{slider_id} input[type=number]")
+    slider = page.locator(f"#{slider_id} input[type=range]")
     for _ in range(20):
         field.fill(str(n))
         field.press("Enter")
@@ -222,7 +221,8 @@ def test_use_via_api_shows_the_openai_client_for_the_chosen_model(page, server):
     snippet.get_by_text("base_url").wait_for()
     assert f'model="{CHAT}"' in snippet.inner_text()
     choose_model(page, LORA_ALL)
-    page.wait_for_function("m => document.querySelector('#api-snippet').innerText.includes(m)", arg=f'model="{LORA_ALL}"')
+    page.wait_for_function("m => document.querySelector('#api-snippet').innerText.includes(m)",
+                           arg=f'model="{LORA_ALL}"')
     assert "/v1" in snippet.inner_text()
 
 
@@ -290,7 +290,85 @@ def test_history_store_keeps_the_newest_first():
     store, first = history.save(None, None, CHAT, [{"role": "user", "content": "one " * 20}])
     store, second = history.save(store, None, CHAT, [{"role": "user", "content": [{"type": "text", "text": "two"}]}])
     assert [c for c, _ in history.choices(store)] == ["two", "one one one one one one one one one one…"]
-    store, _ = history.save(store, first, CHAT, [{"role": "user", "content": "one"}, {"role": "assistant", "content": "1"}])
+    turns = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "1"}]
+    store, _ = history.save(store, first, CHAT, turns)
     assert history.choices(store)[0] == ("one one one one one one one one one one…", first)  # kept its title, moved up
     assert history.choices(history.rename(store, second, " Two  "))[1] == ("Two", second)
     assert [i for _, i in history.choices(history.delete(store, first))] == [second]
+
+
+def wait_for_both_answers(page, prefix: str) -> None:
+    page.wait_for_function(f"() => document.querySelector('#{prefix}-input textarea').disabled", timeout=30_000)
+    page.wait_for_function(f"() => !document.querySelector('#{prefix}-input textarea').disabled", timeout=120_000)
+
+
+def test_side_by_side_streams_two_models_at_once(page, server):
+    page.get_by_role("tab", name="Side by side").click()
+    page.locator("#sbs-model-b input").click()
+    page.get_by_role("option", name=TINY_LONG, exact=True).click()
+    set_max_tokens(page, 48, "sbs-max-tokens")
+    box = page.locator("#sbs-input textarea")
+    box.fill("Tell me about mountains and rivers.")
+    box.press("Enter")
+    page.wait_for_function("() => document.querySelector('#sbs-input textarea').disabled", timeout=30_000)
+    # Both answers show while the round still runs (the slower one growing): they stream at once.
+    page.wait_for_function("""() => document.querySelector('#sbs-input textarea').disabled
+        && ['a', 'b'].every(s => (document.querySelector(`#sbs-chatbot-${s} .bot-row`)?.innerText || '').trim())""",
+                           timeout=60_000)
+    wait_for_both_answers(page, "sbs")
+    for side in ("a", "b"):
+        answers = texts(page, f"#sbs-chatbot-{side} .bot-row")
+        assert answers and "tokens/s" in answers[0]
+    page.locator("#sbs-tievote").click()
+    page.wait_for_function("() => document.querySelector('#sbs-tievote').disabled")
+    votes = [r for r in conversation_records(server) if r["type"] == "tievote"]
+    assert votes and votes[-1]["models"] == [CHAT, TINY_LONG] and votes[-1]["anony"] is False
+
+
+def conversation_records(server) -> list[dict]:
+    import json
+
+    return [json.loads(line) for path in sorted(server.ui_log_dir.glob("conv-*.json"))
+            for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_arena_hides_the_names_until_the_vote_and_the_leaderboard_counts_it(page, server):
+    page.get_by_role("tab", name="Arena").click()
+    set_max_tokens(page, 24, "arena-max-tokens")
+    names = page.locator("#arena-names")
+    assert "hidden" in names.inner_text()
+    assert page.locator("#arena-leftvote").is_disabled()  # nothing to vote on yet
+    box = page.locator("#arena-input textarea")
+    box.fill("Say hello.")
+    box.press("Enter")
+    wait_for_both_answers(page, "arena")
+    assert "hidden" in names.inner_text()
+    page.locator("#arena-leftvote").click()
+    page.wait_for_function("() => document.querySelector('#arena-names').innerText.includes('Model A:')")
+    vote = [r for r in conversation_records(server) if r["type"] == "leftvote" and r["anony"]][-1]
+    shown = names.inner_text()
+    assert f"Model A: {vote['models'][0]}" in shown and f"Model B: {vote['models'][1]}" in shown
+    assert [s["messages"][0]["content"] for s in vote["states"]] == ["Say hello.", "Say hello."]
+    assert not any("key" in k.lower() for r in conversation_records(server) for k in r)  # never API keys
+
+    page.get_by_role("tab", name="Leaderboard").click()
+    page.locator("#leaderboard-refresh").click()
+    winner = vote["models"][0]
+    page.locator("#leaderboard").get_by_text(winner, exact=True).first.wait_for()
+    board = page.locator("#leaderboard").inner_text()
+    assert vote["models"][1] in board
+    page.screenshot(path=str(ARTIFACTS / "ui-leaderboard.png"), full_page=True)
+    page.get_by_role("tab", name="Direct chat").click()
+
+
+def test_elo_follows_fastchat():
+    from ui.arena import compute_elo, leaderboard
+
+    rating = compute_elo([("a", "b", "model_a")])
+    assert rating == {"a": 1002.0, "b": 998.0}  # K=4, from 1000: half of K each way
+    assert compute_elo([("a", "b", "tie")]) == {"a": 1000.0, "b": 1000.0}
+    records = [{"type": "leftvote", "anony": True, "models": ["a", "b"]},
+               {"type": "rightvote", "anony": True, "models": ["c", "a"]},
+               {"type": "leftvote", "anony": False, "models": ["b", "a"]}]  # side by side: not rated
+    assert [row[1] for row in leaderboard(records)] == ["a", "c", "b"]  # c lost to a stronger a than b did
+    assert leaderboard(records)[0][3:] == [2, 2]  # a: two votes, two wins

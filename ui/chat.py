@@ -74,9 +74,54 @@ def _plain(history: list[dict]) -> list[dict]:
     return [m for m in messages if not m["content"].startswith(NOTICE)]
 
 
-def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_list_mode: str) -> gr.Blocks:
+async def reply(registry, model_id: str | None, history: list[dict], system: str = "", temperature: float = 0.7,
+                top_p: float = 1.0, max_tokens: int = 512):
+    """The conversation ``history`` (ending with a user turn) as the answer of ``model_id`` grows, and
+    last with the answer's statistics; what goes wrong is said in the chat (busy, down, too long)."""
+    if not history or history[-1]["role"] != "user":
+        yield history
+        return
+    if not model_id:
+        yield history + [notice(NO_MODEL)]
+        return
+    messages = ([{"role": "system", "content": system}] if (system or "").strip() else []) + _plain(history)
+    history = history + [{"role": "assistant", "content": ""}]
+    tokens, first, start = 0, None, time.monotonic()
+    try:
+        model = registry.get(model_id, "chat")
+        request = ChatCompletionRequest(model=model_id, messages=messages, temperature=temperature, top_p=top_p,
+                                        max_tokens=max(1, int(max_tokens)))
+        # The slider's max_tokens is cut to what the context leaves, rather than refused.
+        prompt_ids, params = prepare_chat(model.info, request, fit_context=True)
+        start = time.monotonic()
+        async for event in generate_text(model, prompt_ids, params):
+            if first is None and event.completion_tokens:
+                first = time.monotonic()
+            tokens = event.completion_tokens
+            history[-1]["content"] += event.text
+            yield history
+    except Exception as e:  # busy (429), down (503), too long (400): said in the chat
+        if not isinstance(e, OpenAIError):
+            logger.exception("UI answer with %s failed", model_id)
+        if not history[-1]["content"]:
+            history = history[:-1]
+        yield history + [notice(e.message if isinstance(e, OpenAIError) else "Generation failed; see the server log.")]
+        return
+    if not history[-1]["content"]:
+        history[-1]["content"] = "(empty answer)"
+    decoding = time.monotonic() - first if first is not None else 0.0
+    history[-1]["content"] += stats_line(model_id, tokens, decoding, first - start if first else None)
+    yield history
+
+
+def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_list_mode: str,
+                  log_dir: str | None = None) -> gr.Blocks:
     """``registry()`` gives the gateway's model registry once it is up; ``chat_models`` are the
-    configured chat model ids and their adapters' (the list in ``once`` mode)."""
+    configured chat model ids and their adapters' (the list in ``once`` mode); votes and the side by
+    side and arena tabs' answers are logged in ``log_dir`` (None: not logged)."""
+    from ui import arena  # it builds on this module's reply()
+
+    log = arena.ConversationLog(log_dir)
 
     def available_models() -> list[str]:
         if model_list_mode == "once":
@@ -112,40 +157,8 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
 
     async def answer(model_id: str | None, system: str, temperature: float, top_p: float, max_tokens: int,
                      history: list[dict]):
-        if not history or history[-1]["role"] != "user":
-            yield history
-            return
-        if not model_id:
-            yield history + [notice(NO_MODEL)]
-            return
-        messages = ([{"role": "system", "content": system}] if (system or "").strip() else []) + _plain(history)
-        history = history + [{"role": "assistant", "content": ""}]
-        tokens, first = 0, None
-        try:
-            model = registry().get(model_id, "chat")
-            request = ChatCompletionRequest(model=model_id, messages=messages, temperature=temperature, top_p=top_p,
-                                            max_tokens=max(1, int(max_tokens)))
-            # The slider's max_tokens is cut to what the context leaves, rather than refused.
-            prompt_ids, params = prepare_chat(model.info, request, fit_context=True)
-            start = time.monotonic()
-            async for event in generate_text(model, prompt_ids, params):
-                if first is None and event.completion_tokens:
-                    first = time.monotonic()
-                tokens = event.completion_tokens
-                history[-1]["content"] += event.text
-                yield history
-        except Exception as e:  # busy (429), down (503), too long (400): said in the chat
-            if not isinstance(e, OpenAIError):
-                logger.exception("UI answer with %s failed", model_id)
-            if not history[-1]["content"]:
-                history = history[:-1]
-            yield history + [notice(e.message if isinstance(e, OpenAIError) else "Generation failed; see the server log.")]
-            return
-        if not history[-1]["content"]:
-            history[-1]["content"] = "(empty answer)"
-        decoding = time.monotonic() - first if first is not None else 0.0
-        history[-1]["content"] += stats_line(model_id, tokens, decoding, first - start if first else None)
-        yield history
+        async for updated in reply(registry(), model_id, history, system, temperature, top_p, max_tokens):
+            yield updated
 
     def drop_last_answer(history: list[dict]) -> list[dict]:
         """For regenerate: back to the last user turn."""
@@ -191,67 +204,78 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
 
     with gr.Blocks(title="BentoChat") as blocks:
         gr.Markdown("## BentoChat")
-        # Every chat, in this browser's local storage (the server keeps none).
-        store = gr.BrowserState(chats.EMPTY, storage_key="bentochat-history", secret="bentochat-history")
-        current = gr.State(None)  # the open chat's id in the history; None: a new chat
-        with gr.Accordion("History", open=False, elem_id="history"):
-            with gr.Row():
-                history_list = gr.Dropdown(choices=[], value=None, label="Past chats", elem_id="history-list",
-                                           scale=3, interactive=True)
-                title = gr.Textbox(label="Title (Enter renames)", elem_id="chat-title", scale=3)
-            with gr.Row():
-                delete = gr.Button("Delete chat", elem_id="delete-chat", size="sm")
-                export_json = gr.Button("Export JSON", elem_id="export-json", size="sm")
-                export_md = gr.Button("Export Markdown", elem_id="export-md", size="sm")
-            exported = gr.File(label="Exported chat", elem_id="exported", interactive=False)
-        with gr.Row():
-            model = gr.Dropdown(choices=chat_models, value=chat_models[0] if chat_models else None,
-                                label="Model", elem_id="chat-model", interactive=True)
-        chatbot = gr.Chatbot(label=chat_models[0] if chat_models else "no model", elem_id="chatbot", height=480,
-                             buttons=["copy"], editable="user")
-        with gr.Row():
-            text = gr.Textbox(placeholder=PLACEHOLDER, show_label=False, scale=8, elem_id="chat-input", autofocus=True)
-            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-        with gr.Row():
-            stop = gr.Button("Stop", elem_id="stop", interactive=False)
-            regenerate = gr.Button("Regenerate", elem_id="regenerate")
-            clear = gr.Button("New chat", elem_id="clear")
-        with gr.Accordion("Parameters", open=False):
-            system = gr.Textbox(label="System prompt", lines=2, elem_id="system-prompt")
-            temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature")
-            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top p")
-            max_tokens = gr.Slider(16, 2048, value=512, step=16, label="Max new tokens", elem_id="max-tokens")
-        with gr.Accordion("Use via API", open=False, elem_id="use-via-api"):
-            snippet = gr.Markdown(api_snippet(chat_models[0] if chat_models else None), elem_id="api-snippet")
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Direct chat", id="direct", elem_id="tab-direct"):
+                # Every chat, in this browser's local storage (the server keeps none).
+                store = gr.BrowserState(chats.EMPTY, storage_key="bentochat-history", secret="bentochat-history")
+                current = gr.State(None)  # the open chat's id in the history; None: a new chat
+                with gr.Accordion("History", open=False, elem_id="history"):
+                    with gr.Row():
+                        history_list = gr.Dropdown(choices=[], value=None, label="Past chats", elem_id="history-list",
+                                                   scale=3, interactive=True)
+                        title = gr.Textbox(label="Title (Enter renames)", elem_id="chat-title", scale=3)
+                    with gr.Row():
+                        delete = gr.Button("Delete chat", elem_id="delete-chat", size="sm")
+                        export_json = gr.Button("Export JSON", elem_id="export-json", size="sm")
+                        export_md = gr.Button("Export Markdown", elem_id="export-md", size="sm")
+                    exported = gr.File(label="Exported chat", elem_id="exported", interactive=False)
+                with gr.Row():
+                    model = gr.Dropdown(choices=chat_models, value=chat_models[0] if chat_models else None,
+                                        label="Model", elem_id="chat-model", interactive=True)
+                chatbot = gr.Chatbot(label=chat_models[0] if chat_models else "no model", elem_id="chatbot", height=480,
+                                     buttons=["copy"], editable="user")
+                with gr.Row():
+                    text = gr.Textbox(placeholder=PLACEHOLDER, show_label=False, scale=8, elem_id="chat-input",
+                                      autofocus=True)
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                with gr.Row():
+                    stop = gr.Button("Stop", elem_id="stop", interactive=False)
+                    regenerate = gr.Button("Regenerate", elem_id="regenerate")
+                    clear = gr.Button("New chat", elem_id="clear")
+                with gr.Accordion("Parameters", open=False):
+                    system = gr.Textbox(label="System prompt", lines=2, elem_id="system-prompt")
+                    temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature")
+                    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top p")
+                    max_tokens = gr.Slider(16, 2048, value=512, step=16, label="Max new tokens", elem_id="max-tokens")
+                with gr.Accordion("Use via API", open=False, elem_id="use-via-api"):
+                    snippet = gr.Markdown(api_snippet(chat_models[0] if chat_models else None), elem_id="api-snippet")
 
-        settings = [model, system, temperature, top_p, max_tokens]
-        controls = [text, send, stop]
-        running = []
-        for event, prepare, inputs in ((text.submit, add_user_turn, [text, chatbot]),
-                                       (send.click, add_user_turn, [text, chatbot]),
-                                       (regenerate.click, drop_last_answer, [chatbot]),
-                                       (chatbot.edit, edit_user_turn, [chatbot])):
-            outputs = [text, chatbot] if prepare is add_user_turn else [chatbot]
-            answering = (event(prepare, inputs, outputs, queue=False).then(busy, None, controls, queue=False)
-                         .then(answer, settings + [chatbot], chatbot))
-            answering.then(idle, None, controls, queue=False).then(
-                remember, [store, current, model, chatbot], [store, current, history_list], queue=False)
-            running.append(answering)
-        # Cancelling the answer's event closes its generator, which aborts the sequence in the engine.
-        stop.click(idle, None, controls, cancels=running, queue=False).then(
-            remember, [store, current, model, chatbot], [store, current, history_list], queue=False)
-        # Clear starts a new chat; the one before stays in the history.
-        clear.click(lambda: ([], None, gr.Dropdown(value=None), ""), None, [chatbot, current, history_list, title],
-                    cancels=running, queue=False).then(idle, None, controls, queue=False)
-        history_list.input(reopen, [store, history_list, model], [chatbot, current, model, title], cancels=running,
-                           queue=False).then(idle, None, controls, queue=False)
-        title.submit(retitle, [store, current, title], [store, history_list], queue=False)
-        delete.click(forget, [store, current], [store, current, chatbot, history_list, title], cancels=running,
-                     queue=False).then(idle, None, controls, queue=False)
-        export_json.click(lambda s, c: export(s, c, "json"), [store, current], exported, queue=False)
-        export_md.click(lambda s, c: export(s, c, "md"), [store, current], exported, queue=False)
-        model.change(lambda m: (gr.Chatbot(label=m or "no model"), api_snippet(m)), model, [chatbot, snippet],
-                     queue=False)
+                settings = [model, system, temperature, top_p, max_tokens]
+                controls = [text, send, stop]
+                running = []
+                for event, prepare, inputs in ((text.submit, add_user_turn, [text, chatbot]),
+                                               (send.click, add_user_turn, [text, chatbot]),
+                                               (regenerate.click, drop_last_answer, [chatbot]),
+                                               (chatbot.edit, edit_user_turn, [chatbot])):
+                    outputs = [text, chatbot] if prepare is add_user_turn else [chatbot]
+                    answering = (event(prepare, inputs, outputs, queue=False).then(busy, None, controls, queue=False)
+                                 .then(answer, settings + [chatbot], chatbot))
+                    answering.then(idle, None, controls, queue=False).then(
+                        remember, [store, current, model, chatbot], [store, current, history_list], queue=False)
+                    running.append(answering)
+                # Cancelling the answer's event closes its generator, which aborts the sequence in the engine.
+                stop.click(idle, None, controls, cancels=running, queue=False).then(
+                    remember, [store, current, model, chatbot], [store, current, history_list], queue=False)
+                # Clear starts a new chat; the one before stays in the history.
+                clear.click(lambda: ([], None, gr.Dropdown(value=None), ""), None,
+                            [chatbot, current, history_list, title],
+                            cancels=running, queue=False).then(idle, None, controls, queue=False)
+                history_list.input(reopen, [store, history_list, model], [chatbot, current, model, title],
+                                   cancels=running,
+                                   queue=False).then(idle, None, controls, queue=False)
+                title.submit(retitle, [store, current, title], [store, history_list], queue=False)
+                delete.click(forget, [store, current], [store, current, chatbot, history_list, title], cancels=running,
+                             queue=False).then(idle, None, controls, queue=False)
+                export_json.click(lambda s, c: export(s, c, "json"), [store, current], exported, queue=False)
+                export_md.click(lambda s, c: export(s, c, "md"), [store, current], exported, queue=False)
+                model.change(lambda m: (gr.Chatbot(label=m or "no model"), api_snippet(m)), model, [chatbot, snippet],
+                             queue=False)
+            with gr.Tab("Side by side", id="side-by-side", elem_id="tab-side-by-side"):
+                arena.build_battle(registry, available_models, chat_models, log, anonymous=False)
+            with gr.Tab("Arena", id="arena", elem_id="tab-arena"):
+                arena.build_battle(registry, available_models, chat_models, log, anonymous=True)
+            with gr.Tab("Leaderboard", id="leaderboard", elem_id="tab-leaderboard"):
+                arena.build_leaderboard(log)
         blocks.load(on_load, model, [model, chatbot, snippet]).then(
             restore, [store, model], [history_list, chatbot, current, model, title], queue=False)
     blocks.queue(default_concurrency_limit=None)  # the engine batches; the UI must not serialize
