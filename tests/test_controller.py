@@ -80,6 +80,7 @@ def test_every_v1_call_needs_a_configured_key(deployment):
         assert httpx.get(gateway.base_url + path, headers=AUTH).status_code == 200, path
     # Gradio leaves some routes of the page open; without a signed-in session they are closed too.
     assert httpx.get(gateway.base_url + "/ui/gradio_api/heartbeat/abc", timeout=5).status_code == 401
+    assert httpx.get(gateway.base_url + "/ui/gradio_api/file=/tmp/chat.json", timeout=5).status_code == 401  # exports
 
     # The chat UI asks for a key at sign-in.
     with httpx.Client(base_url=gateway.base_url + "/ui") as ui:

@@ -343,6 +343,8 @@ def test_arena_hides_the_names_until_the_vote_and_the_leaderboard_counts_it(page
     box.press("Enter")
     wait_for_both_answers(page, "arena")
     assert "hidden" in names.inner_text()
+    answers = texts(page, "#arena-chatbot-a .bot-row") + texts(page, "#arena-chatbot-b .bot-row")
+    assert "Model A ·" in answers[0] and "Model B ·" in answers[1]  # the statistics do not name them either
     page.locator("#arena-leftvote").click()
     page.wait_for_function("() => document.querySelector('#arena-names').innerText.includes('Model A:')")
     vote = [r for r in conversation_records(server) if r["type"] == "leftvote" and r["anony"]][-1]

@@ -100,8 +100,10 @@ def build_battle(registry: Callable[[], object], available: Callable[[], list[st
         model_b = gr.Dropdown(choices=chat_models, value=second, label="Model B", elem_id=f"{prefix}-model-b")
     names = gr.Markdown("The two models are hidden until you vote." if anonymous else "", elem_id=f"{prefix}-names")
     with gr.Row():
-        bot_a = gr.Chatbot(label=HIDDEN[0] if anonymous else first, elem_id=f"{prefix}-chatbot-a", height=380)
-        bot_b = gr.Chatbot(label=HIDDEN[1] if anonymous else second, elem_id=f"{prefix}-chatbot-b", height=380)
+        bot_a = gr.Chatbot(label=HIDDEN[0] if anonymous else first, elem_id=f"{prefix}-chatbot-a", height=380,
+                           buttons=["copy"])
+        bot_b = gr.Chatbot(label=HIDDEN[1] if anonymous else second, elem_id=f"{prefix}-chatbot-b", height=380,
+                           buttons=["copy"])
     with gr.Row():
         vote_buttons = [gr.Button(label, elem_id=f"{prefix}-{kind}", interactive=False, size="sm")
                         for kind, label in (("leftvote", "👈 A is better"), ("rightvote", "👉 B is better"),
@@ -131,7 +133,8 @@ def build_battle(registry: Callable[[], object], available: Callable[[], list[st
         return "", hist_a + [turn], hist_b + [dict(turn)], draw(models, a, b)
 
     async def answer_both(models: list, hist_a: list, hist_b: list, limit: int):
-        streams = [reply(registry(), m, h, max_tokens=limit) for m, h in zip(models or [None, None], (hist_a, hist_b))]
+        streams = [reply(registry(), m, h, max_tokens=limit, shown_as=hidden if anonymous else None)
+                   for m, h, hidden in zip(models or [None, None], (hist_a, hist_b), HIDDEN)]
         shown = [hist_a, hist_b]
         async for i, updated in merge(streams):
             shown[i] = updated

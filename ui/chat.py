@@ -75,9 +75,10 @@ def _plain(history: list[dict]) -> list[dict]:
 
 
 async def reply(registry, model_id: str | None, history: list[dict], system: str = "", temperature: float = 0.7,
-                top_p: float = 1.0, max_tokens: int = 512):
+                top_p: float = 1.0, max_tokens: int = 512, shown_as: str | None = None):
     """The conversation ``history`` (ending with a user turn) as the answer of ``model_id`` grows, and
-    last with the answer's statistics; what goes wrong is said in the chat (busy, down, too long)."""
+    last with the answer's statistics, which name the model ``shown_as`` (the arena hides it); what goes
+    wrong is said in the chat (busy, down, too long)."""
     if not history or history[-1]["role"] != "user":
         yield history
         return
@@ -110,7 +111,7 @@ async def reply(registry, model_id: str | None, history: list[dict], system: str
     if not history[-1]["content"]:
         history[-1]["content"] = "(empty answer)"
     decoding = time.monotonic() - first if first is not None else 0.0
-    history[-1]["content"] += stats_line(model_id, tokens, decoding, first - start if first else None)
+    history[-1]["content"] += stats_line(shown_as or model_id, tokens, decoding, first - start if first else None)
     yield history
 
 
@@ -169,7 +170,8 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
     def remember(store: dict, chat_id: str | None, model_id: str | None, messages: list[dict]):
         """Keep the open chat in the browser's history (a new entry for a new chat)."""
         store, chat_id = chats.save(store, chat_id, model_id, messages)
-        return store, chat_id, gr.Dropdown(choices=chats.choices(store), value=chat_id)
+        chat = chats.find(store, chat_id)
+        return store, chat_id, gr.Dropdown(choices=chats.choices(store), value=chat_id), chat["title"] if chat else ""
 
     def reopen(store: dict, chat_id: str | None, current_model: str | None):
         """The chat picked in the history list, in the chatbot (on its model, if that is still served)."""
@@ -197,10 +199,10 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
         chat = chats.find(store, chat_id)
         if chat is None:
             gr.Warning("Open a chat from the history first.")
-            return None
+            return gr.File(visible=False)
         if kind == "json":  # the conversation as a client would send it: no statistics, no notices
             chat = dict(chat, messages=_plain(chat["messages"]))
-        return chats.export(chat, kind)
+        return gr.File(value=chats.export(chat, kind), visible=True)
 
     with gr.Blocks(title="BentoChat") as blocks:
         gr.Markdown("## BentoChat")
@@ -218,7 +220,7 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
                         delete = gr.Button("Delete chat", elem_id="delete-chat", size="sm")
                         export_json = gr.Button("Export JSON", elem_id="export-json", size="sm")
                         export_md = gr.Button("Export Markdown", elem_id="export-md", size="sm")
-                    exported = gr.File(label="Exported chat", elem_id="exported", interactive=False)
+                    exported = gr.File(label="Exported chat", elem_id="exported", interactive=False, visible=False)
                 with gr.Row():
                     model = gr.Dropdown(choices=chat_models, value=chat_models[0] if chat_models else None,
                                         label="Model", elem_id="chat-model", interactive=True)
@@ -251,11 +253,11 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
                     answering = (event(prepare, inputs, outputs, queue=False).then(busy, None, controls, queue=False)
                                  .then(answer, settings + [chatbot], chatbot))
                     answering.then(idle, None, controls, queue=False).then(
-                        remember, [store, current, model, chatbot], [store, current, history_list], queue=False)
+                        remember, [store, current, model, chatbot], [store, current, history_list, title], queue=False)
                     running.append(answering)
                 # Cancelling the answer's event closes its generator, which aborts the sequence in the engine.
                 stop.click(idle, None, controls, cancels=running, queue=False).then(
-                    remember, [store, current, model, chatbot], [store, current, history_list], queue=False)
+                    remember, [store, current, model, chatbot], [store, current, history_list, title], queue=False)
                 # Clear starts a new chat; the one before stays in the history.
                 clear.click(lambda: ([], None, gr.Dropdown(value=None), ""), None,
                             [chatbot, current, history_list, title],
