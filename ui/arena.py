@@ -25,6 +25,7 @@ from ui.chat import _plain, reply
 
 VOTES = {"leftvote": "model_a", "rightvote": "model_b", "tievote": "tie", "bothbad_vote": "tie (bothbad)"}
 HIDDEN = ("Model A", "Model B")
+PLACEHOLDER = "Type a message for both models and press Enter"
 
 
 class ConversationLog:
@@ -109,8 +110,7 @@ def build_battle(registry: Callable[[], object], available: Callable[[], list[st
                         for kind, label in (("leftvote", "👈 A is better"), ("rightvote", "👉 B is better"),
                                             ("tievote", "🤝 Tie"), ("bothbad_vote", "👎 Both are bad"))]
     with gr.Row():
-        text = gr.Textbox(placeholder="Type a message for both models and press Enter", show_label=False, scale=8,
-                          elem_id=f"{prefix}-input")
+        text = gr.Textbox(placeholder=PLACEHOLDER, show_label=False, scale=8, elem_id=f"{prefix}-input")
         send = gr.Button("Send", variant="primary", scale=1, elem_id=f"{prefix}-send")
     with gr.Row():
         stop = gr.Button("Stop", interactive=False, elem_id=f"{prefix}-stop")
@@ -148,18 +148,20 @@ def build_battle(registry: Callable[[], object], available: Callable[[], list[st
 
     def idle(hist_a: list, hist_b: list):
         answered = bool(hist_a and hist_a[-1]["role"] == "assistant" and hist_b and hist_b[-1]["role"] == "assistant")
-        return (gr.Textbox(interactive=True), gr.Button(interactive=True), gr.Button(interactive=False),
-                *[gr.Button(interactive=answered)] * len(vote_buttons))
+        return (gr.Textbox(interactive=True, placeholder=PLACEHOLDER), gr.Button(interactive=True),
+                gr.Button(interactive=False), *[gr.Button(interactive=answered)] * len(vote_buttons))
 
     def vote(kind: str, models: list, hist_a: list, hist_b: list):
         log.append({"type": kind, "anony": anonymous, "models": list(models),
                     "states": [{"model": m, "messages": _plain(h)} for m, h in zip(models, (hist_a, hist_b))]})
-        reveal = f"Model A: **{models[0]}** · Model B: **{models[1]}**" if anonymous else ""
-        thanks = "Thanks for your vote" + ("" if log.enabled else " (votes are not logged on this server)")
-        gr.Info(thanks)
-        return (reveal or gr.Markdown(), *[gr.Button(interactive=False)] * len(vote_buttons),
-                gr.Chatbot(label=models[0]) if anonymous else gr.Chatbot(),
-                gr.Chatbot(label=models[1]) if anonymous else gr.Chatbot())
+        gr.Info("Thanks for your vote" + ("" if log.enabled else " (votes are not logged on this server)"))
+        voted = [gr.Button(interactive=False)] * len(vote_buttons)
+        if not anonymous:
+            return gr.Markdown(), *voted, gr.Chatbot(), gr.Chatbot(), gr.Textbox(), gr.Button()
+        # The names are known now: a vote on more turns would not be blind. On to a new round.
+        return (f"Model A: **{models[0]}** · Model B: **{models[1]}**", *voted, gr.Chatbot(label=models[0]),
+                gr.Chatbot(label=models[1]), gr.Textbox(interactive=False, placeholder="Start a new round to vote again"),
+                gr.Button(interactive=False))
 
     controls = [text, send, stop, *vote_buttons]
     running = []
@@ -172,7 +174,7 @@ def build_battle(registry: Callable[[], object], available: Callable[[], list[st
     stop.click(idle, [bot_a, bot_b], controls, cancels=running, queue=False)
     for button, kind in zip(vote_buttons, VOTES):
         button.click(lambda m, a, b, kind=kind: vote(kind, m, a, b), [pair, bot_a, bot_b],
-                     [names, *vote_buttons, bot_a, bot_b], queue=False)
+                     [names, *vote_buttons, bot_a, bot_b, text, send], queue=False)
 
     def new_round(a: str | None, b: str | None):
         labels = HIDDEN if anonymous else (a, b)

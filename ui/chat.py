@@ -244,6 +244,7 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
 
                 settings = [model, system, temperature, top_p, max_tokens]
                 controls = [text, send, stop]
+                kept, kept_out = [store, current, model, chatbot], [store, current, history_list, title]
                 running = []
                 for event, prepare, inputs in ((text.submit, add_user_turn, [text, chatbot]),
                                                (send.click, add_user_turn, [text, chatbot]),
@@ -252,12 +253,12 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
                     outputs = [text, chatbot] if prepare is add_user_turn else [chatbot]
                     answering = (event(prepare, inputs, outputs, queue=False).then(busy, None, controls, queue=False)
                                  .then(answer, settings + [chatbot], chatbot))
-                    answering.then(idle, None, controls, queue=False).then(
-                        remember, [store, current, model, chatbot], [store, current, history_list, title], queue=False)
+                    # Kept in the history first: once the input is back, a reload finds the chat.
+                    answering.then(remember, kept, kept_out, queue=False).then(idle, None, controls, queue=False)
                     running.append(answering)
                 # Cancelling the answer's event closes its generator, which aborts the sequence in the engine.
-                stop.click(idle, None, controls, cancels=running, queue=False).then(
-                    remember, [store, current, model, chatbot], [store, current, history_list, title], queue=False)
+                stop.click(remember, kept, kept_out, cancels=running, queue=False).then(idle, None, controls,
+                                                                                       queue=False)
                 # Clear starts a new chat; the one before stays in the history.
                 clear.click(lambda: ([], None, gr.Dropdown(value=None), ""), None,
                             [chatbot, current, history_list, title],
