@@ -245,9 +245,13 @@ def option_texts(page) -> list[str]:
 def test_history_survives_a_reload_and_chats_reopen_rename_export_and_delete(page, server):
     page.locator("#clear").click()  # "New chat": the chat before stays in the history
     choose_model(page, CHAT)
+    stored = "() => localStorage.getItem('bentochat-history')"
+    before = page.evaluate(stored)
     send(page, "Name a river in Europe.")
     page.locator(BOT).first.wait_for()
     idle(page)
+    # The browser writes its local storage once the page has the new history: then reload.
+    page.wait_for_function(f"b => ({stored})() !== b", arg=before)
     page.reload()
     page.locator(USER).first.wait_for()  # the newest chat is open again
     assert texts(page, USER) == ["Name a river in Europe."] and "tokens/s" in texts(page, BOT)[0]

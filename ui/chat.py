@@ -181,9 +181,12 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
         model_id = chat.get("model") if chat.get("model") in available_models() else current_model
         return chat["messages"], chat_id, model_id, chat["title"]
 
-    def restore(store: dict, current_model: str | None):
-        """At page load: the list of past chats, and the newest one open."""
+    def restore(store: dict, current_model: str | None, shown: list[dict]):
+        """At page load: the list of past chats, and the newest one open, unless a chat began already
+        (a message sent before the page had loaded)."""
         newest = (store or chats.EMPTY)["chats"][:1]
+        if shown:  # left as it is: the chat under way may still be streaming
+            return gr.Dropdown(choices=chats.choices(store)), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         messages, chat_id, model_id, title = reopen(store, newest[0]["id"] if newest else None, current_model)
         return gr.Dropdown(choices=chats.choices(store), value=chat_id), messages, chat_id, model_id, title
 
@@ -280,7 +283,7 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
             with gr.Tab("Leaderboard", id="leaderboard", elem_id="tab-leaderboard"):
                 arena.build_leaderboard(log)
         blocks.load(on_load, model, [model, chatbot, snippet]).then(
-            restore, [store, model], [history_list, chatbot, current, model, title], queue=False)
+            restore, [store, model, chatbot], [history_list, chatbot, current, model, title], queue=False)
     blocks.queue(default_concurrency_limit=None)  # the engine batches; the UI must not serialize
     return blocks
 
