@@ -185,7 +185,7 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
         """At page load: the list of past chats, and the newest one open, unless a chat began already
         (a message sent before the page had loaded)."""
         newest = (store or chats.EMPTY)["chats"][:1]
-        if shown:  # left as it is: the chat under way may still be streaming
+        if shown or not newest:  # left as it is: a chat under way (maybe streaming), or nothing to restore
             return gr.Dropdown(choices=chats.choices(store)), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         messages, chat_id, model_id, title = reopen(store, newest[0]["id"] if newest else None, current_model)
         return gr.Dropdown(choices=chats.choices(store), value=chat_id), messages, chat_id, model_id, title
