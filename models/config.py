@@ -76,6 +76,9 @@ class ServedModel(BaseModel):
                                     "CPU; unset: every core but one (left to the gateway and HTTP), at least one")
     forward: Literal["lean", "transformers"] = Field(default="lean", description="lean: BentoChat's own forward "
                                                      "for Llama, Mistral, Qwen2 and Qwen3; transformers: theirs")
+    attention: Literal["fused", "eager"] = Field(default="fused", description="the lean forward's decode step on "
+                                                 "CPU: fused (torch's fused kernel, faster) or eager (transformers' "
+                                                 "eager maths, token for token as model.generate in bfloat16 too)")
     gpus: list[int] = Field(default_factory=list, description="GPU indices; empty runs on CPU")
     max_gpu_memory: str | None = Field(default=None, description="cap per GPU, e.g. `20GiB`")
     max_concurrency: int = Field(default=64, ge=1, description="sequences generated together (the batch)")

@@ -158,7 +158,10 @@ def test_chat_matches_the_model_alone_with_chat_template(client, chat_tokenizer)
 
 
 def test_chat_stops_at_eos_with_exact_usage(client):
-    r = chat(client, max_tokens=200)
+    # (in bfloat16 the bare question is a near tie between answering in English and in French, which
+    # goes on past 200 tokens; which one wins depends on the CPU's kernels)
+    r = chat(client, [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+             max_tokens=200)
     assert r.choices[0].finish_reason == "stop"
     assert "Paris" in r.choices[0].message.content
     assert "<|im_end|>" not in r.choices[0].message.content

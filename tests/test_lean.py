@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from runners.base import load_causal_lm, resolve_dtype
 from runners.engine import LLMEngine, ModelRunner, SamplingParams
-from runners.engine.lean import LeanCausalLM, Linear, cpu_bf16, unsupported
+from runners.engine.lean import WIDTH_MULTIPLE, LeanCausalLM, Linear, cpu_bf16, fused_decode, invariance, unsupported
 
 MIXED = [[1, 7], [1, 20, 30, 40, 50], [1] + list(range(100, 131)), [1, 250, 12, 9, 77, 5, 61, 200, 18, 3, 90]]
 N = 16
@@ -60,20 +61,52 @@ def test_each_family_decodes_as_model_generate_alone(family, extra):
 
 @bf16_packed
 def test_bfloat16_rows_do_not_depend_on_the_batch():
-    """An inner dimension past oneDNN's block (2112 > 1024, as down_proj has in most models): a row's
-    product is the same whatever else is in the batch, so greedy decoding is batch invariant."""
+    """An inner dimension past oneDNN's block (2112 > 1024, as down_proj has in most models) and batches
+    past its row block (40 > 32): a row's product is the same whatever else is in the batch, split as
+    this CPU needs (measured) and split in any case, so greedy decoding is batch invariant."""
     torch.manual_seed(0)
-    weight = (torch.randn(64, 2112) * 0.05).bfloat16()
-    linear = Linear(weight)
-    assert linear.packed and len(linear.blocks) == 3
-    x = torch.randn(8, 1, 2112).bfloat16()
-    for m in range(2, 9):
-        assert all(torch.equal(linear(x[:m])[j], linear(x[j:j + 1])[0]) for j in range(m))
+    weight = (torch.randn(640, 2112) * 0.05).bfloat16()
+    x = torch.randn(40, 1, 2112).bfloat16()
+    split, rows = invariance()
+    for linear in (Linear(weight), Linear(weight, split=True, row_block=Linear.ROW_BLOCK)):
+        assert linear.packed
+        alone = [linear(x[j:j + 1])[0] for j in range(len(x))]
+        for m in (2, 5, 8, 31, 32, 33, 40):
+            assert all(torch.equal(linear(x[:m])[j], alone[j]) for j in range(m))
+    assert len(Linear(weight).blocks) == (3 if split else 1) and Linear(weight).row_block == (32 if rows else None)
     model = tiny("llama", torch.bfloat16, intermediate=2112)
     lean = LeanCausalLM(model)
     engine = LLMEngine(ModelRunner(lean), max_num_seqs=8, max_model_len=256)
     greedy = SamplingParams(max_tokens=N, temperature=0)
     assert batched(lean) == [engine.generate(p, greedy) for p in MIXED]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_decode_attention_gives_a_row_the_same_result_at_any_width(dtype):
+    """What the fused decode attention relies on: with the width a multiple of WIDTH_MULTIPLE and a
+    row's columns from column 0, the masked columns past the row (up to past the kernel's 512-column
+    block) do not change its result; and an engine of widely different prompt lengths decodes each
+    one as it does alone."""
+    torch.manual_seed(0)
+    up = lambda w: -(-w // WIDTH_MULTIPLE) * WIDTH_MULTIPLE  # noqa: E731
+    keys, values = (torch.randn(8, 2, 1104, 16, dtype=dtype) for _ in range(2))
+    lengths = torch.tensor([3, 40, 511, 512, 700, 1000, 17, 1090])
+    width = up(int(lengths.max()) + 1)
+    q = torch.randn(8, 4, 1, 16, dtype=dtype)
+    seen = (torch.arange(width) <= lengths[:, None])[:, None, None, :]
+    attention = F.scaled_dot_product_attention
+    together = attention(q, keys[:, :, :width], values[:, :, :width], attn_mask=seen, enable_gqa=True)
+    for r, length in enumerate(lengths.tolist()):
+        w = up(length + 1)
+        alone = attention(q[r:r + 1], keys[r:r + 1, :, :w], values[r:r + 1, :, :w], attn_mask=seen[r:r + 1, ..., :w],
+                          enable_gqa=True)
+        assert torch.equal(alone, together[r:r + 1])
+    assert fused_decode(dtype, torch.device("cpu")) and not fused_decode(torch.float16, torch.device("cpu"))
+    lean = LeanCausalLM(tiny("llama", dtype))
+    prompts = [[1, 7], [1] + [(5 * i) % 290 + 3 for i in range(600)], [1] + list(range(100, 131))]
+    engine = LLMEngine(ModelRunner(lean), max_num_seqs=8, max_model_len=1024)
+    greedy = SamplingParams(max_tokens=N, temperature=0)
+    assert engine.generate_batch(prompts, [greedy] * 3) == [engine.generate(p, greedy) for p in prompts]
 
 
 def test_int8_weights_decode_batch_invariant_close_to_float32():

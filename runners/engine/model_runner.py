@@ -31,6 +31,7 @@ from transformers import (
 )
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from runners.engine.lean import WIDTH_MULTIPLE, LeanCausalLM
 from runners.engine.lora import Adapters
 from runners.engine.scheduler import kv_bytes
 from runners.engine.sequence import SamplingParams
@@ -133,7 +134,7 @@ class SlotCache:
     is replaced by the sequence in the last slot, so the running rows are always slots ``0..n-1``.
     Nothing is copied per step; the buffers grow (and shrink) by whole chunks of rows and columns."""
 
-    ROWS_CHUNK, COLUMNS_CHUNK = 8, 256
+    ROWS_CHUNK, COLUMNS_CHUNK = 8, 256  # COLUMNS_CHUNK: a multiple of lean.WIDTH_MULTIPLE
 
     def __init__(self):
         self.rows: list = []  # the sequence in each slot; slot i holds rows[i].num_cached columns
@@ -217,6 +218,7 @@ class ModelRunner:
         self.cache_arg = "cache" if "cache" in accepts else "past_key_values"
         self.can_batch = "attention_mask" in accepts and "position_ids" in accepts
         self.vocab_size = _vocab_size(model)
+        self.lean = isinstance(model, LeanCausalLM)
         self.rows: list = []  # "tuple" form: the sequences in the batch cache, in row order
         self.kv: KV | None = None  # its row i holds rows[i].num_cached tokens, right-aligned
         self.slots = SlotCache()  # "dynamic" form: the batch cache, one slot per sequence
@@ -331,10 +333,14 @@ class ModelRunner:
         rows = self.slots.rows
         lengths = torch.tensor([s.num_cached for s in rows], device=self.device)
         width = int(lengths.max()) + 1
+        kwargs = {}
+        if self.lean:  # every row's columns start at 0: a width in whole multiples lets it attend fused
+            width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE  # (within the buffers: COLUMNS_CHUNK is one)
+            kwargs["aligned"] = True
         mask = (torch.arange(width, device=self.device) <= lengths.unsqueeze(1)).long()
         input_ids = torch.tensor([[s.output_ids[-1]] for s in rows], device=self.device)
         logits, _ = self._run(input_ids, self.slots.model_cache(lengths, width), rows, attention_mask=mask,
-                              position_ids=lengths.unsqueeze(1))
+                              position_ids=lengths.unsqueeze(1), **kwargs)
         for seq in rows:
             seq.num_cached += 1
         return logits[torch.tensor(slots, device=self.device), -1]
