@@ -2,7 +2,8 @@
 a fixed set of chat prompts, the reference's greedy answer is fed back (teacher forcing) and each
 variant is scored on it. Prints a table: next-token agreement with the reference (the share of
 positions where the variant's most likely token is the reference's), its perplexity of the reference
-answer, and how many greedy answers it generates identical to the reference's.
+answer, how many greedy answers it generates identical to the reference's, and how many tokens its
+greedy answers share with the reference's before they part (the mean over the prompts).
 
     .venv/bin/python bench/accuracy.py                      # SmolLM2-135M-Instruct, 8 prompts, 64 tokens
 """
@@ -23,6 +24,7 @@ VARIANTS = {  # name: load_causal_lm options
     "transformers float32 (reference)": {"dtype": "float32"},
     "lean float32": {"dtype": "float32", "forward": "lean"},
     "lean bfloat16": {"dtype": "bfloat16", "forward": "lean"},
+    "lean bfloat16, eager attention": {"dtype": "bfloat16", "forward": "lean", "attention": "eager"},
     "lean bfloat16, int8 weights": {"dtype": "bfloat16", "forward": "lean", "quantization": "int8"},
 }
 
@@ -64,7 +66,8 @@ def main() -> None:
     prompts = [prompt_ids(tokenizer, p) for p in PROMPTS]
     reference = None
     print(f"{args.model}: {len(prompts)} prompts, {args.max_tokens} greedy tokens each, against transformers float32\n")
-    print(f"{'variant':<34}{'next-token agreement':>22}{'perplexity':>12}{'identical answers':>19}")
+    print(f"{'variant':<34}{'next-token agreement':>22}{'perplexity':>12}{'identical answers':>19}"
+          f"{'tokens before parting':>23}")
     for name, options in VARIANTS.items():
         model = load_causal_lm(path, **options)
         answers = [greedy(model, ids, args.max_tokens) for ids in prompts]
@@ -76,7 +79,9 @@ def main() -> None:
             agree, nll = agree + a, nll + n
         total = sum(map(len, reference))
         same = sum(a == r for a, r in zip(answers, reference))
-        print(f"{name:<34}{agree / total:>21.1%} {math.exp(nll / total):>11.3f}{same:>12}/{len(prompts)}", flush=True)
+        shared = sum(next((i for i, (x, y) in enumerate(zip(a, r)) if x != y), len(r)) for a, r in zip(answers, reference))
+        print(f"{name:<34}{agree / total:>21.1%} {math.exp(nll / total):>11.3f}{same:>12}/{len(prompts)}"
+              f"{shared / len(prompts):>23.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -201,12 +201,13 @@ def bench_bentochat(args, tag: str, tokenizer, workdir: Path
     import bentoml
 
     config = workdir / "bentochat.yaml"
-    quantization = f", quantization: {args.quantization}" if args.quantization else ""
+    extra = (f", quantization: {args.quantization}" if args.quantization else "") + \
+        (f", cpu_threads: {args.cpu_threads}" if args.cpu_threads else "") + f", attention: {args.attention}"
     adapters = [write_random_adapter(bentoml.models.get(tag).path, workdir / f"lora-{i}", seed=i)
                 for i in range(1, args.lora + 1)]
     lora = f", adapters: [{', '.join(map(str, adapters))}]" if adapters else ""
     config.write_text(f"models:\n  - {{id: bench, model: {tag}, kind: chat, dtype: {args.dtype}, forward: {args.forward}"
-                      f"{quantization}, max_concurrency: {max(64, max(args.concurrency))}, "
+                      f"{extra}, max_concurrency: {max(64, max(args.concurrency))}, "
                       f"prefix_cache_tokens: {args.prefix_cache_tokens}{lora}}}\n")
     port = free_port()
     bentoml = Path(sys.executable).parent / "bentoml"
@@ -344,7 +345,7 @@ PEER_NAMES = {"llamacpp": "llama.cpp llama-server", "vllm": "vLLM CPU backend"}
 def report(args, runs: dict[str, dict[int, Run]], bare: dict[int, float], generate: float,
            skipped: dict[str, str], lora: dict[str, list[Run]]) -> None:
     weights = f"{args.dtype}, int8 weights" if args.quantization else args.dtype
-    print(f"\nSmolLM2-135M-Instruct {weights}, {args.forward} forward, on CPU ({os.cpu_count()} cores), {args.max_tokens} output tokens, "
+    print(f"\nSmolLM2-135M-Instruct {weights}, {args.forward} forward ({args.attention} attention), on CPU ({os.cpu_count()} cores), {args.max_tokens} output tokens, "
           f"{args.requests} requests per client, greedy, streaming chat, prefix cache {args.prefix_cache_tokens} tokens"
           f" (llama.cpp: the {LLAMA_QUANT[args.dtype]} GGUF)\n")
     print(f"{'system':<26}{'conc':>5}{'tok/s':>9}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}{'ITL p50 ms':>12}")
@@ -409,6 +410,9 @@ def main() -> None:
     parser.add_argument("--forward", default="lean", choices=["lean", "transformers"],
                         help="BentoChat's and the engine's forward pass, as in bentochat.yaml")
     parser.add_argument("--quantization", choices=["int8"], help="BentoChat's and the engine's weights in int8")
+    parser.add_argument("--attention", default="fused", choices=["fused", "eager"],
+                        help="the lean forward's decode attention, as in bentochat.yaml")
+    parser.add_argument("--cpu-threads", type=int, help="BentoChat's and the engine's torch threads (cpu_threads)")
     parser.add_argument("--lora", type=int, default=3, help="adapters in BentoChat's mixed LoRA load (0: none)")
     parser.add_argument("--lora-concurrency", type=int, default=32, help="clients of the mixed LoRA load")
     parser.add_argument("--lora-rounds", type=int, default=3, help="turns of base alone, then mixed")
@@ -455,8 +459,9 @@ def main() -> None:
 
         from runners.chat import cpu_threads
 
-        torch.set_num_threads(cpu_threads(ServedModel(id="bench")))  # as the runner, beside this process's client
-        model = load_causal_lm(path, dtype=args.dtype, forward=args.forward, quantization=args.quantization)
+        torch.set_num_threads(cpu_threads(ServedModel(id="bench", model=args.model, cpu_threads=args.cpu_threads)))  # as the runner, beside this process's client
+        model = load_causal_lm(path, dtype=args.dtype, forward=args.forward, quantization=args.quantization,
+                               attention=args.attention)
         if "engine" not in args.skip:
             print("engine in-process ...", flush=True)
             runs["bentochat engine (no HTTP)"] = bench_engine(args, model, tokenizer, int(stored.info.metadata["context_length"]))
