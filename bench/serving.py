@@ -86,6 +86,12 @@ async def drive_http(url: str, model: str | list[str], tokenizer, concurrency: i
     models = [model] if isinstance(model, str) else model
 
     async def one(client: httpx.AsyncClient, prompt: str, model: str = models[0]):
+        try:
+            await send(client, prompt, model)
+        except httpx.RemoteProtocolError:  # a kept-alive connection the server had just closed: once more
+            await send(client, prompt, model)
+
+    async def send(client: httpx.AsyncClient, prompt: str, model: str):
         body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
                 "temperature": 0, "stream": True, **(extra or {})}
         start = last = time.perf_counter()

@@ -68,7 +68,7 @@ def test_bfloat16_rows_do_not_depend_on_the_batch():
     weight = (torch.randn(640, 2112) * 0.05).bfloat16()
     x = torch.randn(40, 1, 2112).bfloat16()
     split, rows = invariance()
-    for linear in (Linear(weight), Linear(weight, split=True, row_block=Linear.ROW_BLOCK)):
+    for linear in (Linear(weight), Linear(weight, blocking=(True, True))):
         assert linear.packed
         alone = [linear(x[j:j + 1])[0] for j in range(len(x))]
         for m in (2, 5, 8, 31, 32, 33, 40):

@@ -93,9 +93,10 @@ def invariance() -> tuple[bool, bool]:
         short = (torch.randn(512, 576, generator=generator) * 0.05).bfloat16()
         x_long = torch.randn(Linear.ROW_BLOCK, long.shape[1], generator=generator).bfloat16()
         x_short = torch.randn(2 * Linear.ROW_BLOCK + 8, 576, generator=generator).bfloat16()
-        whole = dict(split=False, row_block=None)
-        _invariance = (not _rows_alike(Linear(long, **whole), x_long, range(2, Linear.ROW_BLOCK + 1)),
-                       not _rows_alike(Linear(short, **whole), x_short, range(Linear.ROW_BLOCK + 1, len(x_short) + 1)))
+        whole = (False, False)
+        _invariance = (not _rows_alike(Linear(long, blocking=whole), x_long, range(2, Linear.ROW_BLOCK + 1)),
+                       not _rows_alike(Linear(short, blocking=whole), x_short,
+                                       range(Linear.ROW_BLOCK + 1, len(x_short) + 1)))
         logger.info("oneDNN bfloat16 batch invariance: inner dimensions %s, rows %s",
                     f"in blocks of {Linear.K_BLOCK}" if _invariance[0] else "whole",
                     f"in blocks of {Linear.ROW_BLOCK}" if _invariance[1] else "whole")
@@ -108,12 +109,12 @@ class Linear:
     In bfloat16, what :func:`invariance` measured this CPU to need for a row to get the same result in
     any batch: the weight split along its inner dimension in blocks of ``K_BLOCK`` (``down_proj`` of
     most models is longer) and their products summed; and at most ``ROW_BLOCK`` rows (tokens) multiplied
-    at once."""
+    at once. ``blocking`` sets those two instead of the measurement."""
 
     K_BLOCK, ROW_BLOCK = 1024, 32
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, int8: bool = False,
-                 split: bool | None = None, row_block: int | None = 0):
+                 blocking: tuple[bool, bool] | None = None):
         self.packed = packs(weight) and not int8
         self.bias = bias
         self.int8 = int8
@@ -123,10 +124,10 @@ class Linear:
             self.weight = (weight.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
             self.scales = scales.to(weight.dtype)
         elif self.packed:
-            needs = invariance() if weight.dtype == torch.bfloat16 and (split is None or row_block == 0) else (False, False)
-            if split is None:
-                split = needs[0] and weight.shape[1] > self.K_BLOCK
-            self.row_block = (self.ROW_BLOCK if needs[1] else None) if row_block == 0 else row_block
+            if blocking is None:
+                blocking = invariance() if weight.dtype == torch.bfloat16 else (False, False)
+            split, rows = blocking
+            self.row_block = self.ROW_BLOCK if rows else None
             parts = weight.split(self.K_BLOCK, dim=1) if split else [weight]
             self.blocks = [torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_FOR[weight.dtype])
                            for w in parts]
@@ -147,7 +148,7 @@ class Linear:
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
         y = None
-        parts = x.split(self.K_BLOCK, dim=-1) if len(self.blocks) > 1 else [x]
+        parts = x.split(self.K_BLOCK, dim=-1) if len(self.blocks) > 1 else [x]  # (one block: any length)
         for i, (part, w) in enumerate(zip(parts, self.blocks)):
             out = torch.ops.mkldnn._linear_pointwise(part, w, self.bias if i == 0 else None, "none", [], "")
             y = out if y is None else y.add_(out)
