@@ -304,8 +304,10 @@ class LeanCausalLM(torch.nn.Module):
             seen = seen & (columns <= columns[past:, None])
         groups = self.heads // self.kv_heads
         fused = aligned and new == 1 and self.fused_attention and fused_decode(self.norm.dtype, device)
-        if fused:
-            rows, mask = None, seen[:, None]
+        if fused:  # (the additive form once, which the kernel would make from a boolean mask in every layer)
+            rows = None
+            mask = torch.zeros(seen.shape, dtype=self.norm.dtype, device=device)
+            mask = mask.masked_fill_(~seen, float("-inf"))[:, None]
         elif batch == 1 or new == 1:
             rows, mask = None, query_mask(seen, groups)
         else:  # several prompts prefilled together (padded): attention row by row, over each row's own columns

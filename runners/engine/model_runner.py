@@ -343,6 +343,8 @@ class ModelRunner:
                               position_ids=lengths.unsqueeze(1), **kwargs)
         for seq in rows:
             seq.num_cached += 1
+        if slots == list(range(len(rows))):  # the rows in their slots' order: no gather
+            return logits[:, -1]
         return logits[torch.tensor(slots, device=self.device), -1]
 
     def _arrange(self, seqs: list) -> None:
