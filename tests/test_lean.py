@@ -1,6 +1,7 @@
 """The lean forward on its own: every family it runs (Llama, Mistral, Qwen2 with q/k/v biases, Qwen3 with
 q/k norms) decodes greedily as transformers' ``model.generate`` does, alone and in batches; bfloat16
-rows do not depend on the batch, past oneDNN's inner block too; int8 weights; which models stay on
+rows do not depend on the batch, past oneDNN's inner block and row block too; the fused decode
+attention gives a row the same result at any width; int8 weights; which models stay on
 transformers' forward; what ``dtype: auto`` picks. (tests/test_engine.py runs the whole engine suite
 on the lean forward as well.)"""
 
@@ -94,11 +95,12 @@ def test_fused_decode_attention_gives_a_row_the_same_result_at_any_width(dtype):
     width = up(int(lengths.max()) + 1)
     q = torch.randn(8, 4, 1, 16, dtype=dtype)
     seen = (torch.arange(width) <= lengths[:, None])[:, None, None, :]
+    mask = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, float("-inf"))  # additive, as the forward's
     attention = F.scaled_dot_product_attention
-    together = attention(q, keys[:, :, :width], values[:, :, :width], attn_mask=seen, enable_gqa=True)
+    together = attention(q, keys[:, :, :width], values[:, :, :width], attn_mask=mask, enable_gqa=True)
     for r, length in enumerate(lengths.tolist()):
         w = up(length + 1)
-        alone = attention(q[r:r + 1], keys[r:r + 1, :, :w], values[r:r + 1, :, :w], attn_mask=seen[r:r + 1, ..., :w],
+        alone = attention(q[r:r + 1], keys[r:r + 1, :, :w], values[r:r + 1, :, :w], attn_mask=mask[r:r + 1, ..., :w],
                           enable_gqa=True)
         assert torch.equal(alone, together[r:r + 1])
     assert fused_decode(dtype, torch.device("cpu")) and not fused_decode(torch.float16, torch.device("cpu"))
