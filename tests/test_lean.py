@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from runners.base import load_causal_lm, resolve_dtype
 from runners.engine import LLMEngine, ModelRunner, SamplingParams
-from runners.engine.lean import WIDTH_MULTIPLE, LeanCausalLM, Linear, cpu_bf16, fused_decode, invariance, unsupported
+from runners.engine.lean import LeanCausalLM, Linear, cpu_bf16, decode_width, fused_decode, invariance, unsupported
 
 MIXED = [[1, 7], [1, 20, 30, 40, 50], [1] + list(range(100, 131)), [1, 250, 12, 9, 77, 5, 61, 200, 18, 3, 90]]
 N = 16
@@ -89,17 +89,16 @@ def test_fused_decode_attention_gives_a_row_the_same_result_at_any_width(dtype):
     block) do not change its result; and an engine of widely different prompt lengths decodes each
     one as it does alone."""
     torch.manual_seed(0)
-    up = lambda w: -(-w // WIDTH_MULTIPLE) * WIDTH_MULTIPLE  # noqa: E731
     keys, values = (torch.randn(8, 2, 1104, 16, dtype=dtype) for _ in range(2))
     lengths = torch.tensor([3, 40, 511, 512, 700, 1000, 17, 1090])
-    width = up(int(lengths.max()) + 1)
+    width = decode_width(int(lengths.max()) + 1)
     q = torch.randn(8, 4, 1, 16, dtype=dtype)
     seen = (torch.arange(width) <= lengths[:, None])[:, None, None, :]
     mask = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, float("-inf"))  # additive, as the forward's
     attention = F.scaled_dot_product_attention
     together = attention(q, keys[:, :, :width], values[:, :, :width], attn_mask=mask, enable_gqa=True)
     for r, length in enumerate(lengths.tolist()):
-        w = up(length + 1)
+        w = decode_width(length + 1)
         alone = attention(q[r:r + 1], keys[r:r + 1, :, :w], values[r:r + 1, :, :w], attn_mask=mask[r:r + 1, ..., :w],
                           enable_gqa=True)
         assert torch.equal(alone, together[r:r + 1])

@@ -210,6 +210,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 WIDTH_MULTIPLE = 16
 
 
+def decode_width(columns: int) -> int:
+    """The decode step's attention width for ``columns`` columns: rounded up to ``WIDTH_MULTIPLE``."""
+    return -(-columns // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+
+
 def fused_decode(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a decode step attends with torch's fused kernel (``scaled_dot_product_attention``):
     on the CPU, in float32 and bfloat16. It reads the slot cache in place, 2x to 3x faster than

@@ -31,7 +31,7 @@ from transformers import (
 )
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from runners.engine.lean import WIDTH_MULTIPLE, LeanCausalLM
+from runners.engine.lean import LeanCausalLM, decode_width
 from runners.engine.lora import Adapters
 from runners.engine.scheduler import kv_bytes
 from runners.engine.sequence import SamplingParams
@@ -335,7 +335,7 @@ class ModelRunner:
         width = int(lengths.max()) + 1
         kwargs = {}
         if self.lean:  # every row's columns start at 0: a width in whole multiples lets it attend fused
-            width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE  # (within the buffers: COLUMNS_CHUNK is one)
+            width = decode_width(width)  # (within the buffers: COLUMNS_CHUNK is a multiple of it)
             kwargs["aligned"] = True
         mask = (torch.arange(width, device=self.device) <= lengths.unsqueeze(1)).long()
         input_ids = torch.tensor([[s.output_ids[-1]] for s in rows], device=self.device)
