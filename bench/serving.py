@@ -278,7 +278,7 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
                                          tokenize=True, return_dict=True)["input_ids"]
 
 
-def bench_engine(args, model, tokenizer, context: int) -> dict[int, Run]:
+def bench_engine(args, model, tokenizer, context: int, threads) -> dict[int, Run]:
     """The same closed-loop load on the engine with no HTTP: what serving costs on top of it."""
     from runners.engine import AsyncLLMEngine, LLMEngine, ModelRunner, SamplingParams
 
@@ -287,7 +287,7 @@ def bench_engine(args, model, tokenizer, context: int) -> dict[int, Run]:
     results = {}
     for c in args.concurrency:
         engine = AsyncLLMEngine(LLMEngine(ModelRunner(model), max_num_seqs=max(64, c), max_model_len=context,
-                                          prefix_cache_tokens=args.prefix_cache_tokens))
+                                          prefix_cache_tokens=args.prefix_cache_tokens, threads=threads))
         run = Run()
 
         async def one(i: int):
@@ -312,7 +312,7 @@ def bench_engine(args, model, tokenizer, context: int) -> dict[int, Run]:
     return results
 
 
-def bench_bare(args, model, tokenizer) -> tuple[dict[int, float], float]:
+def bench_bare(args, model, tokenizer, threads) -> tuple[dict[int, float], float]:
     """The model's own batched decode loop (tokens/s of the decode steps at batch B, prefill left
     out), and ``model.generate`` alone (tokens/s including its prefill; 0 on the lean forward, which
     has no ``generate``)."""
@@ -322,6 +322,7 @@ def bench_bare(args, model, tokenizer) -> tuple[dict[int, float], float]:
     bare = {}
     with torch.inference_mode():
         for b in args.concurrency:
+            torch.set_num_threads(threads(b))
             out = model(input_ids=torch.tensor([ids] * b), use_cache=True)
             cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
             start = time.perf_counter()
@@ -331,6 +332,7 @@ def bench_bare(args, model, tokenizer) -> tuple[dict[int, float], float]:
             bare[b] = b * args.max_tokens / (time.perf_counter() - start)
         if not hasattr(model, "generate"):
             return bare, 0.0
+        torch.set_num_threads(threads(1))
         model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)  # warm-up
         start = time.perf_counter()
         n = args.max_tokens
@@ -418,7 +420,7 @@ def main() -> None:
     parser.add_argument("--quantization", choices=["int8"], help="BentoChat's and the engine's weights in int8")
     parser.add_argument("--attention", default="fused", choices=["fused", "eager"],
                         help="the lean forward's decode attention, as in bentochat.yaml")
-    parser.add_argument("--cpu-threads", type=int, help="BentoChat's and the engine's torch threads (cpu_threads)")
+    parser.add_argument("--cpu-threads", type=int, help="BentoChat's and the engine's torch threads (cpu_threads; unset: the runner's default)")
     parser.add_argument("--lora", type=int, default=3, help="adapters in BentoChat's mixed LoRA load (0: none)")
     parser.add_argument("--lora-concurrency", type=int, default=32, help="clients of the mixed LoRA load")
     parser.add_argument("--lora-rounds", type=int, default=3, help="turns of base alone, then mixed")
@@ -465,15 +467,16 @@ def main() -> None:
 
         from runners.chat import cpu_threads
 
-        torch.set_num_threads(cpu_threads(ServedModel(id="bench", model=args.model, cpu_threads=args.cpu_threads)))  # as the runner, beside this process's client
+        threads = cpu_threads(ServedModel(id="bench", model=args.model, cpu_threads=args.cpu_threads))  # as the runner's
+        torch.set_num_threads(threads(1))
         model = load_causal_lm(path, dtype=args.dtype, forward=args.forward, quantization=args.quantization,
                                attention=args.attention)
         if "engine" not in args.skip:
             print("engine in-process ...", flush=True)
-            runs["bentochat engine (no HTTP)"] = bench_engine(args, model, tokenizer, int(stored.info.metadata["context_length"]))
+            runs["bentochat engine (no HTTP)"] = bench_engine(args, model, tokenizer, int(stored.info.metadata["context_length"]), threads)
         if "bare" not in args.skip:
             print("bare decode loop ...", flush=True)
-            bare, generate = bench_bare(args, model, tokenizer)
+            bare, generate = bench_bare(args, model, tokenizer, threads)
     report(args, runs, bare, generate, skipped, lora)
 
 

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 import typing as t
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import bentoml
@@ -95,13 +95,19 @@ TPOT = bentoml.metrics.Histogram("bentochat_time_per_output_token_seconds", "Bet
                                  labelnames=["model"], buckets=TOKEN_SECONDS)
 
 
-def cpu_threads(served: ServedModel) -> int:
-    """Torch threads for a runner on CPU: ``cpu_threads``, else every core this process may use but one.
-    The gateway, the HTTP streams and the runner's own event loop need a core: measured on 2 cores, one
-    torch thread gave 1.4x to 1.6x the tokens/s of two at concurrency 1 to 32 (README, Performance)."""
+# Up to this many sequences in a step, a runner on CPU with ``cpu_threads`` unset uses every core (see cpu_threads).
+LIGHT_BATCH = 16
+
+
+def cpu_threads(served: ServedModel) -> Callable[[int], int]:
+    """Torch threads for a step of n sequences on CPU: ``cpu_threads`` if set; else every core this process
+    may use while a step has at most ``LIGHT_BATCH`` sequences, and every core but one above that, where
+    the gateway's and the runner's streams of tokens need a core of their own. Measured on 2 cores
+    (README, Performance): two threads gave more tokens/s than one up to concurrency 16, less at 32."""
     if served.cpu_threads:
-        return served.cpu_threads
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+        return lambda n: served.cpu_threads
+    cores = len(os.sched_getaffinity(0))
+    return lambda n: cores if n <= LIGHT_BATCH else max(1, cores - 1)
 
 
 def adapter_path(source: str, what: str = "adapter") -> str:
@@ -138,8 +144,9 @@ def chat_runner(served: ServedModel) -> bentoml.Service:
             from runners.engine import AsyncLLMEngine, LLMEngine, ModelRunner
 
             stored = self.model_ref  # the attribute resolves to the stored model
-            if not served.gpus:
-                torch.set_num_threads(cpu_threads(served))
+            threads = None if served.gpus else cpu_threads(served)
+            if threads is not None:
+                torch.set_num_threads(threads(1))
             model = load_causal_lm(stored.path, dtype=served.dtype, gpus=served.gpus,
                                    max_gpu_memory=served.max_gpu_memory, trust_remote_code=served.trust_remote_code,
                                    forward=served.forward, quantization=served.quantization,
@@ -149,7 +156,7 @@ def chat_runner(served: ServedModel) -> bentoml.Service:
             tokenizer = AutoTokenizer.from_pretrained(stored.path, trust_remote_code=served.trust_remote_code)
             engine = LLMEngine(ModelRunner(model, max_loras=served.max_loras), max_num_seqs=served.max_concurrency,
                                max_model_len=context, prefix_cache_tokens=served.prefix_cache_tokens,
-                               tokenizer=tokenizer)
+                               tokenizer=tokenizer, threads=threads)
             for i, entry in enumerate(served.adapters):  # a bad one stops the start, saying why
                 path = (stored_adapter_path(getattr(self, f"adapter_{i}"), f"adapter {entry.name}") if entry.tag
                         else adapter_path(entry.source, f"adapter {entry.name}"))

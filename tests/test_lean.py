@@ -20,19 +20,20 @@ N = 16
 bf16_packed = pytest.mark.skipif(not cpu_bf16(), reason="this CPU has no bfloat16 instructions for oneDNN")
 
 
-def tiny(family: str, dtype=torch.float32, intermediate: int = 96, **extra):
+def tiny(family: str, dtype=torch.float32, intermediate: int = 96, scale: float = 0.3, **extra):
     """A random transformers model of ``family`` (eager attention, as the lean forward computes it),
-    with weights large enough that greedy choices are clear."""
+    with weights large enough that greedy choices are clear; ``extra`` overrides its config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(family, vocab_size=300, hidden_size=64, intermediate_size=intermediate,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                  max_position_embeddings=256, tie_word_embeddings=False, **extra)
+    shape = dict(vocab_size=300, hidden_size=64, intermediate_size=intermediate, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                 tie_word_embeddings=False)
+    config = AutoConfig.for_model(family, **{**shape, **extra})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(torch.ones_like(p) if "norm" in name else torch.randn_like(p) * 0.3)
+            p.copy_(torch.ones_like(p) if "norm" in name else torch.randn_like(p) * scale)
     return model.to(dtype).eval()
 
 
@@ -144,3 +145,36 @@ def test_auto_dtype_is_bfloat16_on_the_lean_forward_where_the_cpu_has_it():
     assert resolve_dtype("auto", "bfloat16", on_gpu=False, lean=False) == torch.float32
     assert resolve_dtype("auto", "bfloat16", on_gpu=True) == torch.bfloat16  # the checkpoint's own on a GPU
     assert resolve_dtype("float32", None, on_gpu=False, lean=True) == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_gets_the_same_result_at_one_and_two_threads(dtype):
+    """What the runner's thread count per step (``cpu_threads``: every core for small batches, one fewer
+    for larger) relies on: at SmolLM2's widths, where torch and oneDNN split the work between threads,
+    the logits do not depend on the thread count; and an engine that changes it with the batch decodes
+    every sequence as one that never does."""
+    model = tiny("llama", dtype, intermediate=1536, scale=0.05, hidden_size=576, num_attention_heads=9,
+                 num_key_value_heads=3, head_dim=64)
+    lean = LeanCausalLM(model)
+    before = torch.get_num_threads()
+    ids = torch.randint(0, 300, (40, 12), generator=torch.Generator().manual_seed(0))
+    try:
+        logits = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            logits[threads] = [lean(ids[:b], logits_to_keep=0).logits for b in (1, 17, 40)]
+        assert all(torch.equal(a, b) for a, b in zip(logits[1], logits[2]))
+        greedy = SamplingParams(max_tokens=N, temperature=0)
+        seen = []
+
+        def threads(n):
+            seen.append(n)
+            return 2 if n == 1 else 1
+
+        switching = LLMEngine(ModelRunner(lean), max_num_seqs=8, max_model_len=256, threads=threads)
+        answers = switching.generate_batch(MIXED, [greedy] * len(MIXED))  # one thread
+        assert set(seen) == {len(MIXED)} and torch.get_num_threads() == 1
+        assert [switching.generate(p, greedy) for p in MIXED] == answers  # alone: two threads
+        assert set(seen) == {1, len(MIXED)} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
