@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -84,10 +85,29 @@ def embedded_models():
     ensure_available(load_config(ROOT / "bentochat.yaml"))
 
 
+_ports_given: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below the kernel's ephemeral range. A port from ``bind(0)`` would be free
+    only until the next one asks: the `bentoml serve` started on it asks the kernel for ports of its own
+    (circus's control socket) before it binds its HTTP port, and can be handed the same one."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    while True:
+        port = random.randrange(10000, low) if low > 11000 else 0
+        if port in _ports_given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        _ports_given.add(port)
+        return port
 
 
 @dataclass
@@ -126,6 +146,7 @@ def start_serving(target: str, log: Path, *, env: dict | None = None, cwd: Path 
     port = port or _free_port()
     command = command or [str(Path(sys.executable).parent / "bentoml"), "serve", target]
     env = {"BENTOML_HOME": own_home(), **(env or {})}
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)],
                                 cwd=cwd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
