@@ -80,6 +80,9 @@ class ServedModel(BaseModel):
     attention: Literal["fused", "eager"] = Field(default="fused", description="the lean forward's decode step on "
                                                  "CPU: fused (torch's fused kernel, faster) or eager (transformers' "
                                                  "eager maths, token for token as model.generate in bfloat16 too)")
+    matmul: Literal["auto", "onednn"] = Field(default="auto", description="the lean forward's bfloat16 matmuls on "
+                                              "CPU: auto (BentoChat's AMX kernel where the CPU has AMX and the "
+                                              "attention is fused) or onednn (oneDNN's kernels)")
     gpus: list[int] = Field(default_factory=list, description="GPU indices; empty runs on CPU")
     max_gpu_memory: str | None = Field(default=None, description="cap per GPU, e.g. `20GiB`")
     max_concurrency: int = Field(default=64, ge=1, description="sequences generated together (the batch)")

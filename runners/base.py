@@ -58,11 +58,12 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str | None, on_gpu: bool, lean: 
 
 def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = None,
                    max_gpu_memory: str | None = None, trust_remote_code: bool = False, forward: str = "transformers",
-                   quantization: str | None = None, attention: str = "fused"):
+                   quantization: str | None = None, attention: str = "fused", matmul: str = "auto"):
     """Load a stored causal LM onto the configured GPUs (FastChat's --gpus/--max-gpu-memory) or the CPU;
     with ``forward="lean"``, on BentoChat's lean forward where its family is supported, its weights
     in int8 with ``quantization="int8"`` (FastChat's --load-8bit), its decode step attending with torch's
-    fused kernel unless ``attention="eager"`` (``lean.fused_decode``)."""
+    fused kernel unless ``attention="eager"`` (``lean.fused_decode``), its bfloat16 matmuls on
+    BentoChat's AMX kernel unless ``matmul="onednn"`` (``lean.LeanCausalLM``)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -90,7 +91,8 @@ def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = N
         model.to("cuda:0")
     model.eval()
     logger.info("loaded %s as %s on %s", path, torch_dtype, "GPUs " + str(gpus) if gpus else "CPU")
-    return lean(model, int8=quantization == "int8", fused_attention=attention == "fused") if on_lean else model
+    return lean(model, int8=quantization == "int8", fused_attention=attention == "fused",
+                matmul=matmul) if on_lean else model
 
 
 def describe_stored(stored: bentoml.Model) -> dict:

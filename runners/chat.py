@@ -151,7 +151,7 @@ def chat_runner(served: ServedModel) -> bentoml.Service:
             model = load_causal_lm(stored.path, dtype=served.dtype, gpus=served.gpus,
                                    max_gpu_memory=served.max_gpu_memory, trust_remote_code=served.trust_remote_code,
                                    forward=served.forward, quantization=served.quantization,
-                                   attention=served.attention)
+                                   attention=served.attention, matmul=served.matmul)
             context = int(stored.info.metadata.get("context_length") or DEFAULT_CONTEXT_LENGTH)
             # The tokenizer's vocabulary is what constrained decoding (structured outputs, tool calls) masks.
             tokenizer = AutoTokenizer.from_pretrained(stored.path, trust_remote_code=served.trust_remote_code)

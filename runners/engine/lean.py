@@ -29,6 +29,10 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from runners.engine.amx import ops as amx_ops
+from runners.engine.amx import pack as amx_pack
+from runners.engine.amx import pad_bias as amx_pad_bias
+
 logger = logging.getLogger("bentochat.engine")
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -114,11 +118,14 @@ class Linear:
     K_BLOCK, ROW_BLOCK = 1024, 32
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, int8: bool = False,
-                 blocking: tuple[bool, bool] | None = None):
-        self.packed = packs(weight) and not int8
+                 blocking: tuple[bool, bool] | None = None, amx: bool = False):
         self.bias = bias
         self.int8 = int8
         self.row_block = None
+        self.amx = None  # the weight packed for BentoChat's AMX matmul, where ``amx`` asks and it runs
+        if amx and not int8 and weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and amx_ops() is not None:
+            self.amx, self.out, self.amx_bias = amx_pack(weight), weight.shape[0], amx_pad_bias(bias, weight.shape[0])
+        self.packed = self.amx is None and packs(weight) and not int8
         if int8:  # symmetric, one scale per output channel
             scales = weight.float().abs().amax(dim=1).clamp(min=1e-8) / 127
             self.weight = (weight.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
@@ -131,10 +138,12 @@ class Linear:
             parts = weight.split(self.K_BLOCK, dim=1) if split else [weight]
             self.blocks = [torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_FOR[weight.dtype])
                            for w in parts]
-        else:
+        elif self.amx is None:
             self.weight = weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.amx is not None:
+            return torch.ops.bentochat.amx_linear(x, self.amx, self.out, self.amx_bias)
         if self.int8:
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales)
             y = y.view(*x.shape[:-1], -1)
@@ -155,21 +164,21 @@ class Linear:
         return y
 
 
-def _fused(*modules, int8: bool = False) -> Linear:
+def _fused(*modules, **options) -> Linear:
     weight = torch.cat([m.weight.detach() for m in modules]) if len(modules) > 1 else modules[0].weight.detach()
     biases = [m.bias for m in modules]
     bias = None if all(b is None for b in biases) else torch.cat(
         [b.detach() if b is not None else m.weight.new_zeros(m.weight.shape[0]) for m, b in zip(modules, biases)])
-    return Linear(weight, bias, int8)
+    return Linear(weight, bias, **options)
 
 
 class _Layer:
-    def __init__(self, layer, int8: bool):
+    def __init__(self, layer, **options):
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = _fused(attn.q_proj, attn.k_proj, attn.v_proj, int8=int8)
-        self.o = _fused(attn.o_proj, int8=int8)
-        self.gate_up = _fused(mlp.gate_proj, mlp.up_proj, int8=int8)
-        self.down = _fused(mlp.down_proj, int8=int8)
+        self.qkv = _fused(attn.q_proj, attn.k_proj, attn.v_proj, **options)
+        self.o = _fused(attn.o_proj, **options)
+        self.gate_up = _fused(mlp.gate_proj, mlp.up_proj, **options)
+        self.down = _fused(mlp.down_proj, **options)
         self.norm1 = layer.input_layernorm.weight.detach()
         self.norm2 = layer.post_attention_layernorm.weight.detach()
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)  # Qwen3
@@ -245,11 +254,15 @@ class LeanCausalLM(torch.nn.Module):
     ``int8``: every linear layer's weight is quantized to int8 (one scale per output channel) and
     multiplied as int8 (``torch.ops.aten._weight_int8pack_mm``); the embeddings stay as they are.
     ``fused_attention``: the decode step attends with torch's fused kernel where :func:`fused_decode`
-    says it may; otherwise with :func:`attend`, transformers' eager maths."""
+    says it may; otherwise with :func:`attend`, transformers' eager maths. ``matmul``: ``auto``, the
+    bfloat16 matmuls on BentoChat's AMX kernel (:mod:`runners.engine.amx`) where the CPU has AMX and
+    the attention is fused (eager keeps transformers' maths, oneDNN's matmuls included); ``onednn``,
+    always oneDNN's."""
 
-    def __init__(self, model, int8: bool = False, fused_attention: bool = True):
+    def __init__(self, model, int8: bool = False, fused_attention: bool = True, matmul: str = "auto"):
         super().__init__()
         self.fused_attention = fused_attention
+        self.amx = matmul == "auto" and fused_attention
         config = model.config
         self.config = config
         base = model.model
@@ -259,9 +272,10 @@ class LeanCausalLM(torch.nn.Module):
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
-        self.layers = [_Layer(layer, int8) for layer in base.layers[:config.num_hidden_layers]]
+        options = {"int8": int8, "amx": self.amx}
+        self.layers = [_Layer(layer, **options) for layer in base.layers[:config.num_hidden_layers]]
         self.norm = base.norm.weight.detach()
-        self.lm_head = _fused(model.lm_head, int8=int8)
+        self.lm_head = _fused(model.lm_head, **options)
 
     def linear_parts(self) -> dict:
         """transformers' name of each linear layer -> where the lean forward computes it (LoRA adapters
@@ -346,7 +360,7 @@ class LeanCausalLM(torch.nn.Module):
         return CausalLMOutputWithPast(logits=logits.float(), cache=cache)
 
 
-def lean(model, int8: bool = False, fused_attention: bool = True):
+def lean(model, int8: bool = False, fused_attention: bool = True, matmul: str = "auto"):
     """``model`` (of a supported config) on the lean forward, unless its weights are spread over
     several devices (``device_map``), which transformers' forward handles."""
     if len({p.device for p in model.parameters()}) > 1:
@@ -354,6 +368,8 @@ def lean(model, int8: bool = False, fused_attention: bool = True):
             raise ValueError("quantization: int8 needs the model on one device (one GPU or the CPU)")
         logger.info("transformers' forward: the weights are on several devices")
         return model
-    logger.info("BentoChat's lean forward (%s, %s%s, %s attention)", model.config.model_type,
-                next(model.parameters()).dtype, ", int8 weights" if int8 else "", "fused" if fused_attention else "eager")
-    return LeanCausalLM(model, int8, fused_attention)
+    lean_model = LeanCausalLM(model, int8, fused_attention, matmul)
+    logger.info("BentoChat's lean forward (%s, %s%s, %s attention%s)", model.config.model_type,
+                next(model.parameters()).dtype, ", int8 weights" if int8 else "", "fused" if fused_attention else "eager",
+                ", AMX matmul" if lean_model.lm_head.amx is not None else "")
+    return lean_model

@@ -250,11 +250,12 @@ class LoRALinear(torch.nn.Module):
             self._pack()
 
     def _pack(self) -> None:
-        """The matmuls by A and B, with the weights packed for oneDNN as the lean forward's (on the CPU,
-        torch's own bfloat16 matmul of these narrow matrices is several times slower)."""
+        """The matmuls by A and B, on the lean forward's kernels as its own layer's (on the CPU, torch's
+        own bfloat16 matmul of these narrow matrices is several times slower)."""
         from runners.engine.lean import Linear
 
-        self.mm_a, self.mm_b = (Linear(self.a), Linear(self.b)) if self.rank else (None, None)
+        amx = getattr(self.base, "amx", None) is not None
+        self.mm_a, self.mm_b = (Linear(self.a, amx=amx), Linear(self.b, amx=amx)) if self.rank else (None, None)
 
     def _grow(self, rank: int) -> None:
         """``rank`` columns per slot; each slot's columns are kept (the new ones are zero)."""
