@@ -25,6 +25,7 @@ VARIANTS = {  # name: load_causal_lm options
     "lean float32": {"dtype": "float32", "forward": "lean"},
     "lean bfloat16": {"dtype": "bfloat16", "forward": "lean"},
     "lean bfloat16, eager attention": {"dtype": "bfloat16", "forward": "lean", "attention": "eager"},
+    "lean bfloat16, oneDNN matmul": {"dtype": "bfloat16", "forward": "lean", "matmul": "onednn"},
     "lean bfloat16, int8 weights": {"dtype": "bfloat16", "forward": "lean", "quantization": "int8"},
 }
 

@@ -208,7 +208,7 @@ def bench_bentochat(args, tag: str, tokenizer, workdir: Path
 
     config = workdir / "bentochat.yaml"
     extra = (f", quantization: {args.quantization}" if args.quantization else "") + \
-        (f", cpu_threads: {args.cpu_threads}" if args.cpu_threads else "") + f", attention: {args.attention}"
+        (f", cpu_threads: {args.cpu_threads}" if args.cpu_threads else "") + f", attention: {args.attention}, matmul: {args.matmul}"
     adapters = [write_random_adapter(bentoml.models.get(tag).path, workdir / f"lora-{i}", seed=i)
                 for i in range(1, args.lora + 1)]
     lora = f", adapters: [{', '.join(map(str, adapters))}]" if adapters else ""
@@ -353,7 +353,7 @@ PEER_NAMES = {"llamacpp": "llama.cpp llama-server", "vllm": "vLLM CPU backend"}
 def report(args, runs: dict[str, dict[int, Run]], bare: dict[int, float], generate: float,
            skipped: dict[str, str], lora: dict[str, list[Run]]) -> None:
     weights = f"{args.dtype}, int8 weights" if args.quantization else args.dtype
-    print(f"\nSmolLM2-135M-Instruct {weights}, {args.forward} forward ({args.attention} attention), on CPU ({os.cpu_count()} cores), {args.max_tokens} output tokens, "
+    print(f"\nSmolLM2-135M-Instruct {weights}, {args.forward} forward ({args.attention} attention, {args.matmul} matmul), on CPU ({os.cpu_count()} cores), {args.max_tokens} output tokens, "
           f"{args.requests} requests per client, greedy, streaming chat, prefix cache {args.prefix_cache_tokens} tokens"
           f" (llama.cpp: the {LLAMA_QUANT[args.dtype]} GGUF)\n")
     print(f"{'system':<26}{'conc':>5}{'tok/s':>9}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}{'ITL p50 ms':>12}")
@@ -420,6 +420,8 @@ def main() -> None:
     parser.add_argument("--quantization", choices=["int8"], help="BentoChat's and the engine's weights in int8")
     parser.add_argument("--attention", default="fused", choices=["fused", "eager"],
                         help="the lean forward's decode attention, as in bentochat.yaml")
+    parser.add_argument("--matmul", default="auto", choices=["auto", "onednn"],
+                        help="the lean forward's bfloat16 matmuls, as in bentochat.yaml")
     parser.add_argument("--cpu-threads", type=int, help="BentoChat's and the engine's torch threads (cpu_threads; unset: the runner's default)")
     parser.add_argument("--lora", type=int, default=3, help="adapters in BentoChat's mixed LoRA load (0: none)")
     parser.add_argument("--lora-concurrency", type=int, default=32, help="clients of the mixed LoRA load")
@@ -470,7 +472,7 @@ def main() -> None:
         threads = cpu_threads(ServedModel(id="bench", model=args.model, cpu_threads=args.cpu_threads))  # as the runner's
         torch.set_num_threads(threads(1))
         model = load_causal_lm(path, dtype=args.dtype, forward=args.forward, quantization=args.quantization,
-                               attention=args.attention)
+                               attention=args.attention, matmul=args.matmul)
         if "engine" not in args.skip:
             print("engine in-process ...", flush=True)
             runs["bentochat engine (no HTTP)"] = bench_engine(args, model, tokenizer, int(stored.info.metadata["context_length"]), threads)
