@@ -4,8 +4,8 @@ used by the lean forward's :class:`~runners.engine.lean.Linear` on CPUs with AMX
 
 Why a kernel of our own: a row gets the same result alone and in any batch by construction (oneDNN's
 bfloat16 kernels change some rows' sums past 32 rows on these CPUs), and on the 2-core development
-machine it reads the weights faster at batch 1 and multiplies 1.3x to 2.4x faster at batch 16 to 64
-than oneDNN's packed bfloat16 on one thread (see README, Performance). Where the CPU has no AMX, the
+machine, on one thread, it multiplies 1.4x to 2.0x faster than oneDNN's packed bfloat16 at batch 1
+to 64 (on two threads about as fast; see README, Performance). Where the CPU has no AMX, the
 compiler is missing or the build fails, :func:`ops` is None and the lean forward keeps oneDNN.
 
 ``python -m runners.engine.amx`` builds it and says whether it runs here.

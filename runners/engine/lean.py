@@ -262,7 +262,6 @@ class LeanCausalLM(torch.nn.Module):
     def __init__(self, model, int8: bool = False, fused_attention: bool = True, matmul: str = "auto"):
         super().__init__()
         self.fused_attention = fused_attention
-        self.amx = matmul == "auto" and fused_attention
         config = model.config
         self.config = config
         base = model.model
@@ -272,7 +271,7 @@ class LeanCausalLM(torch.nn.Module):
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
-        options = {"int8": int8, "amx": self.amx}
+        options = {"int8": int8, "amx": matmul == "auto" and fused_attention}
         self.layers = [_Layer(layer, **options) for layer in base.layers[:config.num_hidden_layers]]
         self.norm = base.norm.weight.detach()
         self.lm_head = _fused(model.lm_head, **options)
