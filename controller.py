@@ -364,8 +364,8 @@ class Model:
         task.add_done_callback(_background.discard)
 
     async def encode(self, texts: list[str]) -> list:
-        """Embeddings of ``texts``, in calls of at most ``ENCODE_CHUNK`` texts, which the runner's
-        adaptive batching merges with other callers' (a call larger than its batch would be refused)."""
+        """Embeddings of ``texts``, in calls of at most ``ENCODE_CHUNK`` texts, which the runner batches
+        with other callers' (so that a large input does not hold them back for its whole length)."""
         chunks = [texts[i:i + ENCODE_CHUNK] for i in range(0, len(texts), ENCODE_CHUNK)]
         return [v for part in await asyncio.gather(*(self._encode(c) for c in chunks)) for v in part]
 
@@ -376,7 +376,7 @@ class Model:
             try:
                 return await _unless_silent(replica.client.encode(texts=texts), replica.down)
             except Exception as e:
-                if getattr(e, "error_code", None) in (429, 503):  # it answered: too busy (BentoML's batcher)
+                if getattr(e, "error_code", None) in (429, 503):  # it answered: too many texts waiting
                     raise queue_full(self.id, 1) from e
                 self._failed(replica, e, last=attempt == ATTEMPTS - 1)
             finally:

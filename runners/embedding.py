@@ -1,20 +1,25 @@
-"""The embedding runner: one BentoML service per served embedding model, with adaptive batching."""
+"""The embedding runner: one BentoML service per served embedding model. Calls that arrive while a
+batch is being encoded wait and go together into the next one (up to EMBEDDING_MAX_BATCH texts); a
+call that finds the model free runs at once."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import typing as t
 from pathlib import Path
 
 import bentoml
 import numpy as np
+from bentoml.exceptions import ServiceUnavailable
 
 from models.config import ServedModel
 from runners.base import StoredModelRunner, resolve_dtype, service_options
 
 
 EMBEDDING_MAX_BATCH = 64  # texts encoded in one forward pass
+EMBEDDING_MAX_WAITING = 64 * EMBEDDING_MAX_BATCH  # texts waiting before a call is refused (the gateway's 429)
 
 
 def pooling_mode(model_dir: Path) -> str:
@@ -43,24 +48,56 @@ def embedding_runner(served: ServedModel) -> bentoml.Service:
             self.model.to(device).eval()
             self.device = device
             self.pooling = pooling_mode(path)
-            self.running = 0
+            self.running = 0  # calls in the batch being encoded
+            self.waiting: collections.deque[tuple[list[str], asyncio.Future]] = collections.deque()
+            self.waiting_texts = 0
+            self.worker: asyncio.Task | None = None
 
         @bentoml.api
         async def stats(self) -> t.Dict[str, int]:
-            """Calls being encoded, as the gateway's health poll reads a chat runner's queue."""
-            return {"running": self.running, "waiting": 0}
+            """Calls being encoded and waiting, as the gateway's health poll reads a chat runner's queue."""
+            return {"running": self.running, "waiting": len(self.waiting)}
 
-        # BentoML's batcher refuses (503) a call it expects to finish later than max_latency_ms; a
-        # second's worth was far too little for 64 callers at once on a CPU. The gateway splits large
-        # inputs into calls of a few texts each, and answers 429 when this still refuses.
-        @bentoml.api(batchable=True, max_batch_size=EMBEDDING_MAX_BATCH, max_latency_ms=60_000)
+        # Not BentoML's adaptive batching: its dispatcher holds a call back for about the mean wait of
+        # the last 50 batches, so after a burst a lone call waited seconds with the model idle.
+        @bentoml.api
         async def encode(self, texts: t.List[str]) -> np.ndarray:
-            """Normalized sentence embeddings; concurrent calls are batched by BentoML."""
-            self.running += 1
-            try:
-                return await asyncio.to_thread(self._encode, texts)
-            finally:
-                self.running -= 1
+            """Normalized sentence embeddings of ``texts``, encoded with whatever else is waiting."""
+            if self.waiting_texts + len(texts) > EMBEDDING_MAX_WAITING:
+                raise ServiceUnavailable(f"{self.waiting_texts} texts are waiting to be encoded")
+            future = asyncio.get_running_loop().create_future()
+            self.waiting.append((texts, future))
+            self.waiting_texts += len(texts)
+            if self.worker is None or self.worker.done():
+                self.worker = asyncio.create_task(self._drain())
+            return await future  # a caller that leaves cancels it, and the worker skips it
+
+        async def _drain(self) -> None:
+            while self.waiting:
+                batch, size = [], 0
+                while self.waiting and (not batch or size + len(self.waiting[0][0]) <= EMBEDDING_MAX_BATCH):
+                    texts, future = self.waiting.popleft()
+                    self.waiting_texts -= len(texts)
+                    if not future.done():
+                        batch.append((texts, future))
+                        size += len(texts)
+                if not batch:
+                    continue
+                self.running = len(batch)
+                try:
+                    vectors = await asyncio.to_thread(self._encode, [text for texts, _ in batch for text in texts])
+                except Exception as e:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(e)
+                    continue
+                finally:
+                    self.running = 0
+                start = 0
+                for texts, future in batch:
+                    if not future.done():
+                        future.set_result(vectors[start:start + len(texts)])
+                    start += len(texts)
 
         def _encode(self, texts: list[str]) -> np.ndarray:
             import torch
