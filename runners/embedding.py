@@ -50,7 +50,6 @@ def embedding_runner(served: ServedModel) -> bentoml.Service:
             self.pooling = pooling_mode(path)
             self.running = 0  # calls in the batch being encoded
             self.waiting: collections.deque[tuple[list[str], asyncio.Future]] = collections.deque()
-            self.waiting_texts = 0
             self.worker: asyncio.Task | None = None
 
         @bentoml.api
@@ -63,11 +62,11 @@ def embedding_runner(served: ServedModel) -> bentoml.Service:
         @bentoml.api
         async def encode(self, texts: t.List[str]) -> np.ndarray:
             """Normalized sentence embeddings of ``texts``, encoded with whatever else is waiting."""
-            if self.waiting_texts + len(texts) > EMBEDDING_MAX_WAITING:
-                raise ServiceUnavailable(f"{self.waiting_texts} texts are waiting to be encoded")
+            waiting = sum(len(queued) for queued, _ in self.waiting)
+            if waiting + len(texts) > EMBEDDING_MAX_WAITING:
+                raise ServiceUnavailable(f"{waiting} texts are waiting to be encoded")
             future = asyncio.get_running_loop().create_future()
             self.waiting.append((texts, future))
-            self.waiting_texts += len(texts)
             if self.worker is None or self.worker.done():
                 self.worker = asyncio.create_task(self._drain())
             return await future  # a caller that leaves cancels it, and the worker skips it
@@ -77,7 +76,6 @@ def embedding_runner(served: ServedModel) -> bentoml.Service:
                 batch, size = [], 0
                 while self.waiting and (not batch or size + len(self.waiting[0][0]) <= EMBEDDING_MAX_BATCH):
                     texts, future = self.waiting.popleft()
-                    self.waiting_texts -= len(texts)
                     if not future.done():
                         batch.append((texts, future))
                         size += len(texts)
