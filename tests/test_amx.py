@@ -49,3 +49,19 @@ def test_up_to_32_rows_the_same_bits_as_onednn():
         assert onednn.packed
         for m in (1, 7, 32):
             assert torch.equal(Linear(weight, amx=True)(x[:m]), onednn(x[:m])), (out, inner, m)
+
+
+def test_the_same_bits_on_one_thread_and_on_every_core():
+    """The kernel splits its panels over torch's threads (OpenMP), each thread with its own tiles: the
+    split changes no output."""
+    generator = torch.Generator().manual_seed(2)
+    weight = (torch.randn(3072, 576, generator=generator) * 0.05).bfloat16()
+    x = torch.randn(40, 576, generator=generator).bfloat16()
+    linear, threads = Linear(weight, amx=True), torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [linear(x[:m]) for m in (1, 17, 40)]
+        torch.set_num_threads(max(2, threads))
+        assert all(torch.equal(linear(x[:m]), y) for m, y in zip((1, 17, 40), one))
+    finally:
+        torch.set_num_threads(threads)

@@ -4,8 +4,9 @@ used by the lean forward's :class:`~runners.engine.lean.Linear` on CPUs with AMX
 
 Why a kernel of our own: a row gets the same result alone and in any batch by construction (oneDNN's
 bfloat16 kernels change some rows' sums past 32 rows on these CPUs), and on the 2-core development
-machine, on one thread, it multiplies 1.4x to 2.0x faster than oneDNN's packed bfloat16 at batch 1
-to 64 (on two threads about as fast; see README, Performance). Where the CPU has no AMX, the
+machine it multiplies 1.3x to 2.4x faster than oneDNN's packed bfloat16 at batch 1 to 64, on one
+thread and on two (see README, Performance). Its panels are split over torch's threads with OpenMP
+(``-fopenmp``: without it ATen's ``parallel_for`` runs on one thread). Where the CPU has no AMX, the
 compiler is missing or the build fails, :func:`ops` is None and the lean forward keeps oneDNN.
 
 ``python -m runners.engine.amx`` builds it and says whether it runs here.
@@ -24,7 +25,7 @@ logger = logging.getLogger("bentochat.engine")
 
 SOURCE = Path(__file__).parent / "kernels" / "amx_linear.cpp"
 PANEL, CHUNK = 64, 32  # output features per panel and inner elements per chunk, as in the kernel
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
+FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
 
 _ops: object | None = None
 _tried = False
@@ -54,7 +55,7 @@ def ops():
         from torch.utils.cpp_extension import load
 
         logger.info("loading BentoChat's AMX matmul (a first build takes about 20 s)")
-        load("bentochat_amx", [str(SOURCE)], extra_cflags=FLAGS, is_python_module=False)
+        load("bentochat_amx", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
         if not torch.ops.bentochat.amx_available():
             raise RuntimeError("the kernel refused AMX's tile state (arch_prctl)")
     except Exception as e:  # a failed build or load leaves oneDNN's kernels, which give the same answers
