@@ -103,8 +103,8 @@ def cpu_threads(served: ServedModel) -> Callable[[int], int]:
     """Torch threads for a step of n sequences on CPU: ``cpu_threads`` if set; else every core this process
     may use while a step has at most ``LIGHT_BATCH`` sequences, and every core but one above that, where
     the gateway's and the runner's streams of tokens need a core of their own. Measured on 2 cores
-    (README, Performance): two threads gave 1.03x-1.57x the tokens/s of one up to concurrency 16, about
-    the same at 32 (0.81x-1.12x)."""
+    (README, Performance): two threads gave 0.94x-1.57x the tokens/s of one up to concurrency 16, about
+    the same at 32 (0.81x-1.17x)."""
     if served.cpu_threads:
         return lambda n: served.cpu_threads
     cores = len(os.sched_getaffinity(0))
