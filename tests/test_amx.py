@@ -65,3 +65,20 @@ def test_the_same_bits_on_one_thread_and_on_every_core():
         assert all(torch.equal(linear(x[:m]), y) for m, y in zip((1, 17, 40), one))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path):
+    """torch's extension loader waits for ever while its build lock exists; a build killed halfway
+    (a runner stopped during its first start) leaves one."""
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    amx.clear_stale_lock(tmp_path)
+    assert lock.exists()  # another process may be building right now
+    old = time.time() - amx.STALE_LOCK_SECONDS - 1
+    os.utime(lock, (old, old))
+    amx.clear_stale_lock(tmp_path)
+    assert not lock.exists()
+    amx.clear_stale_lock(tmp_path)  # no lock: nothing to do

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -39,6 +40,29 @@ def cpu_has_amx() -> bool:
     return {"amx_tile", "amx_bf16", "avx512_bf16"} <= set(flags.split())
 
 
+# A build lock older than this was left by a process killed while it built (a build takes about 20 s).
+STALE_LOCK_SECONDS = 300
+
+
+def build_directory() -> Path:
+    """Where the kernel is built: ``bentochat_amx`` under torch's extension root (``TORCH_EXTENSIONS_DIR``,
+    by default ``~/.cache/torch_extensions``)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(get_default_build_root()) / "bentochat_amx"
+
+
+def clear_stale_lock(directory: Path) -> None:
+    """Remove the build lock a killed build left behind: torch's loader waits for it to go, for ever."""
+    lock = directory / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            logger.warning("removing %s, left by a build that did not finish", lock)
+            lock.unlink()
+    except FileNotFoundError:
+        pass
+
+
 def ops():
     """``torch.ops.bentochat`` with ``amx_linear``, built and loaded on first call; None where this
     CPU or machine cannot run it (the reason is logged once)."""
@@ -55,7 +79,11 @@ def ops():
         from torch.utils.cpp_extension import load
 
         logger.info("loading BentoChat's AMX matmul (a first build takes about 20 s)")
-        load("bentochat_amx", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
+        directory = build_directory()
+        directory.mkdir(parents=True, exist_ok=True)
+        clear_stale_lock(directory)
+        load("bentochat_amx", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+             build_directory=str(directory), is_python_module=False)
         if not torch.ops.bentochat.amx_available():
             raise RuntimeError("the kernel refused AMX's tile state (arch_prctl)")
     except Exception as e:  # a failed build or load leaves oneDNN's kernels, which give the same answers
