@@ -2,6 +2,9 @@
 size, close to float32's product, with a bias and with shapes that do not fill its panels. Skipped
 where the CPU has no AMX."""
 
+import os
+import time
+
 import pytest
 import torch
 
@@ -70,9 +73,6 @@ def test_the_same_bits_on_one_thread_and_on_every_core():
 def test_a_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path):
     """torch's extension loader waits for ever while its build lock exists; a build killed halfway
     (a runner stopped during its first start) leaves one."""
-    import os
-    import time
-
     lock = tmp_path / "lock"
     lock.touch()
     amx.clear_stale_lock(tmp_path)
