@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 logger = logging.getLogger("bentochat.engine")
 
-SOURCE = Path(__file__).parent / "kernels" / "amx_linear.cpp"
+KERNELS = Path(__file__).parent / "kernels"
+SOURCES = [KERNELS / "amx_linear.cpp", KERNELS / "decode_step.cpp"]
 PANEL, CHUNK = 64, 32  # output features per panel and inner elements per chunk, as in the kernel
 FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
 
@@ -82,7 +83,7 @@ def ops():
         directory = build_directory()
         directory.mkdir(parents=True, exist_ok=True)
         clear_stale_lock(directory)
-        load("bentochat_amx", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+        load("bentochat_amx", [str(s) for s in SOURCES], extra_cflags=FLAGS, extra_include_paths=[str(KERNELS)], extra_ldflags=["-fopenmp"],
              build_directory=str(directory), is_python_module=False)
         if not torch.ops.bentochat.amx_available():
             raise RuntimeError("the kernel refused AMX's tile state (arch_prctl)")

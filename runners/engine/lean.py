@@ -275,6 +275,37 @@ class LeanCausalLM(torch.nn.Module):
         self.layers = [_Layer(layer, **options) for layer in base.layers[:config.num_hidden_layers]]
         self.norm = base.norm.weight.detach()
         self.lm_head = _fused(model.lm_head, **options)
+        self.vocab = model.lm_head.weight.shape[0]
+        self.native = self._native_arguments()
+
+    def _matmuls(self) -> list:
+        """The linear layers in the native decode step's order: per layer qkv, o, gate_up, down, then
+        lm_head (each a ``Linear``, or a LoRA adapter's wrapper around one)."""
+        return [*(getattr(layer, attr) for layer in self.layers for attr in ("qkv", "o", "gate_up", "down")),
+                self.lm_head]
+
+    def _native_arguments(self) -> tuple | None:
+        """The weights as BentoChat's native decode step takes them (``kernels/decode_step.cpp``), where
+        every matmul runs on the AMX kernel (bfloat16, fused attention, no int8); else None."""
+        linears = self._matmuls()
+        if any(linear.amx is None for linear in linears):
+            return None
+        qwen3 = self.layers[0].q_norm is not None
+        return ([linear.amx for linear in linears], [linear.amx_bias for linear in linears],
+                [norm for layer in self.layers for norm in (layer.norm1, layer.norm2)],
+                [norm for layer in self.layers for norm in (layer.q_norm, layer.k_norm)] if qwen3 else [])
+
+    def _lora_arguments(self) -> tuple[list, list, list]:
+        """Per matmul (:meth:`_matmuls`), the LoRA adapters' stacked A and B and this step's row mask
+        (``lora.LoRALinear``) where a row of the step runs on an adapter that changes it; three empty
+        lists when no row does."""
+        a, b, masks = [], [], []
+        for linear in self._matmuls():
+            mask = linear.rows.mask(linear) if hasattr(linear, "rows") else None
+            a.append(linear.mm_a.amx if mask is not None else None)
+            b.append(linear.mm_b.amx if mask is not None else None)
+            masks.append(mask)
+        return (a, b, masks) if any(m is not None for m in masks) else ([], [], [])
 
     def linear_parts(self) -> dict:
         """transformers' name of each linear layer -> where the lean forward computes it (LoRA adapters
@@ -296,6 +327,23 @@ class LeanCausalLM(torch.nn.Module):
 
     def get_input_embeddings(self):
         return self.embed_tokens
+
+    @torch.inference_mode()
+    def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: list) -> torch.Tensor:
+        """One decode step in BentoChat's native kernel (where :attr:`native` is set): ``input_ids`` [rows]
+        the new tokens, row r at position ``positions[r]`` of slot r of the slot cache ``kv`` (per layer,
+        ``(keys, values)`` [slots, kv_heads, columns, head_dim]), where its key and value are written.
+        Returns the next-token logits [rows, vocab] in float32. Each row attends over its own columns
+        only, so a row gets the same result alone and in any batch. Rows on LoRA adapters (selected for
+        this step, ``lora.Adapters.select``) get their adapter's deltas."""
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(h, positions[:, None])
+        weights, biases, norms, head_norms = self.native
+        logits = torch.ops.bentochat.decode_step(
+            h, positions, cos[:, 0].contiguous(), sin[:, 0].contiguous(), weights, biases, *self._lora_arguments(),
+            norms, head_norms, self.norm, [k for k, _ in kv], [v for _, v in kv], self.heads, self.kv_heads,
+            self.config.intermediate_size, self.vocab, self.eps)
+        return logits.float()
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

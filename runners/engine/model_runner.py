@@ -332,20 +332,25 @@ class ModelRunner:
         slots = self.slots.arrange(seqs)
         rows = self.slots.rows
         lengths = torch.tensor([s.num_cached for s in rows], device=self.device)
-        width = int(lengths.max()) + 1
-        kwargs = {}
-        if self.lean:  # every row's columns start at 0: a width in whole multiples lets it attend fused
-            width = decode_width(width)  # (within the buffers: COLUMNS_CHUNK is a multiple of it)
-            kwargs["aligned"] = True
-        mask = (torch.arange(width, device=self.device) <= lengths.unsqueeze(1)).long()
-        input_ids = torch.tensor([[s.output_ids[-1]] for s in rows], device=self.device)
-        logits, _ = self._run(input_ids, self.slots.model_cache(lengths, width), rows, attention_mask=mask,
-                              position_ids=lengths.unsqueeze(1), **kwargs)
+        input_ids = torch.tensor([s.output_ids[-1] for s in rows], device=self.device)
+        if self.lean and self.model.native is not None:
+            self.adapters.select(rows)
+            logits = self.model.decode_step(input_ids, lengths, self.slots.kv)  # the whole step in C++
+        else:
+            width = int(lengths.max()) + 1
+            kwargs = {}
+            if self.lean:  # every row's columns start at 0: a width in whole multiples lets it attend fused
+                width = decode_width(width)  # (within the buffers: COLUMNS_CHUNK is a multiple of it)
+                kwargs["aligned"] = True
+            mask = (torch.arange(width, device=self.device) <= lengths.unsqueeze(1)).long()
+            logits, _ = self._run(input_ids[:, None], self.slots.model_cache(lengths, width), rows, attention_mask=mask,
+                                  position_ids=lengths.unsqueeze(1), **kwargs)
+            logits = logits[:, -1]
         for seq in rows:
             seq.num_cached += 1
         if slots == list(range(len(rows))):  # the rows in their slots' order: no gather
-            return logits[:, -1]
-        return logits[torch.tensor(slots, device=self.device), -1]
+            return logits
+        return logits[torch.tensor(slots, device=self.device)]
 
     def _arrange(self, seqs: list) -> None:
         """Make the batch cache's rows exactly ``seqs``: drop rows that left, join new sequences.

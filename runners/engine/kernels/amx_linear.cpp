@@ -9,9 +9,10 @@
 // Packed W: [P][KC][4][16][16][2] bfloat16 for P panels of 64 output features and KC chunks of 32 of
 // the inner dimension: in each chunk, four B tiles of 16 features, each 16 rows of (feature, pair of
 // inner elements), the layout TDPBF16PS reads.
+#include "amx_linear.h"
+
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <torch/library.h>
@@ -36,14 +37,18 @@ void configure(int rows) {
   _tile_loadconfig(&c);
 }
 
-bool available() {
+}  // namespace
+
+namespace bentochat {
+
+bool amx_available() {
   // Linux hands a process AMX's tile state only once it asks (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
   static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
   return granted;
 }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(available(), "this process may not use AMX");
+at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(amx_available(), "this process may not use AMX");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && w.dim() == 6);
   const int64_t panels = w.size(0), chunks = w.size(1), k = x.size(-1);
   TORCH_CHECK(k <= chunks * CHUNK && n <= panels * PANEL, "x or n does not fit the packed weight");
@@ -105,9 +110,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10
   return y.view(out_shape);
 }
 
-}  // namespace
+}  // namespace bentochat
 
-TORCH_LIBRARY(bentochat, m) {
-  m.def("amx_available() -> bool", [] { return available(); });
-  m.def("amx_linear(Tensor x, Tensor w, int n, Tensor? bias) -> Tensor", linear);
+TORCH_LIBRARY_FRAGMENT(bentochat, m) {
+  m.def("amx_available() -> bool", [] { return bentochat::amx_available(); });
+  m.def("amx_linear(Tensor x, Tensor w, int n, Tensor? bias) -> Tensor", bentochat::amx_linear);
 }
