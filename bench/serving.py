@@ -308,6 +308,7 @@ def bench_engine(args, model, tokenizer, context: int, threads) -> dict[int, Run
             run.seconds = time.perf_counter() - start
 
         asyncio.run(load())
+        engine.close()  # (its thread's OpenMP team would slow the next one's: see leave_cores_to_the_engine)
         results[c] = run
     return results
 
@@ -469,8 +470,10 @@ def main() -> None:
 
         from runners.chat import cpu_threads
 
+        from runners.engine.llm_engine import leave_cores_to_the_engine
+
         threads = cpu_threads(ServedModel(id="bench", model=args.model, cpu_threads=args.cpu_threads))  # as the runner's
-        torch.set_num_threads(threads(1))
+        leave_cores_to_the_engine()  # as the runner: the engine's thread is the one with more
         model = load_causal_lm(path, dtype=args.dtype, forward=args.forward, quantization=args.quantization,
                                attention=args.attention, matmul=args.matmul)
         if "engine" not in args.skip:

@@ -134,20 +134,28 @@ def stored_adapter_path(stored, what: str = "adapter") -> str:
     return stored.path
 
 
+def read_adapter(engine, name: str, path: str):
+    """``engine.adapters.read`` on a worker thread, its torch operations kept on that one thread."""
+    from runners.engine.llm_engine import leave_cores_to_the_engine
+
+    leave_cores_to_the_engine()
+    return engine.adapters.read(name, path)
+
+
 def chat_runner(served: ServedModel) -> bentoml.Service:
     class ChatRunner(StoredModelRunner):
         model_ref = bentoml.models.BentoModel(served.model)  # a class attribute, so `bentoml build` packs it
 
         def __init__(self) -> None:
-            import torch
             from transformers import AutoTokenizer
 
             from runners.engine import AsyncLLMEngine, LLMEngine, ModelRunner
+            from runners.engine.llm_engine import leave_cores_to_the_engine
 
             stored = self.model_ref  # the attribute resolves to the stored model
             threads = None if served.gpus else cpu_threads(served)
-            if threads is not None:
-                torch.set_num_threads(threads(1))
+            if threads is not None:  # the engine's thread sets its own count before each step
+                leave_cores_to_the_engine()
             model = load_causal_lm(stored.path, dtype=served.dtype, gpus=served.gpus,
                                    max_gpu_memory=served.max_gpu_memory, trust_remote_code=served.trust_remote_code,
                                    forward=served.forward, quantization=served.quantization,
@@ -246,7 +254,7 @@ def chat_runner(served: ServedModel) -> bentoml.Service:
             engine = self.engine.engine
             try:
                 path = await asyncio.to_thread(adapter_path, source, "lora_path")
-                adapter = await asyncio.to_thread(engine.adapters.read, name, path)  # reads files: not on the loop
+                adapter = await asyncio.to_thread(read_adapter, engine, name, path)  # reads files: not on the loop
                 await self.engine.call(engine.add_adapter, adapter)
             except AdapterError as e:
                 return {"error": str(e)}
