@@ -249,7 +249,10 @@ def test_logprobs_are_the_models_distribution(model, engine):
     events = []
     while engine.scheduler.has_work:
         events += [ev for s, ev in engine.step() if s is seq]
-    expected = torch.log_softmax(model(torch.tensor([PROMPT])).logits[0, -1].float(), dim=-1)
+    # the logits of the prompt's last token, from the forward pass the engine runs (the native one, where
+    # it runs: its bits differ a little from the Python forward's)
+    logits = ModelRunner(model).prefill(Sequence("alone", PROMPT, SamplingParams()), len(PROMPT))
+    expected = torch.log_softmax(logits.float(), dim=-1)
     first = events[0]
     assert first.logprob == pytest.approx(expected[first.token_id].item(), abs=1e-4)
     assert [t for t, _ in first.top_logprobs] == expected.topk(3).indices.tolist()
@@ -433,3 +436,23 @@ def test_a_dead_engine_thread_is_reported_not_silent(engine, monkeypatch):
         return a.alive
 
     assert asyncio.run(run()) is False
+
+
+def test_a_closed_engine_ends_its_thread_fails_what_it_held_and_refuses_more(engine):
+    from runners.engine.llm_engine import EngineError
+
+    async def run():
+        a = AsyncLLMEngine(engine)
+        done = await _collect(a, "before", PROMPT, SamplingParams(max_tokens=4, temperature=0))
+        held = asyncio.ensure_future(_collect(a, "held", PROMPT, SamplingParams(max_tokens=10_000, min_tokens=10_000)))
+        while not engine.scheduler.running:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(a.close)
+        with pytest.raises(EngineError, match="closed"):
+            await held
+        with pytest.raises(EngineError):
+            await _collect(a, "later", PROMPT, SamplingParams(max_tokens=4))
+        return done, a.alive, a._thread.is_alive()
+
+    done, alive, thread = asyncio.run(run())
+    assert len(done) == 4 and alive is False and thread is False

@@ -12,12 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from runners.base import load_causal_lm, resolve_dtype
-from runners.engine import LLMEngine, ModelRunner, SamplingParams
+from runners.engine import LLMEngine, ModelRunner, SamplingParams, Sequence
+from runners.engine.amx import ops as amx_ops
 from runners.engine.lean import LeanCausalLM, Linear, cpu_bf16, decode_width, fused_decode, invariance, unsupported
 
 MIXED = [[1, 7], [1, 20, 30, 40, 50], [1] + list(range(100, 131)), [1, 250, 12, 9, 77, 5, 61, 200, 18, 3, 90]]
 N = 16
 bf16_packed = pytest.mark.skipif(not cpu_bf16(), reason="this CPU has no bfloat16 instructions for oneDNN")
+amx_kernel = pytest.mark.skipif(amx_ops() is None, reason="no AMX matmul on this machine (CPU or compiler)")
 
 
 def tiny(family: str, dtype=torch.float32, intermediate: int = 96, scale: float = 0.3, **extra):
@@ -59,6 +61,55 @@ def test_each_family_decodes_as_model_generate_alone(family, extra):
     answers = batched(lean)
     assert answers == [alone(model, p) for p in MIXED]
     assert len({tuple(a) for a in answers}) == len(MIXED)  # rows did not get mixed up
+
+
+def decode_step(lean, rows: list[list[int]], native: bool) -> torch.Tensor:
+    """One decode step's logits for the last token of each of ``rows`` (of any lengths) after the rest
+    of it (prefilled), all rows in one step on the model runner's slot cache: the native forward or the
+    Python one."""
+    saved = lean.native
+    try:
+        lean.native = saved if native else None
+        runner = ModelRunner(lean)
+        engine = LLMEngine(runner, max_num_seqs=len(rows), max_model_len=256)
+        seqs = [Sequence(f"r{i}", row[:-1], SamplingParams(max_tokens=2, temperature=0)) for i, row in enumerate(rows)]
+        for seq in seqs:
+            engine.add(seq)
+        engine.step()  # the prompts prefilled, a first token sampled: replaced by the row's last
+        for seq, row in zip(seqs, rows):
+            seq.output_ids[-1] = row[-1]
+        return runner.decode(seqs)
+    finally:
+        lean.native = saved
+
+
+@amx_kernel
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_the_native_forward_computes_the_python_forwards_maths(family):
+    """BentoChat's native forward pass (every layer in one C++ call, on the AMX matmul), which prefills
+    and decodes bfloat16 models there, computes what the lean forward's Python path does: a decode step's
+    logits within bfloat16's rounding of the Python step's, the same greedy choices, and no further from
+    float32's; a row gets the same bits alone and in any batch, on one thread and on two; and the engine
+    decodes each prompt alone as in a batch."""
+    model = tiny(family, torch.bfloat16)
+    lean = LeanCausalLM(model)
+    assert lean.native is not None
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, 300, (n,), generator=generator).tolist() for n in (2, 7, 30, 65, 16, 100, 3, 41)]
+    native, python = decode_step(lean, rows, True), decode_step(lean, rows, False)
+    reference = decode_step(LeanCausalLM(tiny(family, torch.float32)), rows, False)
+    assert torch.allclose(native, python, rtol=2 ** -6, atol=0.02 * float(python.abs().max()))
+    assert torch.equal(native.argmax(-1), python.argmax(-1))
+    assert (native - reference).abs().mean() <= 1.25 * (python - reference).abs().mean()
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert all(torch.equal(decode_step(lean, [rows[r]], True)[0], native[r]) for r in range(len(rows)))
+    finally:
+        torch.set_num_threads(before)
+    engine = LLMEngine(ModelRunner(lean), max_num_seqs=8, max_model_len=256)
+    assert batched(lean) == [engine.generate(p, SamplingParams(max_tokens=N, temperature=0)) for p in MIXED]
 
 
 @bf16_packed

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 logger = logging.getLogger("bentochat.engine")
 
 KERNELS = Path(__file__).parent / "kernels"
-SOURCES = [KERNELS / "amx_linear.cpp", KERNELS / "decode_step.cpp"]
+SOURCES = [KERNELS / "amx_linear.cpp", KERNELS / "forward.cpp"]
 PANEL, CHUNK = 64, 32  # output features per panel and inner elements per chunk, as in the kernel
 FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
 

@@ -329,19 +329,22 @@ class LeanCausalLM(torch.nn.Module):
         return self.embed_tokens
 
     @torch.inference_mode()
-    def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: list) -> torch.Tensor:
-        """One decode step in BentoChat's native kernel (where :attr:`native` is set): ``input_ids`` [rows]
-        the new tokens, row r at position ``positions[r]`` of slot r of the slot cache ``kv`` (per layer,
-        ``(keys, values)`` [slots, kv_heads, columns, head_dim]), where its key and value are written.
-        Returns the next-token logits [rows, vocab] in float32. Each row attends over its own columns
-        only, so a row gets the same result alone and in any batch. Rows on LoRA adapters (selected for
-        this step, ``lora.Adapters.select``) get their adapter's deltas."""
+    def forward_rows(self, input_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, kv: list,
+                     logit_rows: torch.Tensor) -> torch.Tensor:
+        """BentoChat's native forward pass (``kernels/forward.cpp``, where :attr:`native` is set), for
+        prefill and decode alike: row r is token ``input_ids[r]`` at position ``positions[r]`` of slot
+        ``slots[r]`` of the cache ``kv`` (per layer ``(keys, values)``, [slots, kv_heads, columns,
+        head_dim]), where its key and value are written before any row attends, so that a prompt's rows
+        see each other causally. Returns the float32 logits of the rows ``logit_rows`` names. A row's
+        result depends on its own slot's columns only: a token gets the same bits alone and in any batch
+        or chunk. Rows on LoRA adapters (selected for these rows, ``lora.Adapters.select``) get their
+        adapter's deltas."""
         h = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(h, positions[:, None])
+        cos, sin = self.rotary_emb(h, positions[None])
         weights, biases, norms, head_norms = self.native
-        logits = torch.ops.bentochat.decode_step(
-            h, positions, cos[:, 0].contiguous(), sin[:, 0].contiguous(), weights, biases, *self._lora_arguments(),
-            norms, head_norms, self.norm, [k for k, _ in kv], [v for _, v in kv], self.heads, self.kv_heads,
+        logits = torch.ops.bentochat.forward(
+            h, slots, positions, logit_rows, cos[0], sin[0], weights, biases, *self._lora_arguments(), norms,
+            head_norms, self.norm, [k for k, _ in kv], [v for _, v in kv], self.heads, self.kv_heads,
             self.config.intermediate_size, self.vocab, self.eps)
         return logits.float()
 

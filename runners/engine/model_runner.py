@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -223,6 +224,8 @@ class ModelRunner:
         self.kv: KV | None = None  # its row i holds rows[i].num_cached tokens, right-aligned
         self.slots = SlotCache()  # "dynamic" form: the batch cache, one slot per sequence
         self.form = self._probe()  # "dynamic" | "tuple" | "sequential"
+        # BentoChat's native forward pass prefills and decodes (lean.LeanCausalLM.forward_rows)
+        self.native = self.lean and model.native is not None and self.form == "dynamic"
         logger.info("decoding %s", f"in batches ({self.form} cache)" if self.batched else "one sequence at a time")
 
     @torch.inference_mode()
@@ -256,6 +259,10 @@ class ModelRunner:
     def prefill(self, seq, max_tokens: int) -> torch.Tensor | None:
         """Feed up to ``max_tokens`` more prompt tokens of ``seq`` into its own cache; return the
         next-token logits once the whole prompt is in, else None."""
+        if self.native:
+            n = min(max_tokens, seq.num_prompt_tokens - seq.num_cached)
+            logits = self._prefill_native([(seq, n)])
+            return logits[0] if seq.num_cached == seq.num_prompt_tokens else None
         start = seq.num_cached
         ids = seq.prompt_ids[start:start + max_tokens]
         kwargs, cache = {}, seq.cache
@@ -278,6 +285,8 @@ class ModelRunner:
         is ``[padding][its cached tokens][padding][its new tokens]``: the cached parts and the new
         parts are each right-aligned, and the mask hides both paddings.
         """
+        if self.native:
+            return self._prefill_native([(s, s.num_prompt_tokens - s.num_cached) for s in seqs])
         cached = [s.num_cached for s in seqs]
         new = [s.prompt_ids[s.num_cached:] for s in seqs]
         past, width = max(cached), max(map(len, new))
@@ -299,6 +308,36 @@ class ModelRunner:
             seq.cache = [tuple(torch.cat([t[i:i + 1, :, cols] for cols in keep], dim=2) for t in pair) for pair in kv]
             seq.num_cached = seq.num_prompt_tokens
         return logits[:, -1]
+
+    def _prefill_native(self, work: list) -> torch.Tensor:
+        """The next ``n`` prompt tokens of each ``(seq, n)`` of ``work`` in one native forward pass: row
+        after row, each sequence in a slot of a cache made for this pass (its cached tokens copied in);
+        returns the logits of each sequence's last new token. Each sequence keeps its slot's keys and
+        values (a view where it is alone in the pass, else a copy, so that no sequence's cache holds the
+        others' memory)."""
+        model, device = self.model, self.device
+        ends = [seq.num_cached + n for seq, n in work]
+        shape = (len(work), model.kv_heads, max(ends), model.head_dim)
+        kv = [(torch.empty(shape, dtype=model.norm.dtype, device=device),
+               torch.empty(shape, dtype=model.norm.dtype, device=device)) for _ in model.layers]
+        ids, slots, positions = [], [], []
+        for i, (seq, n) in enumerate(work):
+            start = seq.num_cached
+            for (k, v), (ck, cv) in zip(kv, seq.cache or []):
+                k[i, :, :start], v[i, :, :start] = ck[0], cv[0]
+            ids += seq.prompt_ids[start:start + n]
+            slots += [i] * n
+            positions += range(start, start + n)
+        self.adapters.select([seq for seq, n in work for _ in range(n)])
+        last = [row - 1 for row in accumulate(n for _, n in work)]  # each sequence's last row
+        logits = model.forward_rows(*(torch.tensor(t, device=device) for t in (ids, slots, positions)), kv,
+                                    torch.tensor(last, device=device))
+        for i, ((seq, _), end) in enumerate(zip(work, ends)):
+            seq.cache = [(k[i:i + 1, :, :end], v[i:i + 1, :, :end]) for k, v in kv]
+            if len(work) > 1:
+                seq.cache = [(k.clone(), v.clone()) for k, v in seq.cache]
+            seq.num_cached = end
+        return logits
 
     @torch.inference_mode()
     def decode(self, seqs: list) -> torch.Tensor:
@@ -333,9 +372,10 @@ class ModelRunner:
         rows = self.slots.rows
         lengths = torch.tensor([s.num_cached for s in rows], device=self.device)
         input_ids = torch.tensor([s.output_ids[-1] for s in rows], device=self.device)
-        if self.lean and self.model.native is not None:
+        if self.native:
             self.adapters.select(rows)
-            logits = self.model.decode_step(input_ids, lengths, self.slots.kv)  # the whole step in C++
+            index = torch.arange(len(rows), device=self.device)  # row i in slot i, its logits
+            logits = self.model.forward_rows(input_ids, index, lengths, self.slots.kv, index)
         else:
             width = int(lengths.max()) + 1
             kwargs = {}
