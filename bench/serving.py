@@ -323,7 +323,7 @@ def bench_bare(args, model, tokenizer, threads) -> tuple[dict[int, float], float
     bare = {}
     with torch.inference_mode():
         for b in args.concurrency:
-            torch.set_num_threads(threads(b))
+            torch.set_num_threads(threads)
             out = model(input_ids=torch.tensor([ids] * b), use_cache=True)
             cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
             start = time.perf_counter()
@@ -333,7 +333,6 @@ def bench_bare(args, model, tokenizer, threads) -> tuple[dict[int, float], float
             bare[b] = b * args.max_tokens / (time.perf_counter() - start)
         if not hasattr(model, "generate"):
             return bare, 0.0
-        torch.set_num_threads(threads(1))
         model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)  # warm-up
         start = time.perf_counter()
         n = args.max_tokens

@@ -73,8 +73,7 @@ class ServedModel(BaseModel):
     quantization: Literal["int8"] | None = Field(default=None, description="int8: weights stored and multiplied "
                                                                            "as int8 (FastChat --load-8bit)")
     cpu_threads: int | None = Field(default=None, ge=1, description="torch threads of this model's runner on "
-                                    "CPU; unset: every core while a step has at most 16 sequences, every core but "
-                                    "one (left to the gateway and HTTP) above that")
+                                    "CPU; unset: every core")
     forward: Literal["lean", "transformers"] = Field(default="lean", description="lean: BentoChat's own forward "
                                                      "for Llama, Mistral, Qwen2 and Qwen3; transformers: theirs")
     attention: Literal["fused", "eager"] = Field(default="fused", description="the lean forward's decode step on "

@@ -34,6 +34,7 @@ def service_options(served: ServedModel, kind: str) -> dict:
         "traffic": traffic,
         "runner_connection": NEVER_RECYCLE,
         "workers": 1,  # one engine per model replica; scale with replicas, not workers
+        "tracing": {"excluded_urls": ["/generate"]},
     }
 
 

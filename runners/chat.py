@@ -19,7 +19,7 @@ import os
 import sys
 import time
 import typing as t
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import bentoml
@@ -95,20 +95,11 @@ TPOT = bentoml.metrics.Histogram("bentochat_time_per_output_token_seconds", "Bet
                                  labelnames=["model"], buckets=TOKEN_SECONDS)
 
 
-# Up to this many sequences in a step, a runner on CPU with ``cpu_threads`` unset uses every core (see cpu_threads).
-LIGHT_BATCH = 16
-
-
-def cpu_threads(served: ServedModel) -> Callable[[int], int]:
-    """Torch threads for a step of n sequences on CPU: ``cpu_threads`` if set; else every core this process
-    may use while a step has at most ``LIGHT_BATCH`` sequences, and every core but one above that, where
-    the gateway's and the runner's streams of tokens need a core of their own. Measured on 2 cores
-    (README, Performance): two threads gave 0.94x-1.57x the tokens/s of one up to concurrency 16, about
-    the same at 32 (0.81x-1.17x)."""
-    if served.cpu_threads:
-        return lambda n: served.cpu_threads
-    cores = len(os.sched_getaffinity(0))
-    return lambda n: cores if n <= LIGHT_BATCH else max(1, cores - 1)
+def cpu_threads(served: ServedModel) -> int:
+    """Torch threads of a runner on CPU: ``cpu_threads`` if set, else every core this process may use.
+    Measured on 2 cores (README, Performance): two threads gave 1.09x-1.30x the served tokens/s of one
+    at concurrency 32 and 64, as much at 16, although the gateway and the HTTP streams share the cores."""
+    return served.cpu_threads or len(os.sched_getaffinity(0))
 
 
 def adapter_path(source: str, what: str = "adapter") -> str:

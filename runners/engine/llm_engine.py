@@ -35,10 +35,10 @@ def leave_cores_to_the_engine() -> None:
 class LLMEngine:
     def __init__(self, model_runner: ModelRunner, *, max_model_len: int, max_num_seqs: int = 64,
                  max_prefill_tokens: int = 512, prefix_cache_tokens: int = 0, tokenizer=None,
-                 threads: Callable[[int], int] | None = None):
+                 threads: int | None = None):
         self.model_runner = model_runner
-        # On the CPU: torch threads for a step of n sequences, set before each step on the thread that runs
-        # it (torch's thread count is that thread's own); None leaves it as it is.
+        # On the CPU: torch threads, set before each step on the thread that runs it (torch's thread count
+        # is that thread's own); None leaves it as it is.
         self.threads = threads
         # Constrained decoding needs the tokenizer's vocabulary; without one, a grammar is refused.
         self.grammars = Grammars(tokenizer, model_runner.vocab_size) if tokenizer is not None else None
@@ -179,7 +179,7 @@ class LLMEngine:
         self._slots_contended = False
         prefills, decodes = self.scheduler.schedule()
         if self.threads is not None and (prefills or decodes):
-            torch.set_num_threads(self.threads(len(prefills) + len(decodes)))
+            torch.set_num_threads(self.threads)
         results = self._prefill(prefills)
         if emit and results:
             emit(results)
