@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH)
 	$(BIN)/python -m pip install -e ".[test]"
 	$(BIN)/python -m pip install --no-deps $(EMBEDDED)
-	$(BIN)/python -m runners.engine.amx   # builds the AMX matmul ahead, where the CPU has AMX
+	$(BIN)/python -m runners.engine.native   # builds BentoChat's kernels ahead, where the CPU has AVX-512
 	touch $@
 
 serve: install

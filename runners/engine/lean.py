@@ -7,14 +7,16 @@ What it does that transformers' eager modules do not:
 - one matmul for the q, k and v projections and one for gate and up (a layer's seven weight matrices
   take four matmuls), rotary embeddings applied to queries and keys at once, and no per-layer mask,
   cache or kwargs bookkeeping: the attention mask is built once per step for all layers;
-- weights on the CPU are packed once for oneDNN (``torch.ops.mkldnn._reorder_linear_weight``, what
-  ``torch.compile``'s freezing does): in bfloat16 it uses the AVX-512 BF16/AMX instructions at every
+- on CPUs with AVX-512 (float32) or AMX (bfloat16), the whole pass in one call of BentoChat's native
+  kernels (:meth:`LeanCausalLM.forward_rows`, :mod:`runners.engine.native`), for prefill and decode,
+  with matmuls of its own;
+- elsewhere, weights on the CPU packed once for oneDNN (``torch.ops.mkldnn._reorder_linear_weight``,
+  what ``torch.compile``'s freezing does): in bfloat16 it uses the AVX-512 BF16 instructions at every
   batch size (transformers' bfloat16 ``F.linear`` is slower than float32 at batch 1), and in float32
-  it is faster than MKL's matmul on this kind of CPU;
-- logits only for each row's last position (all the engine samples from);
-- in the model runner's decode step on the CPU, torch's fused attention kernel
-  (``scaled_dot_product_attention``) over the slot cache in place, without copying the keys and values
-  (see :func:`fused_decode`).
+  it is faster than MKL's matmul on this kind of CPU; and in the model runner's decode step, torch's
+  fused attention kernel (``scaled_dot_product_attention``) over the slot cache in place, without
+  copying the keys and values (see :func:`fused_decode`);
+- logits only for each row's last position (all the engine samples from).
 
 Every other model, and every model when ``forward: transformers`` is configured, keeps transformers'
 own forward.
@@ -29,9 +31,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from runners.engine.amx import ops as amx_ops
-from runners.engine.amx import pack as amx_pack
-from runners.engine.amx import pad_bias as amx_pad_bias
+from runners.engine import native
 
 logger = logging.getLogger("bentochat.engine")
 
@@ -118,14 +118,14 @@ class Linear:
     K_BLOCK, ROW_BLOCK = 1024, 32
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, int8: bool = False,
-                 blocking: tuple[bool, bool] | None = None, amx: bool = False):
+                 blocking: tuple[bool, bool] | None = None, own: bool = False):
         self.bias = bias
         self.int8 = int8
         self.row_block = None
-        self.amx = None  # the weight packed for BentoChat's AMX matmul, where ``amx`` asks and it runs
-        if amx and not int8 and weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and amx_ops() is not None:
-            self.amx, self.out, self.amx_bias = amx_pack(weight), weight.shape[0], amx_pad_bias(bias, weight.shape[0])
-        self.packed = self.amx is None and packs(weight) and not int8
+        self.own = None  # the weight packed for BentoChat's own matmul (native.py), where ``own`` asks and it runs
+        if own and not int8 and weight.device.type == "cpu" and native.runs(weight.dtype):
+            self.own, self.out, self.own_bias = native.pack(weight), weight.shape[0], native.pad_bias(bias, weight.shape[0])
+        self.packed = self.own is None and packs(weight) and not int8
         if int8:  # symmetric, one scale per output channel
             scales = weight.float().abs().amax(dim=1).clamp(min=1e-8) / 127
             self.weight = (weight.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
@@ -138,12 +138,12 @@ class Linear:
             parts = weight.split(self.K_BLOCK, dim=1) if split else [weight]
             self.blocks = [torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_FOR[weight.dtype])
                            for w in parts]
-        elif self.amx is None:
+        elif self.own is None:
             self.weight = weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.amx is not None:
-            return torch.ops.bentochat.amx_linear(x, self.amx, self.out, self.amx_bias)
+        if self.own is not None:
+            return native.linear(x, self.own, self.out, self.own_bias)
         if self.int8:
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales)
             y = y.view(*x.shape[:-1], -1)
@@ -255,9 +255,10 @@ class LeanCausalLM(torch.nn.Module):
     multiplied as int8 (``torch.ops.aten._weight_int8pack_mm``); the embeddings stay as they are.
     ``fused_attention``: the decode step attends with torch's fused kernel where :func:`fused_decode`
     says it may; otherwise with :func:`attend`, transformers' eager maths. ``matmul``: ``auto``, the
-    bfloat16 matmuls on BentoChat's AMX kernel (:mod:`runners.engine.amx`) where the CPU has AMX and
-    the attention is fused (eager keeps transformers' maths, oneDNN's matmuls included); ``onednn``,
-    always oneDNN's."""
+    matmuls on BentoChat's own kernels (:mod:`runners.engine.native`: bfloat16 on AMX, float32 on
+    AVX-512) where they run and the attention is fused, and then the whole pass in its native call
+    (eager keeps transformers' maths, oneDNN's matmuls included); ``onednn``, always oneDNN's and the
+    Python pass."""
 
     def __init__(self, model, int8: bool = False, fused_attention: bool = True, matmul: str = "auto"):
         super().__init__()
@@ -271,7 +272,7 @@ class LeanCausalLM(torch.nn.Module):
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
-        options = {"int8": int8, "amx": matmul == "auto" and fused_attention}
+        options = {"int8": int8, "own": matmul == "auto" and fused_attention}
         self.layers = [_Layer(layer, **options) for layer in base.layers[:config.num_hidden_layers]]
         self.norm = base.norm.weight.detach()
         self.lm_head = _fused(model.lm_head, **options)
@@ -286,12 +287,13 @@ class LeanCausalLM(torch.nn.Module):
 
     def _native_arguments(self) -> tuple | None:
         """The weights as BentoChat's native decode step takes them (``kernels/decode_step.cpp``), where
-        every matmul runs on the AMX kernel (bfloat16, fused attention, no int8); else None."""
+        every matmul runs on BentoChat's own kernels (bfloat16 on AMX, float32 on AVX-512; fused
+        attention, no int8); else None."""
         linears = self._matmuls()
-        if any(linear.amx is None for linear in linears):
+        if any(linear.own is None for linear in linears):
             return None
         qwen3 = self.layers[0].q_norm is not None
-        return ([linear.amx for linear in linears], [linear.amx_bias for linear in linears],
+        return ([linear.own for linear in linears], [linear.own_bias for linear in linears],
                 [norm for layer in self.layers for norm in (layer.norm1, layer.norm2)],
                 [norm for layer in self.layers for norm in (layer.q_norm, layer.k_norm)] if qwen3 else [])
 
@@ -302,8 +304,8 @@ class LeanCausalLM(torch.nn.Module):
         a, b, masks = [], [], []
         for linear in self._matmuls():
             mask = linear.rows.mask(linear) if hasattr(linear, "rows") else None
-            a.append(linear.mm_a.amx if mask is not None else None)
-            b.append(linear.mm_b.amx if mask is not None else None)
+            a.append(linear.mm_a.own if mask is not None else None)
+            b.append(linear.mm_b.own if mask is not None else None)
             masks.append(mask)
         return (a, b, masks) if any(m is not None for m in masks) else ([], [], [])
 
@@ -421,5 +423,5 @@ def lean(model, int8: bool = False, fused_attention: bool = True, matmul: str = 
     lean_model = LeanCausalLM(model, int8, fused_attention, matmul)
     logger.info("BentoChat's lean forward (%s, %s%s, %s attention%s)", model.config.model_type,
                 next(model.parameters()).dtype, ", int8 weights" if int8 else "", "fused" if fused_attention else "eager",
-                ", AMX matmul" if lean_model.lm_head.amx is not None else "")
+                ", native forward" if lean_model.native is not None else "")
     return lean_model

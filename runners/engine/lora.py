@@ -254,8 +254,8 @@ class LoRALinear(torch.nn.Module):
         own bfloat16 matmul of these narrow matrices is several times slower)."""
         from runners.engine.lean import Linear
 
-        amx = getattr(self.base, "amx", None) is not None
-        self.mm_a, self.mm_b = (Linear(self.a, amx=amx), Linear(self.b, amx=amx)) if self.rank else (None, None)
+        own = getattr(self.base, "own", None) is not None
+        self.mm_a, self.mm_b = (Linear(self.a, own=own), Linear(self.b, own=own)) if self.rank else (None, None)
 
     def _grow(self, rank: int) -> None:
         """``rank`` columns per slot; each slot's columns are kept (the new ones are zero)."""

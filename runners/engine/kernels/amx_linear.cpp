@@ -1,4 +1,4 @@
-// BentoChat's bfloat16 matmul on Intel AMX: y = x W^T + b, with W packed by runners/engine/amx.py.
+// BentoChat's bfloat16 matmul on Intel AMX: y = x W^T + b, with W packed by runners/engine/native.py.
 //
 // Every output element is the sum of its products taken in the same order whatever the number of
 // rows: one tile multiply (TDPBF16PS) per 32 columns of the inner dimension, in order, from zero,
@@ -6,10 +6,10 @@
 // row gets the same bits alone and in a batch of any size (what the engine's batch invariance needs,
 // and what oneDNN's kernels do not give past 32 rows on this kind of CPU).
 //
-// Packed W: [P][KC][4][16][16][2] bfloat16 for P panels of 64 output features and KC chunks of 32 of
+// Packed W (runners/engine/native.py): [P][KC][4][16][16][2] bfloat16 for P panels of 64 output features and KC chunks of 32 of
 // the inner dimension: in each chunk, four B tiles of 16 features, each 16 rows of (feature, pair of
 // inner elements), the layout TDPBF16PS reads.
-#include "amx_linear.h"
+#include "kernels.h"
 
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>

@@ -1,19 +1,19 @@
-// BentoChat's forward pass for the lean forward's families (Llama, Mistral, Qwen2, Qwen3) in bfloat16 on
-// AMX, for prefill and decode alike: each row of a call is one token at its own position in its own slot
+// BentoChat's forward pass for the lean forward's families (Llama, Mistral, Qwen2, Qwen3), in bfloat16 on
+// AMX and in float32 on AVX-512, for prefill and decode alike: each row of a call is one token at its own position in its own slot
 // of a key-value cache, so one call runs every layer of a decode step (one row per sequence), a prompt's
 // chunk (a row per token, one slot) or several prompts together, and the final norm and the logits of the
 // rows asked for. Every row's key and value are written to its slot before any row attends, so a prompt's
-// rows see each other causally. The matmuls are amx_linear's; what lies between them (norms, rotary
+// rows see each other causally. The matmuls are amx_linear's or f32_linear's; what lies between them (norms, rotary
 // embeddings, the cache writes, attention, SiLU, the residual adds) is written here, because in Python
 // each of those ~500 small operations a step costs a few microseconds of dispatch, about half of a decode
 // step at batch 1 (README, Performance).
 //
-// It rounds to bfloat16 where transformers' bfloat16 modules round (after each elementwise operation),
-// and computes each row from that row's data only, in the same order whatever the other rows or the
+// In bfloat16 it rounds where transformers' bfloat16 modules round (after each elementwise operation); in
+// float32 nothing is rounded between the operations. It computes each row from that row's data only, in the same order whatever the other rows or the
 // thread count: a token gets the same bits alone, in any batch, in a prompt's chunk of any size, and the
 // same keys and values whether it was prefilled or decoded. Attention sums in float32 over the row's own
 // columns (0 .. its position) of its slot.
-#include "amx_linear.h"
+#include "kernels.h"
 
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -29,11 +30,18 @@ using bf16 = uint16_t;
 
 inline __mmask16 first(int64_t n) { return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1); }
 
+// 16 values (those of mask m) of the model's dtype as float32, and back (bfloat16 rounded to nearest even).
 inline __m512 widen(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
 inline __m512 load(const bf16* p, __mmask16 m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
+inline __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline void store(bf16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v)); }
-// v rounded to bfloat16 (to nearest even), as a bfloat16 tensor operation rounds its result
-inline __m512 round_bf16(__m512 v) { return widen((__m256i)_mm512_cvtneps_pbh(v)); }
+inline void store(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+// v as the result of a tensor operation in T: rounded to bfloat16 (to nearest even), or as it is in float32
+template <typename T>
+inline __m512 rounded(__m512 v) {
+  if constexpr (std::is_same_v<T, bf16>) return widen((__m256i)_mm512_cvtneps_pbh(v));
+  return v;
+}
 
 // e^x, within 2 ulps of float32 (Cephes' polynomial on x - n ln 2, then scaled by 2^n)
 inline __m512 exp_ps(__m512 x) {
@@ -49,8 +57,9 @@ inline __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
-// transformers' Llama RMSNorm in bfloat16: normalized in float32, rounded, scaled by the weight, rounded.
-void rms_norm(const bf16* x, const bf16* w, bf16* y, int64_t n, float eps) {
+// transformers' Llama RMSNorm: normalized in float32, rounded, scaled by the weight, rounded.
+template <typename T>
+void rms_norm(const T* x, const T* w, T* y, int64_t n, float eps) {
   __m512 squares = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
     const __m512 v = load(x + i, first(n - i));
@@ -59,27 +68,29 @@ void rms_norm(const bf16* x, const bf16* w, bf16* y, int64_t n, float eps) {
   const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(squares) / n + eps));
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = first(n - i);
-    store(y + i, _mm512_mul_ps(load(w + i, m), round_bf16(_mm512_mul_ps(load(x + i, m), scale))), m);
+    store(y + i, _mm512_mul_ps(load(w + i, m), rounded<T>(_mm512_mul_ps(load(x + i, m), scale))), m);
   }
 }
 
 // x * cos + rotate_half(x) * sin, each product and the sum rounded, in place on one head.
-void rotate(bf16* x, const bf16* cos, const bf16* sin, int64_t dim) {
+template <typename T>
+void rotate(T* x, const T* cos, const T* sin, int64_t dim) {
   const int64_t half = dim / 2;
   for (int64_t i = 0; i < half; i += 16) {
     const __mmask16 m = first(half - i);
     const __m512 a = load(x + i, m), b = load(x + half + i, m);
-    const __m512 lo = _mm512_add_ps(round_bf16(_mm512_mul_ps(a, load(cos + i, m))),
-                                    round_bf16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), b), load(sin + i, m))));
-    const __m512 hi = _mm512_add_ps(round_bf16(_mm512_mul_ps(b, load(cos + half + i, m))),
-                                    round_bf16(_mm512_mul_ps(a, load(sin + half + i, m))));
+    const __m512 lo = _mm512_add_ps(rounded<T>(_mm512_mul_ps(a, load(cos + i, m))),
+                                    rounded<T>(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), b), load(sin + i, m))));
+    const __m512 hi = _mm512_add_ps(rounded<T>(_mm512_mul_ps(b, load(cos + half + i, m))),
+                                    rounded<T>(_mm512_mul_ps(a, load(sin + half + i, m))));
     store(x + i, lo, m);
     store(x + half + i, hi, m);
   }
 }
 
 // out[i] = h[i] + d[i], rounded (the residual add), in place on h.
-void add(bf16* h, const bf16* d, int64_t n) {
+template <typename T>
+void add(T* h, const T* d, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = first(n - i);
     store(h + i, _mm512_add_ps(load(h + i, m), load(d + i, m)), m);
@@ -87,24 +98,89 @@ void add(bf16* h, const bf16* d, int64_t n) {
 }
 
 // silu(gate) * up, each rounded; gate and up are the two halves of one row.
-void silu_mul(const bf16* gate_up, bf16* out, int64_t n) {
-  const bf16* up = gate_up + n;
+template <typename T>
+void silu_mul(const T* gate_up, T* out, int64_t n) {
+  const T* up = gate_up + n;
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = first(n - i);
     const __m512 g = load(gate_up + i, m);
-    const __m512 silu = round_bf16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f),
+    const __m512 silu = rounded<T>(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f),
                                                              exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
     store(out + i, _mm512_mul_ps(silu, load(up + i, m)), m);
   }
 }
 
+// sum_j probs[g][j] values[j] / sums[g] for each query head g, rounded: the values read once per column
+// for up to 16 / CH heads at a time, whose sums stay in registers (dim = 16 * CH).
+template <int CH, typename T>
+void weighted_sum(const float* probs, int64_t stride, const float* sums, const T* values, T* out, int64_t groups,
+                  int64_t length) {
+  constexpr int HEADS = 16 / CH > 0 ? 16 / CH : 1;
+  constexpr int64_t dim = 16 * CH;
+  for (int64_t g0 = 0; g0 < groups; g0 += HEADS) {
+    const int64_t heads = std::min<int64_t>(HEADS, groups - g0);
+    __m512 acc[HEADS][CH];
+    for (auto& row : acc)
+      for (auto& v : row) v = _mm512_setzero_ps();
+    for (int64_t j = 0; j < length; j++) {
+      __m512 v[CH];
+      for (int c = 0; c < CH; c++) v[c] = load(values + j * dim + 16 * c, 0xFFFF);
+#pragma GCC unroll 16
+      for (int g = 0; g < HEADS; g++)
+        if (g < heads) {
+          const __m512 p = _mm512_set1_ps(probs[(g0 + g) * stride + j]);
+          for (int c = 0; c < CH; c++) acc[g][c] = _mm512_fmadd_ps(p, v[c], acc[g][c]);
+        }
+    }
+    for (int64_t g = 0; g < heads; g++) {
+      const __m512 sum = _mm512_set1_ps(sums[g0 + g]);
+      for (int c = 0; c < CH; c++) store(out + (g0 + g) * dim + 16 * c, _mm512_div_ps(acc[g][c], sum), 0xFFFF);
+    }
+  }
+}
+
+// attend() where the head dimension is 16 * CH: the queries scaled into float32 once, each key read once
+// per column for every query head, the weighted sum in registers. probs: groups * length floats.
+template <int CH, typename T>
+void attend_fast(const T* q, const T* keys, const T* values, T* out, int64_t groups, int64_t length, float* probs,
+                 float* sums, float* queries) {
+  constexpr int64_t dim = 16 * CH;
+  const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(dim)));
+  for (int64_t i = 0; i < groups * CH; i++) _mm512_storeu_ps(queries + 16 * i, _mm512_mul_ps(load(q + 16 * i, 0xFFFF), scale));
+  for (int64_t j = 0; j < length; j++) {
+    __m512 k[CH];
+    for (int c = 0; c < CH; c++) k[c] = load(keys + j * dim + 16 * c, 0xFFFF);
+    for (int64_t g = 0; g < groups; g++) {
+      __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(queries + g * dim), k[0]);
+      for (int c = 1; c < CH; c++) dot = _mm512_fmadd_ps(_mm512_loadu_ps(queries + g * dim + 16 * c), k[c], dot);
+      probs[g * length + j] = _mm512_reduce_add_ps(dot);
+    }
+  }
+  for (int64_t g = 0; g < groups; g++) {
+    float* s = probs + g * length;
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < length; j += 16) top = _mm512_mask_max_ps(top, first(length - j), top, _mm512_maskz_loadu_ps(first(length - j), s + j));
+    const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t j = 0; j < length; j += 16) {
+      const __mmask16 m = first(length - j);
+      const __m512 p = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), max)));
+      _mm512_mask_storeu_ps(s + j, m, p);
+      total = _mm512_add_ps(total, p);
+    }
+    sums[g] = _mm512_reduce_add_ps(total);
+  }
+  weighted_sum<CH>(probs, length, sums, values, out, groups, length);
+}
+
 // The query heads of one key-value head attending over columns 0 .. length - 1 of its cache: float32
-// scores, softmax and weighted sum, rounded to bfloat16 once at the end.
-void attend(const bf16* q, const bf16* keys, const bf16* values, bf16* out, int64_t groups, int64_t dim,
-            int64_t length, float* scores, float* sums) {
+// scores, softmax and weighted sum, rounded to the model's dtype once at the end.
+template <typename T>
+void attend(const T* q, const T* keys, const T* values, T* out, int64_t groups, int64_t dim, int64_t length,
+            float* scores, float* sums) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
   for (int64_t j = 0; j < length; j++) {
-    const bf16* k = keys + j * dim;
+    const T* k = keys + j * dim;
     for (int64_t g = 0; g < groups; g++) {
       __m512 dot = _mm512_setzero_ps();
       for (int64_t d = 0; d < dim; d += 16) {
@@ -130,7 +206,7 @@ void attend(const bf16* q, const bf16* keys, const bf16* values, bf16* out, int6
   }
   std::vector<float> acc(groups * dim, 0.0f);
   for (int64_t j = 0; j < length; j++) {
-    const bf16* v = values + j * dim;
+    const T* v = values + j * dim;
     for (int64_t d = 0; d < dim; d += 16) {
       const __mmask16 m = first(dim - d);
       const __m512 vj = load(v + d, m);
@@ -145,35 +221,6 @@ void attend(const bf16* q, const bf16* keys, const bf16* values, bf16* out, int6
       const __mmask16 m = first(dim - d);
       store(out + g * dim + d, _mm512_div_ps(_mm512_maskz_loadu_ps(m, acc.data() + g * dim + d), _mm512_set1_ps(sums[g])), m);
     }
-}
-
-// sum_j probs[g][j] values[j] / sums[g] for each query head g, rounded: the values read once per column
-// for up to 16 / CH heads at a time, whose sums stay in registers (dim = 16 * CH).
-template <int CH>
-void weighted_sum(const float* probs, int64_t stride, const float* sums, const bf16* values, bf16* out,
-                  int64_t groups, int64_t length) {
-  constexpr int HEADS = 16 / CH > 0 ? 16 / CH : 1;
-  constexpr int64_t dim = 16 * CH;
-  for (int64_t g0 = 0; g0 < groups; g0 += HEADS) {
-    const int64_t heads = std::min<int64_t>(HEADS, groups - g0);
-    __m512 acc[HEADS][CH];
-    for (auto& row : acc)
-      for (auto& v : row) v = _mm512_setzero_ps();
-    for (int64_t j = 0; j < length; j++) {
-      __m512 v[CH];
-      for (int c = 0; c < CH; c++) v[c] = load(values + j * dim + 16 * c, 0xFFFF);
-#pragma GCC unroll 16
-      for (int g = 0; g < HEADS; g++)
-        if (g < heads) {
-          const __m512 p = _mm512_set1_ps(probs[(g0 + g) * stride + j]);
-          for (int c = 0; c < CH; c++) acc[g][c] = _mm512_fmadd_ps(p, v[c], acc[g][c]);
-        }
-    }
-    for (int64_t g = 0; g < heads; g++) {
-      const __m512 sum = _mm512_set1_ps(sums[g0 + g]);
-      for (int c = 0; c < CH; c++) store(out + (g0 + g) * dim + 16 * c, _mm512_div_ps(acc[g][c], sum), 0xFFFF);
-    }
-  }
 }
 
 // attend() on AMX, for head dimensions of 32 * CHUNKS: the scores of 16 columns at a time in one tile
@@ -227,30 +274,44 @@ void attend_amx(const bf16* q, const bf16* keys, const bf16* values, bf16* out, 
   weighted_sum<2 * CHUNKS>(probs, stride, sums, values, out, groups, length);
 }
 
-// attend() for one row and key-value head, on AMX where the head dimension is 32, 64, 96 or 128 and there
-// are at most 16 query heads per key-value head (tiles configured by the caller, see configure_tiles).
+// attend() for one row and key-value head; in bfloat16 on AMX where the head dimension is 32, 64, 96 or
+// 128 and there are at most 16 query heads per key-value head (tiles configured by the caller, see
+// configure_tiles).
+template <typename T>
 struct Attention {
   int64_t groups, dim;
   bool amx;
   std::vector<float> buffer;  // float scratch, aligned to 64 bytes within: the AMX path's tile and probabilities
-  std::vector<float> sums;
+  std::vector<float> sums, queries;
   std::vector<bf16> qt, tail;
 
   Attention(int64_t groups, int64_t dim, int64_t longest)
-      : groups(groups), dim(dim), amx(dim % 32 == 0 && dim <= 128 && groups <= 16),
+      : groups(groups), dim(dim), amx(std::is_same_v<T, bf16> && dim % 32 == 0 && dim <= 128 && groups <= 16),
         buffer(amx ? 16 + 256 + groups * ((longest + 15) / 16 * 16) : groups * longest), sums(groups),
-        qt(amx ? 512 * (dim / 32) : 0), tail(amx ? 16 * dim : 0) {}
+        queries(amx ? 0 : groups * dim), qt(amx ? 512 * (dim / 32) : 0), tail(amx ? 16 * dim : 0) {}
 
-  void operator()(const bf16* q, const bf16* keys, const bf16* values, bf16* out, int64_t length) {
-    if (!amx) return attend(q, keys, values, out, groups, dim, length, buffer.data(), sums.data());
-    float* tiles = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
-    float* probs = tiles + 256;
-    switch (dim / 32) {
-      case 1: return attend_amx<1>(q, keys, values, out, groups, length, tiles, probs, sums.data(), qt.data(), tail.data());
-      case 2: return attend_amx<2>(q, keys, values, out, groups, length, tiles, probs, sums.data(), qt.data(), tail.data());
-      case 3: return attend_amx<3>(q, keys, values, out, groups, length, tiles, probs, sums.data(), qt.data(), tail.data());
-      default: return attend_amx<4>(q, keys, values, out, groups, length, tiles, probs, sums.data(), qt.data(), tail.data());
+  void operator()(const T* q, const T* keys, const T* values, T* out, int64_t length) {
+    if constexpr (std::is_same_v<T, bf16>) {
+      if (amx) {
+        float* tiles = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
+        float* probs = tiles + 256;
+        switch (dim / 32) {
+          case 1: return attend_amx<1>(q, keys, values, out, groups, length, tiles, probs, sums.data(), qt.data(), tail.data());
+          case 2: return attend_amx<2>(q, keys, values, out, groups, length, tiles, probs, sums.data(), qt.data(), tail.data());
+          case 3: return attend_amx<3>(q, keys, values, out, groups, length, tiles, probs, sums.data(), qt.data(), tail.data());
+          default: return attend_amx<4>(q, keys, values, out, groups, length, tiles, probs, sums.data(), qt.data(), tail.data());
+        }
+      }
     }
+    float* probs = buffer.data();
+    if (dim % 16 == 0) switch (dim / 16) {
+      case 1: return attend_fast<1>(q, keys, values, out, groups, length, probs, sums.data(), queries.data());
+      case 2: return attend_fast<2>(q, keys, values, out, groups, length, probs, sums.data(), queries.data());
+      case 4: return attend_fast<4>(q, keys, values, out, groups, length, probs, sums.data(), queries.data());
+      case 8: return attend_fast<8>(q, keys, values, out, groups, length, probs, sums.data(), queries.data());
+      default: break;
+    }
+    attend(q, keys, values, out, groups, dim, length, probs, sums.data());
   }
 };
 
@@ -267,12 +328,14 @@ void configure_tiles() {
   _tile_loadconfig(&c);
 }
 
-bf16* data(const at::Tensor& t) { return static_cast<bf16*>(t.data_ptr()); }
+template <typename T>
+T* data(const at::Tensor& t) { return static_cast<T*>(t.data_ptr()); }
 
 // The model's matmuls in the order of the weights: per layer qkv, o, gate_up, down, then the logits.
 // Where rows run on LoRA adapters, matmul i adds lora_b[i] (lora_a[i] x * lora_mask[i]), as
 // runners/engine/lora.py's LoRALinear does: the 0/1 mask keeps each row's own adapter's columns, so a
 // row on none gets exactly the base product.
+template <typename T>
 struct Matmuls {
   at::TensorList weights;
   const c10::List<c10::optional<at::Tensor>>& biases;
@@ -280,25 +343,32 @@ struct Matmuls {
   const c10::List<c10::optional<at::Tensor>>& lora_b;
   const c10::List<c10::optional<at::Tensor>>& lora_mask;
 
+  static at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias) {
+    if constexpr (std::is_same_v<T, bf16>) return bentochat::amx_linear(x, w, n, bias);
+    return bentochat::f32_linear(x, w, n, bias);
+  }
+
   // matmul i of x; rows: which rows of the forward pass x holds, where not all (the logits' rows)
   at::Tensor operator()(size_t i, const at::Tensor& x, int64_t n, const c10::optional<at::Tensor>& rows = c10::nullopt) const {
-    at::Tensor y = bentochat::amx_linear(x, weights[i], n, biases.get(i));
+    at::Tensor y = linear(x, weights[i], n, biases.get(i));
     if (lora_mask.empty() || !lora_mask.get(i).has_value()) return y;
     const at::Tensor all = lora_mask.get(i)->view({-1, lora_mask.get(i)->size(-1)});
     const at::Tensor mask = rows.has_value() ? all.index_select(0, *rows) : all;
-    const at::Tensor low = bentochat::amx_linear(x, *lora_a.get(i), mask.size(-1), c10::nullopt);
-    return y.add_(bentochat::amx_linear(low.mul_(mask), *lora_b.get(i), n, c10::nullopt));
+    const at::Tensor low = linear(x, *lora_a.get(i), mask.size(-1), c10::nullopt);
+    return y.add_(linear(low.mul_(mask), *lora_b.get(i), n, c10::nullopt));
   }
 };
 
 // One forward pass: embeddings [rows, hidden] of the rows' tokens, row r at position positions[r] of slot
 // slots[r] of the caches (keys[l], values[l]: [slots, kv_heads, columns, dim]); cos and sin [rows, dim] at
-// those positions. Per layer l: weights[4l..4l+3] qkv, o, gate_up, down packed for amx_linear, with biases
+// those positions. Per layer l: weights[4l..4l+3] qkv, o, gate_up, down packed for amx_linear (bfloat16) or
+// f32_linear (float32), with biases
 // alike; norms[2l], norms[2l+1] the input and post-attention norms; head_norms[2l], head_norms[2l+1]
 // Qwen3's q and k norms (none for the other families); weights[4 * layers] the logits' (lm_head). The
 // LoRA lists are empty, or hold an entry per weight (see Matmuls). Writes each row's key and value into
-// its slot and returns the logits [len(logit_rows), vocab] in bfloat16 of the rows logit_rows names.
-at::Tensor forward(const at::Tensor& embeddings, const at::Tensor& slots, const at::Tensor& positions,
+// its slot and returns the logits [len(logit_rows), vocab], in the model's dtype, of the rows logit_rows names.
+template <typename T>
+at::Tensor run(const at::Tensor& embeddings, const at::Tensor& slots, const at::Tensor& positions,
                    const at::Tensor& logit_rows, const at::Tensor& cos, const at::Tensor& sin, at::TensorList weights,
                    const c10::List<c10::optional<at::Tensor>>& biases, const c10::List<c10::optional<at::Tensor>>& lora_a,
                    const c10::List<c10::optional<at::Tensor>>& lora_b, const c10::List<c10::optional<at::Tensor>>& lora_mask,
@@ -307,9 +377,10 @@ at::Tensor forward(const at::Tensor& embeddings, const at::Tensor& slots, const 
   const int64_t layers = keys.size(), rows = embeddings.size(0), hidden = embeddings.size(1);
   const int64_t dim = cos.size(1), groups = heads / kv_heads, qkv_width = (heads + 2 * kv_heads) * dim;
   const float eps = static_cast<float>(eps_);
-  TORCH_CHECK(bentochat::amx_available(), "this process may not use AMX");
-  TORCH_CHECK(embeddings.scalar_type() == at::kBFloat16 && embeddings.is_contiguous() && embeddings.dim() == 2);
-  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == at::kBFloat16 && cos.size(0) == rows);
+  const auto dtype = embeddings.scalar_type();
+  if constexpr (std::is_same_v<T, bf16>) TORCH_CHECK(bentochat::amx_available(), "this process may not use AMX");
+  TORCH_CHECK(embeddings.is_contiguous() && embeddings.dim() == 2);
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == dtype && cos.size(0) == rows);
   TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == rows && slots.scalar_type() == at::kLong &&
               slots.numel() == rows && logit_rows.scalar_type() == at::kLong);
   const size_t matmuls = 4 * layers + 1;
@@ -320,8 +391,8 @@ at::Tensor forward(const at::Tensor& embeddings, const at::Tensor& slots, const 
   const int64_t* pos = position.data_ptr<int64_t>();
   const int64_t* slot = slot_of.data_ptr<int64_t>();
   for (int64_t l = 0; l < layers; l++) {
-    TORCH_CHECK(keys[l].is_contiguous() && values[l].is_contiguous() && keys[l].scalar_type() == at::kBFloat16 &&
-                values[l].scalar_type() == at::kBFloat16 && keys[l].size(1) == kv_heads &&
+    TORCH_CHECK(keys[l].is_contiguous() && values[l].is_contiguous() && keys[l].scalar_type() == dtype &&
+                values[l].scalar_type() == dtype && keys[l].size(1) == kv_heads &&
                 keys[l].size(3) == dim && keys[l].sizes() == values[l].sizes() && keys[l].sizes() == keys[0].sizes());
   }
   for (int64_t r = 0; r < rows; r++)
@@ -330,7 +401,7 @@ at::Tensor forward(const at::Tensor& embeddings, const at::Tensor& slots, const 
   for (int64_t i = 0; i < wanted.numel(); i++)
     TORCH_CHECK(wanted.data_ptr<int64_t>()[i] >= 0 && wanted.data_ptr<int64_t>()[i] < rows, "logit_rows: no such row");
   const int64_t columns = keys[0].size(2);
-  const Matmuls matmul{weights, biases, lora_a, lora_b, lora_mask};
+  const Matmuls<T> matmul{weights, biases, lora_a, lora_b, lora_mask};
 
   at::Tensor h = embeddings.clone();
   at::Tensor x = at::empty({rows, hidden}, h.options());
@@ -340,16 +411,16 @@ at::Tensor forward(const at::Tensor& embeddings, const at::Tensor& slots, const 
   for (int64_t r = 0; r < rows; r++) longest = std::max(longest, pos[r] + 1);
 
   for (int64_t l = 0; l < layers; l++) {
-    for (int64_t r = 0; r < rows; r++) rms_norm(data(h) + r * hidden, data(norms[2 * l]), data(x) + r * hidden, hidden, eps);
+    for (int64_t r = 0; r < rows; r++) rms_norm(data<T>(h) + r * hidden, data<T>(norms[2 * l]), data<T>(x) + r * hidden, hidden, eps);
     at::Tensor qkv = matmul(4 * l, x, qkv_width);
-    bf16* kc = data(keys[l]);
-    bf16* vc = data(values[l]);
+    T* kc = data<T>(keys[l]);
+    T* vc = data<T>(values[l]);
     for (int64_t r = 0; r < rows; r++) {
-      bf16* row = data(qkv) + r * qkv_width;
+      T* row = data<T>(qkv) + r * qkv_width;
       for (int64_t head = 0; head < heads + kv_heads; head++) {
-        bf16* v = row + head * dim;
-        if (!head_norms.empty()) rms_norm(v, data(head_norms[2 * l + (head >= heads)]), v, dim, eps);
-        rotate(v, data(cos) + r * dim, data(sin) + r * dim, dim);
+        T* v = row + head * dim;
+        if (!head_norms.empty()) rms_norm(v, data<T>(head_norms[2 * l + (head >= heads)]), v, dim, eps);
+        rotate(v, data<T>(cos) + r * dim, data<T>(sin) + r * dim, dim);
       }
       for (int64_t g = 0; g < kv_heads; g++) {
         const int64_t at_position = ((slot[r] * kv_heads + g) * columns + pos[r]) * dim;
@@ -358,27 +429,43 @@ at::Tensor forward(const at::Tensor& embeddings, const at::Tensor& slots, const 
       }
     }
     at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-      Attention attention(groups, dim, longest);
+      Attention<T> attention(groups, dim, longest);
       if (attention.amx) configure_tiles();
       for (int64_t i = begin; i < end; i++) {
         const int64_t r = i / kv_heads, g = i % kv_heads, cache = (slot[r] * kv_heads + g) * columns * dim;
-        attention(data(qkv) + r * qkv_width + g * groups * dim, kc + cache, vc + cache,
-                  data(attended) + r * heads * dim + g * groups * dim, pos[r] + 1);
+        attention(data<T>(qkv) + r * qkv_width + g * groups * dim, kc + cache, vc + cache,
+                  data<T>(attended) + r * heads * dim + g * groups * dim, pos[r] + 1);
       }
       if (attention.amx) _tile_release();
     });
-    add(data(h), data(matmul(4 * l + 1, attended, hidden)), rows * hidden);
-    for (int64_t r = 0; r < rows; r++) rms_norm(data(h) + r * hidden, data(norms[2 * l + 1]), data(x) + r * hidden, hidden, eps);
+    add(data<T>(h), data<T>(matmul(4 * l + 1, attended, hidden)), rows * hidden);
+    for (int64_t r = 0; r < rows; r++) rms_norm(data<T>(h) + r * hidden, data<T>(norms[2 * l + 1]), data<T>(x) + r * hidden, hidden, eps);
     at::Tensor gate_up = matmul(4 * l + 2, x, 2 * intermediate);
     for (int64_t r = 0; r < rows; r++)
-      silu_mul(data(gate_up) + r * 2 * intermediate, data(mixed) + r * intermediate, intermediate);
-    add(data(h), data(matmul(4 * l + 3, mixed, hidden)), rows * hidden);
+      silu_mul(data<T>(gate_up) + r * 2 * intermediate, data<T>(mixed) + r * intermediate, intermediate);
+    add(data<T>(h), data<T>(matmul(4 * l + 3, mixed, hidden)), rows * hidden);
   }
   const int64_t outputs = wanted.numel();
   at::Tensor last = at::empty({outputs, hidden}, h.options());
   for (int64_t i = 0; i < outputs; i++)
-    rms_norm(data(h) + wanted.data_ptr<int64_t>()[i] * hidden, data(final_norm), data(last) + i * hidden, hidden, eps);
+    rms_norm(data<T>(h) + wanted.data_ptr<int64_t>()[i] * hidden, data<T>(final_norm), data<T>(last) + i * hidden, hidden, eps);
   return matmul(4 * layers, last, vocab, wanted);
+}
+
+#define FORWARD_ARGUMENTS                                                                                       \
+  const at::Tensor &embeddings, const at::Tensor &slots, const at::Tensor &positions, const at::Tensor &logit_rows,  \
+      const at::Tensor &cos, const at::Tensor &sin, at::TensorList weights,                                          \
+      const c10::List<c10::optional<at::Tensor>> &biases, const c10::List<c10::optional<at::Tensor>> &lora_a,         \
+      const c10::List<c10::optional<at::Tensor>> &lora_b, const c10::List<c10::optional<at::Tensor>> &lora_mask,      \
+      at::TensorList norms, at::TensorList head_norms, const at::Tensor &final_norm, at::TensorList keys,             \
+      at::TensorList values, int64_t heads, int64_t kv_heads, int64_t intermediate, int64_t vocab, double eps
+
+at::Tensor forward(FORWARD_ARGUMENTS) {
+  const auto dtype = embeddings.scalar_type();
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "the native forward runs bfloat16 and float32 models");
+  auto body = dtype == at::kBFloat16 ? run<bf16> : run<float>;
+  return body(embeddings, slots, positions, logit_rows, cos, sin, weights, biases, lora_a, lora_b, lora_mask, norms,
+              head_norms, final_norm, keys, values, heads, kv_heads, intermediate, vocab, eps);
 }
 
 }  // namespace

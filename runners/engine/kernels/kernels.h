@@ -1,0 +1,18 @@
+// BentoChat's native kernels, for one another: the matmuls forward.cpp calls.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace bentochat {
+
+// Whether this process may use AMX's tiles (Linux grants them on request, once).
+bool amx_available();
+
+// y = x W^T + b in bfloat16 on AMX (amx_linear.cpp): W packed by runners/engine/native.py, n its output
+// features, b float32.
+at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias);
+
+// y = x W^T + b in float32 on AVX-512 (f32_linear.cpp): W packed by runners/engine/native.py.
+at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias);
+
+}  // namespace bentochat

@@ -1,0 +1,153 @@
+"""BentoChat's native kernels (``kernels/``), built with torch's C++ extension loader on first use (about
+30 s, once per machine: ``make install`` builds them ahead) on CPUs with AVX-512:
+
+- ``amx_linear.cpp``: the bfloat16 matmul on Intel AMX (Sapphire Rapids and later);
+- ``f32_linear.cpp``: the float32 matmul on AVX-512;
+- ``forward.cpp``: the lean forward's whole pass (every layer, prefill and decode) in one call, in
+  bfloat16 on AMX and in float32 on AVX-512.
+
+Why kernels of our own: each gives a row the same bits alone and in any batch by construction (oneDNN's
+bfloat16 kernels change some rows' sums past 32 rows on these CPUs), each is faster on the 2-core
+development machine than the oneDNN kernels the lean forward had, and one call per forward pass instead
+of ~500 small torch operations removes about half of a decode step at batch 1 (README, Performance).
+Their work is split over torch's threads with OpenMP (``-fopenmp``: without it ATen's ``parallel_for``
+runs on one thread). Where the CPU has no AVX-512, the compiler is missing or the build fails, :func:`ops`
+is None and the lean forward keeps oneDNN's kernels and its Python pass.
+
+``python -m runners.engine.native`` builds them and says what runs here.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("bentochat.engine")
+
+KERNELS = Path(__file__).parent / "kernels"
+SOURCES = [KERNELS / "amx_linear.cpp", KERNELS / "f32_linear.cpp", KERNELS / "forward.cpp"]
+FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
+PANEL, CHUNK = 64, 32  # the AMX kernel's output features per panel and inner elements per chunk
+LANES = 16  # the float32 kernel's output features per panel
+
+_ops: object | None = None
+_tried = False
+
+
+def cpu_flags() -> set[str]:
+    try:
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.split())
+
+
+def cpu_has_avx512() -> bool:
+    return {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags()
+
+
+def cpu_has_amx() -> bool:
+    return {"amx_tile", "amx_bf16", "avx512_bf16"} <= cpu_flags()
+
+
+# A build lock older than this was left by a process killed while it built (a build takes about 30 s).
+STALE_LOCK_SECONDS = 300
+
+
+def build_directory() -> Path:
+    """Where the kernels are built: ``bentochat_native`` under torch's extension root (``TORCH_EXTENSIONS_DIR``,
+    by default ``~/.cache/torch_extensions``)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(get_default_build_root()) / "bentochat_native"
+
+
+def clear_stale_lock(directory: Path) -> None:
+    """Remove the build lock a killed build left behind: torch's loader waits for it to go, for ever."""
+    lock = directory / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            logger.warning("removing %s, left by a build that did not finish", lock)
+            lock.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def ops():
+    """``torch.ops.bentochat``, built and loaded on first call; None where this CPU or machine cannot run
+    it (the reason is logged once)."""
+    global _ops, _tried
+    if _tried:
+        return _ops
+    _tried = True
+    if not cpu_has_avx512():
+        return None
+    if shutil.which("c++") is None:
+        logger.warning("BentoChat's native kernels need a C++ compiler (c++), which this machine lacks: oneDNN's instead")
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        logger.info("loading BentoChat's native kernels (a first build takes about 30 s)")
+        directory = build_directory()
+        directory.mkdir(parents=True, exist_ok=True)
+        clear_stale_lock(directory)
+        load("bentochat_native", [str(s) for s in SOURCES], extra_cflags=FLAGS, extra_include_paths=[str(KERNELS)],
+             extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False)
+    except Exception as e:  # a failed build or load leaves oneDNN's kernels
+        logger.warning("BentoChat's native kernels are not used: %s", e)
+        return None
+    _ops = torch.ops.bentochat
+    return _ops
+
+
+def amx() -> bool:
+    """Whether the AMX kernels run here: the CPU has AMX, the kernels are built and Linux grants the
+    process AMX's tile state."""
+    return cpu_has_amx() and ops() is not None and bool(ops().amx_available())
+
+
+def runs(dtype: torch.dtype) -> bool:
+    """Whether BentoChat's own matmul and forward pass take this dtype here: bfloat16 where the CPU has
+    AMX, float32 where it has AVX-512."""
+    return (dtype == torch.bfloat16 and amx()) or (dtype == torch.float32 and ops() is not None)
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` [out, in] in the layout of its kernel. bfloat16 (AMX): panels of 64 output features,
+    chunks of 32 inner elements, each chunk four B tiles of 16 features by 16 inner pairs. float32:
+    panels of 16 output features, each [in, 16]. Both zero-padded."""
+    out, inner = weight.shape
+    if weight.dtype == torch.float32:
+        panels = -(-out // LANES)
+        return F.pad(weight, (0, 0, 0, panels * LANES - out)).view(panels, LANES, inner).transpose(1, 2).contiguous()
+    panels, chunks = -(-out // PANEL), -(-inner // CHUNK)
+    w = F.pad(weight.to(torch.bfloat16), (0, chunks * CHUNK - inner, 0, panels * PANEL - out))
+    # [p, j, o, kc, pair, e] (feature p*64 + j*16 + o, inner kc*32 + 2*pair + e) -> [p, kc, j, pair, o, e]
+    return w.view(panels, 4, 16, chunks, 16, 2).permute(0, 3, 1, 4, 2, 5).contiguous()
+
+
+def pad_bias(bias: torch.Tensor | None, out: int) -> torch.Tensor | None:
+    """The bias as the kernels take it: float32, padded to whole panels."""
+    if bias is None:
+        return None
+    return F.pad(bias.float(), (0, -(-out // PANEL) * PANEL - out)).contiguous()
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, out: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x W^T + b`` on the kernel of ``x``'s dtype (``W`` packed by :func:`pack`)."""
+    kernel = torch.ops.bentochat.amx_linear if x.dtype == torch.bfloat16 else torch.ops.bentochat.f32_linear
+    return kernel(x, packed, out, bias)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    if ops() is None:
+        print("BentoChat's native kernels: not used on this machine")
+    else:
+        print("BentoChat's native kernels: float32" + (", bfloat16 on AMX" if amx() else " (no AMX: bfloat16 on oneDNN)"))
