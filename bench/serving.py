@@ -467,7 +467,7 @@ def main() -> None:
     if not {"engine", "bare"} <= set(args.skip):
         import torch
 
-        from runners.chat import cpu_threads
+        from runners.base import cpu_threads
 
         from runners.engine.llm_engine import leave_cores_to_the_engine
 

@@ -76,12 +76,14 @@ class ServedModel(BaseModel):
                                     "CPU; unset: every core")
     forward: Literal["lean", "transformers"] = Field(default="lean", description="lean: BentoChat's own forward "
                                                      "for Llama, Mistral, Qwen2 and Qwen3; transformers: theirs")
-    attention: Literal["fused", "eager"] = Field(default="fused", description="the lean forward's decode step on "
-                                                 "CPU: fused (torch's fused kernel, faster) or eager (transformers' "
-                                                 "eager maths, token for token as model.generate in bfloat16 too)")
-    matmul: Literal["auto", "onednn"] = Field(default="auto", description="the lean forward's bfloat16 matmuls on "
-                                              "CPU: auto (BentoChat's AMX kernel where the CPU has AMX and the "
-                                              "attention is fused) or onednn (oneDNN's kernels)")
+    attention: Literal["fused", "eager"] = Field(default="fused", description="the lean forward's attention on "
+                                                 "CPU: fused (BentoChat's native forward, or torch's fused kernel in "
+                                                 "the decode step; faster) or eager (transformers' eager maths, token "
+                                                 "for token as model.generate in bfloat16 too)")
+    matmul: Literal["auto", "onednn"] = Field(default="auto", description="the lean forward's matmuls on CPU: "
+                                              "auto (BentoChat's native kernels and forward pass where they run: "
+                                              "bfloat16 on AMX, float32 on AVX-512, attention fused) or onednn "
+                                              "(oneDNN's kernels, the Python forward)")
     gpus: list[int] = Field(default_factory=list, description="GPU indices; empty runs on CPU")
     max_gpu_memory: str | None = Field(default=None, description="cap per GPU, e.g. `20GiB`")
     max_concurrency: int = Field(default=64, ge=1, description="sequences generated together (the batch)")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import sys
 import time
 import typing as t
@@ -25,7 +24,7 @@ from pathlib import Path
 import bentoml
 
 from models.config import DEFAULT_CONTEXT_LENGTH, ServedModel
-from runners.base import StoredModelRunner, load_causal_lm, service_options
+from runners.base import StoredModelRunner, cpu_threads, load_causal_lm, service_options
 from runners.engine.sequence import SamplingParams, TokenEvent
 
 logger = logging.getLogger("bentochat.runner")
@@ -93,13 +92,6 @@ TTFT = bentoml.metrics.Histogram("bentochat_time_to_first_token_seconds", "From 
                                  labelnames=["model"], buckets=FIRST_TOKEN_SECONDS)
 TPOT = bentoml.metrics.Histogram("bentochat_time_per_output_token_seconds", "Between consecutive output tokens",
                                  labelnames=["model"], buckets=TOKEN_SECONDS)
-
-
-def cpu_threads(served: ServedModel) -> int:
-    """Torch threads of a runner on CPU: ``cpu_threads`` if set, else every core this process may use.
-    Measured on 2 cores (README, Performance): two threads gave 1.09x-1.30x the served tokens/s of one
-    at concurrency 32 and 64, as much at 16, although the gateway and the HTTP streams share the cores."""
-    return served.cpu_threads or len(os.sched_getaffinity(0))
 
 
 def adapter_path(source: str, what: str = "adapter") -> str:

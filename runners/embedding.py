@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import json
 import typing as t
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 
 from models.config import ServedModel
-from runners.base import StoredModelRunner, resolve_dtype, service_options
+from runners.base import StoredModelRunner, cpu_threads, resolve_dtype, service_options
 
 
 EMBEDDING_MAX_BATCH = 64  # texts encoded in one forward pass
@@ -38,7 +39,11 @@ def embedding_runner(served: ServedModel) -> bentoml.Service:
             import torch
             from transformers import AutoModel, AutoTokenizer
 
+            from runners.engine.llm_engine import leave_cores_to_the_engine
+
             path = Path(self.model_ref.path)  # the attribute resolves to the stored model
+            if not served.gpus:  # the encoding thread (below) is the one with an OpenMP team of every core
+                leave_cores_to_the_engine()
             device = "cuda:0" if served.gpus else "cpu"
             if served.gpus and not torch.cuda.is_available():
                 raise RuntimeError(f"gpus {served.gpus} are configured but CUDA is not available")
@@ -51,6 +56,9 @@ def embedding_runner(served: ServedModel) -> bentoml.Service:
             self.running = 0  # calls in the batch being encoded
             self.waiting: collections.deque[tuple[list[str], asyncio.Future]] = collections.deque()
             self.worker: asyncio.Task | None = None
+            # One thread encodes: each thread that runs torch's parallel operations keeps an OpenMP team of
+            # its own, and more teams than cores make every one of them slow (leave_cores_to_the_engine).
+            self.encoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bentochat-encode")
 
         @bentoml.api
         async def stats(self) -> t.Dict[str, int]:
@@ -83,7 +91,8 @@ def embedding_runner(served: ServedModel) -> bentoml.Service:
                     continue
                 self.running = len(batch)
                 try:
-                    vectors = await asyncio.to_thread(self._encode, [text for texts, _ in batch for text in texts])
+                    vectors = await asyncio.get_running_loop().run_in_executor(
+                        self.encoder, self._encode, [text for texts, _ in batch for text in texts])
                 except Exception as e:
                     for _, future in batch:
                         if not future.done():
@@ -100,6 +109,8 @@ def embedding_runner(served: ServedModel) -> bentoml.Service:
         def _encode(self, texts: list[str]) -> np.ndarray:
             import torch
 
+            if not served.gpus:
+                torch.set_num_threads(cpu_threads(served))  # the count is this thread's own
             batch = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
             with torch.inference_mode():
                 hidden = self.model(**batch).last_hidden_state
