@@ -421,7 +421,7 @@ def main() -> None:
     parser.add_argument("--attention", default="fused", choices=["fused", "eager"],
                         help="the lean forward's decode attention, as in bentochat.yaml")
     parser.add_argument("--matmul", default="auto", choices=["auto", "onednn"],
-                        help="the lean forward's bfloat16 matmuls, as in bentochat.yaml")
+                        help="the lean forward's matmuls (auto: BentoChat's native kernels where they run), as in bentochat.yaml")
     parser.add_argument("--cpu-threads", type=int, help="BentoChat's and the engine's torch threads (cpu_threads; unset: the runner's default)")
     parser.add_argument("--lora", type=int, default=3, help="adapters in BentoChat's mixed LoRA load (0: none)")
     parser.add_argument("--lora-concurrency", type=int, default=32, help="clients of the mixed LoRA load")

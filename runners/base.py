@@ -69,9 +69,10 @@ def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = N
                    quantization: str | None = None, attention: str = "fused", matmul: str = "auto"):
     """Load a stored causal LM onto the configured GPUs (FastChat's --gpus/--max-gpu-memory) or the CPU;
     with ``forward="lean"``, on BentoChat's lean forward where its family is supported, its weights
-    in int8 with ``quantization="int8"`` (FastChat's --load-8bit), its decode step attending with torch's
-    fused kernel unless ``attention="eager"`` (``lean.fused_decode``), its bfloat16 matmuls on
-    BentoChat's AMX kernel unless ``matmul="onednn"`` (``lean.LeanCausalLM``)."""
+    in int8 with ``quantization="int8"`` (FastChat's --load-8bit), in BentoChat's native pass where its
+    kernels run (bfloat16 on AMX, float32 on AVX-512) unless ``matmul="onednn"`` or ``attention="eager"``,
+    else with its decode step attending with torch's fused kernel unless ``attention="eager"``
+    (``lean.LeanCausalLM``)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
