@@ -478,8 +478,9 @@ def sample(seqs: list, logits: torch.Tensor) -> list[int | Exception]:
     apply_masks(seqs, logits)
     tokens: list[int | Exception | None] = [None] * len(seqs)
     plain = [i for i, s in enumerate(seqs) if s.sampler.is_plain_greedy(len(s.output_ids))]
-    if plain:
-        for i, token in zip(plain, logits[plain].argmax(dim=-1).tolist()):
+    if plain:  # (every row: no copy of the logits)
+        greedy = (logits if len(plain) == len(seqs) else logits[plain]).argmax(dim=-1).tolist()
+        for i, token in zip(plain, greedy):
             tokens[i] = token
     for i, seq in enumerate(seqs):
         if tokens[i] is None:
