@@ -71,6 +71,32 @@ def test_mixed_batch_matches_peft_alone(tiny_llama_dir, adapters, expected, forw
     assert stats["all"]["resident"] and stats["all"]["rank"] == 8 and stats["qv"]["modules"] == 4
 
 
+def test_an_adapter_of_the_logits_layer_too(tiny_llama_dir, tmp_path):
+    """An adapter that changes lm_head as well: its rows' logits (only a prompt's last row's, at prefill)
+    get its deltas, base rows beside them none; each answer PEFT's alone."""
+    from peft import PeftModel
+    from tiny_model import build_tiny_adapter
+    from transformers import AutoModelForCausalLM
+
+    from safetensors.torch import load_file, save_file
+
+    path = build_tiny_adapter(tiny_llama_dir, tmp_path / "head", seed=3, rank=4, targets=("q_proj", "lm_head"))
+    weights = load_file(path / "adapter_model.safetensors")  # PEFT saves the tied lm_head's own weight too
+    save_file({k: v for k, v in weights.items() if "base_layer" not in k}, path / "adapter_model.safetensors")
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="eager").eval()
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="eager"),
+                                     path).eval()
+    engine = engine_with(tiny_llama_dir, {"head": path}, "lean")
+    rows = [(i, name) for i in range(len(PROMPTS)) for name in (None, "head")]
+    got = engine.generate_batch([PROMPTS[i] for i, _ in rows], [GREEDY] * len(rows), [a for _, a in rows])
+    for (i, name), answer in zip(rows, got):
+        model = peft if name else base
+        out = model.generate(torch.tensor([PROMPTS[i]]), max_new_tokens=N, min_new_tokens=N, do_sample=False,
+                             repetition_penalty=1.0)
+        assert answer == out[0, len(PROMPTS[i]):].tolist(), (i, name)
+    assert got[0] != got[1]  # the adapter changed the answer
+
+
 def test_one_slot_is_shared_least_recently_used_first(tiny_llama_dir, adapters, expected):
     """With max_loras 1, requests for two adapters take turns in the slot; every answer stays right."""
     engine = engine_with(tiny_llama_dir, adapters, "lean", max_loras=1)
