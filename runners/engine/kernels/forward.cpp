@@ -28,6 +28,10 @@ namespace {
 
 using bf16 = uint16_t;
 
+// Rows of the work between the matmuls (norms, rotation, residual adds, SiLU) per thread at least: fewer
+// take less time than waking a second thread.
+constexpr int64_t GLUE_ROWS = 8;
+
 inline __mmask16 first(int64_t n) { return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1); }
 
 // 16 values (those of mask m) of the model's dtype as float32, and back (bfloat16 rounded to nearest even).
@@ -410,12 +414,19 @@ at::Tensor run(const at::Tensor& embeddings, const at::Tensor& slots, const at::
   int64_t longest = 0;
   for (int64_t r = 0; r < rows; r++) longest = std::max(longest, pos[r] + 1);
 
+  // What lies between the matmuls, row by row; on several threads where there are enough rows.
+  auto each_row = [rows](const auto& f) {
+    at::parallel_for(0, rows, GLUE_ROWS, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; r++) f(r);
+    });
+  };
+  T *hs = data<T>(h), *xs = data<T>(x);
+  each_row([&](int64_t r) { rms_norm(hs + r * hidden, data<T>(norms[0]), xs + r * hidden, hidden, eps); });
   for (int64_t l = 0; l < layers; l++) {
-    for (int64_t r = 0; r < rows; r++) rms_norm(data<T>(h) + r * hidden, data<T>(norms[2 * l]), data<T>(x) + r * hidden, hidden, eps);
     at::Tensor qkv = matmul(4 * l, x, qkv_width);
     T* kc = data<T>(keys[l]);
     T* vc = data<T>(values[l]);
-    for (int64_t r = 0; r < rows; r++) {
+    each_row([&](int64_t r) {  // every row's key and value in its slot before any row attends
       T* row = data<T>(qkv) + r * qkv_width;
       for (int64_t head = 0; head < heads + kv_heads; head++) {
         T* v = row + head * dim;
@@ -427,7 +438,7 @@ at::Tensor run(const at::Tensor& embeddings, const at::Tensor& slots, const at::
         std::copy_n(row + (heads + g) * dim, dim, kc + at_position);
         std::copy_n(row + (heads + kv_heads + g) * dim, dim, vc + at_position);
       }
-    }
+    });
     at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
       Attention<T> attention(groups, dim, longest);
       if (attention.amx) configure_tiles();
@@ -438,17 +449,25 @@ at::Tensor run(const at::Tensor& embeddings, const at::Tensor& slots, const at::
       }
       if (attention.amx) _tile_release();
     });
-    add(data<T>(h), data<T>(matmul(4 * l + 1, attended, hidden)), rows * hidden);
-    for (int64_t r = 0; r < rows; r++) rms_norm(data<T>(h) + r * hidden, data<T>(norms[2 * l + 1]), data<T>(x) + r * hidden, hidden, eps);
-    at::Tensor gate_up = matmul(4 * l + 2, x, 2 * intermediate);
-    for (int64_t r = 0; r < rows; r++)
+    const at::Tensor o = matmul(4 * l + 1, attended, hidden);
+    each_row([&](int64_t r) {
+      add(hs + r * hidden, data<T>(o) + r * hidden, hidden);
+      rms_norm(hs + r * hidden, data<T>(norms[2 * l + 1]), xs + r * hidden, hidden, eps);
+    });
+    const at::Tensor gate_up = matmul(4 * l + 2, x, 2 * intermediate);
+    each_row([&](int64_t r) {
       silu_mul(data<T>(gate_up) + r * 2 * intermediate, data<T>(mixed) + r * intermediate, intermediate);
-    add(data<T>(h), data<T>(matmul(4 * l + 3, mixed, hidden)), rows * hidden);
+    });
+    const at::Tensor down = matmul(4 * l + 3, mixed, hidden);
+    each_row([&](int64_t r) {  // and the next layer's input norm
+      add(hs + r * hidden, data<T>(down) + r * hidden, hidden);
+      if (l + 1 < layers) rms_norm(hs + r * hidden, data<T>(norms[2 * l + 2]), xs + r * hidden, hidden, eps);
+    });
   }
   const int64_t outputs = wanted.numel();
   at::Tensor last = at::empty({outputs, hidden}, h.options());
   for (int64_t i = 0; i < outputs; i++)
-    rms_norm(data<T>(h) + wanted.data_ptr<int64_t>()[i] * hidden, data<T>(final_norm), data<T>(last) + i * hidden, hidden, eps);
+    rms_norm(hs + wanted.data_ptr<int64_t>()[i] * hidden, data<T>(final_norm), data<T>(last) + i * hidden, hidden, eps);
   return matmul(4 * layers, last, vocab, wanted);
 }
 
