@@ -239,6 +239,27 @@ def label_metrics_by_route(label: Callable[[str], str]) -> None:
     instruments.RunnerTrafficMetricsMiddleware = RouteLabelledMetrics
 
 
+def one_span_per_request() -> None:
+    """Make BentoML's OpenTelemetry middleware open a span per request only, not also one per message
+    a response sends: for a streamed answer that is a span per token, in the gateway and in the runner,
+    whatever tracing is configured (opentelemetry's own ``exclude_spans``, which BentoML 1.4 does not
+    set). BentoML imports the class when a server process sets up its app, so this must run at import
+    of the service, before that."""
+    from opentelemetry.instrumentation import asgi
+
+    base = asgi.OpenTelemetryMiddleware
+    if getattr(base, "bentochat_spans", False):
+        return
+
+    class OneSpanPerRequest(base):
+        bentochat_spans = True
+
+        def __init__(self, app, *args, exclude_spans=None, **options):
+            super().__init__(app, *args, exclude_spans=exclude_spans or ["send"], **options)
+
+    asgi.OpenTelemetryMiddleware = OneSpanPerRequest
+
+
 class UiSignIn:
     """Around the Gradio app of the chat UI, when it signs in with API keys: counts failed sign-ins
     (as ``ApiKeys`` counts wrong keys), and lets only what the sign-in page itself needs through

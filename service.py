@@ -24,6 +24,7 @@ from middleware import (
     RequestIdFilter,
     RequestIds,
     label_metrics_by_route,
+    one_span_per_request,
     route_label,
 )
 from models.config import ServedModel, load_config
@@ -110,3 +111,4 @@ BentoChat.add_asgi_middleware(BodyLimit, max_bytes=int(GATEWAY.max_body_mb * 2**
 label_metrics_by_route(route_label(app, "/v1", "/ui", exact={
     "/", "/docs.json", "/schema.json", "/metrics", *PROBES,
     *(method.route for runner in RUNNERS.values() for method in runner.apis.values())}))
+one_span_per_request()  # tracing: a span per request, not one per streamed token too (gateway and runners)

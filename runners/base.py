@@ -34,7 +34,6 @@ def service_options(served: ServedModel, kind: str) -> dict:
         "traffic": traffic,
         "runner_connection": NEVER_RECYCLE,
         "workers": 1,  # one engine per model replica; scale with replicas, not workers
-        "tracing": {"excluded_urls": ["/generate"]},
     }
 
 

@@ -89,3 +89,37 @@ def test_request_ids_are_the_clients_when_usable(given, kept):
     assert (r.headers["x-request-id"] == given) is kept
     assert r.json()["request_id"] == r.headers["x-request-id"]  # what the log lines name
     assert call(app, "GET", "/x").headers["x-request-id"].startswith("req-")
+
+
+def test_tracing_opens_a_span_per_request_not_per_streamed_chunk():
+    """What BentoML's OpenTelemetry middleware becomes once the service is imported: a streamed answer
+    of many chunks (tokens) traces as one request, where it opened a span per chunk sent."""
+    from opentelemetry.instrumentation import asgi
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from starlette.responses import StreamingResponse
+
+    from middleware import one_span_per_request
+
+    async def stream(request: Request):
+        async def tokens():
+            for i in range(20):
+                yield f"data: {i}\n\n"
+        return StreamingResponse(tokens(), media_type="text/event-stream")
+
+    one_span_per_request()
+    one_span_per_request()  # once is enough, twice changes nothing
+    patched = asgi.OpenTelemetryMiddleware
+    spans = {}
+    for name, cls in (("before", patched.__mro__[1]), ("now", patched)):
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        app = cls(Starlette(routes=[Route("/s", stream)]), tracer_provider=provider)
+        assert call(app, "GET", "/s").text.count("data:") == 20
+        spans[name] = [span.name for span in exporter.get_finished_spans()]
+    assert sum("send" in name for name in spans["before"]) >= 20
+    assert not any("send" in name for name in spans["now"]) and spans["now"].count("GET /s") == 1
+    assert len(spans["now"]) <= 4  # (and a span for each message received: the request, the disconnect)
+    assert patched.__mro__[2] is not patched.__mro__[1]  # not wrapped twice
