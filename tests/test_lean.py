@@ -63,13 +63,13 @@ def test_each_family_decodes_as_model_generate_alone(family, extra):
     assert len({tuple(a) for a in answers}) == len(MIXED)  # rows did not get mixed up
 
 
-def decode_step(lean, rows: list[list[int]], native: bool) -> torch.Tensor:
+def decode_step(lean, rows: list[list[int]], native_pass: bool) -> torch.Tensor:
     """One decode step's logits for the last token of each of ``rows`` (of any lengths) after the rest
     of it (prefilled), all rows in one step on the model runner's slot cache: the native forward or the
     Python one."""
     saved = lean.native
     try:
-        lean.native = saved if native else None
+        lean.native = saved if native_pass else None
         runner = ModelRunner(lean)
         engine = LLMEngine(runner, max_num_seqs=len(rows), max_model_len=256)
         seqs = [Sequence(f"r{i}", row[:-1], SamplingParams(max_tokens=2, temperature=0)) for i, row in enumerate(rows)]

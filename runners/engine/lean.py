@@ -280,15 +280,15 @@ class LeanCausalLM(torch.nn.Module):
         self.native = self._native_arguments()
 
     def _matmuls(self) -> list:
-        """The linear layers in the native decode step's order: per layer qkv, o, gate_up, down, then
-        lm_head (each a ``Linear``, or a LoRA adapter's wrapper around one)."""
+        """The linear layers in the native forward's order: per layer qkv, o, gate_up, down, then lm_head
+        (each a ``Linear``, or a LoRA adapter's wrapper around one)."""
         return [*(getattr(layer, attr) for layer in self.layers for attr in ("qkv", "o", "gate_up", "down")),
                 self.lm_head]
 
     def _native_arguments(self) -> tuple | None:
-        """The weights as BentoChat's native decode step takes them (``kernels/decode_step.cpp``), where
-        every matmul runs on BentoChat's own kernels (bfloat16 on AMX, float32 on AVX-512; fused
-        attention, no int8); else None."""
+        """The weights as BentoChat's native forward takes them (``kernels/forward.cpp``), where every
+        matmul runs on BentoChat's own kernels (bfloat16 on AMX, float32 on AVX-512; fused attention, no
+        int8); else None."""
         linears = self._matmuls()
         if any(linear.own is None for linear in linears):
             return None
