@@ -114,6 +114,25 @@ void silu_mul(const T* gate_up, T* out, int64_t n) {
   }
 }
 
+// Per query head g, its `length` scores (from scores + g * stride) turned into exp(score - the head's
+// largest) in place, and their sum into sums[g]: the softmax, whose division comes with the weighted sum.
+void softmax(float* scores, int64_t stride, int64_t groups, int64_t length, float* sums) {
+  for (int64_t g = 0; g < groups; g++) {
+    float* s = scores + g * stride;
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < length; j += 16) top = _mm512_mask_max_ps(top, first(length - j), top, _mm512_maskz_loadu_ps(first(length - j), s + j));
+    const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t j = 0; j < length; j += 16) {
+      const __mmask16 m = first(length - j);
+      const __m512 p = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), max)));
+      _mm512_mask_storeu_ps(s + j, m, p);
+      total = _mm512_add_ps(total, p);
+    }
+    sums[g] = _mm512_reduce_add_ps(total);
+  }
+}
+
 // sum_j probs[g][j] values[j] / sums[g] for each query head g, rounded: the values read once per column
 // for up to 16 / CH heads at a time, whose sums stay in registers (dim = 16 * CH).
 template <int CH, typename T>
@@ -160,20 +179,7 @@ void attend_fast(const T* q, const T* keys, const T* values, T* out, int64_t gro
       probs[g * length + j] = _mm512_reduce_add_ps(dot);
     }
   }
-  for (int64_t g = 0; g < groups; g++) {
-    float* s = probs + g * length;
-    __m512 top = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < length; j += 16) top = _mm512_mask_max_ps(top, first(length - j), top, _mm512_maskz_loadu_ps(first(length - j), s + j));
-    const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t j = 0; j < length; j += 16) {
-      const __mmask16 m = first(length - j);
-      const __m512 p = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), max)));
-      _mm512_mask_storeu_ps(s + j, m, p);
-      total = _mm512_add_ps(total, p);
-    }
-    sums[g] = _mm512_reduce_add_ps(total);
-  }
+  softmax(probs, length, groups, length, sums);
   weighted_sum<CH>(probs, length, sums, values, out, groups, length);
 }
 
@@ -194,20 +200,7 @@ void attend(const T* q, const T* keys, const T* values, T* out, int64_t groups, 
       scores[g * length + j] = _mm512_reduce_add_ps(dot) * scale;
     }
   }
-  for (int64_t g = 0; g < groups; g++) {
-    float* s = scores + g * length;
-    __m512 top = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < length; j += 16) top = _mm512_mask_max_ps(top, first(length - j), top, _mm512_maskz_loadu_ps(first(length - j), s + j));
-    const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t j = 0; j < length; j += 16) {
-      const __mmask16 m = first(length - j);
-      const __m512 p = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), max)));
-      _mm512_mask_storeu_ps(s + j, m, p);
-      total = _mm512_add_ps(total, p);
-    }
-    sums[g] = _mm512_reduce_add_ps(total);
-  }
+  softmax(scores, length, groups, length, sums);
   std::vector<float> acc(groups * dim, 0.0f);
   for (int64_t j = 0; j < length; j++) {
     const T* v = values + j * dim;
@@ -262,19 +255,7 @@ void attend_amx(const bf16* q, const bf16* keys, const bf16* values, bf16* out, 
     for (int64_t g = 0; g < groups; g++)  // head g's 16 columns, scaled
       _mm512_store_ps(probs + g * stride + j0, _mm512_mul_ps(_mm512_i32gather_ps(column, tiles + g, 4), scale));
   }
-  for (int64_t g = 0; g < groups; g++) {
-    float* s = probs + g * stride;
-    __m512 top = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < length; j += 16) top = _mm512_mask_max_ps(top, first(length - j), top, _mm512_load_ps(s + j));
-    const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t j = 0; j < length; j += 16) {
-      const __m512 p = _mm512_maskz_mov_ps(first(length - j), exp_ps(_mm512_sub_ps(_mm512_load_ps(s + j), max)));
-      _mm512_store_ps(s + j, p);
-      total = _mm512_add_ps(total, p);
-    }
-    sums[g] = _mm512_reduce_add_ps(total);
-  }
+  softmax(probs, stride, groups, length, sums);
   weighted_sum<2 * CHUNKS>(probs, stride, sums, values, out, groups, length);
 }
 
