@@ -84,17 +84,23 @@ def decode_step(lean, rows: list[list[int]], native_pass: bool) -> torch.Tensor:
 
 
 @native_forward
-@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not native.amx(), reason="no AMX")),
-                                   torch.float32])
+@pytest.mark.parametrize("kernels", [
+    pytest.param("bfloat16 on AMX", marks=pytest.mark.skipif(not native.amx(), reason="no AMX")),
+    pytest.param("bfloat16 on AVX-512 BF16", marks=pytest.mark.skipif(not native.cpu_has_avx512_bf16(),
+                                                                     reason="no AVX-512 BF16")),
+    "float32"])
 @pytest.mark.parametrize("family,extra", [("llama", {}), ("qwen2", {}), ("qwen3", {}),
                                           ("llama", {"head_dim": 24})])  # (a head not in whole vectors)
-def test_the_native_forward_computes_the_python_forwards_maths(family, extra, dtype):
+def test_the_native_forward_computes_the_python_forwards_maths(family, extra, kernels, monkeypatch):
     """BentoChat's native forward pass (every layer in one C++ call, on its own matmuls), which prefills
     and decodes bfloat16 models on AMX and float32 models on AVX-512, computes what the lean forward's
     Python path does: a decode step's logits within rounding of the Python step's (in bfloat16, as far
     from them as from float32's), the same greedy choices; a row gets the same bits alone and in any
     batch, on one thread and on two; and the engine decodes each prompt alone as in a batch, and in
-    float32 as ``model.generate`` does."""
+    float32 as ``model.generate`` does. (A CPU without AMX runs bfloat16 on AVX-512 BF16: forced here.)"""
+    if kernels == "bfloat16 on AVX-512 BF16":
+        monkeypatch.setattr(native, "amx", lambda: False)
+    dtype = torch.float32 if kernels == "float32" else torch.bfloat16
     model = tiny(family, dtype, **extra)
     lean = LeanCausalLM(model)
     assert lean.native is not None

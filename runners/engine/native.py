@@ -2,9 +2,10 @@
 30 s, once per machine: ``make install`` builds them ahead) on CPUs with AVX-512:
 
 - ``amx_linear.cpp``: the bfloat16 matmul on Intel AMX (Sapphire Rapids and later);
+- ``bf16_linear.cpp``: the bfloat16 matmul on AVX-512 BF16, for CPUs without AMX (AMD Zen 4);
 - ``f32_linear.cpp``: the float32 matmul on AVX-512;
 - ``forward.cpp``: the lean forward's whole pass (every layer, prefill and decode) in one call, in
-  bfloat16 on AMX and in float32 on AVX-512.
+  bfloat16 (on AMX, else AVX-512 BF16) and in float32.
 
 Why kernels of our own: each gives a row the same bits alone and in any batch by construction (oneDNN's
 bfloat16 kernels change some rows' sums past 32 rows on these CPUs), each is faster on the 2-core
@@ -30,10 +31,10 @@ import torch.nn.functional as F
 logger = logging.getLogger("bentochat.engine")
 
 KERNELS = Path(__file__).parent / "kernels"
-SOURCES = [KERNELS / "amx_linear.cpp", KERNELS / "f32_linear.cpp", KERNELS / "forward.cpp"]
+SOURCES = [KERNELS / "amx_linear.cpp", KERNELS / "bf16_linear.cpp", KERNELS / "f32_linear.cpp", KERNELS / "forward.cpp"]
 FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
 PANEL, CHUNK = 64, 32  # the AMX kernel's output features per panel and inner elements per chunk
-LANES = 16  # the float32 kernel's output features per panel
+LANES = 16  # the AVX-512 kernels' output features per panel
 
 _ops: object | None = None
 _tried = False
@@ -53,6 +54,10 @@ def cpu_has_avx512() -> bool:
 
 def cpu_has_amx() -> bool:
     return {"amx_tile", "amx_bf16", "avx512_bf16"} <= cpu_flags()
+
+
+def cpu_has_avx512_bf16() -> bool:
+    return "avx512_bf16" in cpu_flags()
 
 
 # A build lock older than this was left by a process killed while it built (a build takes about 30 s).
@@ -114,18 +119,24 @@ def amx() -> bool:
 
 def runs(dtype: torch.dtype) -> bool:
     """Whether BentoChat's own matmul and forward pass take this dtype here: bfloat16 where the CPU has
-    AMX, float32 where it has AVX-512."""
-    return (dtype == torch.bfloat16 and amx()) or (dtype == torch.float32 and ops() is not None)
+    AMX or AVX-512 BF16, float32 where it has AVX-512."""
+    if ops() is None:
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and (amx() or cpu_has_avx512_bf16()))
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` [out, in] in the layout of its kernel. bfloat16 (AMX): panels of 64 output features,
-    chunks of 32 inner elements, each chunk four B tiles of 16 features by 16 inner pairs. float32:
-    panels of 16 output features, each [in, 16]. Both zero-padded."""
+    """``weight`` [out, in] in the layout of its kernel, zero-padded. bfloat16 on AMX: panels of 64
+    output features, chunks of 32 inner elements, each chunk four B tiles of 16 features by 16 inner
+    pairs. bfloat16 on AVX-512 BF16: panels of 16 output features, each [in / 2, 16, 2] (pairs of inner
+    elements). float32: panels of 16 output features, each [in, 16]."""
     out, inner = weight.shape
-    if weight.dtype == torch.float32:
-        panels = -(-out // LANES)
-        return F.pad(weight, (0, 0, 0, panels * LANES - out)).view(panels, LANES, inner).transpose(1, 2).contiguous()
+    if weight.dtype == torch.float32 or not amx():
+        panels, pairs = -(-out // LANES), -(-inner // 2)
+        if weight.dtype == torch.float32:
+            return F.pad(weight, (0, 0, 0, panels * LANES - out)).view(panels, LANES, inner).transpose(1, 2).contiguous()
+        w = F.pad(weight, (0, 2 * pairs - inner, 0, panels * LANES - out))
+        return w.view(panels, LANES, pairs, 2).transpose(1, 2).contiguous()
     panels, chunks = -(-out // PANEL), -(-inner // CHUNK)
     w = F.pad(weight.to(torch.bfloat16), (0, chunks * CHUNK - inner, 0, panels * PANEL - out))
     # [p, j, o, kc, pair, e] (feature p*64 + j*16 + o, inner kc*32 + 2*pair + e) -> [p, kc, j, pair, o, e]
@@ -140,9 +151,9 @@ def pad_bias(bias: torch.Tensor | None, out: int) -> torch.Tensor | None:
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, out: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x W^T + b`` on the kernel of ``x``'s dtype (``W`` packed by :func:`pack`)."""
-    kernel = torch.ops.bentochat.amx_linear if x.dtype == torch.bfloat16 else torch.ops.bentochat.f32_linear
-    return kernel(x, packed, out, bias)
+    """``x W^T + b`` on the kernel that ``W``'s layout (:func:`pack`) is for."""
+    kernels = {6: torch.ops.bentochat.amx_linear, 4: torch.ops.bentochat.bf16_linear, 3: torch.ops.bentochat.f32_linear}
+    return kernels[packed.dim()](x, packed, out, bias)
 
 
 if __name__ == "__main__":
@@ -150,4 +161,5 @@ if __name__ == "__main__":
     if ops() is None:
         print("BentoChat's native kernels: not used on this machine")
     else:
-        print("BentoChat's native kernels: float32" + (", bfloat16 on AMX" if amx() else " (no AMX: bfloat16 on oneDNN)"))
+        bf16 = "AMX" if amx() else "AVX-512 BF16" if cpu_has_avx512_bf16() else None
+        print("BentoChat's native kernels: float32" + (f", bfloat16 on {bf16}" if bf16 else " (bfloat16 on oneDNN)"))

@@ -1,18 +1,19 @@
 // BentoChat's forward pass for the lean forward's families (Llama, Mistral, Qwen2, Qwen3), in bfloat16 on
-// AMX and in float32 on AVX-512, for prefill and decode alike: each row of a call is one token at its own position in its own slot
-// of a key-value cache, so one call runs every layer of a decode step (one row per sequence), a prompt's
-// chunk (a row per token, one slot) or several prompts together, and the final norm and the logits of the
-// rows asked for. Every row's key and value are written to its slot before any row attends, so a prompt's
-// rows see each other causally. The matmuls are amx_linear's or f32_linear's; what lies between them (norms, rotary
+// AMX or AVX-512 BF16 and in float32 on AVX-512, for prefill and decode alike: each row of a call is one
+// token at its own position in its own slot of a key-value cache, so one call runs every layer of a decode
+// step (one row per sequence), a prompt's chunk (a row per token, one slot) or several prompts together,
+// and the final norm and the logits of the rows asked for. Every row's key and value are written to its
+// slot before any row attends, so a prompt's rows see each other causally. The matmuls are amx_linear's,
+// bf16_linear's or f32_linear's (the weights' layout says which); what lies between them (norms, rotary
 // embeddings, the cache writes, attention, SiLU, the residual adds) is written here, because in Python
 // each of those ~500 small operations a step costs a few microseconds of dispatch, about half of a decode
 // step at batch 1 (README, Performance).
 //
 // In bfloat16 it rounds where transformers' bfloat16 modules round (after each elementwise operation); in
-// float32 nothing is rounded between the operations. It computes each row from that row's data only, in the same order whatever the other rows or the
-// thread count: a token gets the same bits alone, in any batch, in a prompt's chunk of any size, and the
-// same keys and values whether it was prefilled or decoded. Attention sums in float32 over the row's own
-// columns (0 .. its position) of its slot.
+// float32 nothing is rounded between the operations. It computes each row from that row's data only, in
+// the same order whatever the other rows or the thread count: a token gets the same bits alone, in any
+// batch, in a prompt's chunk of any size, and the same keys and values whether it was prefilled or
+// decoded. Attention sums in float32 over the row's own columns (0 .. its position) of its slot.
 #include "kernels.h"
 
 #include <ATen/Functions.h>
@@ -259,9 +260,9 @@ void attend_amx(const bf16* q, const bf16* keys, const bf16* values, bf16* out, 
   weighted_sum<2 * CHUNKS>(probs, stride, sums, values, out, groups, length);
 }
 
-// attend() for one row and key-value head; in bfloat16 on AMX where the head dimension is 32, 64, 96 or
-// 128 and there are at most 16 query heads per key-value head (tiles configured by the caller, see
-// configure_tiles).
+// attend() for one row and key-value head; in bfloat16 on AMX (``tiles``) where the head dimension is 32,
+// 64, 96 or 128 and there are at most 16 query heads per key-value head (tiles configured by the caller,
+// see configure_tiles).
 template <typename T>
 struct Attention {
   int64_t groups, dim;
@@ -270,8 +271,8 @@ struct Attention {
   std::vector<float> sums, queries;
   std::vector<bf16> qt, tail;
 
-  Attention(int64_t groups, int64_t dim, int64_t longest)
-      : groups(groups), dim(dim), amx(std::is_same_v<T, bf16> && dim % 32 == 0 && dim <= 128 && groups <= 16),
+  Attention(int64_t groups, int64_t dim, int64_t longest, bool tiles)
+      : groups(groups), dim(dim), amx(tiles && std::is_same_v<T, bf16> && dim % 32 == 0 && dim <= 128 && groups <= 16),
         buffer(amx ? 16 + 256 + groups * ((longest + 15) / 16 * 16) : groups * longest), sums(groups),
         queries(amx ? 0 : groups * dim), qt(amx ? 512 * (dim / 32) : 0), tail(amx ? 16 * dim : 0) {}
 
@@ -329,7 +330,8 @@ struct Matmuls {
   const c10::List<c10::optional<at::Tensor>>& lora_mask;
 
   static at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias) {
-    if constexpr (std::is_same_v<T, bf16>) return bentochat::amx_linear(x, w, n, bias);
+    if constexpr (std::is_same_v<T, bf16>)  // the weights' layout says which kernel packed them
+      return w.dim() == 6 ? bentochat::amx_linear(x, w, n, bias) : bentochat::bf16_linear(x, w, n, bias);
     return bentochat::f32_linear(x, w, n, bias);
   }
 
@@ -346,8 +348,8 @@ struct Matmuls {
 
 // One forward pass: embeddings [rows, hidden] of the rows' tokens, row r at position positions[r] of slot
 // slots[r] of the caches (keys[l], values[l]: [slots, kv_heads, columns, dim]); cos and sin [rows, dim] at
-// those positions. Per layer l: weights[4l..4l+3] qkv, o, gate_up, down packed for amx_linear (bfloat16) or
-// f32_linear (float32), with biases
+// those positions. Per layer l: weights[4l..4l+3] qkv, o, gate_up, down packed for amx_linear or bf16_linear
+// (bfloat16) or f32_linear (float32), with biases
 // alike; norms[2l], norms[2l+1] the input and post-attention norms; head_norms[2l], head_norms[2l+1]
 // Qwen3's q and k norms (none for the other families); weights[4 * layers] the logits' (lm_head). The
 // LoRA lists are empty, or hold an entry per weight (see Matmuls). Writes each row's key and value into
@@ -363,7 +365,8 @@ at::Tensor run(const at::Tensor& embeddings, const at::Tensor& slots, const at::
   const int64_t dim = cos.size(1), groups = heads / kv_heads, qkv_width = (heads + 2 * kv_heads) * dim;
   const float eps = static_cast<float>(eps_);
   const auto dtype = embeddings.scalar_type();
-  if constexpr (std::is_same_v<T, bf16>) TORCH_CHECK(bentochat::amx_available(), "this process may not use AMX");
+  const bool amx = std::is_same_v<T, bf16> && weights[0].dim() == 6;  // (packed for amx_linear)
+  if (amx) TORCH_CHECK(bentochat::amx_available(), "this process may not use AMX");
   TORCH_CHECK(embeddings.is_contiguous() && embeddings.dim() == 2);
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == dtype && cos.size(0) == rows);
   TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == rows && slots.scalar_type() == at::kLong &&
@@ -421,7 +424,7 @@ at::Tensor run(const at::Tensor& embeddings, const at::Tensor& slots, const at::
       }
     });
     at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-      Attention<T> attention(groups, dim, longest);
+      Attention<T> attention(groups, dim, longest, amx);
       if (attention.amx) configure_tiles();
       for (int64_t i = begin; i < end; i++) {
         const int64_t r = i / kv_heads, g = i % kv_heads, cache = (slot[r] * kv_heads + g) * columns * dim;
