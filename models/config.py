@@ -82,7 +82,7 @@ class ServedModel(BaseModel):
                                                  "for token as model.generate in bfloat16 too)")
     matmul: Literal["auto", "onednn"] = Field(default="auto", description="the lean forward's matmuls on CPU: "
                                               "auto (BentoChat's native kernels and forward pass where they run: "
-                                              "bfloat16 on AMX, float32 on AVX-512, attention fused) or onednn "
+                                              "bfloat16 on AMX or AVX-512 BF16, float32 on AVX-512, attention fused) or onednn "
                                               "(oneDNN's kernels, the Python forward)")
     gpus: list[int] = Field(default_factory=list, description="GPU indices; empty runs on CPU")
     max_gpu_memory: str | None = Field(default=None, description="cap per GPU, e.g. `20GiB`")

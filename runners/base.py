@@ -69,7 +69,7 @@ def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = N
     """Load a stored causal LM onto the configured GPUs (FastChat's --gpus/--max-gpu-memory) or the CPU;
     with ``forward="lean"``, on BentoChat's lean forward where its family is supported, its weights
     in int8 with ``quantization="int8"`` (FastChat's --load-8bit), in BentoChat's native pass where its
-    kernels run (bfloat16 on AMX, float32 on AVX-512) unless ``matmul="onednn"`` or ``attention="eager"``,
+    kernels run (bfloat16 on AMX or AVX-512 BF16, float32 on AVX-512) unless ``matmul="onednn"`` or ``attention="eager"``,
     else with its decode step attending with torch's fused kernel unless ``attention="eager"``
     (``lean.LeanCausalLM``)."""
     import torch

@@ -287,8 +287,8 @@ class LeanCausalLM(torch.nn.Module):
 
     def _native_arguments(self) -> tuple | None:
         """The weights as BentoChat's native forward takes them (``kernels/forward.cpp``), where every
-        matmul runs on BentoChat's own kernels (bfloat16 on AMX, float32 on AVX-512; fused attention, no
-        int8); else None."""
+        matmul runs on BentoChat's own kernels (bfloat16 on AMX or AVX-512 BF16, float32 on AVX-512;
+        fused attention, no int8); else None."""
         linears = self._matmuls()
         if any(linear.own is None for linear in linears):
             return None
