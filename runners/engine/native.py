@@ -2,8 +2,8 @@
 30 s, once per machine: ``make install`` builds them ahead) on CPUs with AVX-512:
 
 - ``amx_linear.cpp``: the bfloat16 matmul on Intel AMX (Sapphire Rapids and later);
-- ``bf16_linear.cpp``: the bfloat16 matmul on AVX-512 BF16, for CPUs without AMX (AMD Zen 4);
-- ``f32_linear.cpp``: the float32 matmul on AVX-512;
+- ``avx512_linear.cpp``: the float32 matmul on AVX-512, and the bfloat16 one on AVX-512 BF16 for CPUs
+  without AMX (AMD Zen 4);
 - ``forward.cpp``: the lean forward's whole pass (every layer, prefill and decode) in one call, in
   bfloat16 (on AMX, else AVX-512 BF16) and in float32.
 
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 logger = logging.getLogger("bentochat.engine")
 
 KERNELS = Path(__file__).parent / "kernels"
-SOURCES = [KERNELS / "amx_linear.cpp", KERNELS / "bf16_linear.cpp", KERNELS / "f32_linear.cpp", KERNELS / "forward.cpp"]
+SOURCES = [KERNELS / "amx_linear.cpp", KERNELS / "avx512_linear.cpp", KERNELS / "forward.cpp"]
 FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
 PANEL, CHUNK = 64, 32  # the AMX kernel's output features per panel and inner elements per chunk
 LANES = 16  # the AVX-512 kernels' output features per panel

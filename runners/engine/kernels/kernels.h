@@ -12,11 +12,11 @@ bool amx_available();
 // features, b float32.
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias);
 
-// y = x W^T + b in bfloat16 on AVX-512 BF16, without AMX (bf16_linear.cpp): W packed by
+// y = x W^T + b in bfloat16 on AVX-512 BF16, without AMX (avx512_linear.cpp): W packed by
 // runners/engine/native.py.
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias);
 
-// y = x W^T + b in float32 on AVX-512 (f32_linear.cpp): W packed by runners/engine/native.py.
+// y = x W^T + b in float32 on AVX-512 (avx512_linear.cpp): W packed by runners/engine/native.py.
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias);
 
 }  // namespace bentochat
