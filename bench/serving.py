@@ -468,7 +468,6 @@ def main() -> None:
         import torch
 
         from runners.base import cpu_threads
-
         from runners.engine.llm_engine import leave_cores_to_the_engine
 
         threads = cpu_threads(ServedModel(id="bench", model=args.model, cpu_threads=args.cpu_threads))  # as the runner's
