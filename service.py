@@ -33,7 +33,7 @@ from openai_api.responses import ResponseStore
 from openai_api.routes import app
 from runners.chat import chat_runner
 from runners.embedding import embedding_runner
-from runners.base import REQUEST_TIMEOUT_S
+from runners.base import REQUEST_TIMEOUT_S, freeze_startup_heap
 from ui import build_chat_ui, chat_ui_app
 
 logger = logging.getLogger("bentochat")
@@ -65,6 +65,7 @@ class Gateway:
         app.state.registry = self.registry
         app.state.responses = ResponseStore(GATEWAY.responses.store_size)
         logger.info("serving %s", ", ".join(m.id for m in models))
+        freeze_startup_heap()
 
     @bentoml.on_startup
     async def watch_runners(self) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import bentoml
 
 from models.config import DEFAULT_CONTEXT_LENGTH, ServedModel
-from runners.base import StoredModelRunner, cpu_threads, load_causal_lm, service_options
+from runners.base import StoredModelRunner, cpu_threads, freeze_startup_heap, load_causal_lm, service_options
 from runners.engine.sequence import SamplingParams, TokenEvent
 
 logger = logging.getLogger("bentochat.runner")
@@ -161,6 +161,7 @@ def chat_runner(served: ServedModel) -> bentoml.Service:
             self._counted = {"prompt_tokens": 0, "prefix_cache_hit_tokens": 0}
             REJECTED.labels(model=served.id).inc(0)  # every series exists from the start, at 0
             self._observe_load()
+            freeze_startup_heap()
 
         def _observe_load(self) -> dict:
             stats = self.engine.stats()

@@ -16,7 +16,7 @@ import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 
 from models.config import ServedModel
-from runners.base import StoredModelRunner, cpu_threads, resolve_dtype, service_options
+from runners.base import StoredModelRunner, cpu_threads, freeze_startup_heap, resolve_dtype, service_options
 
 
 EMBEDDING_MAX_BATCH = 64  # texts encoded in one forward pass
@@ -59,6 +59,7 @@ def embedding_runner(served: ServedModel) -> bentoml.Service:
             # One thread encodes: each thread that runs torch's parallel operations keeps an OpenMP team of
             # its own, and more teams than cores make every one of them slow (leave_cores_to_the_engine).
             self.encoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bentochat-encode")
+            freeze_startup_heap()
 
         @bentoml.api
         async def stats(self) -> t.Dict[str, int]:
