@@ -346,24 +346,27 @@ struct Matmuls {
   }
 };
 
+// The arguments of forward() and of its body for the model's dtype.
+#define FORWARD_ARGUMENTS                                                                                       \
+  const at::Tensor &embeddings, const at::Tensor &slots, const at::Tensor &positions, const at::Tensor &logit_rows,  \
+      const at::Tensor &cos, const at::Tensor &sin, at::TensorList weights,                                          \
+      const c10::List<c10::optional<at::Tensor>> &biases, const c10::List<c10::optional<at::Tensor>> &lora_a,         \
+      const c10::List<c10::optional<at::Tensor>> &lora_b, const c10::List<c10::optional<at::Tensor>> &lora_mask,      \
+      at::TensorList norms, at::TensorList head_norms, const at::Tensor &final_norm, at::TensorList keys,             \
+      at::TensorList values, int64_t heads, int64_t kv_heads, int64_t intermediate, int64_t vocab, double eps
+
 // One forward pass: embeddings [rows, hidden] of the rows' tokens, row r at position positions[r] of slot
 // slots[r] of the caches (keys[l], values[l]: [slots, kv_heads, columns, dim]); cos and sin [rows, dim] at
 // those positions. Per layer l: weights[4l..4l+3] qkv, o, gate_up, down packed for amx_linear or bf16_linear
-// (bfloat16) or f32_linear (float32), with biases
-// alike; norms[2l], norms[2l+1] the input and post-attention norms; head_norms[2l], head_norms[2l+1]
+// (bfloat16) or f32_linear (float32), with biases alike; norms[2l], norms[2l+1] the input and
+// post-attention norms; head_norms[2l], head_norms[2l+1]
 // Qwen3's q and k norms (none for the other families); weights[4 * layers] the logits' (lm_head). The
 // LoRA lists are empty, or hold an entry per weight (see Matmuls). Writes each row's key and value into
 // its slot and returns the logits [len(logit_rows), vocab], in the model's dtype, of the rows logit_rows names.
 template <typename T>
-at::Tensor run(const at::Tensor& embeddings, const at::Tensor& slots, const at::Tensor& positions,
-                   const at::Tensor& logit_rows, const at::Tensor& cos, const at::Tensor& sin, at::TensorList weights,
-                   const c10::List<c10::optional<at::Tensor>>& biases, const c10::List<c10::optional<at::Tensor>>& lora_a,
-                   const c10::List<c10::optional<at::Tensor>>& lora_b, const c10::List<c10::optional<at::Tensor>>& lora_mask,
-                   at::TensorList norms, at::TensorList head_norms, const at::Tensor& final_norm, at::TensorList keys,
-                   at::TensorList values, int64_t heads, int64_t kv_heads, int64_t intermediate, int64_t vocab, double eps_) {
+at::Tensor run(FORWARD_ARGUMENTS) {
   const int64_t layers = keys.size(), rows = embeddings.size(0), hidden = embeddings.size(1);
   const int64_t dim = cos.size(1), groups = heads / kv_heads, qkv_width = (heads + 2 * kv_heads) * dim;
-  const float eps = static_cast<float>(eps_);
   const auto dtype = embeddings.scalar_type();
   const bool amx = std::is_same_v<T, bf16> && weights[0].dim() == 6;  // (packed for amx_linear)
   if (amx) TORCH_CHECK(bentochat::amx_available(), "this process may not use AMX");
@@ -454,14 +457,6 @@ at::Tensor run(const at::Tensor& embeddings, const at::Tensor& slots, const at::
     rms_norm(hs + wanted.data_ptr<int64_t>()[i] * hidden, data<T>(final_norm), data<T>(last) + i * hidden, hidden, eps);
   return matmul(4 * layers, last, vocab, wanted);
 }
-
-#define FORWARD_ARGUMENTS                                                                                       \
-  const at::Tensor &embeddings, const at::Tensor &slots, const at::Tensor &positions, const at::Tensor &logit_rows,  \
-      const at::Tensor &cos, const at::Tensor &sin, at::TensorList weights,                                          \
-      const c10::List<c10::optional<at::Tensor>> &biases, const c10::List<c10::optional<at::Tensor>> &lora_a,         \
-      const c10::List<c10::optional<at::Tensor>> &lora_b, const c10::List<c10::optional<at::Tensor>> &lora_mask,      \
-      at::TensorList norms, at::TensorList head_norms, const at::Tensor &final_norm, at::TensorList keys,             \
-      at::TensorList values, int64_t heads, int64_t kv_heads, int64_t intermediate, int64_t vocab, double eps
 
 at::Tensor forward(FORWARD_ARGUMENTS) {
   const auto dtype = embeddings.scalar_type();
