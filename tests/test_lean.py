@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from runners.base import load_causal_lm, resolve_dtype
 from runners.engine import LLMEngine, ModelRunner, SamplingParams, Sequence
 from runners.engine import native
-from runners.engine.lean import LeanCausalLM, Linear, cpu_bf16, decode_width, fused_decode, invariance, unsupported
+from runners.engine.lean import LeanCausalLM, Linear, cpu_bf16, decode_width, fused_decode, unsupported
 
 MIXED = [[1, 7], [1, 20, 30, 40, 50], [1] + list(range(100, 131)), [1, 250, 12, 9, 77, 5, 61, 200, 18, 3, 90]]
 N = 16
@@ -131,18 +131,22 @@ def test_the_native_forward_computes_the_python_forwards_maths(family, extra, ke
 @bf16_packed
 def test_bfloat16_rows_do_not_depend_on_the_batch():
     """An inner dimension past oneDNN's block (2112 > 1024, as down_proj has in most models) and batches
-    past its row block (40 > 32): a row's product is the same whatever else is in the batch, split as
-    this CPU needs (measured) and split in any case, so greedy decoding is batch invariant."""
+    past its row block (40 > 32), with as many output features as a model's layer and as a LoRA adapter's
+    A (32): a row's product is the same whatever else is in the batch, on one thread and on two, so
+    greedy decoding is batch invariant."""
     torch.manual_seed(0)
-    weight = (torch.randn(640, 2112) * 0.05).bfloat16()
     x = torch.randn(40, 1, 2112).bfloat16()
-    split, rows = invariance()
-    for linear in (Linear(weight), Linear(weight, blocking=(True, True))):
-        assert linear.packed
-        alone = [linear(x[j:j + 1])[0] for j in range(len(x))]
-        for m in (2, 5, 8, 31, 32, 33, 40):
-            assert all(torch.equal(linear(x[:m])[j], alone[j]) for j in range(m))
-    assert len(Linear(weight).blocks) == (3 if split else 1) and Linear(weight).row_block == (32 if rows else None)
+    before = torch.get_num_threads()
+    try:
+        for out, threads in ((640, 1), (640, 2), (32, 2)):
+            torch.set_num_threads(threads)
+            linear = Linear((torch.randn(out, 2112) * 0.05).bfloat16())
+            assert linear.packed and len(linear.blocks) == 3 and linear.row_block == 32
+            alone = [linear(x[j:j + 1])[0] for j in range(len(x))]
+            for m in (2, 5, 8, 16, 31, 32, 33, 40):
+                assert all(torch.equal(linear(x[:m])[j], alone[j]) for j in range(m)), (out, threads, m)
+    finally:
+        torch.set_num_threads(before)
     model = tiny("llama", torch.bfloat16, intermediate=2112)
     lean = LeanCausalLM(model)
     engine = LLMEngine(ModelRunner(lean), max_num_seqs=8, max_model_len=256)
@@ -154,8 +158,10 @@ def test_bfloat16_rows_do_not_depend_on_the_batch():
 def test_fused_decode_attention_gives_a_row_the_same_result_at_any_width(dtype):
     """What the fused decode attention relies on: with the width a multiple of WIDTH_MULTIPLE and a
     row's columns from column 0, the masked columns past the row (up to past the kernel's 512-column
-    block) do not change its result; and an engine of widely different prompt lengths decodes each
-    one as it does alone."""
+    block) do not change its result, nor do the other rows of the batch; where the kernel's rows depend
+    on the batch on this CPU (measured: then the decode step attends with eager maths), a row alone at
+    any width still gets one result. In either case an engine of widely different prompt lengths
+    decodes each one as it does alone."""
     torch.manual_seed(0)
     keys, values = (torch.randn(8, 2, 1104, 16, dtype=dtype) for _ in range(2))
     lengths = torch.tensor([3, 40, 511, 512, 700, 1000, 17, 1090])
@@ -165,12 +171,16 @@ def test_fused_decode_attention_gives_a_row_the_same_result_at_any_width(dtype):
     mask = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, float("-inf"))  # additive, as the forward's
     attention = F.scaled_dot_product_attention
     together = attention(q, keys[:, :, :width], values[:, :, :width], attn_mask=mask, enable_gqa=True)
+    fused = fused_decode(dtype, torch.device("cpu"))
     for r, length in enumerate(lengths.tolist()):
         w = decode_width(length + 1)
         alone = attention(q[r:r + 1], keys[r:r + 1, :, :w], values[r:r + 1, :, :w], attn_mask=mask[r:r + 1, ..., :w],
                           enable_gqa=True)
-        assert torch.equal(alone, together[r:r + 1])
-    assert fused_decode(dtype, torch.device("cpu")) and not fused_decode(torch.float16, torch.device("cpu"))
+        at_width = attention(q[r:r + 1], keys[r:r + 1, :, :width], values[r:r + 1, :, :width],
+                             attn_mask=mask[r:r + 1], enable_gqa=True)
+        assert torch.equal(alone, at_width)
+        assert torch.equal(alone, together[r:r + 1]) or not fused
+    assert not fused_decode(torch.float16, torch.device("cpu"))
     lean = LeanCausalLM(tiny("llama", dtype))
     prompts = [[1, 7], [1] + [(5 * i) % 290 + 3 for i in range(600)], [1] + list(range(100, 131))]
     engine = LLMEngine(ModelRunner(lean), max_num_seqs=8, max_model_len=1024)

@@ -61,10 +61,11 @@ def test_int8_and_other_dtypes_keep_their_kernels():
 
 @amx
 def test_up_to_32_rows_the_same_bits_as_onednn():
-    """What oneDNN's packed bfloat16 kernels give where they are batch-invariant (README, Performance):
-    switching a served model to the AMX matmul changes none of its answers."""
+    """What oneDNN's packed bfloat16 kernels give where they are batch-invariant, up to 32 rows and an
+    inner dimension of 1024 (a longer one is multiplied in blocks on oneDNN's path, each block's sum
+    rounded to bfloat16): there the AMX matmul changes no bit."""
     generator = torch.Generator().manual_seed(1)
-    for out, inner in [(960, 576), (576, 1536)]:
+    for out, inner in [(960, 576), (576, 1024)]:
         weight = (torch.randn(out, inner, generator=generator) * 0.05).bfloat16()
         x = torch.randn(32, inner, generator=generator).bfloat16()
         onednn = Linear(weight)

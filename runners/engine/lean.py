@@ -74,51 +74,25 @@ def packs(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.float32 or cpu_bf16()
 
 
-def _rows_alike(linear, x: torch.Tensor, sizes) -> bool:
-    """Whether a batch of each of ``sizes`` rows of ``x`` gives every row what it gets alone."""
-    alone = torch.cat([linear(x[j:j + 1]) for j in range(len(x))])
-    return all(torch.equal(linear(x[:m]), alone[:m]) for m in sizes)
-
-
-_invariance: tuple[bool, bool] | None = None
-
-
-def invariance() -> tuple[bool, bool]:
-    """What this CPU's oneDNN bfloat16 kernels need for batch invariance, measured once: (split the inner
-    dimension in ``K_BLOCK`` blocks, multiply at most ``ROW_BLOCK`` rows at once). On AMD Zen 4 (AVX-512
-    BF16) they gave a row the same result at every batch only while the inner dimension was at most
-    1024; on Intel Sapphire Rapids (AMX) at every inner dimension, but only in batches of at most 32
-    rows. Each is done only where it is needed: the split costs accuracy (each block's sum is rounded to
-    bfloat16) and the row blocks speed (the weight is read once per block)."""
-    global _invariance
-    if _invariance is None:
-        generator = torch.Generator().manual_seed(0)
-        long = (torch.randn(64, 2 * Linear.K_BLOCK + 64, generator=generator) * 0.05).bfloat16()
-        short = (torch.randn(512, 576, generator=generator) * 0.05).bfloat16()
-        x_long = torch.randn(Linear.ROW_BLOCK, long.shape[1], generator=generator).bfloat16()
-        x_short = torch.randn(2 * Linear.ROW_BLOCK + 8, 576, generator=generator).bfloat16()
-        whole = (False, False)
-        _invariance = (not _rows_alike(Linear(long, blocking=whole), x_long, range(2, Linear.ROW_BLOCK + 1)),
-                       not _rows_alike(Linear(short, blocking=whole), x_short,
-                                       range(Linear.ROW_BLOCK + 1, len(x_short) + 1)))
-        logger.info("oneDNN bfloat16 batch invariance: inner dimensions %s, rows %s",
-                    f"in blocks of {Linear.K_BLOCK}" if _invariance[0] else "whole",
-                    f"in blocks of {Linear.ROW_BLOCK}" if _invariance[1] else "whole")
-    return _invariance
-
-
 class Linear:
     """``y = x W^T + b``, with the weight packed for oneDNN on the CPU (see :func:`packs`), or int8.
 
-    In bfloat16, what :func:`invariance` measured this CPU to need for a row to get the same result in
-    any batch: the weight split along its inner dimension in blocks of ``K_BLOCK`` (``down_proj`` of
-    most models is longer) and their products summed; and at most ``ROW_BLOCK`` rows (tokens) multiplied
-    at once. ``blocking`` sets those two instead of the measurement."""
+    In bfloat16, oneDNN's kernels give a row the same result in any batch only on small enough products
+    (measured on the two CPU kinds this project runs on, over shapes from 32 to 3072 output features and
+    64 to 4096 inner ones): with AMD Zen 4's kernels (AVX-512 BF16, also run on the Xeon with
+    ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``) an inner dimension of at most ``K_BLOCK``; on
+    Intel Sapphire Rapids (AMX) at most ``ROW_BLOCK`` rows at once, and a 32-feature weight (a LoRA
+    adapter's A) at most ``K_BLOCK`` inner ones on two threads. So a bfloat16 weight is split along its
+    inner dimension in blocks of ``K_BLOCK`` (``down_proj`` of most models is longer), their products
+    summed, and at most ``ROW_BLOCK`` rows (tokens) are multiplied at once. The split costs some accuracy
+    (each block's sum is rounded to bfloat16), the row blocks some speed (the weight is read once per
+    block); BentoChat's own kernels (``native.py``) need neither.
+    """
 
     K_BLOCK, ROW_BLOCK = 1024, 32
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, int8: bool = False,
-                 blocking: tuple[bool, bool] | None = None, own: bool = False):
+                 own: bool = False):
         self.bias = bias
         self.int8 = int8
         self.row_block = None
@@ -131,11 +105,9 @@ class Linear:
             self.weight = (weight.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
             self.scales = scales.to(weight.dtype)
         elif self.packed:
-            if blocking is None:
-                blocking = invariance() if weight.dtype == torch.bfloat16 else (False, False)
-            split, rows = blocking
-            self.row_block = self.ROW_BLOCK if rows else None
-            parts = weight.split(self.K_BLOCK, dim=1) if split else [weight]
+            blocked = weight.dtype == torch.bfloat16
+            self.row_block = self.ROW_BLOCK if blocked else None
+            parts = weight.split(self.K_BLOCK, dim=1) if blocked else [weight]
             self.blocks = [torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_FOR[weight.dtype])
                            for w in parts]
         elif self.own is None:
@@ -226,14 +198,41 @@ def decode_width(columns: int) -> int:
 
 def fused_decode(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a decode step attends with torch's fused kernel (``scaled_dot_product_attention``):
-    on the CPU, in float32 and bfloat16. It reads the slot cache in place, 2x to 3x faster than
-    :func:`attend` at batch 32. Its result for a row depends on the width of the keys (the masked columns
-    past the row's own shift its sums), except when that width is a multiple of ``WIDTH_MULTIPLE`` and
-    the row's own columns start at column 0: then a row gets the same result at any width, so in any
-    batch (measured over random batches of widths up to 1,500, on one thread and two). The model runner
-    lays out its slot cache so. In float16 that does not hold, and on a GPU it is not measured:
-    :func:`attend` stays."""
-    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+    on the CPU, in float32 and bfloat16, where it gives a row the same result in any batch
+    (:func:`fused_rows_alike`). It reads the slot cache in place, 2x to 3x faster than :func:`attend` at
+    batch 32. Its result for a row depends on the width of the keys (the masked columns past the row's
+    own shift its sums), except when that width is a multiple of ``WIDTH_MULTIPLE`` and the row's own
+    columns start at column 0: then a row gets the same result at any width (measured over random
+    batches of widths up to 1,500, on one thread and two). The model runner lays out its slot cache so.
+    In float16 that does not hold, and on a GPU it is not measured: :func:`attend` stays."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and fused_rows_alike(dtype)
+
+
+_fused_alike: dict[tuple[torch.dtype, int], bool] = {}
+
+
+def fused_rows_alike(dtype: torch.dtype) -> bool:
+    """Whether torch's fused attention gives each row of a batch what it gives the row alone, measured
+    once per dtype and thread count, on the calling thread (the engine's, at its thread count). Where
+    its CPU kernels' results depend on which thread computes a row (seen in float32 when MKL runs
+    without AVX2, as on AMD CPUs), the decode step attends with :func:`attend` instead, and says so."""
+    key = (dtype, torch.get_num_threads())
+    if key not in _fused_alike:
+        generator = torch.Generator().manual_seed(0)
+        keys, values = (torch.randn(8, 2, 1104, 16, generator=generator).to(dtype) for _ in range(2))
+        q = torch.randn(8, 4, 1, 16, generator=generator).to(dtype)
+        lengths = torch.tensor([3, 40, 511, 512, 700, 1000, 17, 1090])
+        mask = torch.zeros(8, 1, 1, 1104, dtype=dtype).masked_fill_(
+            (torch.arange(1104) > lengths[:, None])[:, None, None, :], float("-inf"))
+        attention = F.scaled_dot_product_attention
+        together = attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        _fused_alike[key] = all(
+            torch.equal(attention(q[r:r + 1], keys[r:r + 1], values[r:r + 1], attn_mask=mask[r:r + 1],
+                                  enable_gqa=True), together[r:r + 1]) for r in range(len(lengths)))
+        if not _fused_alike[key]:
+            logger.warning("torch's fused attention gives a row of a batch other bits than alone here (%s, %d "
+                           "threads): the decode step attends with eager maths", dtype, key[1])
+    return _fused_alike[key]
 
 
 def query_mask(seen: torch.Tensor, groups: int) -> torch.Tensor:
