@@ -21,100 +21,29 @@ to the replicas serving it.
 from __future__ import annotations
 
 import asyncio
-import base64
-import functools
-import json
 import logging
 import random
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from middleware import REQUEST_ID
-from models.config import DEFAULT_CONTEXT_LENGTH, HealthConfig, ServedModel
-from models.templates import ChatFormat, describe_tools, resolve_chat_format
+import runner_client
+from models.config import HealthConfig, ServedModel
+from models.info import ModelInfo
 from openai_api.errors import generation_failed, invalid_value, model_not_found, model_not_supported, \
     model_unavailable, queue_full
-from openai_api.protocol import new_id
-from openai_api.tool_calls import FORMATS, ToolFormat, format_for_template
-from runners.base import NEVER_RECYCLE, REQUEST_TIMEOUT_S
-from runners.chat import ENGINE_DEAD, INVALID_REQUEST, QUEUE_FULL, RunnerRefused, read_events
+from openai_api.ids import sequence_id
+from openai_api.streams import race
+from runner_client import RunnerSilent, RunnerStream
 from runners.engine.sequence import SamplingParams, TokenEvent
+from runners.wire import ENGINE_DEAD, INVALID_REQUEST, QUEUE_FULL, RunnerRefused
 
 logger = logging.getLogger("bentochat.controller")
 ENCODE_CHUNK = 32  # texts per call to an embedding runner; its batches hold up to EMBEDDING_MAX_BATCH
 ATTEMPTS = 3  # tries of a call that fails before its answer starts, each on the best replica left
-# generation_config.json keys that become defaults for parameters a request leaves out.
-GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
 _background: set[asyncio.Task] = set()
-
-
-class RunnerSilent(ConnectionError):
-    """The replica stopped answering health polls while a call on it was still waiting."""
-
-    def __init__(self):
-        super().__init__("the runner stopped answering the gateway's health polls")
-
-
-async def _unless_silent(awaitable, silent: asyncio.Event):
-    """``awaitable``'s result, or RunnerSilent once ``silent`` is set: a call on a runner that hangs
-    (no answer, no closed connection) ends when the health polls give up on it."""
-    call, given_up = asyncio.ensure_future(awaitable), asyncio.ensure_future(silent.wait())
-    try:
-        await asyncio.wait({call, given_up}, return_when=asyncio.FIRST_COMPLETED)
-        if call.done():
-            return call.result()
-        raise RunnerSilent()
-    finally:
-        given_up.cancel()
-        if not call.done():
-            call.cancel()
-            await asyncio.wait({call})  # a stream's generator must be idle again before it is closed
-
-
-async def _until_silent(stream: AsyncIterator, silent: asyncio.Event) -> AsyncIterator:
-    it = aiter(stream)
-    while True:
-        try:
-            item = await _unless_silent(anext(it), silent)
-        except StopAsyncIteration:
-            return
-        yield item
-
-
-def unbounded(client):
-    """A BentoML client whose connection pool has no size limit and is never recycled.
-
-    Every stream holds a connection for as long as it runs. The clients' default pools of 100 made
-    the 101st concurrent call wait for a free connection, health polls among them, so a runner under
-    load looked silent and was marked down, cutting every stream on it. The engine bounds the work
-    itself (its queue answers 429), so the transport must not. (A dependency's client would also
-    recycle its pool after 100 calls or 300 s, closing the streams still running on the old one.)
-    """
-    inner = vars(client).get("_async", client)  # a dependency's RemoteProxy wraps an AsyncClient
-    if "_session_manager" in vars(inner):  # a dependency in this bentoml serve: aiohttp underneath
-        manager = inner._session_manager
-        manager.max_requests, manager.max_age = NEVER_RECYCLE["max_requests"], NEVER_RECYCLE["max_age"]
-        make = manager._make_client
-
-        def make_unbounded():
-            session = make()
-            session.connector._limit = session.connector._limit_per_host = 0  # 0 is no limit in aiohttp
-            return session
-
-        manager._make_client = make_unbounded
-    else:  # bentoml.AsyncHTTPClient on a runner's http(s) URL: httpx underneath
-        import httpx
-
-        def make_unbounded(client_cls, url, headers, timeout, app=None):
-            return client_cls(base_url=url, headers=headers, timeout=timeout, follow_redirects=True,
-                              limits=httpx.Limits(max_connections=None, max_keepalive_connections=32))
-
-        client._make_client = make_unbounded
-    return client
 
 
 @dataclass
@@ -123,149 +52,35 @@ class Replica:
     client: object | None = None  # None until a runner elsewhere first answers
     ready: bool = False
     failures: int = 0
-    queue: int = 0  # running + waiting at the last poll, plus the requests dispatched since
+    load: int = 0  # running + waiting at the last poll, plus the requests dispatched since
     avoid_until: float = 0.0  # after a failed call, others are preferred until the next poll
     adapters: dict[str, dict] = field(default_factory=dict)  # LoRA adapters it serves (its last poll), by name
     adapters_at: float = 0.0  # when the gateway last loaded or unloaded one: older polls do not say
-    down: asyncio.Event = field(default_factory=asyncio.Event)  # set when polls find it silent: calls on it end
+    _down: asyncio.Future | None = None
+
+    @property
+    def down(self) -> asyncio.Future:
+        """Done once the health polls find the replica silent: the calls still waiting on it end."""
+        if self._down is None:
+            self._down = asyncio.get_running_loop().create_future()
+        return self._down
+
+    def answered(self) -> None:
+        """A poll got an answer: the replica is ready, and a later silence is a new one."""
+        if self._down is not None and self._down.done():
+            self._down = None
+        self.ready, self.failures, self.avoid_until = True, 0, 0.0
+
+    def silent(self) -> None:
+        """Polls failed too often: out of routing, and what still waits on it fails (a 503)."""
+        self.ready = False
+        if not self.down.done():
+            self.down.set_result(None)
 
     async def connect(self) -> object:
         if self.client is None:
-            import bentoml
-
-            client = unbounded(bentoml.AsyncHTTPClient(self.name, server_ready_timeout=0, timeout=REQUEST_TIMEOUT_S))
-            try:
-                await client.__aenter__()  # reads the runner's API schema
-            except BaseException:
-                await client.close()
-                raise
-            self.client = client
+            self.client = await runner_client.connect(self.name)
         return self.client
-
-
-def generation_defaults(raw: dict) -> dict:
-    """Only what the model's authors wrote in ``generation_config.json``, not transformers' own defaults."""
-    defaults = {k: raw[k] for k in GENERATION_DEFAULT_KEYS if raw.get(k) is not None}
-    if raw.get("do_sample") is False:
-        defaults["temperature"] = 0.0  # the authors asked for greedy decoding
-    return defaults
-
-
-def _source_name(meta: dict) -> str:
-    """The imported directory's, file's or hub repository's own name: ``dir:/models/Baichuan-13B-Chat`` ->
-    ``Baichuan-13B-Chat``."""
-    source = str(meta.get("source", "")).split(":", 1)[-1]
-    return Path(source).stem if source.endswith(".gguf") else Path(source).name
-
-
-def _ids(*values) -> tuple[int, ...]:
-    """Token ids from ints and lists of them, each once, in order."""
-    ids = [i for v in values for i in ([v] if isinstance(v, int) else v or [])]
-    return tuple(dict.fromkeys(ids))
-
-
-@dataclass
-class ModelInfo:
-    """What the gateway knows of a served model: its tokenizer, context, sampling defaults, and the
-    tokens and strings that end an answer (the template's folded in once, here)."""
-
-    served: ServedModel
-    tag: str  # the store tag of the model, here or on the runner elsewhere
-    created: int
-    context_length: int
-    tokenizer: object
-    defaults: dict = field(default_factory=dict)  # from generation_config.json
-    eos_token_ids: tuple[int, ...] = ()  # what ends a text completion
-    chat_format: ChatFormat | None = None  # chat models only
-    stop_token_ids: tuple[int, ...] = ()  # what ends a chat answer: EOS and the template's stop tokens
-    stop: tuple[str, ...] = ()  # and the template's stop strings
-    tool_format: ToolFormat = FORMATS["builtin"]  # how its tool calls are written (chat models)
-
-    @property
-    def id(self) -> str:
-        return self.served.id
-
-    @property
-    def kind(self) -> str:
-        return self.served.kind
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.tokenizer)
-
-    @classmethod
-    def load(cls, served: ServedModel) -> ModelInfo:
-        """From the local model store (a runner in this ``bentoml serve``)."""
-        import bentoml
-
-        stored = bentoml.models.get(served.model)
-        return cls.from_dir(served, Path(stored.path), str(stored.tag), stored.info.metadata,
-                            int(stored.info.creation_time.timestamp()))
-
-    @classmethod
-    def from_description(cls, served: ServedModel, description: dict, into: Path) -> ModelInfo:
-        """From what a runner served elsewhere sent (``describe``): its model's files but the weights."""
-        for name, data in description["files"].items():
-            target = into / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(base64.b64decode(data))
-        return cls.from_dir(served, into, description["tag"], description["metadata"], description["created"])
-
-    @classmethod
-    def from_dir(cls, served: ServedModel, path: Path, tag: str, meta: dict, created: int) -> ModelInfo:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=served.trust_remote_code)
-        raw_gen = path / "generation_config.json"
-        gen = json.loads(raw_gen.read_text(encoding="utf-8")) if raw_gen.is_file() else {}
-        eos = _ids(gen.get("eos_token_id"), tokenizer.eos_token_id)
-        chat_format = None
-        if served.kind == "chat":
-            chat_format = resolve_chat_format(served.id, tokenizer, gen, configured=served.template,
-                                              names=[served.store_name, _source_name(meta)],
-                                              architecture=str(meta.get("architecture", "")))
-        return cls(
-            served=served,
-            tag=tag,
-            created=created,
-            context_length=int(meta.get("context_length") or DEFAULT_CONTEXT_LENGTH),
-            tokenizer=tokenizer,
-            defaults=generation_defaults(gen),
-            eos_token_ids=eos,
-            chat_format=chat_format,
-            stop_token_ids=_ids(eos, chat_format.stop_token_ids if chat_format else ()),
-            stop=tuple(dict.fromkeys(chat_format.stop)) if chat_format else (),
-            tool_format=FORMATS[served.tool_parser] if served.tool_parser else
-            format_for_template(chat_format.template_text if chat_format else None),
-        )
-
-    @functools.cached_property
-    def tool_marker_ids(self) -> frozenset[int]:
-        """Special tokens of the tokenizer that are markers of its tool-call format (``[TOOL_CALLS]``,
-        ``<|python_tag|>``): the detokenizer shows them to the tool-call parser."""
-        special = set(self.tokenizer.all_special_ids) | {
-            i for i, t in getattr(self.tokenizer, "added_tokens_decoder", {}).items() if t.special}
-        ids = {self.tokenizer.convert_tokens_to_ids(t): t for t in self.tool_format.triggers}
-        return frozenset(i for i, t in ids.items() if i in special and self.tokenizer.convert_ids_to_tokens(i) == t)
-
-    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        """Prompt ids of a chat, with ``tools`` the model may call: rendered by its template when that
-        takes tools, else described in the system prompt (``models.templates.describe_tools``)."""
-        fmt = self.chat_format
-        if fmt.takes_tools:
-            return fmt.render(messages, tools)
-        if tools or any("tool_calls" in m or m["role"] == "tool" for m in messages):
-            messages = describe_tools(messages, tools or [], self.tool_format.call_text)
-        return fmt.render(messages)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text)["input_ids"]
-
-
-def _request_id() -> str:
-    """A sequence's id in its runner: the request's own (x-request-id), so that the runner's log lines
-    name it, and a suffix that keeps choices and retries apart."""
-    return f"{REQUEST_ID.get() or new_id('req')}-{uuid.uuid4().hex[:8]}"
 
 
 @dataclass
@@ -297,8 +112,8 @@ class Model:
             raise model_unavailable(adapter or self.id)
         now = time.monotonic()
         preferred = [r for r in ready if r.avoid_until <= now] or ready
-        shortest = min(r.queue for r in preferred)
-        return random.choice([r for r in preferred if r.queue == shortest])
+        shortest = min(r.load for r in preferred)
+        return random.choice([r for r in preferred if r.load == shortest])
 
     def _failed(self, replica: Replica, exc: BaseException, last: bool) -> None:
         """A call on ``replica`` failed before it answered: prefer the others until the next poll says
@@ -319,12 +134,13 @@ class Model:
         payload = params.to_dict()
         lora = {"adapter": adapter} if adapter else {}
         for attempt in range(ATTEMPTS):
-            replica, request_id = self.pick(adapter), _request_id()
-            replica.queue += 1
-            stream = replica.client.generate(request_id=request_id, prompt_ids=prompt_ids, params=payload, **lora)
+            replica, request_id = self.pick(adapter), sequence_id()
+            replica.load += 1
+            stream = RunnerStream(replica.client.generate(request_id=request_id, prompt_ids=prompt_ids, params=payload,
+                                                          **lora), replica.down)
             count, done = 0, False  # done: the runner holds the sequence no more
             try:
-                async for event in read_events(_until_silent(stream, replica.down)):
+                async for event in stream:
                     count += 1
                     done = event.finish_reason is not None
                     yield event
@@ -336,7 +152,7 @@ class Model:
             except Exception as e:
                 self._failed(replica, e, last=bool(count) or attempt == ATTEMPTS - 1)
             finally:
-                replica.queue = max(0, replica.queue - 1)
+                replica.load = max(0, replica.load - 1)
                 await stream.aclose()
                 if not done:
                     self._abort_later(replica, request_id)
@@ -372,15 +188,15 @@ class Model:
     async def _encode(self, texts: list[str]):
         for attempt in range(ATTEMPTS):
             replica = self.pick()
-            replica.queue += 1
+            replica.load += 1
             try:
-                return await _unless_silent(replica.client.encode(texts=texts), replica.down)
+                return await race(replica.client.encode(texts=texts), asyncio.shield(replica.down), RunnerSilent)
             except Exception as e:
                 if getattr(e, "error_code", None) in (429, 503):  # it answered: too many texts waiting
                     raise queue_full(self.id, 1) from e
                 self._failed(replica, e, last=attempt == ATTEMPTS - 1)
             finally:
-                replica.queue = max(0, replica.queue - 1)
+                replica.load = max(0, replica.load - 1)
 
     async def stats(self) -> dict:
         """Each ready replica's own counts (a chat engine's running and waiting sequences and tokens
@@ -447,15 +263,12 @@ class Model:
                 logger.warning("runner %s of %s %s (%s polls failed: %r)", replica.name, self.id,
                                "is down" if replica.ready else "does not answer", replica.failures, e)
             if replica.ready and replica.failures >= health.failures:
-                replica.ready = False
-                replica.down.set()  # what is still running on it fails now, with a 503
+                replica.silent()
             return
         if not replica.ready:
             logger.info("runner %s of %s is up", replica.name, self.id)
-            if replica.down.is_set():
-                replica.down = asyncio.Event()
-        replica.ready, replica.failures, replica.avoid_until = True, 0, 0.0
-        replica.queue = int(stats.get("running", 0)) + int(stats.get("waiting", 0))
+        replica.answered()
+        replica.load = int(stats.get("running", 0)) + int(stats.get("waiting", 0))
         if started > replica.adapters_at:
             replica.adapters = {name: {k: a.get(k) for k in ("source", "base_model", "rank")}
                                 for name, a in stats.get("adapters", {}).items()}
@@ -530,6 +343,29 @@ class Registry:
 
     def ready(self) -> bool:
         return any(m.ready for m in self.entries.values())
+
+    def serves(self, name: str) -> bool:
+        """Whether ``name`` is a configured model's id or a served adapter's name."""
+        return name in self.entries or self.adapter(name) is not None
+
+    def adapter_base(self, model_id: str | None) -> Model:
+        """The chat model a new LoRA adapter is to run on: ``model_id``, or the only chat model when it
+        is None; a 400 naming ``model`` otherwise."""
+        if model_id is None:
+            chat = [m for m in self.entries.values() if m.served.kind == "chat"]
+            if len(chat) != 1:
+                raise invalid_value("model", f"name the base model the adapter runs on: one of "
+                                             f"{', '.join(m.id for m in chat)}")
+            model_id = chat[0].id
+        base = self.get(model_id, "chat")
+        if base.id != base.info.id:
+            raise invalid_value("model", f"`{model_id}` is an adapter itself; name its base model")
+        return base
+
+    async def stats(self) -> dict[str, dict]:
+        """Each ready model's runner counts (``Model.stats``), by id."""
+        ready = [m for m in self.entries.values() if m.ready]
+        return dict(zip((m.id for m in ready), await asyncio.gather(*(m.stats() for m in ready))))
 
     def get(self, model_id: str, kind: str | None = None) -> Model | AdapterModel:
         """The model clients call ``model_id``, ready to serve (and of ``kind``, if given); raises the

@@ -20,7 +20,6 @@ them with the path, so every unknown path a scanner tries would add series.
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import logging
 import re
@@ -30,10 +29,10 @@ from collections import defaultdict, deque
 from collections.abc import Callable
 
 from openai_api.errors import OpenAIError
+from openai_api.ids import REQUEST_ID
 
 logger = logging.getLogger("bentochat.http")
 
-REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("bentochat_request_id", default=None)
 PROBES = ("/readyz", "/livez", "/healthz")
 _CLIENT_ID = re.compile(r"[!-~]{1,128}")  # visible ASCII, no spaces: safe in headers and log lines
 

@@ -15,7 +15,9 @@ import bentoml
 
 from starlette.middleware.cors import CORSMiddleware
 
-from controller import Model, ModelInfo, Registry, Replica, unbounded
+from controller import Model, Registry, Replica
+from models.info import ModelInfo
+from runner_client import unbounded
 from middleware import (
     PROBES,
     ApiKeys,
@@ -33,7 +35,8 @@ from openai_api.responses import ResponseStore
 from openai_api.routes import app
 from runners.chat import chat_runner
 from runners.embedding import embedding_runner
-from runners.base import REQUEST_TIMEOUT_S, freeze_startup_heap
+from runners.base import freeze_startup_heap
+from runners.wire import REQUEST_TIMEOUT_S
 from ui import build_chat_ui, chat_ui_app
 
 logger = logging.getLogger("bentochat")

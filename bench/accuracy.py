@@ -55,7 +55,7 @@ def main() -> None:
 
     from models.config import load_config
     from models.embedded import ensure_available
-    from runners.base import load_causal_lm
+    from runners.engine.loader import load_causal_lm
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct:latest", help="BentoML store tag")

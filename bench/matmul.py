@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runners.engine import native  # noqa: E402
-from runners.engine.lean import Linear  # noqa: E402
+from runners.engine.linear import Linear  # noqa: E402
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in): qkv, o, gate_up, down
 LAYERS, VOCAB, HIDDEN = 30, 49152, 576

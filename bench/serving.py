@@ -436,7 +436,7 @@ def main() -> None:
 
     from models.config import load_config
     from models.embedded import ensure_available
-    from runners.base import load_causal_lm
+    from runners.engine.loader import load_causal_lm
 
     ensure_available(load_config())
     stored = bentoml.models.get(args.model)
@@ -465,8 +465,6 @@ def main() -> None:
                 runs[PEER_NAMES[name]] = peer
     bare, generate = {}, 0.0
     if not {"engine", "bare"} <= set(args.skip):
-        import torch
-
         from runners.base import cpu_threads
         from runners.engine.llm_engine import leave_cores_to_the_engine
 

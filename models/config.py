@@ -224,7 +224,9 @@ class GatewayConfig(BaseModel):
     responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
 
 
-class ModelList(BaseModel):
+class ServedModels(BaseModel):
+    """The `models` of bentochat.yaml: at least one, ids and runner names unique."""
+
     models: list[ServedModel]
 
     @field_validator("models")
@@ -260,7 +262,7 @@ def load_config(path: Path | None = None) -> Config:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"invalid BentoChat configuration {path}: expected a mapping of keys")
-        models = ModelList.model_validate({"models": raw.pop("models", None)}).models
+        models = ServedModels.model_validate({"models": raw.pop("models", None)}).models
         gateway = GatewayConfig.model_validate(raw)
         env_keys = [k.strip() for k in os.environ.get("BENTOCHAT_API_KEYS", "").split(",") if k.strip()]
         gateway.api_keys = list(dict.fromkeys(gateway.api_keys + env_keys))

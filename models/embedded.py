@@ -15,6 +15,8 @@ from bentoml.exceptions import NotFound
 
 from models.config import Config
 from models.importer import import_model
+from runners.engine.adapter_files import read_config, weight_file
+from runners.engine.errors import AdapterError
 
 logger = logging.getLogger("bentochat.models")
 
@@ -60,8 +62,6 @@ def ensure_available(config: Config) -> None:
 def check_adapter_source(model_id: str, adapter) -> None:
     """Fail the start clearly on an adapter of ``bentochat.yaml`` that is not there (whether it fits the
     model is checked when its runner loads it)."""
-    from runners.engine.lora import AdapterError, read_config, weight_file
-
     where = f"adapter {adapter.name!r} of model {model_id!r}"
     if adapter.tag is None:
         try:

@@ -23,6 +23,8 @@ from pathlib import Path
 import bentoml
 
 from models.config import DEFAULT_CONTEXT_LENGTH
+from runners.engine.adapter_files import read_config, read_weights, weight_file
+from runners.engine.errors import AdapterError
 
 logger = logging.getLogger("bentochat.models")
 
@@ -73,8 +75,6 @@ def import_adapter(path: Path, name: str, base: str | None = None) -> bentoml.Mo
     """Store a PEFT LoRA adapter directory: its config and weights (pickled ``.bin`` as safetensors),
     after checking that they are readable and consistent (the base model's fit is checked when it is
     served)."""
-    from runners.engine.lora import AdapterError, read_config, read_weights, weight_file
-
     try:
         config = read_config(path)
         weights = read_weights(path, config)

@@ -1,4 +1,5 @@
-"""One error shape everywhere: OpenAI's ``{"error": {"message", "type", "param", "code"}}``."""
+"""One error shape everywhere: OpenAI's ``{"error": {"message", "type", "param", "code"}}``, and one factory
+per error a request can meet. Imports nothing of the project."""
 
 from __future__ import annotations
 
@@ -9,13 +10,23 @@ import re
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from openai_api.protocol import ErrorBody, ErrorResponse
 
 logger = logging.getLogger("bentochat.api")
 
 ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 503: "service_unavailable"}
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
 
 
 class ErrorJSONResponse(JSONResponse):

@@ -4,7 +4,7 @@ and temperature."""
 
 from __future__ import annotations
 
-from openai_api.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
+from openai_api.objects import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
 from runners.engine.sequence import TokenEvent
 
 

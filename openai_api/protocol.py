@@ -1,24 +1,19 @@
-"""Every OpenAI request and response schema BentoChat speaks, as pydantic models, in one place; and
-how a request becomes the engine's parameters (``to_sampling_params``, after vLLM's)."""
+"""The request schemas of the OpenAI routes, as pydantic models, with validators that name the field
+of a 400; and how a request becomes the engine's parameters (``to_sampling_params``, after vLLM's).
+The objects the routes return are in ``objects.py``, the extension routes' schemas in ``extensions.py``."""
 
 from __future__ import annotations
 
-import json
 import re
-import time
-import uuid
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from models.info import ModelInfo
+from openai_api.constraints import combine, extension_grammar, response_format_grammar
+from openai_api.errors import context_length_exceeded, invalid_value
+from openai_api.tool_calls import check_tools, tool_grammar
 from runners.engine.sequence import SamplingParams
-
-if TYPE_CHECKING:
-    from controller import ModelInfo
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 SEED_RANGE = (-2**63, 2**64 - 1)  # OpenAI's seed is a 64-bit integer, signed or not
@@ -155,8 +150,6 @@ class SamplingFields(TopLevelRequest):
 
     def extension_grammar(self) -> tuple[str | None, str | None]:
         """(EBNF, the field it came from) of vLLM's structured-output extensions, if the request has one."""
-        from openai_api.constraints import extension_grammar
-
         return extension_grammar(self.structured_outputs.given() if self.structured_outputs else None,
                                  {k: getattr(self, f"guided_{k}") for k in ("json", "regex", "choice", "grammar")})
 
@@ -171,8 +164,6 @@ class SamplingFields(TopLevelRequest):
         else OpenAI's defaults. A prompt or ``max_tokens`` beyond the context is a 400, unless
         ``fit_context`` (the chat page), which cuts ``max_tokens`` to what the context leaves.
         """
-        from openai_api.errors import context_length_exceeded, invalid_value  # (errors.py imports this module)
-
         ctx, d = info.context_length, info.defaults
         if prompt_tokens >= ctx:
             raise context_length_exceeded(ctx, prompt_tokens, self.PROMPT_PARAM)
@@ -257,30 +248,6 @@ class ChatMessage(Request):
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
-
-
-def chat_messages(messages: list[ChatMessage]) -> list[dict]:
-    """Messages as a template renders them (``developer`` is OpenAI's newer name for ``system``);
-    with their tool calls (arguments as objects, as chat templates take them) and tool call ids."""
-    out = []
-    for m in messages:
-        d = {"role": "system" if m.role == "developer" else m.role, "content": m.text}
-        if m.tool_calls:
-            d["tool_calls"] = [{"id": c.id, "type": "function", "function": {
-                "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in m.tool_calls]
-        if m.tool_call_id is not None:
-            d["tool_call_id"] = m.tool_call_id
-        if m.name is not None and m.role == "tool":
-            d["name"] = m.name
-        out.append(d)
-    return out
-
-
-def _arguments(text: str):
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -380,9 +347,6 @@ class ChatCompletionRequest(SamplingFields):
         return info.stop_token_ids, info.stop  # the template's, with EOS
 
     def output_grammar(self, info: ModelInfo) -> str | None:
-        from openai_api.constraints import combine, response_format_grammar
-        from openai_api.tool_calls import check_tools, tool_grammar
-
         check_tools([t.model_dump(exclude_none=True) for t in self.tools or ()])
         tools = self.active_tools
         answer = response_format_grammar(self.response_format)
@@ -457,249 +421,3 @@ class EmbeddingRequest(TopLevelRequest):
         if empty is not None:
             raise ValueError(f"item {empty} is empty; every input must hold text")
         return texts
-
-
-# ---- responses ----
-
-class Response(BaseModel):
-    pass
-
-
-class Usage(Response):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-
-    @classmethod
-    def of(cls, prompt: int, completion: int) -> Usage:
-        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-
-FinishReason = Literal["stop", "length", "tool_calls"]
-
-
-class FunctionCallOut(Response):
-    name: str
-    arguments: str
-
-
-class ToolCallOut(Response):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCallOut
-
-
-class AssistantMessage(Response):
-    role: Literal["assistant"] = "assistant"
-    content: str | None
-    tool_calls: list[ToolCallOut] | None = None
-    reasoning_content: str | None = None  # extension (vLLM, DeepSeek): the reasoning models' thinking
-
-
-class TopLogprob(Response):
-    token: str
-    logprob: float
-    bytes: list[int] | None
-
-
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
-
-
-class ChatLogprobs(Response):
-    content: list[TokenLogprob] | None
-    refusal: None = None
-
-
-class ChatChoice(Response):
-    index: int
-    message: AssistantMessage
-    finish_reason: FinishReason | None
-    logprobs: ChatLogprobs | None = None
-
-
-class ChatCompletion(Response):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class FunctionDelta(Response):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class ToolCallDelta(Response):
-    index: int
-    id: str | None = None
-    type: Literal["function"] | None = None
-    function: FunctionDelta
-
-
-class Delta(Response):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    reasoning_content: str | None = None
-    tool_calls: list[ToolCallDelta] | None = None
-
-
-class ChatChunkChoice(Response):
-    index: int
-    delta: Delta
-    finish_reason: FinishReason | None = None
-    logprobs: ChatLogprobs | None = None
-
-
-class ChatCompletionChunk(Response):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-
-
-class CompletionLogprobs(Response):
-    tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
-    text_offset: list[int]
-
-
-class CompletionChoice(Response):
-    index: int
-    text: str
-    finish_reason: Literal["stop", "length"] | None = None
-    logprobs: CompletionLogprobs | None = None
-
-
-class Completion(Response):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
-class EmbeddingData(Response):
-    object: Literal["embedding"] = "embedding"
-    index: int
-    embedding: list[float] | str
-
-
-class EmbeddingList(Response):
-    object: Literal["list"] = "list"
-    data: list[EmbeddingData]
-    model: str
-    usage: Usage
-
-
-class ModelCard(Response):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "bentochat"
-    # extensions
-    kind: Literal["chat", "embedding"]
-    context_length: int
-    root: str
-    template: str | None = None  # chat models: the conversation template and why it was chosen
-    template_source: Literal["config", "tokenizer", "name", "architecture", "fallback"] | None = None
-    generation_defaults: dict[str, float | int] = Field(default_factory=dict)  # from generation_config.json
-    parent: str | None = None  # a LoRA adapter: the model it runs on (vLLM's field); `root` is its source
-
-
-class ModelList(Response):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class LoadLoRAAdapterRequest(TopLevelRequest):
-    """vLLM's ``POST /v1/load_lora_adapter``; ``model`` (an extension) names the base model, which may be
-    left out when one chat model is served."""
-
-    lora_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)
-    lora_path: str = Field(min_length=1, description="a PEFT directory on the runner's machine, or the store tag "
-                                                     "of an imported adapter")
-    model: str | None = None
-
-
-class UnloadLoRAAdapterRequest(TopLevelRequest):
-    """vLLM's ``POST /v1/unload_lora_adapter``."""
-
-    lora_name: str
-
-
-class LoRAAdapterStatus(Response):
-    object: Literal["lora_adapter"] = "lora_adapter"
-    id: str
-    parent: str
-    status: Literal["loaded", "unloaded"]
-    rank: int | None = None
-    source: str | None = None
-
-
-class ErrorBody(Response):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(Response):
-    error: ErrorBody
-
-
-class TokenizeRequest(TopLevelRequest):
-    """Either ``prompt`` text or chat ``messages`` (rendered with the model's template)."""
-
-    model: str
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
-    add_special_tokens: bool = True  # for `prompt`, as /completions encodes it
-
-    @model_validator(mode="after")
-    def _one_input(self):
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of `prompt` and `messages`")
-        return self
-
-
-class Tokenized(Response):
-    object: Literal["tokenize"] = "tokenize"
-    model: str
-    count: int
-    max_model_len: int
-    tokens: list[int]
-    template: str | None = None
-
-
-class TokenCheckItem(Request):
-    model: str
-    prompt: str | list[ChatMessage]
-    max_tokens: int = Field(default=0, ge=0)
-
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def _not_empty(cls, v):
-        if v == []:
-            raise ValueError("must be text or a non-empty list of messages")
-        return v
-
-
-class TokenCheckRequest(TopLevelRequest):
-    prompts: list[TokenCheckItem] = Field(min_length=1)
-
-
-class TokenCheckResult(Response):
-    fits: bool
-    tokenCount: int  # noqa: N815 (FastChat's field names)
-    contextLength: int  # noqa: N815
-
-
-class TokenCheckResults(Response):
-    prompts: list[TokenCheckResult]

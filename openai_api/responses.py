@@ -17,7 +17,8 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, ValidationError
 
 from openai_api.errors import OpenAIError, invalid_value
-from openai_api.protocol import ChatCompletionRequest, TopLevelRequest, new_id
+from openai_api.ids import new_id
+from openai_api.protocol import ChatCompletionRequest, TopLevelRequest
 
 DEFAULT_STORE_SIZE = 1000
 

@@ -1,67 +1,61 @@
-"""The ``/v1`` routes. The gateway puts its model registry on ``app.state.registry``."""
+"""The ``/v1`` routes, a route table: each handler validates (``protocol``), asks the model registry
+(``app.state.registry``, set by the gateway) for the model, and answers in OpenAI's shapes
+(``objects``). The chat path is ``chat.py``'s, the text of each choice ``text_stream.py``'s."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import json
 import logging
 import struct
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.routing import Match
 
+from controller import AdapterModel, Registry
+from models.info import ModelInfo
 from openai_api import errors, responses
-from openai_api.errors import OpenAIError, client_closed, context_length_exceeded, invalid_value, \
-    model_not_supported
-from openai_api.generation import TextEvent, generate_text
-from openai_api.logprobs import chat_logprobs, completion_logprobs
-from openai_api.protocol import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatMessage,
-    Completion,
-    CompletionChoice,
-    CompletionRequest,
-    Delta,
-    EmbeddingData,
-    EmbeddingList,
-    EmbeddingRequest,
-    ErrorResponse,
+from openai_api.chat import chat_messages, start_chat
+from openai_api.errors import ErrorResponse, OpenAIError, context_length_exceeded, invalid_value, model_not_supported
+from openai_api.extensions import (
     LoadLoRAAdapterRequest,
     LoRAAdapterStatus,
-    FunctionCallOut,
-    FunctionDelta,
-    ModelCard,
-    ModelList,
     TokenCheckRequest,
     TokenCheckResult,
     TokenCheckResults,
     Tokenized,
     TokenizeRequest,
+    UnloadLoRAAdapterRequest,
+)
+from openai_api.ids import new_id
+from openai_api.logprobs import chat_logprobs, completion_logprobs
+from openai_api.objects import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChoice,
+    Delta,
+    EmbeddingData,
+    EmbeddingList,
+    FunctionCallOut,
+    FunctionDelta,
+    ModelCard,
+    ModelList,
     ToolCallDelta,
     ToolCallOut,
-    UnloadLoRAAdapterRequest,
     Usage,
-    chat_messages,
-    new_id,
 )
+from openai_api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, EmbeddingRequest
 from openai_api.responses import ResponsesRequest, ResponseStore, to_chat_request
-from openai_api.tool_calls import AnswerDelta, AnswerParser
-from runners.engine.sequence import SamplingParams
-
-if TYPE_CHECKING:
-    from controller import AdapterModel, Model, ModelInfo, Registry
+from openai_api.streams import sse, started, unless_disconnected
+from openai_api.text_stream import collect, run_choices
+from openai_api.tool_calls import AnswerParser
 
 # The published schema: errors in OpenAI's shape. ("default" also keeps FastAPI from adding a 422
 # response, which this server never sends: invalid requests are 400.)
@@ -73,115 +67,7 @@ app = FastAPI(title="BentoChat OpenAI-compatible API", responses={
     "default": {"model": ErrorResponse, "description": "Any other error, in the same shape"},
 })
 errors.install(app)
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # nginx must not buffer a stream
-
-
 logger = logging.getLogger("bentochat.api")
-
-
-def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
-    # With a seed, each of the n choices gets its own, so they differ but stay reproducible.
-    return params if params.seed is None else dataclasses.replace(params, seed=params.seed + index)
-
-
-def _sse(events: AsyncIterator) -> StreamingResponse:
-    async def body():
-        try:
-            async for event in events:
-                yield f"data: {event.model_dump_json(exclude_none=False)}\n\n"
-        except OpenAIError as e:  # headers are sent already: report in-band, as OpenAI does
-            yield f"data: {e.body().model_dump_json()}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
-
-
-async def unless_disconnected(request: Request, awaitable):
-    """``awaitable``'s result, unless the client goes away first: then it is cancelled (which aborts
-    its sequences in the engine) and the request ends with 499. For the work done before a response
-    starts (a non-streamed answer, a stream's wait for its first token); once a stream runs, its
-    response notices the disconnect itself."""
-    async def client_gone():
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    work, gone = asyncio.ensure_future(awaitable), asyncio.ensure_future(client_gone())
-    try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if work.done():
-            return work.result()
-        logger.info("client went away before the answer; its generation is aborted")
-        raise client_closed()
-    finally:
-        for task in (work, gone):
-            if not task.done():
-                task.cancel()
-        await asyncio.wait({work, gone})
-
-
-async def started(stream: AsyncIterator) -> AsyncIterator:
-    """Wait for the stream's first item, so that what fails before it (a full queue, a runner that is
-    down) becomes the HTTP status of a streamed response rather than an error inside it."""
-    it = aiter(stream)
-    try:
-        first = await anext(it)
-    except StopAsyncIteration:
-        first = it = None
-
-    async def replay():
-        if it is not None:
-            yield first
-            async for item in it:
-                yield item
-
-    return replay()
-
-
-async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
-    """Interleave several async iterators, yielding ``(index, item)`` as items arrive."""
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(i, stream):
-        try:
-            async for item in stream:
-                await queue.put((i, item))
-            await queue.put((i, done))
-        except Exception as e:  # cancellation is not an item: it ends the pump quietly
-            await queue.put((i, e))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _run_choices(model: Model, prompts: list[list[int]], params: SamplingParams, n: int,
-                 keep: frozenset[int] = frozenset()):
-    """Yields (choice index, TextEvent); choice ``p * n + i`` is the i-th choice of prompt p, as OpenAI orders them."""
-    return merge([generate_text(model, prompt_ids, _choice_params(params, i), keep)
-                  for prompt_ids in prompts for i in range(n)])
-
-
-async def _collect(choices, total: int) -> tuple[list[str], list[str | None], list[int], list[list]]:
-    """Whole texts, finish reasons, completion token counts and logprob entries of ``total`` choices."""
-    texts, reasons, counts, logprobs = [""] * total, [None] * total, [0] * total, [[] for _ in range(total)]
-    async for i, ev in choices:
-        texts[i] += ev.text
-        reasons[i], counts[i] = ev.finish_reason, ev.completion_tokens
-        logprobs[i] += ev.logprobs
-    return texts, reasons, counts, logprobs
 
 
 def _card(m: ModelInfo, adapter: AdapterModel | None = None) -> ModelCard:
@@ -215,18 +101,9 @@ async def retrieve_model(model_id: str, request: Request) -> ModelCard:
 async def load_lora_adapter(req: LoadLoRAAdapterRequest, request: Request) -> LoRAAdapterStatus:
     """vLLM's: serve a LoRA adapter from now on, as model ``lora_name`` (until the runner restarts)."""
     registry = _registry(request)
-    if req.lora_name in registry.entries or registry.adapter(req.lora_name) is not None:
+    if registry.serves(req.lora_name):
         raise invalid_value("lora_name", f"`{req.lora_name}` is served already; unload it first or pick another name")
-    if req.model is None:
-        chat = [m for m in registry.entries.values() if m.served.kind == "chat"]
-        if len(chat) != 1:
-            raise invalid_value("model", f"name the base model the adapter runs on: one of "
-                                         f"{', '.join(m.id for m in chat)}")
-        base = registry.get(chat[0].id, "chat")
-    else:
-        base = registry.get(req.model, "chat")
-        if base.id != base.info.id:
-            raise invalid_value("model", f"`{req.model}` is an adapter itself; name its base model")
+    base = registry.adapter_base(req.model)
     adapter = await base.load_adapter(req.lora_name, req.lora_path)
     logger.info("adapter %s loaded on %s from %s", req.lora_name, base.id, req.lora_path)
     return LoRAAdapterStatus(id=req.lora_name, parent=base.id, status="loaded", rank=adapter.get("rank"),
@@ -238,7 +115,7 @@ async def unload_lora_adapter(req: UnloadLoRAAdapterRequest, request: Request) -
     """vLLM's: stop serving a LoRA adapter; requests already running on it finish first."""
     adapter = _registry(request).adapter(req.lora_name)
     if adapter is None:
-        raise errors.OpenAIError(404, f"No LoRA adapter `{req.lora_name}` is loaded.", param="lora_name",
+        raise OpenAIError(404, f"No LoRA adapter `{req.lora_name}` is loaded.", param="lora_name",
                                  code="adapter_not_found")
     await adapter.base.unload_adapter(adapter.name)
     logger.info("adapter %s unloaded from %s", adapter.name, adapter.base.id)
@@ -249,22 +126,7 @@ async def unload_lora_adapter(req: UnloadLoRAAdapterRequest, request: Request) -
 async def runner_stats(request: Request) -> dict:
     """Extension: each model's runner state (a chat engine's running and waiting sequences and tokens
     generated), summed over its ready replicas and per replica."""
-    ready = [m for m in _registry(request).entries.values() if m.ready]
-    stats = await asyncio.gather(*(m.stats() for m in ready))
-    return {"object": "list", "data": {m.id: s for m, s in zip(ready, stats)}}
-
-
-def prepare_chat(info: ModelInfo, req: ChatCompletionRequest, fit_context: bool = False
-                 ) -> tuple[list[int], SamplingParams]:
-    """Prompt ids and engine parameters of a chat request, for the API and the chat page alike."""
-    prompt_ids = info.render_chat(chat_messages(req.messages), req.active_tools)
-    return prompt_ids, req.to_sampling_params(info, len(prompt_ids), fit_context=fit_context)
-
-
-def answer_parser(info: ModelInfo, req: ChatCompletionRequest, prompt_ids: list[int]) -> AnswerParser:
-    """What splits one choice's text: reasoning (a reasoning model), tool calls (tools allowed)."""
-    thinking = info.served.reasoning and info.tokenizer.decode(prompt_ids[-4:]).rstrip().endswith("<think>")
-    return AnswerParser(info.tool_format if req.tool_mode != "none" else None, info.served.reasoning, thinking)
+    return {"object": "list", "data": await _registry(request).stats()}
 
 
 def _tool_call_deltas(d) -> list[ToolCallDelta]:
@@ -273,52 +135,21 @@ def _tool_call_deltas(d) -> list[ToolCallDelta]:
             + [ToolCallDelta(index=i, function=FunctionDelta(arguments=fragment)) for i, fragment in d.arguments])
 
 
-@dataclass
-class ChatRun:
-    """A chat request under way: its prompt, and each choice's answer as its parser splits it."""
-
-    info: ModelInfo
-    prompt_ids: list[int]
-    choices: AsyncIterator  # (choice index, TextEvent)
-    parsers: list[AnswerParser]
-
-    async def deltas(self) -> AsyncIterator[tuple[int, TextEvent, AnswerDelta]]:
-        async for i, ev in self.choices:
-            yield i, ev, self.parsers[i].feed(ev.text, final=ev.finish_reason is not None)
-
-    async def collect(self) -> tuple[list[str | None], list[int], list[list]]:
-        """Each choice's finish reason, completion tokens and logprob entries; the parsers hold the rest."""
-        n = len(self.parsers)
-        reasons, counts, entries = [None] * n, [0] * n, [[] for _ in range(n)]
-        async for i, ev, _ in self.deltas():
-            reasons[i] = self.parsers[i].finish_reason(ev.finish_reason)
-            counts[i] = ev.completion_tokens
-            entries[i] += ev.logprobs
-        return reasons, counts, entries
+def _message(p: AnswerParser) -> AssistantMessage:
+    calls = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in p.calls]
+    return AssistantMessage(content=p.content if p.content or not calls else None, tool_calls=calls or None,
+                            reasoning_content=p.reasoning_text or None)
 
 
-async def start_chat(request: Request, req: ChatCompletionRequest) -> ChatRun:
-    """Render, check and queue a chat request (chat completions and responses alike); a stream's
-    first token is awaited, so that what fails before it is the response's HTTP status."""
-    model = _registry(request).get(req.model, "chat")
-    # Rendering and tokenizing take CPU time that grows with the prompt: never on the event loop.
-    prompt_ids, params = await asyncio.to_thread(prepare_chat, model.info, req)
-    # A tool-call marker that is a special token (Mistral's [TOOL_CALLS]) must reach the parser.
-    keep = model.info.tool_marker_ids if req.tool_mode != "none" else frozenset()
-    choices = _run_choices(model, [prompt_ids], params, req.n, keep)
-    if req.stream:
-        choices = await unless_disconnected(request, started(choices))
-    return ChatRun(model.info, prompt_ids, choices, [answer_parser(model.info, req, prompt_ids) for _ in range(req.n)])
-
-
-def _tool_calls(parser: AnswerParser) -> list[ToolCallOut] | None:
-    return [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
-            for c in parser.calls] or None
+def _sse(events):
+    """Chat and text completion chunks as OpenAI streams them, ``[DONE]`` last."""
+    return sse(events, lambda chunk: f"data: {chunk.model_dump_json()}\n\n",
+               lambda e: f"data: {e.body().model_dump_json()}\n\n", "data: [DONE]\n\n")
 
 
 @app.post("/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request):
-    run = await start_chat(request, req)
+    run = await start_chat(_registry(request), req, request)
     rid = new_id("chatcmpl")
 
     def logprobs(entries):
@@ -347,16 +178,11 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                                           usage=Usage.of(len(run.prompt_ids), sum(counts)))
         return _sse(chunks())
 
-    reasons, counts, entries = await unless_disconnected(request, run.collect())
-
-    def message(p: AnswerParser) -> AssistantMessage:
-        calls = _tool_calls(p)
-        return AssistantMessage(content=p.content if p.content or not calls else None, tool_calls=calls,
-                                reasoning_content=p.reasoning_text or None)
-
-    return ChatCompletion(id=rid, model=req.model, usage=Usage.of(len(run.prompt_ids), sum(counts)), choices=[
-        ChatChoice(index=i, message=message(p), finish_reason=reasons[i], logprobs=logprobs(entries[i]))
-        for i, p in enumerate(run.parsers)
+    answers = await unless_disconnected(request, run.collect())
+    usage = Usage.of(len(run.prompt_ids), sum(a.completion_tokens for a in answers))
+    return ChatCompletion(id=rid, model=req.model, usage=usage, choices=[
+        ChatChoice(index=i, message=_message(p), finish_reason=a.finish_reason, logprobs=logprobs(a.logprobs))
+        for i, (a, p) in enumerate(zip(answers, run.parsers))
     ])
 
 
@@ -385,7 +211,7 @@ async def completions(req: CompletionRequest, request: Request):
     prompts = await asyncio.to_thread(_encode_prompts, info, req)
     # max_tokens may be clamped per prompt; the tightest applies to all, as one request.
     params = min((req.to_sampling_params(info, len(p)) for p in prompts), key=lambda p: p.max_tokens)
-    choices = _run_choices(model, prompts, params, req.n)
+    choices = run_choices(model, prompts, params, req.n)
     rid = new_id("cmpl")
     prompt_tokens = sum(len(p) for p in prompts)
 
@@ -412,10 +238,11 @@ async def completions(req: CompletionRequest, request: Request):
                                  usage=Usage.of(prompt_tokens, sum(counts)))
         return _sse(chunks())
 
-    texts, reasons, counts, entries = await unless_disconnected(request, _collect(choices, total))
-    return Completion(id=rid, model=req.model, usage=Usage.of(prompt_tokens, sum(counts)), choices=[
-        CompletionChoice(index=i, text=texts[i], finish_reason=reasons[i], logprobs=logprobs(entries[i]))
-        for i in range(total)
+    answers = await unless_disconnected(request, collect(choices, total))
+    usage = Usage.of(prompt_tokens, sum(a.completion_tokens for a in answers))
+    return Completion(id=rid, model=req.model, usage=usage, choices=[
+        CompletionChoice(index=i, text=a.text, finish_reason=a.finish_reason, logprobs=logprobs(a.logprobs))
+        for i, a in enumerate(answers)
     ])
 
 
@@ -478,6 +305,14 @@ async def embeddings(req: EmbeddingRequest, request: Request) -> EmbeddingList:
                          data=[EmbeddingData(index=i, embedding=encode(v)) for i, v in enumerate(vectors)])
 
 
+def _response_event(event: dict) -> str:
+    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+
+def _response_error(e: OpenAIError) -> str:
+    return _response_event({"type": "error", "code": e.code, "message": e.message, "param": e.param})
+
+
 def _store(request: Request) -> ResponseStore:
     store = getattr(request.app.state, "responses", None)
     if store is None:
@@ -491,7 +326,7 @@ async def create_response(req: ResponsesRequest, request: Request):
     store = _store(request)
     history = store.get(req.previous_response_id)[1] if req.previous_response_id is not None else []
     chat, conversation = to_chat_request(req, history)
-    run = await start_chat(request, chat)
+    run = await start_chat(_registry(request), chat, request)
     rid = new_id("resp")
 
     def finish(response: dict, turn: list[dict]) -> None:
@@ -499,21 +334,14 @@ async def create_response(req: ResponsesRequest, request: Request):
             store.put(response, conversation + turn)
 
     if req.stream:
-        async def body():
-            try:
-                async for event in responses.events(req, rid, run, finish):
-                    yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
-            except OpenAIError as e:
-                error = {"type": "error", "code": e.code, "message": e.message, "param": e.param}
-                yield f"event: error\ndata: {json.dumps(error)}\n\n"
-        return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return sse(responses.events(req, rid, run, finish), _response_event, _response_error)
 
     created = time.time()
-    reasons, counts, _ = await unless_disconnected(request, run.collect())
+    answer = (await unless_disconnected(request, run.collect()))[0]
     items, turn = responses.output_items(run.parsers[0])
     response = responses.response_object(req, rid, created, "completed", items,
-                                         responses.usage_of(len(run.prompt_ids), counts[0]),
-                                         "length" if reasons[0] == "length" else None)
+                                         responses.usage_of(len(run.prompt_ids), answer.completion_tokens),
+                                         "length" if answer.finish_reason == "length" else None)
     finish(response, turn)
     return JSONResponse(response)
 

@@ -1,74 +1,27 @@
-"""The chat runner: one BentoML service per served chat model, holding its engine; and its wire
-protocol, both ends (the runner writes it, the gateway's ``controller.Model.generate`` reads it).
-
-``generate`` streams one JSON object a line: ``{"token": id, "finish_reason": null|"stop"|"length"}``
-(with ``"logprob"`` and ``"top_logprobs": [[id, logprob], ...]`` when asked for), or, as its last
-line, ``{"error": "...", "code": ...}`` when the engine refused the request (``queue_full``, with
-``"retry_after"`` seconds; ``invalid_request``), failed the sequence (``engine_error``) or is dead
-(``engine_dead``: this runner then fails its health checks and must be restarted). A request names
-its LoRA adapter in ``adapter``; ``load_adapter`` and ``unload_adapter`` change which are served, and
-``stats`` lists them (the gateway learns of them from its health polls).
+"""The chat runner: one BentoML service per served chat model, holding its engine and streaming its
+tokens in the wire protocol (``runners.wire``). A request names its LoRA adapter in ``adapter``;
+``load_adapter`` and ``unload_adapter`` change which are served, and ``stats`` lists them (the gateway
+learns of them from its health polls).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sys
 import time
 import typing as t
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import bentoml
 
 from models.config import DEFAULT_CONTEXT_LENGTH, ServedModel
-from runners.base import StoredModelRunner, cpu_threads, freeze_startup_heap, load_causal_lm, service_options
-from runners.engine.sequence import SamplingParams, TokenEvent
+from runners.base import RunnerService, cpu_threads, freeze_startup_heap, service_options
+from runners.engine.errors import AdapterError, EngineError, QueueFull
+from runners.engine.sequence import SamplingParams
+from runners.wire import ENGINE_DEAD, ENGINE_ERROR, INVALID_REQUEST, QUEUE_FULL, error_line, token_line
 
 logger = logging.getLogger("bentochat.runner")
-
-QUEUE_FULL, INVALID_REQUEST, ENGINE_ERROR, ENGINE_DEAD = "queue_full", "invalid_request", "engine_error", "engine_dead"
-
-
-class RunnerRefused(Exception):
-    """The runner ended a request with an error line instead of (more) tokens."""
-
-    def __init__(self, code: str, message: str, retry_after: int | None = None):
-        super().__init__(message)
-        self.code, self.message, self.retry_after = code, message, retry_after
-
-
-def token_line(event: TokenEvent) -> str:
-    line: dict = {"token": event.token_id, "finish_reason": event.finish_reason}
-    if event.logprob is not None:
-        line["logprob"], line["top_logprobs"] = event.logprob, event.top_logprobs
-    return json.dumps(line) + "\n"
-
-
-def error_line(code: str, message: str, retry_after: int | None = None) -> str:
-    line: dict = {"error": message, "code": code}
-    if retry_after is not None:
-        line["retry_after"] = retry_after
-    return json.dumps(line) + "\n"
-
-
-async def read_events(chunks: AsyncIterator[str | bytes]) -> AsyncIterator[TokenEvent]:
-    """The gateway's end: token events from the runner's stream, whose transport chunks may split or
-    join lines; an error line raises :class:`RunnerRefused`."""
-    buffer = ""
-    async for chunk in chunks:
-        buffer += chunk.decode() if isinstance(chunk, bytes) else chunk
-        *lines, buffer = buffer.split("\n")
-        for line in filter(None, lines):
-            event = json.loads(line)
-            if "error" in event:
-                raise RunnerRefused(event.get("code", ENGINE_ERROR), event["error"], event.get("retry_after"))
-            top = event.get("top_logprobs")
-            yield TokenEvent(event["token"], event["finish_reason"], event.get("logprob"),
-                             [tuple(pair) for pair in top] if top is not None else None)
-
 
 TOKEN_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 FIRST_TOKEN_SECONDS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -96,8 +49,6 @@ TPOT = bentoml.metrics.Histogram("bentochat_time_per_output_token_seconds", "Bet
 
 def adapter_path(source: str, what: str = "adapter") -> str:
     """A PEFT directory's path, or the path of an adapter imported into the store under tag ``source``."""
-    from runners.engine.lora import AdapterError
-
     if Path(source).expanduser().is_dir():
         return str(Path(source).expanduser())
     try:
@@ -109,8 +60,6 @@ def adapter_path(source: str, what: str = "adapter") -> str:
 
 
 def stored_adapter_path(stored, what: str = "adapter") -> str:
-    from runners.engine.lora import AdapterError
-
     if stored.info.metadata.get("kind") != "adapter":
         raise AdapterError(f"{what}: {stored.tag} is a model, not a LoRA adapter (python -m models import "
                            "<PEFT directory>)")
@@ -119,21 +68,24 @@ def stored_adapter_path(stored, what: str = "adapter") -> str:
 
 def read_adapter(engine, name: str, path: str):
     """``engine.adapters.read`` on a worker thread, its torch operations kept on that one thread."""
-    from runners.engine.llm_engine import leave_cores_to_the_engine
+    from runners.engine.llm_engine import leave_cores_to_the_engine  # torch: in the runner's process only
 
     leave_cores_to_the_engine()
     return engine.adapters.read(name, path)
 
 
 def chat_runner(served: ServedModel) -> bentoml.Service:
-    class ChatRunner(StoredModelRunner):
+    class ChatRunner(RunnerService):
         model_ref = bentoml.models.BentoModel(served.model)  # a class attribute, so `bentoml build` packs it
 
         def __init__(self) -> None:
             from transformers import AutoTokenizer
 
-            from runners.engine import AsyncLLMEngine, LLMEngine, ModelRunner
-            from runners.engine.llm_engine import leave_cores_to_the_engine
+            # torch: the engine is imported in the runner's process, not where the runner is only declared
+            from runners.engine.async_engine import AsyncLLMEngine
+            from runners.engine.llm_engine import LLMEngine, leave_cores_to_the_engine
+            from runners.engine.loader import load_causal_lm
+            from runners.engine.model_runner import ModelRunner
 
             stored = self.model_ref  # the attribute resolves to the stored model
             threads = None if served.gpus else cpu_threads(served)
@@ -187,8 +139,6 @@ def chat_runner(served: ServedModel) -> bentoml.Service:
         @bentoml.api
         async def generate(self, request_id: str, prompt_ids: t.List[int], params: t.Dict[str, t.Any],
                            adapter: t.Optional[str] = None) -> t.AsyncGenerator[str, None]:
-            from runners.engine.llm_engine import EngineError, QueueFull
-
             last = time.monotonic()  # arrival at the runner
             count, reason = 0, None
             label = adapter or served.id  # metrics count per adapter
@@ -233,8 +183,6 @@ def chat_runner(served: ServedModel) -> bentoml.Service:
         async def load_adapter(self, name: str, source: str) -> t.Dict[str, t.Any]:
             """Serve a LoRA adapter (a PEFT directory here, or an adapter's store tag) as ``name``:
             ``{"adapter": ...}``, or ``{"error": ...}`` saying why not."""
-            from runners.engine.lora import AdapterError
-
             engine = self.engine.engine
             try:
                 path = await asyncio.to_thread(adapter_path, source, "lora_path")
@@ -248,8 +196,6 @@ def chat_runner(served: ServedModel) -> bentoml.Service:
         @bentoml.api
         async def unload_adapter(self, name: str) -> t.Dict[str, t.Any]:
             """Stop serving adapter ``name``; what runs on it finishes first."""
-            from runners.engine.lora import AdapterError
-
             try:
                 await self.engine.call(self.engine.engine.remove_adapter, name)
             except AdapterError as e:

@@ -16,7 +16,7 @@ import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 
 from models.config import ServedModel
-from runners.base import StoredModelRunner, cpu_threads, freeze_startup_heap, resolve_dtype, service_options
+from runners.base import RunnerService, cpu_threads, freeze_startup_heap, service_options
 
 
 EMBEDDING_MAX_BATCH = 64  # texts encoded in one forward pass
@@ -32,14 +32,16 @@ def pooling_mode(model_dir: Path) -> str:
 
 
 def embedding_runner(served: ServedModel) -> bentoml.Service:
-    class EmbeddingRunner(StoredModelRunner):
+    class EmbeddingRunner(RunnerService):
         model_ref = bentoml.models.BentoModel(served.model)
 
         def __init__(self) -> None:
             import torch
             from transformers import AutoModel, AutoTokenizer
 
+            # torch: the engine's helpers are imported in the runner's process, not where it is only declared
             from runners.engine.llm_engine import leave_cores_to_the_engine
+            from runners.engine.loader import resolve_dtype
 
             path = Path(self.model_ref.path)  # the attribute resolves to the stored model
             if not served.gpus:  # the encoding thread (below) is the one with an OpenMP team of every core

@@ -142,7 +142,7 @@ def test_chat_matches_the_model_alone_with_chat_template(client, chat_tokenizer)
     checks that against transformers' generate)."""
     import bentoml
 
-    from runners.base import load_causal_lm
+    from runners.engine.loader import load_causal_lm
     from runners.engine import LLMEngine, ModelRunner, SamplingParams
 
     r = chat(client, STORY, max_tokens=24)

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 import torch
 
-from runners.base import load_causal_lm
+from runners.engine.loader import load_causal_lm
 from runners.engine import AsyncLLMEngine, LLMEngine, ModelRunner, SamplingParams, Sequence
 from runners.engine.lean import LeanCausalLM
 
@@ -130,7 +130,7 @@ def test_long_prompt_is_prefilled_in_chunks_without_stalling_others(model):
 def test_the_slot_cache_grows_and_refills_slots_without_changing_tokens(model, monkeypatch):
     """Sequences of many lengths join and leave a batch whose buffers start small (2 slots, 16 columns):
     slots are refilled from the last one, buffers grow mid-decode; every answer stays what it is alone."""
-    from runners.engine.model_runner import SlotCache
+    from runners.engine.kv_cache import SlotCache
 
     monkeypatch.setattr(SlotCache, "ROWS_CHUNK", 2)
     monkeypatch.setattr(SlotCache, "COLUMNS_CHUNK", 16)
@@ -319,7 +319,7 @@ def _collect(a: AsyncLLMEngine, rid: str, prompt, params):
 def test_a_request_whose_sampling_fails_fails_alone(engine):
     """A penalty that makes the probabilities infinite raises in the sampler: that request gets an
     EngineError, the greedy request beside it gives what it gives alone, and the engine goes on."""
-    from runners.engine.llm_engine import EngineError
+    from runners.engine.errors import EngineError
 
     greedy = SamplingParams(max_tokens=12, temperature=0)
     poison = SamplingParams(max_tokens=12, temperature=0.7, repetition_penalty=1e-40)
@@ -338,7 +338,7 @@ def test_a_request_whose_sampling_fails_fails_alone(engine):
 
 
 def test_a_failing_forward_pass_fails_its_requests_only(engine, monkeypatch):
-    from runners.engine.llm_engine import EngineError
+    from runners.engine.errors import EngineError
 
     greedy = SamplingParams(max_tokens=8, temperature=0)
     real = engine.model_runner.prefill_together
@@ -363,7 +363,7 @@ def test_a_failing_forward_pass_fails_its_requests_only(engine, monkeypatch):
 
 
 def test_a_fault_outside_any_request_fails_that_step_and_the_thread_goes_on(engine, monkeypatch):
-    from runners.engine.llm_engine import EngineError
+    from runners.engine.errors import EngineError
 
     greedy = SamplingParams(max_tokens=6, temperature=0)
     real, calls = engine.scheduler.postprocess, []
@@ -392,7 +392,7 @@ def test_a_fault_outside_any_request_fails_that_step_and_the_thread_goes_on(engi
     (PROMPT, SamplingParams(temperature=float("nan")), "temperature"),
 ])
 def test_requests_the_engine_cannot_run_are_refused_before_queuing(engine, prompt, params, field):
-    from runners.engine.llm_engine import RequestError
+    from runners.engine.errors import RequestError
 
     async def run():
         a = AsyncLLMEngine(engine)
@@ -418,7 +418,7 @@ def test_an_empty_prompt_in_the_queue_stalls_no_one(engine):
 
 
 def test_a_dead_engine_thread_is_reported_not_silent(engine, monkeypatch):
-    from runners.engine.llm_engine import EngineError
+    from runners.engine.errors import EngineError
 
     def die(**_):
         raise SystemExit("injected death")
@@ -439,7 +439,7 @@ def test_a_dead_engine_thread_is_reported_not_silent(engine, monkeypatch):
 
 
 def test_a_closed_engine_ends_its_thread_fails_what_it_held_and_refuses_more(engine):
-    from runners.engine.llm_engine import EngineError
+    from runners.engine.errors import EngineError
 
     async def run():
         a = AsyncLLMEngine(engine)

@@ -12,7 +12,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from middleware import REQUEST_ID, ApiKeys, BodyLimit, FailedAttempts, RequestIds
+from middleware import ApiKeys, BodyLimit, FailedAttempts, RequestIds
+from openai_api.ids import REQUEST_ID
 
 
 async def echo(request: Request):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from runners.engine import native
-from runners.engine.lean import Linear
+from runners.engine.linear import Linear
 
 pytestmark = pytest.mark.skipif(native.ops() is None, reason="no native kernels on this machine (CPU or compiler)")
 amx = pytest.mark.skipif(not native.amx(), reason="no AMX on this CPU")

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from models.config import ServedModel
-from controller import generation_defaults
+from models.info import generation_defaults
 from openai_api.errors import OpenAIError
 from openai_api.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 

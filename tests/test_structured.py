@@ -13,8 +13,9 @@ from transformers import AutoTokenizer
 
 from openai_api.constraints import choice_grammar, to_grammar
 from openai_api.errors import OpenAIError
-from openai_api.tool_calls import FORMATS, ReasoningParser, ToolCallParser, tool_grammar
-from runners.base import load_causal_lm
+from models.tool_formats import FORMATS
+from openai_api.tool_calls import ReasoningParser, ToolCallParser, tool_grammar
+from runners.engine.loader import load_causal_lm
 from runners.engine import LLMEngine, ModelRunner, SamplingParams
 from tests.tiny_model import build_tiny_bpe_model
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from openai_api.generation import IncrementalDetokenizer, StopStrings
+from openai_api.text_stream import IncrementalDetokenizer, StopStrings
 
 CHINESE = "你好，世界！我们测试中文流式输出，山峰很高。🙂"
 

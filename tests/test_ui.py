@@ -227,13 +227,13 @@ def test_use_via_api_shows_the_openai_client_for_the_chosen_model(page, server):
 
 
 def test_statistics_and_notices_never_reach_the_model():
-    from ui.chat import _plain, notice, stats_line
+    from ui.answer import conversation, notice, stats_line
 
     history = [{"role": "user", "content": "Hi"},
                {"role": "assistant", "content": "Hello!" + stats_line(CHAT, 3, 0.1, 0.05)},
                {"role": "user", "content": "Again"}, notice("busy")]
-    assert _plain(history) == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                               {"role": "user", "content": "Again"}]
+    assert conversation(history) == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                                     {"role": "user", "content": "Again"}]
     assert stats_line(CHAT, 3, 0.1, 0.05).endswith("3 tokens · 30.0 tokens/s · first token 0.05 s*")
 
 

@@ -11,10 +11,11 @@ import sys
 import pytest
 
 from conftest import ROOT
-from controller import Model, ModelInfo, Replica
+from controller import Model, Replica
+from models.info import ModelInfo
 from models.config import ServedModel
 from openai_api.errors import OpenAIError
-from runners.chat import ENGINE_DEAD, INVALID_REQUEST, QUEUE_FULL, RunnerRefused, error_line, read_events, token_line
+from runners.wire import ENGINE_DEAD, INVALID_REQUEST, QUEUE_FULL, RunnerRefused, error_line, read_events, token_line
 from runners.engine.sequence import SamplingParams, TokenEvent
 
 
@@ -104,7 +105,7 @@ def test_a_call_that_fails_before_its_first_token_is_retried_on_another_replica_
     broken = FakeRunner([ConnectionResetError("pooled connection closed")])
     healthy = FakeRunner([token_line(TokenEvent(5, None)), token_line(TokenEvent(2, "stop"))])
     model = _model(broken, healthy)
-    model.replicas[1].queue = 1  # the broken replica has the shorter queue: it is tried first
+    model.replicas[1].load = 1  # the broken replica has the shorter queue: it is tried first
     out = asyncio.run(_generate(model))
     assert out == [5, 2]
     assert broken.aborted == broken.calls and healthy.aborted == []  # the finished sequence needs no abort

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from openai_api.routes import merge
-from ui.chat import _plain, reply
+from openai_api.streams import merge
+from ui.answer import conversation, reply
 
 VOTES = {"leftvote": "model_a", "rightvote": "model_b", "tievote": "tie", "bothbad_vote": "tie (bothbad)"}
 HIDDEN = ("Model A", "Model B")
@@ -140,7 +140,7 @@ def build_battle(registry: Callable[[], object], available: Callable[[], list[st
             shown[i] = updated
             yield shown[0], shown[1]
         for model_id, history in zip(models, shown):
-            log.append({"type": "chat", "anony": anonymous, "model": model_id, "messages": _plain(history)})
+            log.append({"type": "chat", "anony": anonymous, "model": model_id, "messages": conversation(history)})
 
     def busy():
         return (gr.Textbox(interactive=False), gr.Button(interactive=False), gr.Button(interactive=True),
@@ -153,7 +153,7 @@ def build_battle(registry: Callable[[], object], available: Callable[[], list[st
 
     def vote(kind: str, models: list, hist_a: list, hist_b: list):
         log.append({"type": kind, "anony": anonymous, "models": list(models),
-                    "states": [{"model": m, "messages": _plain(h)} for m, h in zip(models, (hist_a, hist_b))]})
+                    "states": [{"model": m, "messages": conversation(h)} for m, h in zip(models, (hist_a, hist_b))]})
         gr.Info("Thanks for your vote" + ("" if log.enabled else " (votes are not logged on this server)"))
         voted = [gr.Button(interactive=False)] * len(vote_buttons)
         if not anonymous:

@@ -9,8 +9,6 @@ While an answer streams, the input is disabled and Stop is the one thing to pres
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable
 
 import gradio as gr
@@ -18,34 +16,12 @@ from fastapi import FastAPI
 from starlette.routing import Mount
 
 from middleware import FailedAttempts, UiSignIn
-
-from openai_api.errors import OpenAIError
-from openai_api.generation import generate_text
-from openai_api.protocol import ChatCompletionRequest
-from openai_api.routes import prepare_chat
+from ui import arena
 from ui import history as chats
+from ui.answer import conversation, reply
 
-logger = logging.getLogger("bentochat.ui")
-
-NO_MODEL = "No chat model is available right now. Reload the page when one is up."
-
-
-NOTICE = "⚠️ "
-STATS = "\n\n*📊 "  # an answer's statistics follow this, at its end; never sent to the model
 WAITING = "Wait for the answer, or stop it"
 PLACEHOLDER = "Type a message and press Enter"
-
-
-def notice(text: str) -> dict:
-    """An assistant message that tells the user what went wrong; never sent to the model."""
-    return {"role": "assistant", "content": NOTICE + text}
-
-
-def stats_line(model_id: str, tokens: int, seconds: float, first_token_s: float | None) -> str:
-    """``STATS`` and what one answer took: model, tokens, tokens/s, time to first token."""
-    rate = f"{tokens / seconds:.1f} tokens/s" if seconds > 0 and tokens else "- tokens/s"
-    first = f"first token {first_token_s:.2f} s" if first_token_s is not None else "no token"
-    return f"{STATS}{model_id} · {tokens} tokens · {rate} · {first}*"
 
 
 def api_snippet(model_id: str | None) -> str:
@@ -68,60 +44,11 @@ for chunk in answer:
 `GET /v1/models` lists the models; `/v1/openapi.json` describes every route.""")
 
 
-def _plain(history: list[dict]) -> list[dict]:
-    """The conversation as chat messages: the model's own turns, without the UI's notices."""
-    messages = [{"role": m["role"], "content": chats.text_of(m.get("content")).split(STATS)[0]} for m in history]
-    return [m for m in messages if not m["content"].startswith(NOTICE)]
-
-
-async def reply(registry, model_id: str | None, history: list[dict], system: str = "", temperature: float = 0.7,
-                top_p: float = 1.0, max_tokens: int = 512, shown_as: str | None = None):
-    """The conversation ``history`` (ending with a user turn) as the answer of ``model_id`` grows, and
-    last with the answer's statistics, which name the model ``shown_as`` (the arena hides it); what goes
-    wrong is said in the chat (busy, down, too long)."""
-    if not history or history[-1]["role"] != "user":
-        yield history
-        return
-    if not model_id:
-        yield history + [notice(NO_MODEL)]
-        return
-    messages = ([{"role": "system", "content": system}] if (system or "").strip() else []) + _plain(history)
-    history = history + [{"role": "assistant", "content": ""}]
-    tokens, first, start = 0, None, time.monotonic()
-    try:
-        model = registry.get(model_id, "chat")
-        request = ChatCompletionRequest(model=model_id, messages=messages, temperature=temperature, top_p=top_p,
-                                        max_tokens=max(1, int(max_tokens)))
-        # The slider's max_tokens is cut to what the context leaves, rather than refused.
-        prompt_ids, params = prepare_chat(model.info, request, fit_context=True)
-        start = time.monotonic()
-        async for event in generate_text(model, prompt_ids, params):
-            if first is None and event.completion_tokens:
-                first = time.monotonic()
-            tokens = event.completion_tokens
-            history[-1]["content"] += event.text
-            yield history
-    except Exception as e:  # busy (429), down (503), too long (400): said in the chat
-        if not isinstance(e, OpenAIError):
-            logger.exception("UI answer with %s failed", model_id)
-        if not history[-1]["content"]:
-            history = history[:-1]
-        yield history + [notice(e.message if isinstance(e, OpenAIError) else "Generation failed; see the server log.")]
-        return
-    if not history[-1]["content"]:
-        history[-1]["content"] = "(empty answer)"
-    decoding = time.monotonic() - first if first is not None else 0.0
-    history[-1]["content"] += stats_line(shown_as or model_id, tokens, decoding, first - start if first else None)
-    yield history
-
-
 def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_list_mode: str,
                   log_dir: str | None = None) -> gr.Blocks:
     """``registry()`` gives the gateway's model registry once it is up; ``chat_models`` are the
     configured chat model ids and their adapters' (the list in ``once`` mode); votes and the side by
     side and arena tabs' answers are logged in ``log_dir`` (None: not logged)."""
-    from ui import arena  # it builds on this module's reply()
-
     log = arena.ConversationLog(log_dir)
 
     def available_models() -> list[str]:
@@ -204,7 +131,7 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
             gr.Warning("Open a chat from the history first.")
             return gr.File(visible=False)
         if kind == "json":  # the conversation as a client would send it: no statistics, no notices
-            chat = dict(chat, messages=_plain(chat["messages"]))
+            chat = dict(chat, messages=conversation(chat["messages"]))
         return gr.File(value=chats.export(chat, kind), visible=True)
 
     with gr.Blocks(title="BentoChat") as blocks:

@@ -31,126 +31,17 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from runners.engine import native
+from runners.engine.linear import Part, fused_linear
 
 logger = logging.getLogger("bentochat.engine")
-
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def unsupported(config) -> str | None:
-    """Why a model of this transformers config cannot run on the lean forward, or None when it can."""
-    if config.model_type not in FAMILIES or type(config).__module__.split(".")[0] != "transformers":
-        return f"architecture {config.model_type} (the lean forward runs transformers' {', '.join(FAMILIES)})"
-    if getattr(config, "hidden_act", "silu") != "silu":
-        return f"activation {config.hidden_act}"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return "sliding-window attention"
-    return None
-
-
-def supported_config(config) -> bool:
-    reason = unsupported(config)
-    if reason is not None:
-        logger.info("transformers' forward: %s", reason)
-    return reason is None
-
-
-# The batch size oneDNN packs a weight for (a hint: any batch runs); measured here, these are about
-# the fastest at every batch from 1 to 64.
-PACK_FOR = {torch.float32: 32, torch.bfloat16: 16}
-
-
-def cpu_bf16() -> bool:
-    """Whether oneDNN runs bfloat16 on this CPU with its own instructions (AVX-512 BF16, AMX)."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def packs(weight: torch.Tensor) -> bool:
-    """Whether the weight is packed for oneDNN: on the CPU, float32 (faster than MKL's matmul here at
-    every batch) and bfloat16 where the CPU has the instructions."""
-    if weight.device.type != "cpu" or weight.dtype not in PACK_FOR or not torch.backends.mkldnn.is_available():
-        return False
-    return weight.dtype == torch.float32 or cpu_bf16()
-
-
-class Linear:
-    """``y = x W^T + b``, with the weight packed for oneDNN on the CPU (see :func:`packs`), or int8.
-
-    In bfloat16, oneDNN's kernels give a row the same result in any batch only on small enough products
-    (measured on the two CPU kinds this project runs on, over shapes from 32 to 3072 output features and
-    64 to 4096 inner ones): with AMD Zen 4's kernels (AVX-512 BF16, also run on the Xeon with
-    ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``) an inner dimension of at most ``K_BLOCK``; on
-    Intel Sapphire Rapids (AMX) at most ``ROW_BLOCK`` rows at once, and a 32-feature weight (a LoRA
-    adapter's A) at most ``K_BLOCK`` inner ones on two threads. So a bfloat16 weight is split along its
-    inner dimension in blocks of ``K_BLOCK`` (``down_proj`` of most models is longer), their products
-    summed, and at most ``ROW_BLOCK`` rows (tokens) are multiplied at once. The split costs some accuracy
-    (each block's sum is rounded to bfloat16), the row blocks some speed (the weight is read once per
-    block); BentoChat's own kernels (``native.py``) need neither.
-    """
-
-    K_BLOCK, ROW_BLOCK = 1024, 32
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, int8: bool = False,
-                 own: bool = False):
-        self.bias = bias
-        self.int8 = int8
-        self.row_block = None
-        self.own = None  # the weight packed for BentoChat's own matmul (native.py), where ``own`` asks and it runs
-        if own and not int8 and weight.device.type == "cpu" and native.runs(weight.dtype):
-            self.own, self.out, self.own_bias = native.pack(weight), weight.shape[0], native.pad_bias(bias, weight.shape[0])
-        self.packed = self.own is None and packs(weight) and not int8
-        if int8:  # symmetric, one scale per output channel
-            scales = weight.float().abs().amax(dim=1).clamp(min=1e-8) / 127
-            self.weight = (weight.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
-            self.scales = scales.to(weight.dtype)
-        elif self.packed:
-            blocked = weight.dtype == torch.bfloat16
-            self.row_block = self.ROW_BLOCK if blocked else None
-            parts = weight.split(self.K_BLOCK, dim=1) if blocked else [weight]
-            self.blocks = [torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_FOR[weight.dtype])
-                           for w in parts]
-        elif self.own is None:
-            self.weight = weight
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.own is not None:
-            return native.linear(x, self.own, self.out, self.own_bias)
-        if self.int8:
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales)
-            y = y.view(*x.shape[:-1], -1)
-            return y if self.bias is None else y + self.bias
-        if not self.packed:
-            return F.linear(x, self.weight, self.bias)
-        rows = x.reshape(-1, x.shape[-1])
-        if self.row_block and len(rows) > self.row_block:
-            return torch.cat([self._packed(part) for part in rows.split(self.row_block)]).view(*x.shape[:-1], -1)
-        return self._packed(x)
-
-    def _packed(self, x: torch.Tensor) -> torch.Tensor:
-        y = None
-        parts = x.split(self.K_BLOCK, dim=-1) if len(self.blocks) > 1 else [x]  # (one block: any length)
-        for i, (part, w) in enumerate(zip(parts, self.blocks)):
-            out = torch.ops.mkldnn._linear_pointwise(part, w, self.bias if i == 0 else None, "none", [], "")
-            y = out if y is None else y.add_(out)
-        return y
-
-
-def _fused(*modules, **options) -> Linear:
-    weight = torch.cat([m.weight.detach() for m in modules]) if len(modules) > 1 else modules[0].weight.detach()
-    biases = [m.bias for m in modules]
-    bias = None if all(b is None for b in biases) else torch.cat(
-        [b.detach() if b is not None else m.weight.new_zeros(m.weight.shape[0]) for m, b in zip(modules, biases)])
-    return Linear(weight, bias, **options)
-
 
 class _Layer:
     def __init__(self, layer, **options):
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = _fused(attn.q_proj, attn.k_proj, attn.v_proj, **options)
-        self.o = _fused(attn.o_proj, **options)
-        self.gate_up = _fused(mlp.gate_proj, mlp.up_proj, **options)
-        self.down = _fused(mlp.down_proj, **options)
+        self.qkv = fused_linear(attn.q_proj, attn.k_proj, attn.v_proj, **options)
+        self.o = fused_linear(attn.o_proj, **options)
+        self.gate_up = fused_linear(mlp.gate_proj, mlp.up_proj, **options)
+        self.down = fused_linear(mlp.down_proj, **options)
         self.norm1 = layer.input_layernorm.weight.detach()
         self.norm2 = layer.post_attention_layernorm.weight.detach()
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)  # Qwen3
@@ -274,7 +165,7 @@ class LeanCausalLM(torch.nn.Module):
         options = {"int8": int8, "own": matmul == "auto" and fused_attention}
         self.layers = [_Layer(layer, **options) for layer in base.layers[:config.num_hidden_layers]]
         self.norm = base.norm.weight.detach()
-        self.lm_head = _fused(model.lm_head, **options)
+        self.lm_head = fused_linear(model.lm_head, **options)
         self.vocab = model.lm_head.weight.shape[0]
         self.native = self._native_arguments()
 
@@ -311,8 +202,6 @@ class LeanCausalLM(torch.nn.Module):
     def linear_parts(self) -> dict:
         """transformers' name of each linear layer -> where the lean forward computes it (LoRA adapters
         target layers by those names): q, k and v are rows of ``qkv``, gate and up of ``gate_up``."""
-        from runners.engine.lora import Part
-
         hidden, inner = self.config.hidden_size, self.config.intermediate_size
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         parts = {"lm_head": Part(self, "lm_head", 0, self.config.vocab_size, hidden)}
@@ -409,18 +298,3 @@ class LeanCausalLM(torch.nn.Module):
             h = h + layer.down(F.silu(gate) * up)
         logits = self.lm_head(rms_norm(h[:, -logits_to_keep:], self.norm, self.eps))
         return CausalLMOutputWithPast(logits=logits.float(), cache=cache)
-
-
-def lean(model, int8: bool = False, fused_attention: bool = True, matmul: str = "auto"):
-    """``model`` (of a supported config) on the lean forward, unless its weights are spread over
-    several devices (``device_map``), which transformers' forward handles."""
-    if len({p.device for p in model.parameters()}) > 1:
-        if int8:
-            raise ValueError("quantization: int8 needs the model on one device (one GPU or the CPU)")
-        logger.info("transformers' forward: the weights are on several devices")
-        return model
-    lean_model = LeanCausalLM(model, int8, fused_attention, matmul)
-    logger.info("BentoChat's lean forward (%s, %s%s, %s attention%s)", model.config.model_type,
-                next(model.parameters()).dtype, ", int8 weights" if int8 else "", "fused" if fused_attention else "eager",
-                ", native forward" if lean_model.native is not None else "")
-    return lean_model

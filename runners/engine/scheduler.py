@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
+from runners.engine.kv_cache import kv_bytes
 from runners.engine.sequence import Sequence, SequenceStatus
 
 
@@ -146,10 +147,6 @@ class PrefixCache:
     def _drop(self, key: tuple) -> None:
         self.num_bytes -= kv_bytes(self.entries.pop(key))
         self.num_tokens -= len(key[1])
-
-
-def kv_bytes(kv: list | None) -> int:
-    return sum(k.nbytes + v.nbytes for k, v in kv) if kv else 0
 
 
 def common_prefix(a, b) -> int:

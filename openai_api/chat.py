@@ -1,0 +1,95 @@
+"""The chat path that ``/chat/completions``, ``/responses`` and the chat page share: a chat request's
+prompt ids and engine parameters (``prepare_chat``), its choices run on the model, each choice's text
+split by its parser into reasoning, content and tool calls (``start_chat``, ``ChatRun``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from models.info import ModelInfo
+from openai_api.protocol import ChatCompletionRequest, ChatMessage
+from openai_api.streams import started, unless_disconnected
+from openai_api.text_stream import Choice, TextEvent, run_choices
+from openai_api.tool_calls import AnswerDelta, AnswerParser
+from runners.engine.sequence import SamplingParams
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict]:
+    """Messages as a template renders them (``developer`` is OpenAI's newer name for ``system``);
+    with their tool calls (arguments as objects, as chat templates take them) and tool call ids."""
+    out = []
+    for m in messages:
+        d = {"role": "system" if m.role == "developer" else m.role, "content": m.text}
+        if m.tool_calls:
+            d["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        if m.name is not None and m.role == "tool":
+            d["name"] = m.name
+        out.append(d)
+    return out
+
+
+def _arguments(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def prepare_chat(info: ModelInfo, req: ChatCompletionRequest, fit_context: bool = False
+                 ) -> tuple[list[int], SamplingParams]:
+    """Prompt ids and engine parameters of a chat request, for the API and the chat page alike."""
+    prompt_ids = info.render_chat(chat_messages(req.messages), req.active_tools)
+    return prompt_ids, req.to_sampling_params(info, len(prompt_ids), fit_context=fit_context)
+
+
+def answer_parser(info: ModelInfo, req: ChatCompletionRequest, prompt_ids: list[int]) -> AnswerParser:
+    """What splits one choice's text: reasoning (a reasoning model), tool calls (tools allowed)."""
+    thinking = info.served.reasoning and info.tokenizer.decode(prompt_ids[-4:]).rstrip().endswith("<think>")
+    return AnswerParser(info.tool_format if req.tool_mode != "none" else None, info.served.reasoning, thinking)
+
+
+@dataclass
+class ChatRun:
+    """A chat request under way: its prompt, and each choice's answer as its parser splits it."""
+
+    info: ModelInfo
+    prompt_ids: list[int]
+    choices: AsyncIterator[tuple[int, TextEvent]]
+    parsers: list[AnswerParser]
+
+    async def deltas(self) -> AsyncIterator[tuple[int, TextEvent, AnswerDelta]]:
+        async for i, ev in self.choices:
+            yield i, ev, self.parsers[i].feed(ev.text, final=ev.finish_reason is not None)
+
+    async def collect(self) -> list[Choice]:
+        """Each choice's whole answer, its finish reason as its parser gives it (``tool_calls``); the
+        parsers hold its content, reasoning and calls."""
+        answers = [Choice() for _ in self.parsers]
+        async for i, ev, _ in self.deltas():
+            answers[i].add(ev)
+        for answer, parser in zip(answers, self.parsers):
+            answer.finish_reason = parser.finish_reason(answer.finish_reason)
+        return answers
+
+
+async def start_chat(registry, req: ChatCompletionRequest, request: Request) -> ChatRun:
+    """Render, check and queue a chat request (chat completions and responses alike) on the model
+    ``registry`` serves as ``req.model``; a stream's first token is awaited, so that what fails
+    before it is the response's HTTP status."""
+    model = registry.get(req.model, "chat")
+    # Rendering and tokenizing take CPU time that grows with the prompt: never on the event loop.
+    prompt_ids, params = await asyncio.to_thread(prepare_chat, model.info, req)
+    # A tool-call marker that is a special token (Mistral's [TOOL_CALLS]) must reach the parser.
+    keep = model.info.tool_marker_ids if req.tool_mode != "none" else frozenset()
+    choices = run_choices(model, [prompt_ids], params, req.n, keep)
+    if req.stream:
+        choices = await unless_disconnected(request, started(choices))
+    return ChatRun(model.info, prompt_ids, choices, [answer_parser(model.info, req, prompt_ids) for _ in range(req.n)])

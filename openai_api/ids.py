@@ -1,0 +1,20 @@
+"""Ids: of the request being handled (``x-request-id``, which every log line names), of the objects the
+API returns (``chatcmpl-…``), and of a sequence in its runner. Imports nothing of the project."""
+
+from __future__ import annotations
+
+import contextvars
+import uuid
+
+# The request being handled, set by middleware.RequestIds for everything that runs on its behalf.
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("bentochat_request_id", default=None)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def sequence_id() -> str:
+    """A sequence's id in its runner: the request's own (x-request-id), so that the runner's log lines
+    name it, and a suffix that keeps choices and retries apart."""
+    return f"{REQUEST_ID.get() or new_id('req')}-{uuid.uuid4().hex[:8]}"

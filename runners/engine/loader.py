@@ -1,0 +1,135 @@
+"""Loading a stored causal LM for the engine. Which forward pass, dtype, matmul kernels and attention it
+runs on is decided once, here (``plan``), from its config, ``bentochat.yaml``'s options and this
+machine, and logged in one line; the model is then loaded and wrapped so.
+
+The forwards, fastest first: ``native`` (BentoChat's whole pass in one C++ call, ``kernels/forward.cpp``,
+on its own matmuls: bfloat16 on AMX or AVX-512 BF16, float32 on AVX-512), ``lean`` (BentoChat's Python
+pass, ``lean.py``: oneDNN's packed matmuls or int8, torch's fused attention in the decode step) and
+``transformers`` (the model's own forward, for every other family, remote code, and weights spread over
+several GPUs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from runners.engine import native
+from runners.engine.lean import LeanCausalLM
+from runners.engine.linear import cpu_bf16, packs
+
+logger = logging.getLogger("bentochat.engine")
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def unsupported(config) -> str | None:
+    """Why a model of this transformers config cannot run on the lean forward, or None when it can."""
+    if config.model_type not in FAMILIES or type(config).__module__.split(".")[0] != "transformers":
+        return f"architecture {config.model_type} (the lean forward runs transformers' {', '.join(FAMILIES)})"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act}"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    return None
+
+
+def resolve_dtype(dtype: str, checkpoint_dtype: str | None, on_gpu: bool, lean: bool = False) -> torch.dtype:
+    """The torch dtype to load in. ``auto``: on a GPU the checkpoint's own; on a CPU with bfloat16
+    instructions (AVX-512 BF16, AMX) bfloat16 for a model on the lean forward, whose packed bfloat16
+    matmuls are faster than float32 at every batch size; float32 otherwise (transformers' bfloat16
+    path is slower than float32 at small batches, and half precision is often unsupported)."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if on_gpu:
+        return DTYPES.get(str(checkpoint_dtype), torch.float16)
+    return torch.bfloat16 if lean and cpu_bf16() else torch.float32
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one model runs: its dtype, forward (native, lean, transformers), matmul kernels (amx,
+    avx512-bf16, avx512 for BentoChat's own; onednn, int8, torch) and attention (native, fused, eager,
+    transformers), and why it is not on a faster forward."""
+
+    dtype: torch.dtype
+    forward: str
+    matmul: str
+    attention: str
+    why: str = ""
+
+    def __str__(self) -> str:
+        line = (f"{str(self.dtype).removeprefix('torch.')}, {self.forward} forward, {self.matmul} matmuls, "
+                f"{self.attention} attention")
+        return f"{line} ({self.why})" if self.why else line
+
+
+def plan(config, *, dtype: str = "auto", gpus: list[int] | tuple = (), spread: bool = False,
+         forward: str = "transformers", quantization: str | None = None, attention: str = "fused",
+         matmul: str = "auto") -> Plan:
+    """The one decision of how a model of ``config`` runs, from the options of ``bentochat.yaml``
+    (``spread``: its weights are placed over several devices, ``device_map``). A quantization the
+    chosen forward cannot run is a ValueError."""
+    why = unsupported(config) if forward == "lean" else "forward: transformers"
+    if why is None and spread:
+        why = "the weights are spread over several devices"
+    if quantization and why is not None:
+        raise ValueError(f"quantization: {quantization} runs on the lean forward, for {', '.join(FAMILIES)} models "
+                         f"on one device, with forward: lean; this one is {config.model_type} with forward: "
+                         f"{forward} ({why})")
+    torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None), bool(gpus), why is None)
+    if why is not None:
+        return Plan(torch_dtype, "transformers", "torch", "transformers", why)
+    if quantization == "int8":
+        return Plan(torch_dtype, "lean", "int8", _python_attention(torch_dtype, gpus, attention))
+    if not gpus and matmul == "auto" and attention == "fused" and native.runs(torch_dtype):
+        kernels = "avx512" if torch_dtype == torch.float32 else "amx" if native.amx() else "avx512-bf16"
+        return Plan(torch_dtype, "native", kernels, "native")
+    why = ("matmul: onednn" if matmul != "auto" else "attention: eager" if attention != "fused" else
+           "no native kernels for this dtype on this machine" if not gpus else "")
+    cpu_packed = not gpus and packs(torch.empty(0, dtype=torch_dtype))
+    return Plan(torch_dtype, "lean", "onednn" if cpu_packed else "torch",
+                _python_attention(torch_dtype, gpus, attention), why)
+
+
+def _python_attention(dtype: torch.dtype, gpus, attention: str) -> str:
+    """The lean Python pass's decode attention: torch's fused kernel on the CPU in float32 and bfloat16
+    (``lean.fused_decode``, which may still decline it where it is not batch-invariant), else eager."""
+    return "fused" if attention == "fused" and not gpus and dtype in (torch.float32, torch.bfloat16) else "eager"
+
+
+def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = None,
+                   max_gpu_memory: str | None = None, trust_remote_code: bool = False, forward: str = "transformers",
+                   quantization: str | None = None, attention: str = "fused", matmul: str = "auto"):
+    """Load a stored causal LM onto the configured GPUs (FastChat's --gpus/--max-gpu-memory) or the CPU,
+    as :func:`plan` decides: on BentoChat's lean forward (``lean.LeanCausalLM``, with ``forward="lean"``,
+    its weights in int8 with ``quantization="int8"``, FastChat's --load-8bit) or on transformers'."""
+    gpus = list(gpus or [])
+    if gpus:
+        # Pin this process to the configured GPUs before CUDA initializes; they are then cuda:0..n-1.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"gpus {gpus} are configured but CUDA is not available in this process")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    spread = len(gpus) > 1 or bool(max_gpu_memory)
+    chosen = plan(config, dtype=dtype, gpus=gpus, spread=spread, forward=forward, quantization=quantization,
+                  attention=attention, matmul=matmul)
+    kwargs: dict = {"dtype": chosen.dtype, "trust_remote_code": trust_remote_code}
+    if spread:
+        kwargs["device_map"] = "auto"
+        if max_gpu_memory:
+            kwargs["max_memory"] = {i: max_gpu_memory for i in range(len(gpus))}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if len(gpus) == 1 and not max_gpu_memory:
+        model.to("cuda:0")
+    model.eval()
+    logger.info("%s (%s) on %s: %s", path, config.model_type, f"GPUs {gpus}" if gpus else "the CPU", chosen)
+    if chosen.forward == "transformers":
+        return model
+    return LeanCausalLM(model, int8=chosen.matmul == "int8", fused_attention=chosen.attention in ("native", "fused"),
+                        matmul="auto" if chosen.forward == "native" else "onednn")
