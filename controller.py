@@ -151,9 +151,9 @@ class Model:
                 raise self._refused(e) from None
             except Exception as e:
                 self._failed(replica, e, last=bool(count) or attempt == ATTEMPTS - 1)
-            finally:
+            finally:  # (no await: this must run in full in a cancelled task)
                 replica.load = max(0, replica.load - 1)
-                await stream.aclose()
+                stream.close()
                 if not done:
                     self._abort_later(replica, request_id)
 

@@ -83,6 +83,8 @@ class RunnerStream:
             self.queue.put_nowait(self._END)
         except Exception as e:  # the consumer raises it (RunnerRefused, a failed connection)
             self.queue.put_nowait(e)
+        finally:
+            await self.chunks.aclose()  # here, where it is read: never while another task is inside it
 
     def _silent(self, _) -> None:
         self.queue.put_nowait(RunnerSilent())
@@ -99,9 +101,9 @@ class RunnerStream:
             raise item
         return item
 
-    async def aclose(self) -> None:
-        """Stop reading (the reader must be idle before the transport's stream is closed) and close it."""
+    def close(self) -> None:
+        """Stop reading; the reader closes the transport's stream. Nothing to await, so that it also
+        runs in full in a task that is being cancelled (a client gone: a stream's task is cancelled
+        again at every await)."""
         self.down.remove_done_callback(self._silent)
         self.reader.cancel()
-        await asyncio.wait({self.reader})
-        await self.chunks.aclose()
