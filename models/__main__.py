@@ -1,4 +1,5 @@
-"""``python -m models import SOURCE --name NAME [--trust-remote-code] [--base MODEL]``"""
+"""``python -m models import SOURCE --name NAME [--trust-remote-code] [--base MODEL]``; ``python -m models
+reference`` prints the configuration reference (docs/configuration.md)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import logging
 import sys
 
+from models.config import reference
 from models.importer import ImportFailed, import_model
 
 
@@ -20,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
                      help="keep the model's own *.py code (custom tokenizer/modeling) in the stored model")
     imp.add_argument("--base", help="adapters: the base model to record (default: the one adapter_config.json "
                                     "names)")
+    sub.add_parser("reference", help="print the configuration reference, from the settings' own descriptions")
     args = parser.parse_args(argv)
+    if args.command == "reference":
+        print(reference(), end="")
+        return 0
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -11,8 +11,11 @@ start the same way.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -38,8 +41,9 @@ class AdapterEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str
-    name: str = ""
+    source: str = Field(description="a store tag, or a PEFT directory (a path: it holds / or starts with . or ~)")
+    name: str = Field(default="", description="the model id it is served as (and as <model id>:<name>); unset: "
+                                              "the tag's name or the directory's")
 
     @property
     def is_directory(self) -> bool:
@@ -61,6 +65,17 @@ class AdapterEntry(BaseModel):
         return self
 
 
+class SamplingDefaults(BaseModel):
+    """What a request that leaves a sampling parameter out gets, over the model's generation_config.json."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = Field(default=None, ge=0, le=2, description="0 is greedy")
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0, description="0: no top-k cut")
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=100)
+
+
 class ServedModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -68,8 +83,11 @@ class ServedModel(BaseModel):
     model: str | None = Field(default=None, description="BentoML model store tag, e.g. `smollm2-135m-instruct:latest`")
     urls: list[str] = Field(default_factory=list, description="runners served elsewhere, instead of `model`; "
                                                               "several are replicas")
-    kind: Literal["chat", "embedding"] = "chat"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    kind: Literal["chat", "embedding"] = Field(default="chat", description="chat (chat and text completions) or "
+                                                                          "embedding")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="auto: the checkpoint's own on a GPU; on a CPU bfloat16 for a model on the lean "
+        "forward where the CPU has AVX-512 BF16 or AMX, else float32")
     quantization: Literal["int8"] | None = Field(default=None, description="int8: weights stored and multiplied "
                                                                            "as int8 (FastChat --load-8bit)")
     cpu_threads: int | None = Field(default=None, ge=1, description="torch threads of this model's runner on "
@@ -89,10 +107,18 @@ class ServedModel(BaseModel):
     max_concurrency: int = Field(default=64, ge=1, description="sequences generated together (the batch)")
     max_queue: int = Field(default=256, ge=0, description="requests waiting beyond max_concurrency; more get 429")
     prefix_cache_tokens: int = Field(default=2048, ge=0, description="prompt tokens whose KV is kept for reuse; 0: off")
-    max_tokens_default: int | None = Field(default=None, ge=1, description="cap on generated tokens for requests "
-                                                                          "that set none; unset: up to the context")
-    trust_remote_code: bool = False
-    template: str | None = Field(default=None, description="conversation template; unset: resolved from the model")
+    max_tokens_default: int | None = Field(default=None, ge=1, description="tokens generated for a request that "
+                                           "sets no max_tokens (clients such as LangChain send none); unset: the "
+                                           "model's generation_config.json max_new_tokens, else up to the context")
+    defaults: SamplingDefaults = Field(default_factory=SamplingDefaults, description="sampling parameters for "
+                                       "requests that leave them out (temperature, top_p, top_k, "
+                                       "repetition_penalty), over the model's generation_config.json")
+    trust_remote_code: bool = Field(default=False, description="run the model's own *.py code stored with it "
+                                    "(imported with --trust-remote-code)")
+    template: str | None = Field(default=None, description="conversation template: `tokenizer` (its chat_template) "
+                                 f"or a built-in one ({', '.join(TEMPLATE_NAMES[1:])}); unset: the tokenizer's "
+                                 "chat_template, else a built-in one matched on the model's name or architecture, "
+                                 "else generic (logged)")
     tool_parser: Literal["hermes", "llama3", "mistral", "builtin"] | None = Field(
         default=None, description="the format of tool calls in the model's text; unset: from its chat template")
     reasoning: bool = Field(default=False, description="the model writes <think>…</think> first: it goes to "
@@ -162,14 +188,17 @@ class ServedModel(BaseModel):
 
 
 class UIConfig(BaseModel):
+    """The chat page at /ui."""
+
     model_config = ConfigDict(extra="forbid")
 
-    # FastChat's --model-list-mode: `once` lists the chat models at start; `reload` lists, on every
-    # page load, those whose runners answer the gateway's health polls.
-    model_list_mode: Literal["once", "reload"] = "once"
-    # FastChat's --log-dir: the side by side and arena tabs' answers and every vote, appended as JSON
-    # lines (conv-YYYY-MM-DD.json) here; the leaderboard is computed from them. Unset: nothing logged.
-    log_dir: str | None = None
+    model_list_mode: Literal["once", "reload"] = Field(
+        default="once", description="FastChat's --model-list-mode: `once` lists the chat models at start; "
+        "`reload` lists, on every page load, those whose runners answer the gateway's health polls")
+    log_dir: str | None = Field(
+        default=None, description="FastChat's --log-dir: the side by side and arena tabs' answers and every vote "
+        "are appended as JSON lines (conv-YYYY-MM-DD.json) here, and the leaderboard is computed from them; "
+        "unset: nothing is logged. No API key and no address is ever written")
 
 
 class HealthConfig(BaseModel):
@@ -179,9 +208,10 @@ class HealthConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    interval_s: float = Field(default=2.0, gt=0)
-    timeout_s: float = Field(default=2.0, gt=0)
-    failures: int = Field(default=2, ge=1)
+    interval_s: float = Field(default=2.0, gt=0, description="seconds between two polls of a runner")
+    timeout_s: float = Field(default=2.0, gt=0, description="seconds a poll waits for its answer")
+    failures: int = Field(default=2, ge=1, description="polls failed in a row that take a runner out of "
+                                                       "/v1/models and routing, until it answers again")
 
     @property
     def bound_s(self) -> float:
@@ -189,43 +219,48 @@ class HealthConfig(BaseModel):
 
 
 class CorsConfig(BaseModel):
-    """FastChat's --allowed-origins: browsers on these origins may call the API. Empty: CORS is off."""
+    """Cross-origin calls from browsers."""
 
     model_config = ConfigDict(extra="forbid")
 
-    allow_origins: list[str] = Field(default_factory=list)  # e.g. [https://chat.example.com], or ["*"]
+    allow_origins: list[str] = Field(default_factory=list, description="FastChat's --allowed-origins: browsers "
+                                     "on these origins may call the API, e.g. [https://chat.example.com] or "
+                                     "[\"*\"]; empty: CORS is off")
 
 
 class ResponsesConfig(BaseModel):
-    """The Responses API's store: the last ``store_size`` responses are kept in memory, for
-    ``previous_response_id`` and ``GET /v1/responses/{id}``; older ones are a 404. 0 keeps none."""
+    """The Responses API's store of finished responses, in memory."""
 
     model_config = ConfigDict(extra="forbid")
 
-    store_size: int = Field(default=1000, ge=0)
+    store_size: int = Field(default=1000, ge=0, description="the Responses API keeps the last this many "
+                                                            "responses in memory, for previous_response_id and "
+                                                            "GET /v1/responses/{id}; an older id is a 404; 0 keeps none")
 
 
 class GatewayConfig(BaseModel):
-    """Every key of bentochat.yaml but ``models``."""
+    """Every key of bentochat.yaml but ``models``: the gateway's own settings (the chat page, health
+    polls, API keys, CORS, body size, the Responses API's store)."""
 
     model_config = ConfigDict(extra="forbid")
 
     ui: UIConfig = Field(default_factory=UIConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
-    # FastChat's --api-keys: when any are set, every call but the health probes needs
-    # `Authorization: Bearer <key>` (the chat UI asks for a key at sign-in instead).
-    # BENTOCHAT_API_KEYS (comma-separated) adds keys that should not live in a file.
-    api_keys: list[str] = Field(default_factory=list)
-    # With api_keys set, /metrics needs a key too, unless this is true (a scraper that cannot send one).
-    public_metrics: bool = False
+    api_keys: list[str] = Field(default_factory=list, description="FastChat's --api-keys: when any are set, every "
+                                "call but the health probes (/readyz, /livez, /healthz) needs `Authorization: Bearer "
+                                "<key>`, and the chat page signs in with a key. Better kept out of this file, which "
+                                "is packed into the bento: BENTOCHAT_API_KEYS=key1,key2 in the environment adds keys. "
+                                "10 wrong keys from one address within a minute get 429 for a while")
+    public_metrics: bool = Field(default=False, description="with api_keys set, /metrics needs a key too, unless "
+                                                            "this is true (a scraper that cannot send one)")
     cors: CorsConfig = Field(default_factory=CorsConfig)
-    # A request body larger than this is refused with 413 before it is read.
-    max_body_mb: float = Field(default=8, gt=0)
+    max_body_mb: float = Field(default=8, gt=0, description="request bodies larger than this (MiB) are refused "
+                                                            "with 413 before they are read")
     responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
 
 
 class ServedModels(BaseModel):
-    """The `models` of bentochat.yaml: at least one, ids and runner names unique."""
+    """At least one; model ids, adapter names and runner names are unique."""
 
     models: list[ServedModel]
 
@@ -271,3 +306,70 @@ def load_config(path: Path | None = None) -> Config:
         raise ConfigError(f"BentoChat configuration not found: {path}") from e
     except (yaml.YAMLError, ValidationError) as e:
         raise ConfigError(f"invalid BentoChat configuration {path}:\n{e}") from e
+
+
+# --- the configuration reference (docs/configuration.md) ---------------------------------------------
+
+REFERENCE_HEADER = """# Configuration reference
+
+BentoChat reads `bentochat.yaml` at the repository root, or the file named by `BENTOCHAT_CONFIG`. This
+page is generated from the settings' own descriptions in `models/config.py` (`python -m models reference
+> docs/configuration.md`); `tests/test_docs.py` keeps the two equal.
+"""
+
+
+def _type_name(annotation) -> str:
+    """A field's type as the YAML it takes: ``list[int]`` -> ``list of int``, a Literal -> its values."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in args)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in args if a is not type(None))
+    if origin in (list, tuple):
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "mapping"
+    return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(annotation, str(annotation))
+
+
+def _default(field) -> str:
+    if field.is_required():
+        return "required"
+    if field.default_factory is not None:
+        value = field.default_factory()
+        return "" if isinstance(value, BaseModel) else f"`{json.dumps(value)}`"
+    return "unset" if field.default is None else f"`{json.dumps(field.default)}`"
+
+
+def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
+    rows = []
+    for name, field in model.model_fields.items():
+        group = isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        what = field.description or (" ".join(field.annotation.__doc__.split()) if group else "")
+        rows.append(f"| `{prefix}{field.alias or name}` | {_type_name(field.annotation)} | {_default(field)} | "
+                    f"{what.replace('|', '/')} |")
+        if group:
+            rows += _rows(field.annotation, f"{prefix}{name}.")
+    return rows
+
+
+def _table(model: type[BaseModel], prefix: str = "") -> str:
+    return "\n".join(["| key | takes | default | what it does |", "|---|---|---|---|", *_rows(model, prefix)])
+
+
+def reference() -> str:
+    """The configuration reference, in Markdown, from every setting's description."""
+    return "\n".join([
+        REFERENCE_HEADER,
+        "## `models`: the served models", "",
+        "A list; each entry is one model, served by a runner service of its own. " + ServedModels.__doc__.strip(), "",
+        _table(ServedModel), "",
+        "### `adapters` entries", "",
+        " ".join(AdapterEntry.__doc__.split()) + " A plain string is taken as `source`.", "",
+        _table(AdapterEntry), "",
+        "## The gateway's settings", "",
+        " ".join(GatewayConfig.__doc__.split()), "",
+        _table(GatewayConfig), "",
+    ])

@@ -49,7 +49,7 @@ class ModelInfo:
     created: int
     context_length: int
     tokenizer: object
-    defaults: dict = field(default_factory=dict)  # from generation_config.json
+    defaults: dict = field(default_factory=dict)  # from generation_config.json, then bentochat.yaml's `defaults`
     eos_token_ids: tuple[int, ...] = ()  # what ends a text completion
     chat_format: ChatFormat | None = None  # chat models only
     stop_token_ids: tuple[int, ...] = ()  # what ends a chat answer: EOS and the template's stop tokens
@@ -105,7 +105,7 @@ class ModelInfo:
             created=created,
             context_length=int(meta.get("context_length") or DEFAULT_CONTEXT_LENGTH),
             tokenizer=tokenizer,
-            defaults=generation_defaults(gen),
+            defaults={**generation_defaults(gen), **served.defaults.model_dump(exclude_none=True)},
             eos_token_ids=eos,
             chat_format=chat_format,
             stop_token_ids=_ids(eos, chat_format.stop_token_ids if chat_format else ()),

@@ -15,7 +15,6 @@ from openai_api.errors import context_length_exceeded, invalid_value
 from openai_api.tool_calls import check_tools, tool_grammar
 from runners.engine.sequence import SamplingParams
 
-
 SEED_RANGE = (-2**63, 2**64 - 1)  # OpenAI's seed is a 64-bit integer, signed or not
 MIN_TEMPERATURE = 1e-5  # below it (but 0, greedy), dividing the logits by it would overflow
 MAX_STOPS, MAX_STOP_CHARS = 32, 1024
@@ -36,8 +35,7 @@ def find_surrogate(value: Any, path: str = "") -> str | None:
 
 
 class Request(BaseModel):
-    # Unknown fields are ignored, as OpenAI-compatible servers do: clients send extras freely.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore")  # as OpenAI-compatible servers do: clients send extras freely
 
 
 class TopLevelRequest(Request):
@@ -158,12 +156,10 @@ class SamplingFields(TopLevelRequest):
         return self.extension_grammar()[0]
 
     def to_sampling_params(self, info: ModelInfo, prompt_tokens: int, *, fit_context: bool = False) -> SamplingParams:
-        """The engine's parameters for this request on ``info``'s model, for a prompt of ``prompt_tokens``.
-
-        Request values win; what the request leaves out comes from the model's generation_config.json,
-        else OpenAI's defaults. A prompt or ``max_tokens`` beyond the context is a 400, unless
-        ``fit_context`` (the chat page), which cuts ``max_tokens`` to what the context leaves.
-        """
+        """The engine's parameters for this request on ``info``'s model, for a prompt of ``prompt_tokens``:
+        request values win; what it leaves out comes from the model's defaults (``ModelInfo.defaults``), else
+        OpenAI's. A prompt or ``max_tokens`` beyond the context is a 400, unless ``fit_context`` (the chat
+        page), which cuts ``max_tokens`` to what the context leaves."""
         ctx, d = info.context_length, info.defaults
         if prompt_tokens >= ctx:
             raise context_length_exceeded(ctx, prompt_tokens, self.PROMPT_PARAM)
