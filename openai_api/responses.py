@@ -217,7 +217,7 @@ def output_items(parser) -> tuple[list[dict], list[dict]]:
 
 async def events(req: ResponsesRequest, rid: str, run, finish: Callable[[dict, list[dict]], None]
                  ) -> AsyncIterator[dict]:
-    """The streamed event sequence of one answer (``run``: an ``openai_api.routes.ChatRun`` with one
+    """The streamed event sequence of one answer (``run``: an ``openai_api.chat.ChatRun`` with one
     choice). ``finish(response, turn)`` stores the finished response."""
     created = time.time()
     seq = iter(range(1 << 62))

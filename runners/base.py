@@ -47,7 +47,7 @@ def freeze_startup_heap() -> None:
 
 def cpu_threads(served: ServedModel) -> int:
     """Torch threads of a runner on CPU: ``cpu_threads`` if set, else every core this process may use.
-    Measured on 2 cores (README, Performance): two threads gave 1.09x-1.30x the served tokens/s of one
+    Measured on 2 cores (docs/performance.md): two threads gave 1.09x-1.30x the served tokens/s of one
     at concurrency 32 and 64, although the gateway and the HTTP streams share the cores."""
     return served.cpu_threads or len(os.sched_getaffinity(0))
 

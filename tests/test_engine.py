@@ -40,7 +40,7 @@ def reference(model):
 def hf_reference(model):
     """The transformers model to run ``model.generate`` on; skips for the bfloat16 fused path, which has none."""
     if isinstance(reference(model), LeanCausalLM):
-        pytest.skip("bfloat16 with fused attention: not token for token model.generate's (README, Performance)")
+        pytest.skip("bfloat16 with fused attention: not token for token model.generate's (docs/performance.md)")
     return reference(model)
 
 

@@ -10,7 +10,7 @@
 Why kernels of our own: each gives a row the same bits alone and in any batch by construction (oneDNN's
 bfloat16 kernels change some rows' sums past 32 rows on these CPUs), each is faster on the 2-core
 development machine than the oneDNN kernels the lean forward had, and one call per forward pass instead
-of ~500 small torch operations removes about half of a decode step at batch 1 (README, Performance).
+of ~500 small torch operations removes about half of a decode step at batch 1 (docs/performance.md).
 Their work is split over torch's threads with OpenMP (``-fopenmp``: without it ATen's ``parallel_for``
 runs on one thread). Where the CPU has no AVX-512, the compiler is missing or the build fails, :func:`ops`
 is None and the lean forward keeps oneDNN's kernels and its Python pass.

@@ -28,8 +28,8 @@ if TRACE_DIR and ROOT:
 
     def _close(*_):
         _window["open"] = False
-        files = sorted({os.path.relpath(f, _root) for f in map(os.path.realpath, list(_codes))
-                        if f.startswith(_root) and not f.startswith(_skipped)})
+        paths = [os.path.realpath(f) for f in list(_codes) if os.path.isabs(f)]  # not <frozen …>, <string>
+        files = sorted({os.path.relpath(f, _root) for f in paths if f.startswith(_root) and not f.startswith(_skipped)})
         with open(os.path.join(TRACE_DIR, f"{os.getpid()}.json"), "w") as out:
             json.dump(files, out)
 
