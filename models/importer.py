@@ -13,14 +13,17 @@ model recorded (``base_model``: ``--base``, else what its config names).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import bentoml
+from tqdm.auto import tqdm
 
 from models.config import DEFAULT_CONTEXT_LENGTH
 from runners.engine.adapter_files import read_config, read_weights, weight_file
@@ -48,20 +51,23 @@ def import_model(source: str, name: str, *, trust_remote_code: bool = False, bas
     if base is not None:
         raise ImportFailed(f"--base is for LoRA adapters; {source} has no adapter_config.json")
     if path.is_file() and path.suffix == ".gguf":
-        builder, origin = (lambda dst: _from_gguf(path, dst, trust_remote_code)), f"gguf:{path}"
+        builder, origin, steps = (lambda dst, step: _from_gguf(path, dst, trust_remote_code, step)), f"gguf:{path}", 4
     elif path.is_dir():
-        builder, origin = (lambda dst: _from_directory(path, dst, trust_remote_code)), f"dir:{path}"
+        builder, origin, steps = (lambda dst, step: _from_directory(path, dst, trust_remote_code, step)), f"dir:{path}", 2
     elif path.exists():
         raise ImportFailed(f"{source} is neither a Hugging Face model directory nor a .gguf file")
     elif "/" in source and not source.startswith((".", "/")):
         local = _download_from_hub(source)
-        builder, origin = (lambda dst: _from_directory(local, dst, trust_remote_code)), f"hub:{source}"
+        builder, origin, steps = (lambda dst, step: _from_directory(local, dst, trust_remote_code, step)), \
+            f"hub:{source}", 2
     else:
         raise ImportFailed(f"{source} does not exist (expected a directory, a .gguf file or a hub id)")
 
-    with tempfile.TemporaryDirectory(prefix="bentochat-import-") as staging:
+    with tempfile.TemporaryDirectory(prefix="bentochat-import-") as staging, \
+            _steps(f"importing {name}", steps + 1) as step:
         staged = Path(staging)
-        builder(staged)
+        builder(staged, step)
+        step("storing")
         metadata = describe(staged, origin, trust_remote_code)
         with bentoml.models.create(name, metadata=metadata, labels={"kind": metadata["kind"]}) as ref:
             for item in staged.iterdir():
@@ -135,23 +141,26 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def _from_gguf(path: Path, dst: Path, trust_remote_code: bool) -> None:
+def _from_gguf(path: Path, dst: Path, trust_remote_code: bool, step) -> None:
     """Dequantize a GGUF file with transformers and save it as safetensors."""
+    step("loading transformers")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.info("converting %s (dequantizing GGUF tensors, runs once)", path.name)
     kwargs = {"gguf_file": path.name, "trust_remote_code": trust_remote_code}
+    step("reading the GGUF tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    step("reading and dequantizing the GGUF weights")  # most of it parsing the file's metadata, twice
     model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs)
     # The tensors are dequantized already; drop the GGUF marker so they save as plain weights.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    step("writing safetensors")
     model.save_pretrained(dst, safe_serialization=True)
     tokenizer.save_pretrained(dst)
 
 
-def _from_directory(src: Path, dst: Path, trust_remote_code: bool) -> None:
+def _from_directory(src: Path, dst: Path, trust_remote_code: bool, step) -> None:
     """Copy a Hugging Face directory, converting pickled ``*.bin`` weights to safetensors."""
     if not (src / "config.json").is_file():
         raise ImportFailed(f"{src} has no config.json: not a Hugging Face model directory")
@@ -161,12 +170,14 @@ def _from_directory(src: Path, dst: Path, trust_remote_code: bool) -> None:
                        src, ", ".join(code))
     files = [p for p in src.rglob("*") if p.is_file() and not _skipped(p.relative_to(src), trust_remote_code)]
     has_safetensors = any(p.suffix == ".safetensors" for p in files)
+    step("copying the model's files")
     for p in _progress(files, "copying model files"):
         rel = p.relative_to(src)
         if p.name.startswith("pytorch_model") and (p.suffix == ".bin" or p.name in PICKLE_WEIGHTS):
             continue
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(p, dst / rel)
+    step("converting pickled weights to safetensors" if not has_safetensors else "checking the files")
     if not has_safetensors:
         _convert_bin_weights(src, dst)
 
@@ -217,6 +228,26 @@ def _download_from_hub(repo_id: str) -> Path:
 
 
 def _progress(items: list, desc: str):
-    from tqdm.auto import tqdm
-
     return tqdm(items, desc=desc, unit="file", disable=len(items) < 2)
+
+
+@contextlib.contextmanager
+def _steps(desc: str, total: int):
+    """A progress bar over the ``total`` steps of a long job, redrawn every second so that its clock runs
+    while one step takes long (reading a GGUF file's metadata is silent for seconds); yields ``step(name)``,
+    which starts the next step."""
+    bar = tqdm(total=total, desc=desc, bar_format="{desc}: {n_fmt}/{total_fmt} steps done{postfix} [{elapsed}]")
+    done = threading.Event()
+    threading.Thread(target=lambda: [bar.refresh() for _ in iter(lambda: done.wait(1), True)], daemon=True).start()
+
+    def step(name: str) -> None:
+        bar.update(1 if bar.postfix else 0)
+        bar.set_postfix_str(name)
+
+    try:
+        yield step
+        bar.set_postfix_str("done")
+        bar.update(bar.total - bar.n)
+    finally:
+        done.set()
+        bar.close()
