@@ -31,6 +31,9 @@ def service_options(served: ServedModel, kind: str) -> dict:
         "resources": resources,
         "traffic": traffic,
         "runner_connection": NEVER_RECYCLE,
+        # The gateway's health polls call `stats` every few seconds: not an access line each (BentoML's own
+        # probes stay unlogged too).
+        "logging": {"access": {"skip_paths": ["/metrics", "/healthz", "/livez", "/readyz", "/stats"]}},
         "workers": 1,  # one engine per model replica; scale with replicas, not workers
     }
 
