@@ -142,8 +142,8 @@ def test_chat_matches_the_model_alone_with_chat_template(client, chat_tokenizer)
     checks that against transformers' generate)."""
     import bentoml
 
-    from runners.engine.loader import load_causal_lm
     from runners.engine import LLMEngine, ModelRunner, SamplingParams
+    from runners.engine.loader import load_causal_lm
 
     r = chat(client, STORY, max_tokens=24)
     prompt = chat_tokenizer.apply_chat_template(STORY, add_generation_prompt=True, tokenize=False)

@@ -9,9 +9,9 @@ import asyncio
 import pytest
 import torch
 
-from runners.engine.loader import load_causal_lm
 from runners.engine import AsyncLLMEngine, LLMEngine, ModelRunner, SamplingParams, Sequence
 from runners.engine.lean import LeanCausalLM
+from runners.engine.loader import load_causal_lm
 
 
 @pytest.fixture(scope="module", params=["transformers", "lean", "lean-bf16", "lean-bf16-fused"])

@@ -11,12 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runners.engine.loader import load_causal_lm, resolve_dtype
 from runners.engine import LLMEngine, ModelRunner, SamplingParams, Sequence
 from runners.engine import native
 from runners.engine.lean import LeanCausalLM, decode_width, fused_decode
-from runners.engine.loader import unsupported
 from runners.engine.linear import Linear, cpu_bf16
+from runners.engine.loader import load_causal_lm, resolve_dtype, unsupported
 
 MIXED = [[1, 7], [1, 20, 30, 40, 50], [1] + list(range(100, 131)), [1, 250, 12, 9, 77, 5, 61, 200, 18, 3, 90]]
 N = 16

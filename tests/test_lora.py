@@ -13,10 +13,11 @@ import shutil
 import pytest
 import torch
 
-from runners.engine.loader import load_causal_lm
 from runners.engine import LLMEngine, ModelRunner, RequestError, SamplingParams, Sequence
-from runners.engine.linear import cpu_bf16
 from runners.engine.errors import AdapterError
+from runners.engine.linear import cpu_bf16
+from runners.engine.loader import load_causal_lm
+
 PROMPTS = [[1, 7], [1, 20, 30, 40, 50], [1] + list(range(100, 131))]
 N = 16
 GREEDY = SamplingParams(max_tokens=N, temperature=0)

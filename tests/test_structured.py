@@ -11,12 +11,12 @@ import jsonschema
 import pytest
 from transformers import AutoTokenizer
 
+from models.tool_formats import FORMATS
 from openai_api.constraints import choice_grammar, to_grammar
 from openai_api.errors import OpenAIError
-from models.tool_formats import FORMATS
 from openai_api.tool_calls import ReasoningParser, ToolCallParser, tool_grammar
-from runners.engine.loader import load_causal_lm
 from runners.engine import LLMEngine, ModelRunner, SamplingParams
+from runners.engine.loader import load_causal_lm
 from tests.tiny_model import build_tiny_bpe_model
 
 # Free strings are bounded by a pattern: a random model at temperature 1 would not end one of its own

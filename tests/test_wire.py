@@ -12,11 +12,11 @@ import pytest
 
 from conftest import ROOT
 from controller import Model, Replica
-from models.info import ModelInfo
 from models.config import ServedModel
+from models.info import ModelInfo
 from openai_api.errors import OpenAIError
-from runners.wire import ENGINE_DEAD, INVALID_REQUEST, QUEUE_FULL, RunnerRefused, error_line, read_events, token_line
 from runners.engine.sequence import SamplingParams, TokenEvent
+from runners.wire import ENGINE_DEAD, INVALID_REQUEST, QUEUE_FULL, RunnerRefused, error_line, read_events, token_line
 
 
 async def _chunks(*parts):
