@@ -95,6 +95,45 @@ def test_model_list_and_a_streamed_answer(page, server):
     page.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)
 
 
+def test_the_message_box_and_stop_are_in_view_on_a_laptop_and_the_page_has_an_icon(page, server):
+    """On a 1280x800 window the message box, Stop, Regenerate and New chat are in view without scrolling
+    (Stop was below the fold: a user scrolled to stop an answer); the page links an icon it serves."""
+    width, height = 1280, 800
+    laptop = page.context.browser.new_page(viewport={"width": width, "height": height})
+    try:
+        laptop.set_default_timeout(60_000)
+        laptop.goto(server.base_url + "/ui/")
+        laptop.locator("#chatbot").get_by_text(CHAT).first.wait_for()  # the page's load event has run
+        assert laptop.evaluate("window.scrollY") == 0  # not scrolled to the focused message box either
+        for control in ("#chat-input", "#send", "#stop", "#regenerate", "#clear"):
+            box = laptop.locator(control).bounding_box()
+            assert box and box["x"] >= 0 and box["y"] >= 0, (control, box)
+            assert box["x"] + box["width"] <= width and box["y"] + box["height"] <= height, (control, box)
+        icon = laptop.locator("link[rel~=icon]")
+        icon.wait_for(state="attached")  # Gradio adds the page's head once its config is in
+        href = laptop.evaluate("document.querySelector('link[rel~=icon]').href")
+        assert href.startswith(server.base_url + "/ui/")  # the page's own route, not the server's /favicon.ico
+        response = httpx.get(href, timeout=10)
+        assert response.status_code == 200 and response.headers["content-type"].startswith("image/"), href
+        ARTIFACTS.mkdir(exist_ok=True)
+        laptop.screenshot(path=str(ARTIFACTS / "ui-1280x800.png"))
+    finally:
+        laptop.close()
+
+
+def test_the_icon_needs_no_sign_in():
+    """With API keys the page asks for one at sign-in (``middleware.UiSignIn``); its icon is served before."""
+    from starlette.testclient import TestClient
+
+    from ui.chat import build_chat_ui, chat_ui_app
+
+    ui = TestClient(chat_ui_app(build_chat_ui(lambda: None, [CHAT], "once"), "/ui", {"a key"}))
+    icon = ui.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml"
+    assert b"<svg" in icon.content
+    assert ui.get("/gradio_api/heartbeat/abc").status_code == 401  # while the rest waits for the sign-in
+
+
 def test_multi_turn_regenerate_and_clear(page, server):
     send(page, "And what is your name?")
     page.locator(BOT).nth(1).wait_for()

@@ -10,6 +10,7 @@ While an answer streams, the input is disabled and Stop is the one thing to pres
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import gradio as gr
 from fastapi import FastAPI
@@ -22,6 +23,16 @@ from ui.answer import conversation, reply
 
 WAITING = "Wait for the answer, or stop it"
 PLACEHOLDER = "Type a message and press Enter"
+# The chatbot fills the window but for the page's top (title, tabs, history, model: about 270 px) and the
+# input row below it, so the input and Stop are in view without scrolling down to them (1280x800 too);
+# never smaller than CHATBOT_MIN_HEIGHT (a short window scrolls instead).
+CHATBOT_HEIGHT = "calc(100vh - 370px)"
+CHATBOT_MIN_HEIGHT = 240
+FAVICON = Path(__file__).with_name("favicon.svg")
+# Gradio's index.html links no icon (a browser would ask the server's root /favicon.ico, not the page's):
+# the page's head links its own /favicon.ico route (serving FAVICON, and let through by
+# middleware.UiSignIn without a session), relative to the page (its <base> is the page's own path).
+FAVICON_LINK = '<link rel="icon" type="image/svg+xml" href="favicon.ico">'
 
 
 def api_snippet(model_id: str | None) -> str:
@@ -154,16 +165,18 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
                 with gr.Row():
                     model = gr.Dropdown(choices=chat_models, value=chat_models[0] if chat_models else None,
                                         label="Model", elem_id="chat-model", interactive=True)
-                chatbot = gr.Chatbot(label=chat_models[0] if chat_models else "no model", elem_id="chatbot", height=480,
+                chatbot = gr.Chatbot(label=chat_models[0] if chat_models else "no model", elem_id="chatbot",
+                                     height=CHATBOT_HEIGHT, min_height=CHATBOT_MIN_HEIGHT,
                                      buttons=["copy"], editable="user")
-                with gr.Row():
-                    text = gr.Textbox(placeholder=PLACEHOLDER, show_label=False, scale=8, elem_id="chat-input",
-                                      autofocus=True)
-                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-                with gr.Row():
-                    stop = gr.Button("Stop", elem_id="stop", interactive=False)
-                    regenerate = gr.Button("Regenerate", elem_id="regenerate")
-                    clear = gr.Button("New chat", elem_id="clear")
+                # The input and every button of a chat in one row, so Stop is in view while an answer
+                # streams (on a narrow screen the row wraps).
+                with gr.Row(equal_height=True):
+                    text = gr.Textbox(placeholder=PLACEHOLDER, show_label=False, container=False, scale=8,
+                                      min_width=280, elem_id="chat-input", autofocus=True)
+                    send = gr.Button("Send", variant="primary", scale=1, min_width=130, elem_id="send")
+                    stop = gr.Button("Stop", scale=1, min_width=130, elem_id="stop", interactive=False)
+                    regenerate = gr.Button("Regenerate", scale=1, min_width=130, elem_id="regenerate")
+                    clear = gr.Button("New chat", scale=1, min_width=130, elem_id="clear")
                 with gr.Accordion("Parameters", open=False):
                     system = gr.Textbox(label="System prompt", lines=2, elem_id="system-prompt")
                     temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature")
@@ -224,6 +237,7 @@ def chat_ui_app(blocks: gr.Blocks, path: str, api_keys: set[str] = frozenset(),
     auth = (lambda _user, password: password in api_keys) if api_keys else None
     app = gr.mount_gradio_app(FastAPI(), blocks, path="/", root_path=path, ssr_mode=False,
                               footer_links=["gradio", "settings"], show_error=True, auth=auth,
+                              favicon_path=str(FAVICON), head=FAVICON_LINK,
                               auth_message="Sign in with any user name and one of this server's API keys.")
     if api_keys:
         gradio_app = next(route.app for route in app.routes if isinstance(route, Mount))
