@@ -116,6 +116,11 @@ class Server:
     log: Path
     process: subprocess.Popen
     ui_log_dir: Path | None = None  # the chat page's conversation log (ui.log_dir), when configured
+    log_start: int = 0  # where this server's lines begin in ``log`` (appended to across runs)
+
+    def log_text(self) -> str:
+        """What this server wrote to its log."""
+        return self.log.read_bytes()[self.log_start:].decode(errors="replace")
 
     @property
     def v1(self) -> str:
@@ -147,11 +152,12 @@ def start_serving(target: str, log: Path, *, env: dict | None = None, cwd: Path 
     command = command or [str(Path(sys.executable).parent / "bentoml"), "serve", target]
     env = {"BENTOML_HOME": own_home(), **(env or {})}
     log.parent.mkdir(parents=True, exist_ok=True)
+    start = log.stat().st_size if log.exists() else 0
     with open(log, "ab") as out:
         proc = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)],
                                 cwd=cwd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    return Server(f"http://127.0.0.1:{port}", log, proc)
+    return Server(f"http://127.0.0.1:{port}", log, proc, log_start=start)
 
 
 def wait_ready(srv: Server, models: tuple[str, ...] = (), timeout: float = 600, headers: dict | None = None) -> None:
