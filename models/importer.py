@@ -238,10 +238,16 @@ def _steps(desc: str, total: int):
     which starts the next step."""
     bar = tqdm(total=total, desc=desc, bar_format="{desc}: {n_fmt}/{total_fmt} steps done{postfix} [{elapsed}]")
     done = threading.Event()
-    threading.Thread(target=lambda: [bar.refresh() for _ in iter(lambda: done.wait(1), True)], daemon=True).start()
+
+    def tick() -> None:
+        while not done.wait(1):
+            bar.refresh()
+
+    threading.Thread(target=tick, daemon=True).start()
 
     def step(name: str) -> None:
-        bar.update(1 if bar.postfix else 0)
+        if bar.postfix:  # a step is under way: it is done
+            bar.update(1)
         bar.set_postfix_str(name)
 
     try:

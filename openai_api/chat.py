@@ -14,7 +14,7 @@ from fastapi import Request
 from models.info import ModelInfo
 from openai_api.protocol import ChatCompletionRequest, ChatMessage
 from openai_api.streams import started, unless_disconnected
-from openai_api.text_stream import Choice, TextEvent, run_choices
+from openai_api.text_stream import Choice, TextEvent, collect, run_choices
 from openai_api.tool_calls import AnswerDelta, AnswerParser
 from runners.engine.sequence import SamplingParams
 
@@ -72,9 +72,7 @@ class ChatRun:
     async def collect(self) -> list[Choice]:
         """Each choice's whole answer, its finish reason as its parser gives it (``tool_calls``); the
         parsers hold its content, reasoning and calls."""
-        answers = [Choice() for _ in self.parsers]
-        async for i, ev, _ in self.deltas():
-            answers[i].add(ev)
+        answers = await collect(((i, ev) async for i, ev, _ in self.deltas()), len(self.parsers))
         for answer, parser in zip(answers, self.parsers):
             answer.finish_reason = parser.finish_reason(answer.finish_reason)
         return answers

@@ -87,6 +87,9 @@ def decode_width(columns: int) -> int:
     return -(-columns // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
 
 
+FUSED_DECODE_DTYPES = (torch.float32, torch.bfloat16)  # where torch's fused kernel may attend (fused_decode)
+
+
 def fused_decode(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a decode step attends with torch's fused kernel (``scaled_dot_product_attention``):
     on the CPU, in float32 and bfloat16, where it gives a row the same result in any batch
@@ -96,7 +99,7 @@ def fused_decode(dtype: torch.dtype, device: torch.device) -> bool:
     columns start at column 0: then a row gets the same result at any width (measured over random
     batches of widths up to 1,500, on one thread and two). The model runner lays out its slot cache so.
     In float16 that does not hold, and on a GPU it is not measured: :func:`attend` stays."""
-    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and fused_rows_alike(dtype)
+    return device.type == "cpu" and dtype in FUSED_DECODE_DTYPES and fused_rows_alike(dtype)
 
 
 _fused_alike: dict[tuple[torch.dtype, int], bool] = {}

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from runners.engine import native
-from runners.engine.lean import LeanCausalLM
+from runners.engine.lean import FUSED_DECODE_DTYPES, LeanCausalLM
 from runners.engine.linear import cpu_bf16, packs
 
 logger = logging.getLogger("bentochat.engine")
@@ -100,7 +100,7 @@ def plan(config, *, dtype: str = "auto", gpus: list[int] | tuple = (), spread: b
 def _python_attention(dtype: torch.dtype, gpus, attention: str) -> str:
     """The lean Python pass's decode attention: torch's fused kernel on the CPU in float32 and bfloat16
     (``lean.fused_decode``, which may still decline it where it is not batch-invariant), else eager."""
-    return "fused" if attention == "fused" and not gpus and dtype in (torch.float32, torch.bfloat16) else "eager"
+    return "fused" if attention == "fused" and not gpus and dtype in FUSED_DECODE_DTYPES else "eager"
 
 
 def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = None,
