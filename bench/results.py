@@ -80,8 +80,8 @@ class Results:
 
     def server(self, system: str, server: Server) -> None:
         """The memory of a server that has stopped: resident once ready, peak, largest process's peak."""
-        if server.memory is None or not server.memory.peak:
-            return
+        if server.memory is None or (server.ready_s is None and server.memory.peak < 64 * MIB):
+            return  # (one that failed before it held anything: its failure says it all)
         m = server.memory
         record = {"system": system, "ready_s": server.ready_s, "rss_ready_mib": server.rss_ready / MIB,
                   "peak_rss_mib": m.peak / MIB, "pss_ready_mib": server.pss_ready / MIB, "peak_pss_mib": m.pss_peak / MIB,

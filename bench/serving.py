@@ -226,6 +226,15 @@ def gguf(b: Bench, quant: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+def llama_no_repack(quant: str) -> bool:
+    """Whether llama-server runs a quantized GGUF with --no-repack: on a CPU with AMX-INT8 its AMX
+    kernels for quantized weights (used where it repacks them) crash in ggml_backend_amx_mul_mat
+    (b11434 on an AMX Xeon, Q4_1, Q8_0 and Q4_K_M alike; ggml-org/llama.cpp#20824), or give wrong
+    results (ggml-org/llama.cpp#16315). PEERS_LLAMA_ARGS=--repack overrides it."""
+    return quant not in ("F32", "F16", "BF16") and "amx_int8" in open("/proc/cpuinfo").read() and \
+        "--repack" not in os.environ.get("PEERS_LLAMA_ARGS", "").split()
+
+
 def bench_peer(b: Bench, name: str) -> None:
     """llama.cpp's llama-server or vLLM, as peers.sh runs them (``run-<name>``, in the foreground: this
     process's child), on the stored model, at the benchmark's precision."""
@@ -238,6 +247,8 @@ def bench_peer(b: Bench, name: str) -> None:
     env = {"MODEL_NAME": "bench", "PEERS_VLLM_DTYPE": a.dtype, "PEERS_VLLM_MODEL": b.path,
            "PEERS_VLLM_PORT": str(port), "PEERS_LLAMA_PORT": str(port), "PEERS_LLAMA_NP": str(slots),
            "PEERS_LLAMA_CTX": str(-(-ctx // 1024) * 1024)}
+    if name == "llamacpp" and llama_no_repack(a.llama_quant):
+        env["PEERS_LLAMA_ARGS"] = (os.environ.get("PEERS_LLAMA_ARGS", "") + " --no-repack").strip()
     ready = "/health" if name == "llamacpp" else "/v1/models"
 
     def make() -> Server:
@@ -441,7 +452,8 @@ def main() -> None:
     weights = f"{args.dtype}, int8 weights" if args.quantization else args.dtype
     settings = (f"{weights}, {args.forward} forward ({args.attention} attention, {args.matmul} matmul), "
                 f"{args.max_tokens} output tokens, {args.requests} requests per client, greedy, streaming chat, prefix "
-                f"cache {args.prefix_cache_tokens} tokens; llama.cpp: the {args.llama_quant} GGUF")
+                f"cache {args.prefix_cache_tokens} tokens; llama.cpp: the {args.llama_quant} GGUF"
+                f"{' (--no-repack: its AMX kernels crash)' if llama_no_repack(args.llama_quant) else ''}")
     if args.long:
         settings += (f"; long prompts: {args.long_tokens} tokens ({args.long_shared} shared), {args.long_prompts} at "
                      f"c={args.long_concurrency}, {args.long_max_tokens} output tokens")
