@@ -6,7 +6,7 @@ The worker options mirror FastChat's model worker flags: ``gpus`` (``--gpus``),
 ``max_gpu_memory`` (``--max-gpu-memory``) and ``max_concurrency`` (``--limit-worker-concurrency``);
 ``max_queue`` bounds the requests waiting beyond that, past which the API answers 429;
 ``prefix_cache_tokens`` is how many prompt tokens' keys and values are kept for later prompts that
-start the same way.
+start the same way, ``kv_cache_memory`` the most memory all keys and values take.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.templates import TEMPLATE_NAMES
 
@@ -107,6 +107,10 @@ class ServedModel(BaseModel):
     max_concurrency: int = Field(default=64, ge=1, description="sequences generated together (the batch)")
     max_queue: int = Field(default=256, ge=0, description="requests waiting beyond max_concurrency; more get 429")
     prefix_cache_tokens: int = Field(default=2048, ge=0, description="prompt tokens whose KV is kept for reuse; 0: off")
+    kv_cache_memory: ByteSize = Field(default="4GiB", gt=0, validate_default=True, description="the most memory "
+                                      "the keys and values take (BentoChat's native forward, whose cache is paged): "
+                                      "requests beyond it wait, and when the running ones outgrow it the latest is "
+                                      "preempted and resumed; a context longer than it holds is cut to it")
     max_tokens_default: int | None = Field(default=None, ge=1, description="tokens generated for a request that "
                                            "sets no max_tokens (clients such as LangChain send none); unset: the "
                                            "model's generation_config.json max_new_tokens, else up to the context")
@@ -331,7 +335,8 @@ def _type_name(annotation) -> str:
         return "mapping"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return "mapping"
-    return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(annotation, str(annotation))
+    names = {str: "string", int: "integer", float: "number", bool: "boolean", ByteSize: "size (`4GiB`, `500MB`)"}
+    return names.get(annotation, str(annotation))
 
 
 def _default(field) -> str:

@@ -42,11 +42,18 @@ class _Layer:
         self.o = fused_linear(attn.o_proj, **options)
         self.gate_up = fused_linear(mlp.gate_proj, mlp.up_proj, **options)
         self.down = fused_linear(mlp.down_proj, **options)
-        self.norm1 = layer.input_layernorm.weight.detach()
-        self.norm2 = layer.post_attention_layernorm.weight.detach()
+        self.norm1 = own(layer.input_layernorm.weight)
+        self.norm2 = own(layer.post_attention_layernorm.weight)
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)  # Qwen3
-        self.q_norm = q_norm.weight.detach() if q_norm is not None else None
-        self.k_norm = k_norm.weight.detach() if k_norm is not None else None
+        self.q_norm = own(q_norm.weight) if q_norm is not None else None
+        self.k_norm = own(k_norm.weight) if k_norm is not None else None
+
+
+def own(weight: torch.Tensor) -> torch.Tensor:
+    """A copy of a checkpoint's tensor: transformers loads a safetensors file by mapping it whole, and
+    one small tensor kept from it (a norm) keeps all of it mapped, and as much of it resident as was
+    read (the whole checkpoint again, beside the packed weights)."""
+    return weight.detach().clone()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -159,7 +166,8 @@ class LeanCausalLM(torch.nn.Module):
         config = model.config
         self.config = config
         base = model.model
-        self.embed_tokens = base.embed_tokens
+        embed = base.embed_tokens
+        self.embed_tokens = torch.nn.Embedding.from_pretrained(own(embed.weight), padding_idx=embed.padding_idx)
         self.rotary_emb = base.rotary_emb
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
@@ -167,7 +175,7 @@ class LeanCausalLM(torch.nn.Module):
         self.eps = config.rms_norm_eps
         options = {"int8": int8, "own": matmul == "auto" and fused_attention}
         self.layers = [_Layer(layer, **options) for layer in base.layers[:config.num_hidden_layers]]
-        self.norm = base.norm.weight.detach()
+        self.norm = own(base.norm.weight)
         self.lm_head = fused_linear(model.lm_head, **options)
         self.vocab = model.lm_head.weight.shape[0]
         self.native = self._native_arguments()
@@ -222,21 +230,22 @@ class LeanCausalLM(torch.nn.Module):
         return self.embed_tokens
 
     @torch.inference_mode()
-    def forward_rows(self, input_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, kv: list,
-                     logit_rows: torch.Tensor) -> torch.Tensor:
+    def forward_rows(self, input_ids: torch.Tensor, slots: torch.Tensor, block_table: torch.Tensor,
+                     positions: torch.Tensor, kv: list, logit_rows: torch.Tensor) -> torch.Tensor:
         """BentoChat's native forward pass (``kernels/forward.cpp``, where :attr:`native` is set), for
-        prefill and decode alike: row r is token ``input_ids[r]`` at position ``positions[r]`` of slot
-        ``slots[r]`` of the cache ``kv`` (per layer ``(keys, values)``, [slots, kv_heads, columns,
-        head_dim]), where its key and value are written before any row attends, so that a prompt's rows
-        see each other causally. Returns the float32 logits of the rows ``logit_rows`` names. A row's
-        result depends on its own slot's columns only: a token gets the same bits alone and in any batch
-        or chunk. Rows on LoRA adapters (selected for these rows, ``lora.Adapters.select``) get their
-        adapter's deltas."""
+        prefill and decode alike: row r is token ``input_ids[r]`` at position ``positions[r]`` of the
+        sequence whose blocks row ``slots[r]`` of ``block_table`` lists, in the paged cache ``kv`` (per
+        layer ``(keys, values)``, [blocks, kv_heads, block, head_dim], ``block_manager.py``), where its
+        key and value are written before any row attends, so that a prompt's rows see each other
+        causally. Returns the float32 logits of the rows ``logit_rows`` names. A row's result depends on
+        its own sequence's columns only: a token gets the same bits alone and in any batch or chunk.
+        Rows on LoRA adapters (selected for these rows, ``lora.Adapters.select``) get their adapter's
+        deltas."""
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(h, positions[None])
         weights, biases, norms, head_norms = self.native
         logits = torch.ops.bentochat.forward(
-            h, slots, positions, logit_rows, cos[0], sin[0], weights, biases, *self._lora_arguments(), norms,
+            h, slots, block_table, positions, logit_rows, cos[0], sin[0], weights, biases, *self._lora_arguments(), norms,
             head_norms, self.norm, [k for k, _ in kv], [v for _, v in kv], self.heads, self.kv_heads,
             self.config.intermediate_size, self.vocab, self.eps)
         return logits.float()

@@ -39,9 +39,15 @@ class LLMEngine:
         self.threads = threads
         # Constrained decoding needs the tokenizer's vocabulary; without one, a grammar is refused.
         self.grammars = Grammars(tokenizer, model_runner.vocab_size) if tokenizer is not None else None
-        # Prefixes are reused by copying KV into a batch row: for batched cache forms only.
+        pool = model_runner.pool  # the paged cache's blocks (the native forward pass), else None
+        if pool is not None and pool.capacity < max_model_len:
+            logger.warning("the KV cache holds %d tokens, less than the context of %d: requests are cut there "
+                           "(raise kv_cache_memory)", pool.capacity, max_model_len)
+            max_model_len = pool.capacity
+        # Prefixes are reused by copying KV into a batch row (or sharing blocks): for batched cache forms only.
         self.scheduler = Scheduler(max_num_seqs, max_model_len, max_prefill_tokens,
-                                   prefix_cache_tokens if model_runner.batched else 0, can_start=self._can_start)
+                                   prefix_cache_tokens if model_runner.batched else 0, can_start=self._can_start,
+                                   pool=pool)
         self.adapters = model_runner.adapters
         self.tokens_generated = 0
         self.prompt_tokens = 0  # of the prompts prefilled
@@ -50,13 +56,16 @@ class LLMEngine:
 
     def stats(self) -> dict[str, int]:
         """Sequences running and waiting now; totals since start; bytes of keys and values held now
-        (running batch and prefix cache)."""
+        (running batch and prefix cache) and, on the paged cache, the most it may hold."""
         cache = self.scheduler.prefix_cache
+        pool = self.scheduler.pool
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "tokens_generated": self.tokens_generated, "prompt_tokens": self.prompt_tokens,
                 "prefix_cache_hit_tokens": cache.hits if cache else 0,
                 "grammars_compiled": self.grammars.compiled_count if self.grammars else 0,
-                "kv_cache_bytes": self.model_runner.kv_bytes() + (cache.num_bytes if cache else 0),
+                "kv_cache_bytes": self.model_runner.kv_bytes() + (cache.num_bytes if cache and not pool else 0),
+                "kv_cache_capacity_bytes": pool.num_blocks * pool.block_bytes if pool else None,
+                "preemptions": self.scheduler.preemptions,
                 "adapters": self.adapter_stats(), "adapter_loads": self.adapters.loads,
                 "adapter_evictions": self.adapters.evictions}
 
@@ -197,7 +206,7 @@ class LLMEngine:
     def _prefill(self, prefills: list[tuple[Sequence, int]]) -> list[tuple[Sequence, TokenEvent | Exception]]:
         """Prompts that end this step are prefilled together (one forward pass), the first chunks of
         longer ones alone; only the former produce a token."""
-        last = [seq for seq, n in prefills if seq.num_cached + n == seq.num_prompt_tokens]
+        last = [seq for seq, n in prefills if seq.num_cached + n == seq.num_tokens]
         if not self.model_runner.batched:
             last = []
         seqs, logits, failed = [], [], []
@@ -220,7 +229,7 @@ class LLMEngine:
             if out is not None:
                 logits.append(out.unsqueeze(0))
                 seqs.append(seq)
-        self.prompt_tokens += sum(seq.num_prompt_tokens for seq in seqs)
+        self.prompt_tokens += sum(seq.num_prompt_tokens for seq in seqs if not seq.output_ids)
         return (self._finish(seqs, torch.cat(logits)) if seqs else []) + failed
 
     def _fail(self, seqs: list[Sequence], error: Exception) -> list[tuple[Sequence, Exception]]:

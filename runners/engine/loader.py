@@ -11,6 +11,8 @@ several GPUs).
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -131,5 +133,20 @@ def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = N
     logger.info("%s (%s) on %s: %s", path, config.model_type, f"GPUs {gpus}" if gpus else "the CPU", chosen)
     if chosen.forward == "transformers":
         return model
-    return LeanCausalLM(model, int8=chosen.matmul == "int8", fused_attention=chosen.attention in ("native", "fused"),
+    lean = LeanCausalLM(model, int8=chosen.matmul == "int8", fused_attention=chosen.attention in ("native", "fused"),
                         matmul="auto" if chosen.forward == "native" else "onednn")
+    del model  # the checkpoint's tensors: the lean forward holds its own copies (packed)
+    return_freed_memory()
+    return lean
+
+
+def return_freed_memory() -> None:
+    """Give the memory freed while loading back to the system: glibc's malloc keeps freed blocks of
+    its heap (under its threshold for mapping allocations of their own, which grows to 32 MB as large
+    blocks are freed) for later allocations; ``malloc_trim`` returns them. Measured on a 1.7B model in
+    bfloat16: 0.4 GB of the runner's memory."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -1,5 +1,6 @@
 """Owns the tensors: prefill (whole prompts together, a long one alone in chunks) and one decode step
-for the whole running batch, on the batch's KV cache (``kv_cache.py``). Each row of a forward pass
+for the whole running batch, on the batch's KV cache (``kv_cache.py``; the native forward pass's is
+paged, ``block_manager.py``). Each row of a forward pass
 runs on its sequence's own LoRA adapter, or on none (``lora.Adapters``). The next token of each row is
 the sampler's (``sampler.py``)."""
 
@@ -11,6 +12,7 @@ from itertools import accumulate
 
 import torch
 
+from runners.engine.block_manager import BlockPool, blocks_for
 from runners.engine.kv_cache import KV, SlotCache, cache_form, concat_kv, kv_bytes, select_kv, to_kv, to_model_cache
 from runners.engine.lean import LeanCausalLM, decode_width
 from runners.engine.lora import Adapters
@@ -36,7 +38,7 @@ class ModelRunner:
     forward takes no ``attention_mask``/``position_ids``, are decoded one sequence at a time.
     """
 
-    def __init__(self, model, max_loras: int = 4):
+    def __init__(self, model, max_loras: int = 4, kv_cache_memory: int = 4 << 30):
         self.model = model
         self.adapters = Adapters(model, max_loras)  # LoRA adapters, each row its own (lora.py)
         self.device = next(model.parameters()).device
@@ -51,6 +53,8 @@ class ModelRunner:
         self.form = self._probe()  # "dynamic" | "tuple" | "sequential"
         # BentoChat's native forward pass prefills and decodes (lean.LeanCausalLM.forward_rows)
         self.native = self.lean and model.native is not None and self.form == "dynamic"
+        # its paged KV cache, within kv_cache_memory bytes; the scheduler hands out the blocks
+        self.pool = BlockPool.for_model(model, kv_cache_memory) if self.native else None
         logger.info("decoding %s", f"in batches ({self.form} cache)" if self.batched else "one sequence at a time")
 
     @torch.inference_mode()
@@ -74,20 +78,25 @@ class ModelRunner:
         return out.logits, out[self.cache_arg] if self.cache_arg in out else out.past_key_values
 
     def kv_bytes(self) -> int:
+        """Bytes of the batch's keys and values (on the paged cache, the prefix cache's blocks too)."""
+        if self.pool is not None:
+            return self.pool.used_bytes
         return kv_bytes(self.kv) + kv_bytes(self.slots.kv)
 
     def reset(self) -> None:
         """Drop the batch cache (nothing running, or a failed step)."""
-        self.rows, self.kv, self.slots = [], None, SlotCache()
+        self.rows, self.kv = [], None
+        if self.pool is None:  # (the paged cache's blocks are the scheduler's to free)
+            self.slots = SlotCache()
 
     @torch.inference_mode()
     def prefill(self, seq, max_tokens: int) -> torch.Tensor | None:
         """Feed up to ``max_tokens`` more prompt tokens of ``seq`` into its own cache; return the
         next-token logits once the whole prompt is in, else None."""
         if self.native:
-            n = min(max_tokens, seq.num_prompt_tokens - seq.num_cached)
+            n = min(max_tokens, seq.num_tokens - seq.num_cached)
             logits = self._prefill_native([(seq, n)])
-            return logits[0] if seq.num_cached == seq.num_prompt_tokens else None
+            return logits[0] if seq.num_cached == seq.num_tokens else None
         start = seq.num_cached
         ids = seq.prompt_ids[start:start + max_tokens]
         kwargs, cache = {}, seq.cache
@@ -111,7 +120,7 @@ class ModelRunner:
         parts are each right-aligned, and the mask hides both paddings.
         """
         if self.native:
-            return self._prefill_native([(s, s.num_prompt_tokens - s.num_cached) for s in seqs])
+            return self._prefill_native([(s, s.num_tokens - s.num_cached) for s in seqs])
         cached = [s.num_cached for s in seqs]
         new = [s.prompt_ids[s.num_cached:] for s in seqs]
         past, width = max(cached), max(map(len, new))
@@ -135,34 +144,30 @@ class ModelRunner:
         return logits[:, -1]
 
     def _prefill_native(self, work: list) -> torch.Tensor:
-        """The next ``n`` prompt tokens of each ``(seq, n)`` of ``work`` in one native forward pass: row
-        after row, each sequence in a slot of a cache made for this pass (its cached tokens copied in);
-        returns the logits of each sequence's last new token. Each sequence keeps its slot's keys and
-        values (a view where it is alone in the pass, else a copy, so that no sequence's cache holds the
-        others' memory)."""
-        model, device = self.model, self.device
-        ends = [seq.num_cached + n for seq, n in work]
-        shape = (len(work), model.kv_heads, max(ends), model.head_dim)
-        kv = [(torch.empty(shape, dtype=model.norm.dtype, device=device),
-               torch.empty(shape, dtype=model.norm.dtype, device=device)) for _ in model.layers]
+        """The next ``n`` tokens of each ``(seq, n)`` of ``work`` in one native forward pass, each
+        sequence into its own blocks of the paged cache (which the scheduler gave it); returns the logits
+        of each sequence's last new token."""
         ids, slots, positions = [], [], []
         for i, (seq, n) in enumerate(work):
             start = seq.num_cached
-            for (k, v), (ck, cv) in zip(kv, seq.cache or []):
-                k[i, :, :start], v[i, :, :start] = ck[0], cv[0]
-            ids += seq.prompt_ids[start:start + n]
+            self._hold(seq, start + n)
+            ids += seq.prefill_ids[start:start + n]
             slots += [i] * n
             positions += range(start, start + n)
         self.adapters.select([seq for seq, n in work for _ in range(n)])
         last = [row - 1 for row in accumulate(n for _, n in work)]  # each sequence's last row
-        logits = model.forward_rows(*(torch.tensor(t, device=device) for t in (ids, slots, positions)), kv,
-                                    torch.tensor(last, device=device))
-        for i, ((seq, _), end) in enumerate(zip(work, ends)):
-            seq.cache = [(k[i:i + 1, :, :end], v[i:i + 1, :, :end]) for k, v in kv]
-            if len(work) > 1:
-                seq.cache = [(k.clone(), v.clone()) for k, v in seq.cache]
-            seq.num_cached = end
+        seqs = [seq for seq, _ in work]
+        logits = self.model.forward_rows(*(torch.tensor(t, device=self.device) for t in (ids, slots)),
+                                         self.pool.table(seqs, self.device), torch.tensor(positions, device=self.device),
+                                         self.pool.kv, torch.tensor(last, device=self.device))
+        for seq, n in work:
+            seq.num_cached += n
         return logits
+
+    def _hold(self, seq, tokens: int) -> None:
+        """Blocks for the first ``tokens`` of ``seq``: the scheduler gave them; a caller that runs the
+        model runner without one (a test, a benchmark) gets them here."""
+        seq.blocks += self.pool.allocate(max(0, blocks_for(tokens) - len(seq.blocks)))
 
     @torch.inference_mode()
     def decode(self, seqs: list) -> torch.Tensor:
@@ -193,24 +198,31 @@ class ModelRunner:
         return logits[:, -1]
 
     def _decode_slots(self, seqs: list) -> torch.Tensor:
+        if self.native:  # row i is seqs[i], in its own blocks
+            for seq in seqs:
+                self._hold(seq, seq.num_cached + 1)
+            self.adapters.select(seqs)
+            index = torch.arange(len(seqs), device=self.device)
+            logits = self.model.forward_rows(
+                torch.tensor([s.output_ids[-1] for s in seqs], device=self.device), index,
+                self.pool.table(seqs, self.device), torch.tensor([s.num_cached for s in seqs], device=self.device),
+                self.pool.kv, index)
+            for seq in seqs:
+                seq.num_cached += 1
+            return logits
         slots = self.slots.arrange(seqs)
         rows = self.slots.rows
         lengths = torch.tensor([s.num_cached for s in rows], device=self.device)
         input_ids = torch.tensor([s.output_ids[-1] for s in rows], device=self.device)
-        if self.native:
-            self.adapters.select(rows)
-            index = torch.arange(len(rows), device=self.device)  # row i in slot i, its logits
-            logits = self.model.forward_rows(input_ids, index, lengths, self.slots.kv, index)
-        else:
-            width = int(lengths.max()) + 1
-            kwargs = {}
-            if self.lean:  # every row's columns start at 0: a width in whole multiples lets it attend fused
-                width = decode_width(width)  # (within the buffers: COLUMNS_CHUNK is a multiple of it)
-                kwargs["aligned"] = True
-            mask = (torch.arange(width, device=self.device) <= lengths.unsqueeze(1)).long()
-            logits, _ = self._run(input_ids[:, None], self.slots.model_cache(lengths, width), rows, attention_mask=mask,
-                                  position_ids=lengths.unsqueeze(1), **kwargs)
-            logits = logits[:, -1]
+        width = int(lengths.max()) + 1
+        kwargs = {}
+        if self.lean:  # every row's columns start at 0: a width in whole multiples lets it attend fused
+            width = decode_width(width)  # (within the buffers: COLUMNS_CHUNK is a multiple of it)
+            kwargs["aligned"] = True
+        mask = (torch.arange(width, device=self.device) <= lengths.unsqueeze(1)).long()
+        logits, _ = self._run(input_ids[:, None], self.slots.model_cache(lengths, width), rows, attention_mask=mask,
+                              position_ids=lengths.unsqueeze(1), **kwargs)
+        logits = logits[:, -1]
         for seq in rows:
             seq.num_cached += 1
         if slots == list(range(len(rows))):  # the rows in their slots' order: no gather

@@ -1,28 +1,41 @@
 """Which sequences take part in the next step: every running sequence decodes one token, and waiting
 sequences are admitted and prefilled within a per-step token budget, so a long prompt never stalls
 the batch. Admission starts a prompt from the longest prefix in the prefix cache, which keeps the KV
-of earlier prompts (as nano-vllm's scheduler owns its block manager)."""
+of earlier prompts (as nano-vllm's scheduler owns its block manager).
+
+On the paged cache (``block_manager.py``) the scheduler also hands out its blocks: a running sequence
+gets a block for its next token first, and a waiting one is admitted only as far as free blocks hold
+its prompt, so the KV cache never outgrows its budget. When the running batch needs more blocks than
+are free, the prefix cache gives up its oldest prompts, then the sequence that joined last is
+preempted: its blocks are freed and it waits again, first in line, to be prefilled with what it had
+generated (``Sequence.prefill_ids``) and go on where it left off, token for token."""
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
+from runners.engine.block_manager import BLOCK, BlockPool, blocks_for
 from runners.engine.kv_cache import kv_bytes
 from runners.engine.sequence import Sequence, SequenceStatus
 
 
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_model_len: int, max_prefill_tokens: int = 512,
-                 prefix_cache_tokens: int = 0, can_start: Callable[[Sequence], bool] | None = None):
+                 prefix_cache_tokens: int = 0, can_start: Callable[[Sequence], bool] | None = None,
+                 pool: BlockPool | None = None):
         self.max_num_seqs = max_num_seqs
         # Whether a waiting sequence may start now (its LoRA adapter has a slot); it waits otherwise.
         self.can_start = can_start or (lambda seq: True)
         self.max_model_len = max_model_len
         self.max_prefill_tokens = max_prefill_tokens
-        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
+        self.pool = pool  # the paged cache's blocks, or None: each sequence's cache is the model runner's
+        self.prefix_cache = None
+        if prefix_cache_tokens:
+            self.prefix_cache = PagedPrefixCache(prefix_cache_tokens, pool) if pool else PrefixCache(prefix_cache_tokens)
         self.waiting: deque[Sequence] = deque()  # in arrival order; only the first may be partly prefilled
         self.running: list[Sequence] = []  # in the order they joined the batch
+        self.preemptions = 0
 
     @property
     def has_work(self) -> bool:
@@ -32,23 +45,67 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
-        """``(prefills, decodes)``: how many prompt tokens to prefill for which waiting sequences (at
-        most ``max_prefill_tokens`` in all, a longer prompt is split over steps), and the running
+        """``(prefills, decodes)``: how many tokens to prefill for which waiting sequences (at most
+        ``max_prefill_tokens`` in all, a longer prompt is split over steps), and the running
         sequences, each of which decodes one token. A sequence admitted for the first time starts
         from the longest cached prefix of its prompt."""
+        if self.pool is not None:
+            self._grow_running()
         prefills, budget = [], self.max_prefill_tokens
         for seq in list(self.waiting)[: self.max_num_seqs - len(self.running)]:
             if not self.can_start(seq):
                 continue
-            if self.prefix_cache is not None and seq.num_cached == 0:
-                seq.num_cached, seq.cache = self.prefix_cache.lookup(seq.prompt_ids, seq.adapter)
+            if self.prefix_cache is not None and seq.num_cached == 0 and not seq.output_ids:
+                seq.num_cached, kept = self.prefix_cache.lookup(seq.prompt_ids, seq.adapter)
+                if self.pool is not None:
+                    seq.blocks = kept or []
+                else:
+                    seq.cache = kept
             if budget <= 0:
                 continue  # a sequence admitted now keeps its cached prefix until its turn
-            n = min(seq.num_prompt_tokens - seq.num_cached, budget)
+            n = min(seq.num_tokens - seq.num_cached, budget)
+            if self.pool is not None and not self._take(seq, blocks_for(seq.num_cached + n) - len(seq.blocks)):
+                break  # in arrival order: the next ones wait for blocks too
             if n > 0:  # (the engine admits no empty prompt; should one be here, it holds up no one)
                 prefills.append((seq, n))
                 budget -= n
         return prefills, list(self.running)
+
+    def _take(self, seq: Sequence, n: int) -> bool:
+        """``n`` more blocks for ``seq``, from the free ones or from the prefix cache's prompts."""
+        while n > self.pool.num_free and self.prefix_cache is not None and self.prefix_cache.drop_oldest():
+            pass
+        if n > self.pool.num_free:
+            return False
+        seq.blocks += self.pool.allocate(max(n, 0))
+        return True
+
+    def _grow_running(self) -> None:
+        """A block for each running sequence whose next token starts one, preempting others when short:
+        partly prefilled waiting sequences first, then the running ones that joined last."""
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING or len(seq.blocks) > seq.num_cached // BLOCK:
+                continue
+            while not self._take(seq, 1):
+                holders = [s for s in reversed(self.waiting) if s.blocks] + \
+                          [s for s in reversed(self.running) if s is not seq]
+                if not holders:  # (cannot happen: the context fits the pool, see LLMEngine)
+                    raise MemoryError("the KV cache cannot hold one sequence")
+                self._preempt(holders[0])
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._free(seq)
+        seq.num_cached = 0
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            seq.status = SequenceStatus.WAITING
+            self.waiting.appendleft(seq)
+            self.preemptions += 1
+
+    def _free(self, seq: Sequence) -> None:
+        if self.pool is not None and seq.blocks:
+            self.pool.release(seq.blocks)
+            seq.blocks = []
 
     def postprocess(self, seqs: list[Sequence], tokens: list[int]) -> None:
         """Append each sampled token: a sequence whose prompt was just prefilled joins the running
@@ -56,8 +113,8 @@ class Scheduler:
         for seq, token in zip(seqs, tokens):
             if seq.status is SequenceStatus.WAITING:
                 self.waiting.remove(seq)
-                if self.prefix_cache is not None:
-                    self.prefix_cache.store(seq.prompt_ids, seq.cache, seq.adapter)
+                if self.prefix_cache is not None and not seq.output_ids:
+                    self.prefix_cache.store(seq.prompt_ids, seq.blocks if self.pool else seq.cache, seq.adapter)
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
             seq.output_ids.append(token)
@@ -65,6 +122,8 @@ class Scheduler:
                 seq.finish("stop")
             elif seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
                 seq.finish("length")
+            if seq.status is SequenceStatus.FINISHED:
+                self._free(seq)
         self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
 
     def abort(self, request_id: str) -> Sequence | None:
@@ -73,6 +132,7 @@ class Scheduler:
                 if seq.request_id == request_id:
                     queue.remove(seq)
                     seq.finish("abort")
+                    self._free(seq)
                     return seq
         return None
 
@@ -81,6 +141,7 @@ class Scheduler:
         seqs = [*self.waiting, *self.running]
         for seq in seqs:
             seq.finish("error")
+            self._free(seq)
         self.waiting.clear()
         self.running = []
         return seqs
@@ -96,6 +157,8 @@ class PrefixCache:
     only on the tokens before it and the weights. The cache holds at most ``max_tokens`` tokens and
     forgets the least recently used prompt first.
     """
+
+    granularity = 1  # a reused prefix is a multiple of this many tokens
 
     def __init__(self, max_tokens: int):
         self.max_tokens = max_tokens
@@ -113,12 +176,15 @@ class PrefixCache:
             n = common_prefix(key[1], prompt_ids) if key[0] is adapter else 0
             if n > best:
                 best, found = n, key
-        best = min(best, len(prompt_ids) - 1)
+        best = min(best, len(prompt_ids) - 1) // self.granularity * self.granularity
         if best <= 0:
             return 0, None
         self.entries.move_to_end(found)
         self.hits += best
-        return best, [(k[:, :, :best], v[:, :, :best]) for k, v in self.entries[found]]
+        return best, self._prefix(self.entries[found], best)
+
+    def _prefix(self, kv: list, n: int) -> list:
+        return [(k[:, :, :n], v[:, :, :n]) for k, v in kv]
 
     def store(self, prompt_ids: list[int], kv: list, adapter=None) -> None:
         """Keep a prompt's keys and values (``[1, heads, len(prompt_ids), head_dim]`` per layer).
@@ -135,18 +201,65 @@ class PrefixCache:
             self._drop(other)  # the new prompt covers it
         while self.num_tokens + len(prompt) > self.max_tokens:
             self._drop(next(iter(self.entries)))
-        self.entries[key] = kv
+        self.entries[key] = self._keep(kv)
         self.num_tokens += len(prompt)
-        self.num_bytes += kv_bytes(kv)
+        self.num_bytes += self._bytes(kv)
+
+    def _keep(self, kv: list) -> list:
+        return kv
+
+    def _bytes(self, kv: list) -> int:
+        return kv_bytes(kv)
 
     def forget(self, adapter) -> None:
         """Drop every prompt of ``adapter`` (unloaded: its weights are gone)."""
         for key in [k for k in self.entries if k[0] is adapter]:
             self._drop(key)
 
+    def drop_oldest(self) -> bool:
+        """Forget the least recently used prompt; False when there is none."""
+        if not self.entries:
+            return False
+        self._drop(next(iter(self.entries)))
+        return True
+
     def _drop(self, key: tuple) -> None:
-        self.num_bytes -= kv_bytes(self.entries.pop(key))
+        self.num_bytes -= self._bytes(self.entries.pop(key))
         self.num_tokens -= len(key[1])
+
+
+class PagedPrefixCache(PrefixCache):
+    """The prefix cache on the paged cache: a prompt's whole blocks are kept (a reference each, shared
+    with the sequences that reuse them), so a reused prefix is a whole number of blocks and nothing is
+    copied."""
+
+    granularity = BLOCK
+
+    def __init__(self, max_tokens: int, pool: BlockPool):
+        super().__init__(max_tokens)
+        self.pool = pool
+
+    def _prefix(self, blocks: list[int], n: int) -> list[int]:  # (a reference for the sequence)
+        shared = blocks[:n // BLOCK]
+        self.pool.share(shared)
+        return list(shared)
+
+    def store(self, prompt_ids: list[int], blocks: list[int], adapter=None) -> None:
+        whole = len(prompt_ids) // BLOCK
+        if whole:
+            super().store(prompt_ids[:whole * BLOCK], blocks[:whole], adapter)
+
+    def _keep(self, blocks: list[int]) -> list[int]:
+        self.pool.share(blocks)
+        return list(blocks)
+
+    def _bytes(self, blocks: list[int]) -> int:
+        return len(blocks) * self.pool.block_bytes
+
+    def _drop(self, key: tuple) -> None:
+        blocks = self.entries[key]
+        super()._drop(key)
+        self.pool.release(blocks)
 
 
 def common_prefix(a, b) -> int:

@@ -101,6 +101,7 @@ class Sequence:
         self.grammar: Any = None  # params.grammar compiled (structured.Grammars), before it is queued
         self.matcher: Any = None  # and its state in this sequence, made at admission
         self.cache: Any = None  # its own KV cache until it joins the batch cache (model runner)
+        self.blocks: list[int] = []  # or its blocks of the paged cache, in order (block_manager.py)
         self.num_cached = 0  # tokens already in a KV cache
 
     @property
@@ -114,6 +115,13 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        """The tokens a prefill puts in its cache (``num_tokens`` of them): the prompt, and after a
+        preemption (``scheduler.py``) what it generated too, whose last logits then give the next token
+        as the decode step it missed would have."""
+        return self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
 
     def finish(self, reason: str) -> None:
         self.status = SequenceStatus.FINISHED

@@ -1,9 +1,9 @@
 // BentoChat's forward pass for the lean forward's families (Llama, Mistral, Qwen2, Qwen3), in bfloat16 on
 // AMX or AVX-512 BF16 and in float32 on AVX-512, for prefill and decode alike: each row of a call is one
-// token at its own position in its own slot of a key-value cache, so one call runs every layer of a decode
-// step (one row per sequence), a prompt's chunk (a row per token, one slot) or several prompts together,
-// and the final norm and the logits of the rows asked for. Every row's key and value are written to its
-// slot before any row attends, so a prompt's rows see each other causally. The matmuls are amx_linear's,
+// token at its own position in its own sequence's blocks of a paged key-value cache, so one call runs every
+// layer of a decode step (one row per sequence), a prompt's chunk (a row per token, one sequence) or several
+// prompts together, and the final norm and the logits of the rows asked for. Every row's key and value are
+// written to its sequence's block before any row attends, so a prompt's rows see each other causally. The matmuls are amx_linear's,
 // bf16_linear's or f32_linear's (the weights' layout says which); what lies between them (norms, rotary
 // embeddings, the cache writes, attention, SiLU, the residual adds) is written here, because in Python
 // each of those ~500 small operations a step costs a few microseconds of dispatch, about half of a decode
@@ -13,7 +13,8 @@
 // float32 nothing is rounded between the operations. It computes each row from that row's data only, in
 // the same order whatever the other rows or the thread count: a token gets the same bits alone, in any
 // batch, in a prompt's chunk of any size, and the same keys and values whether it was prefilled or
-// decoded. Attention sums in float32 over the row's own columns (0 .. its position) of its slot.
+// decoded. Attention sums in float32 over the row's own columns (0 .. its position), in column order,
+// wherever its blocks lie.
 #include "kernels.h"
 
 #include <ATen/Functions.h>
@@ -34,6 +35,19 @@ using bf16 = uint16_t;
 constexpr int64_t GLUE_ROWS = 8;
 
 inline __mmask16 first(int64_t n) { return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1); }
+
+// One key-value head's keys (or values) of one sequence in the paged cache ([blocks, kv_heads, block, dim]
+// per layer): column j lies in block blocks[j / block], at j % block. A block holds a power of two columns,
+// at least 16, so that 16 columns from a multiple of 16 lie together.
+template <typename T>
+struct Columns {
+  T* head;                // block 0's rows of this key-value head
+  const int64_t* blocks;  // the sequence's row of the block table
+  int64_t block_stride, shift, dim;
+  T* operator()(int64_t j) const {
+    return head + blocks[j >> shift] * block_stride + (j & ((int64_t{1} << shift) - 1)) * dim;
+  }
+};
 
 // 16 values (those of mask m) of the model's dtype as float32, and back (bfloat16 rounded to nearest even).
 inline __m512 widen(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
@@ -137,8 +151,8 @@ void softmax(float* scores, int64_t stride, int64_t groups, int64_t length, floa
 // sum_j probs[g][j] values[j] / sums[g] for each query head g, rounded: the values read once per column
 // for up to 16 / CH heads at a time, whose sums stay in registers (dim = 16 * CH).
 template <int CH, typename T>
-void weighted_sum(const float* probs, int64_t stride, const float* sums, const T* values, T* out, int64_t groups,
-                  int64_t length) {
+void weighted_sum(const float* probs, int64_t stride, const float* sums, const Columns<T>& values, T* out,
+                  int64_t groups, int64_t length) {
   constexpr int HEADS = 16 / CH > 0 ? 16 / CH : 1;
   constexpr int64_t dim = 16 * CH;
   for (int64_t g0 = 0; g0 < groups; g0 += HEADS) {
@@ -148,7 +162,8 @@ void weighted_sum(const float* probs, int64_t stride, const float* sums, const T
       for (auto& v : row) v = _mm512_setzero_ps();
     for (int64_t j = 0; j < length; j++) {
       __m512 v[CH];
-      for (int c = 0; c < CH; c++) v[c] = load(values + j * dim + 16 * c, 0xFFFF);
+      const T* column = values(j);
+      for (int c = 0; c < CH; c++) v[c] = load(column + 16 * c, 0xFFFF);
 #pragma GCC unroll 16
       for (int g = 0; g < HEADS; g++)
         if (g < heads) {
@@ -166,14 +181,15 @@ void weighted_sum(const float* probs, int64_t stride, const float* sums, const T
 // attend() where the head dimension is 16 * CH: the queries scaled into float32 once, each key read once
 // per column for every query head, the weighted sum in registers. probs: groups * length floats.
 template <int CH, typename T>
-void attend_fast(const T* q, const T* keys, const T* values, T* out, int64_t groups, int64_t length, float* probs,
-                 float* sums, float* queries) {
+void attend_fast(const T* q, const Columns<T>& keys, const Columns<T>& values, T* out, int64_t groups, int64_t length,
+                 float* probs, float* sums, float* queries) {
   constexpr int64_t dim = 16 * CH;
   const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(dim)));
   for (int64_t i = 0; i < groups * CH; i++) _mm512_storeu_ps(queries + 16 * i, _mm512_mul_ps(load(q + 16 * i, 0xFFFF), scale));
   for (int64_t j = 0; j < length; j++) {
     __m512 k[CH];
-    for (int c = 0; c < CH; c++) k[c] = load(keys + j * dim + 16 * c, 0xFFFF);
+    const T* column = keys(j);
+    for (int c = 0; c < CH; c++) k[c] = load(column + 16 * c, 0xFFFF);
     for (int64_t g = 0; g < groups; g++) {
       __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(queries + g * dim), k[0]);
       for (int c = 1; c < CH; c++) dot = _mm512_fmadd_ps(_mm512_loadu_ps(queries + g * dim + 16 * c), k[c], dot);
@@ -187,11 +203,11 @@ void attend_fast(const T* q, const T* keys, const T* values, T* out, int64_t gro
 // The query heads of one key-value head attending over columns 0 .. length - 1 of its cache: float32
 // scores, softmax and weighted sum, rounded to the model's dtype once at the end.
 template <typename T>
-void attend(const T* q, const T* keys, const T* values, T* out, int64_t groups, int64_t dim, int64_t length,
-            float* scores, float* sums) {
+void attend(const T* q, const Columns<T>& keys, const Columns<T>& values, T* out, int64_t groups, int64_t dim,
+            int64_t length, float* scores, float* sums) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
   for (int64_t j = 0; j < length; j++) {
-    const T* k = keys + j * dim;
+    const T* k = keys(j);
     for (int64_t g = 0; g < groups; g++) {
       __m512 dot = _mm512_setzero_ps();
       for (int64_t d = 0; d < dim; d += 16) {
@@ -204,7 +220,7 @@ void attend(const T* q, const T* keys, const T* values, T* out, int64_t groups, 
   softmax(scores, length, groups, length, sums);
   std::vector<float> acc(groups * dim, 0.0f);
   for (int64_t j = 0; j < length; j++) {
-    const T* v = values + j * dim;
+    const T* v = values(j);
     for (int64_t d = 0; d < dim; d += 16) {
       const __mmask16 m = first(dim - d);
       const __m512 vj = load(v + d, m);
@@ -226,8 +242,8 @@ void attend(const T* q, const T* keys, const T* values, T* out, int64_t groups, 
 // columns by up to 16 query heads), then per head, across its columns, the softmax and the weighted sum
 // of the values in float32 on AVX-512. buffer: see Attention.
 template <int CHUNKS>
-void attend_amx(const bf16* q, const bf16* keys, const bf16* values, bf16* out, int64_t groups, int64_t length,
-                float* tiles, float* probs, float* sums, bf16* qt, bf16* tail) {
+void attend_amx(const bf16* q, const Columns<bf16>& keys, const Columns<bf16>& values, bf16* out, int64_t groups,
+                int64_t length, float* tiles, float* probs, float* sums, bf16* qt, bf16* tail) {
   constexpr int64_t dim = 32 * CHUNKS;
   // The queries transposed into B tiles: tile c, row r holds (head n, inner pair 32c + 2r, +1) for n < 16.
   std::fill_n(qt, 512 * CHUNKS, 0);
@@ -242,8 +258,8 @@ void attend_amx(const bf16* q, const bf16* keys, const bf16* values, bf16* out, 
   const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                             _mm512_set1_epi32(16));
   for (int64_t j0 = 0; j0 < length; j0 += 16) {
-    const bf16* a = keys + j0 * dim;
-    if (length - j0 < 16) {  // the last columns, padded with zeros (rows past the cache may not exist)
+    const bf16* a = keys(j0);  // (16 columns in one block)
+    if (length - j0 < 16) {  // the last columns, padded with zeros (rows past the block may not exist)
       std::fill_n(std::copy_n(a, (length - j0) * dim, tail), (16 - (length - j0)) * dim, 0);
       a = tail;
     }
@@ -276,7 +292,7 @@ struct Attention {
         buffer(amx ? 16 + 256 + groups * ((longest + 15) / 16 * 16) : groups * longest), sums(groups),
         queries(amx ? 0 : groups * dim), qt(amx ? 512 * (dim / 32) : 0), tail(amx ? 16 * dim : 0) {}
 
-  void operator()(const T* q, const T* keys, const T* values, T* out, int64_t length) {
+  void operator()(const T* q, const Columns<T>& keys, const Columns<T>& values, T* out, int64_t length) {
     if constexpr (std::is_same_v<T, bf16>) {
       if (amx) {
         float* tiles = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
@@ -348,21 +364,23 @@ struct Matmuls {
 
 // The arguments of forward() and of its body for the model's dtype.
 #define FORWARD_ARGUMENTS                                                                                       \
-  const at::Tensor &embeddings, const at::Tensor &slots, const at::Tensor &positions, const at::Tensor &logit_rows,  \
+  const at::Tensor &embeddings, const at::Tensor &slots, const at::Tensor &block_table, const at::Tensor &positions, \
+      const at::Tensor &logit_rows,                                                                                  \
       const at::Tensor &cos, const at::Tensor &sin, at::TensorList weights,                                          \
       const c10::List<c10::optional<at::Tensor>> &biases, const c10::List<c10::optional<at::Tensor>> &lora_a,         \
       const c10::List<c10::optional<at::Tensor>> &lora_b, const c10::List<c10::optional<at::Tensor>> &lora_mask,      \
       at::TensorList norms, at::TensorList head_norms, const at::Tensor &final_norm, at::TensorList keys,             \
       at::TensorList values, int64_t heads, int64_t kv_heads, int64_t intermediate, int64_t vocab, double eps
 
-// One forward pass: embeddings [rows, hidden] of the rows' tokens, row r at position positions[r] of slot
-// slots[r] of the caches (keys[l], values[l]: [slots, kv_heads, columns, dim]); cos and sin [rows, dim] at
-// those positions. Per layer l: weights[4l..4l+3] qkv, o, gate_up, down packed for amx_linear or bf16_linear
+// One forward pass: embeddings [rows, hidden] of the rows' tokens, row r at position positions[r] of the
+// sequence whose blocks row slots[r] of block_table [sequences, blocks] names, in the paged caches (keys[l],
+// values[l]: [blocks, kv_heads, block, dim], block a power of two >= 16); cos and sin [rows, dim] at those
+// positions. Per layer l: weights[4l..4l+3] qkv, o, gate_up, down packed for amx_linear or bf16_linear
 // (bfloat16) or f32_linear (float32), with biases alike; norms[2l], norms[2l+1] the input and
 // post-attention norms; head_norms[2l], head_norms[2l+1]
 // Qwen3's q and k norms (none for the other families); weights[4 * layers] the logits' (lm_head). The
 // LoRA lists are empty, or hold an entry per weight (see Matmuls). Writes each row's key and value into
-// its slot and returns the logits [len(logit_rows), vocab], in the model's dtype, of the rows logit_rows names.
+// its sequence's block and returns the logits [len(logit_rows), vocab], in the model's dtype, of the rows logit_rows names.
 template <typename T>
 at::Tensor run(FORWARD_ARGUMENTS) {
   const int64_t layers = keys.size(), rows = embeddings.size(0), hidden = embeddings.size(1);
@@ -374,6 +392,7 @@ at::Tensor run(FORWARD_ARGUMENTS) {
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == dtype && cos.size(0) == rows);
   TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == rows && slots.scalar_type() == at::kLong &&
               slots.numel() == rows && logit_rows.scalar_type() == at::kLong);
+  TORCH_CHECK(block_table.scalar_type() == at::kLong && block_table.dim() == 2 && block_table.is_contiguous());
   const size_t matmuls = 4 * layers + 1;
   TORCH_CHECK(weights.size() == matmuls && biases.size() == matmuls &&
               (lora_mask.empty() || (lora_a.size() == matmuls && lora_b.size() == matmuls && lora_mask.size() == matmuls)) &&
@@ -386,12 +405,18 @@ at::Tensor run(FORWARD_ARGUMENTS) {
                 values[l].scalar_type() == dtype && keys[l].size(1) == kv_heads &&
                 keys[l].size(3) == dim && keys[l].sizes() == values[l].sizes() && keys[l].sizes() == keys[0].sizes());
   }
-  for (int64_t r = 0; r < rows; r++)
-    TORCH_CHECK(pos[r] >= 0 && pos[r] < keys[0].size(2) && slot[r] >= 0 && slot[r] < keys[0].size(0),
-                "a row's slot or position is outside the cache");
+  const int64_t blocks = keys[0].size(0), block = keys[0].size(2), width = block_table.size(1);
+  const int64_t shift = __builtin_ctzll(static_cast<uint64_t>(block));
+  TORCH_CHECK(block >= 16 && (block & (block - 1)) == 0, "a cache block holds a power of two columns, at least 16");
+  const int64_t* table = block_table.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; r++) {  // the blocks of every column a row writes or reads exist
+    TORCH_CHECK(pos[r] >= 0 && (pos[r] >> shift) < width && slot[r] >= 0 && slot[r] < block_table.size(0),
+                "a row's sequence or position is outside the block table");
+    for (int64_t i = 0; i <= pos[r] >> shift; i++)
+      TORCH_CHECK(table[slot[r] * width + i] >= 0 && table[slot[r] * width + i] < blocks, "block_table: no such block");
+  }
   for (int64_t i = 0; i < wanted.numel(); i++)
     TORCH_CHECK(wanted.data_ptr<int64_t>()[i] >= 0 && wanted.data_ptr<int64_t>()[i] < rows, "logit_rows: no such row");
-  const int64_t columns = keys[0].size(2);
   const Matmuls<T> matmul{weights, biases, lora_a, lora_b, lora_mask};
 
   at::Tensor h = embeddings.clone();
@@ -400,6 +425,10 @@ at::Tensor run(FORWARD_ARGUMENTS) {
   at::Tensor mixed = at::empty({rows, intermediate}, h.options());
   int64_t longest = 0;
   for (int64_t r = 0; r < rows; r++) longest = std::max(longest, pos[r] + 1);
+  // key-value head g of row r's sequence, in a layer's keys or values
+  auto columns = [&](T* cache, int64_t r, int64_t g) {
+    return Columns<T>{cache + g * block * dim, table + slot[r] * width, kv_heads * block * dim, shift, dim};
+  };
 
   // What lies between the matmuls, row by row; on several threads where there are enough rows.
   auto each_row = [rows](const auto& f) {
@@ -413,7 +442,7 @@ at::Tensor run(FORWARD_ARGUMENTS) {
     at::Tensor qkv = matmul(4 * l, x, qkv_width);
     T* kc = data<T>(keys[l]);
     T* vc = data<T>(values[l]);
-    each_row([&](int64_t r) {  // every row's key and value in its slot before any row attends
+    each_row([&](int64_t r) {  // every row's key and value in its block before any row attends
       T* row = data<T>(qkv) + r * qkv_width;
       for (int64_t head = 0; head < heads + kv_heads; head++) {
         T* v = row + head * dim;
@@ -421,17 +450,16 @@ at::Tensor run(FORWARD_ARGUMENTS) {
         rotate(v, data<T>(cos) + r * dim, data<T>(sin) + r * dim, dim);
       }
       for (int64_t g = 0; g < kv_heads; g++) {
-        const int64_t at_position = ((slot[r] * kv_heads + g) * columns + pos[r]) * dim;
-        std::copy_n(row + (heads + g) * dim, dim, kc + at_position);
-        std::copy_n(row + (heads + kv_heads + g) * dim, dim, vc + at_position);
+        std::copy_n(row + (heads + g) * dim, dim, columns(kc, r, g)(pos[r]));
+        std::copy_n(row + (heads + kv_heads + g) * dim, dim, columns(vc, r, g)(pos[r]));
       }
     });
     at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
       Attention<T> attention(groups, dim, longest, amx);
       if (attention.amx) configure_tiles();
       for (int64_t i = begin; i < end; i++) {
-        const int64_t r = i / kv_heads, g = i % kv_heads, cache = (slot[r] * kv_heads + g) * columns * dim;
-        attention(data<T>(qkv) + r * qkv_width + g * groups * dim, kc + cache, vc + cache,
+        const int64_t r = i / kv_heads, g = i % kv_heads;
+        attention(data<T>(qkv) + r * qkv_width + g * groups * dim, columns(kc, r, g), columns(vc, r, g),
                   data<T>(attended) + r * heads * dim + g * groups * dim, pos[r] + 1);
       }
       if (attention.amx) _tile_release();
@@ -462,14 +490,14 @@ at::Tensor forward(FORWARD_ARGUMENTS) {
   const auto dtype = embeddings.scalar_type();
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "the native forward runs bfloat16 and float32 models");
   auto body = dtype == at::kBFloat16 ? run<bf16> : run<float>;
-  return body(embeddings, slots, positions, logit_rows, cos, sin, weights, biases, lora_a, lora_b, lora_mask, norms,
+  return body(embeddings, slots, block_table, positions, logit_rows, cos, sin, weights, biases, lora_a, lora_b, lora_mask, norms,
               head_norms, final_norm, keys, values, heads, kv_heads, intermediate, vocab, eps);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(bentochat, m) {
-  m.def("forward(Tensor embeddings, Tensor slots, Tensor positions, Tensor logit_rows, Tensor cos, Tensor sin, Tensor[] weights, Tensor?[] biases, "
+  m.def("forward(Tensor embeddings, Tensor slots, Tensor block_table, Tensor positions, Tensor logit_rows, Tensor cos, Tensor sin, Tensor[] weights, Tensor?[] biases, "
         "Tensor?[] lora_a, Tensor?[] lora_b, Tensor?[] lora_mask, Tensor[] norms, Tensor[] head_norms, Tensor final_norm, "
         "Tensor(a!)[] keys, Tensor(b!)[] values, int heads, int kv_heads, int intermediate, int vocab, float eps) -> Tensor",
         forward);
