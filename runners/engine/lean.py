@@ -158,9 +158,11 @@ class LeanCausalLM(torch.nn.Module):
     matmuls on BentoChat's own kernels (:mod:`runners.engine.native`: bfloat16 on AMX, float32 on
     AVX-512) where they run and the attention is fused, and then the whole pass in its native call
     (eager keeps transformers' maths, oneDNN's matmuls included); ``onednn``, always oneDNN's and the
-    Python pass."""
+    Python pass. ``consumed``, if given, is called with each of the model's layers once its weights
+    are taken."""
 
-    def __init__(self, model, int8: bool = False, fused_attention: bool = True, matmul: str = "auto"):
+    def __init__(self, model, int8: bool = False, fused_attention: bool = True, matmul: str = "auto",
+                 consumed=None):
         super().__init__()
         self.fused_attention = fused_attention
         config = model.config
@@ -174,7 +176,11 @@ class LeanCausalLM(torch.nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
         options = {"int8": int8, "own": matmul == "auto" and fused_attention}
-        self.layers = [_Layer(layer, **options) for layer in base.layers[:config.num_hidden_layers]]
+        self.layers = []
+        for layer in base.layers[:config.num_hidden_layers]:
+            self.layers.append(_Layer(layer, **options))
+            if consumed is not None:  # (the loader's: the checkpoint's pages of this layer are read for good)
+                consumed(layer)
         self.norm = own(base.norm.weight)
         self.lm_head = fused_linear(model.lm_head, **options)
         self.vocab = model.lm_head.weight.shape[0]

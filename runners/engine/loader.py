@@ -134,10 +134,41 @@ def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = N
     if chosen.forward == "transformers":
         return model
     lean = LeanCausalLM(model, int8=chosen.matmul == "int8", fused_attention=chosen.attention in ("native", "fused"),
-                        matmul="auto" if chosen.forward == "native" else "onednn")
+                        matmul="auto" if chosen.forward == "native" else "onednn",
+                        consumed=None if gpus else CheckpointPages())
     del model  # the checkpoint's tensors: the lean forward holds its own copies (packed)
     return_freed_memory()
     return lean
+
+
+class CheckpointPages:
+    """Called with each layer whose weights the lean forward has taken (packed copies): drops that
+    layer's pages of the checkpoint's mapped files from this process's memory (``MADV_DONTNEED``; the
+    file is not written, and a page read again would be read from it). Without it, loading holds the
+    whole checkpoint resident beside the packed weights until the end: measured on a 1.7B model in
+    bfloat16, a peak of 7.7 GB for 3.4 GB of weights. Only pages of mapped ``.safetensors`` files are
+    dropped, never memory of the process's own."""
+
+    DONTNEED, PAGE = 4, os.sysconf("SC_PAGE_SIZE")
+
+    def __init__(self):
+        self.files = []
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                if len(fields) == 6 and fields[5].endswith(".safetensors"):
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    self.files.append((start, end))
+        self.madvise = ctypes.CDLL(None, use_errno=True).madvise if self.files else None
+
+    def __call__(self, module: torch.nn.Module) -> None:
+        for tensor in module.parameters():
+            start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes
+            if not any(a <= start and end <= b for a, b in self.files):
+                continue
+            first, last = -(-start // self.PAGE) * self.PAGE, end // self.PAGE * self.PAGE  # whole pages within
+            if last > first:
+                self.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), self.DONTNEED)
 
 
 def return_freed_memory() -> None:
