@@ -1,14 +1,16 @@
 """BentoChat's own matmuls (runners/engine/native.py): bfloat16 on AMX or on AVX-512 BF16 (what a CPU
-without AMX runs, forced here where there is AMX), and float32 on AVX-512, each with the same bits for a
-row alone and in a batch of any size, on one thread and on two, close to the exact product, with a bias
-and with shapes that do not fill its panels. Skipped where the CPU lacks them. (tests/test_lean.py checks
-the native forward pass built on them.)"""
+without AMX runs, forced here where there is AMX), float32 on AVX-512, and int8 weights (a float32 scale
+per 32 inner elements) for bfloat16 and float32 models, each with the same bits for a row alone and in a
+batch of any size, on one thread and on two, close to the exact product, with a bias and with shapes that
+do not fill its panels. Skipped where the CPU lacks them. (tests/test_lean.py checks the native forward
+pass built on them.)"""
 
 import os
 import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from runners.engine import native
 from runners.engine.linear import Linear
@@ -53,10 +55,66 @@ def test_no_rows(dtype):
     assert linear(torch.zeros(0, 32, dtype=dtype)).shape == (0, 64)
 
 
-def test_int8_and_other_dtypes_keep_their_kernels():
-    assert Linear(torch.randn(64, 32).bfloat16(), int8=True, own=True).own is None
+def test_other_dtypes_keep_their_kernels():
     assert Linear(torch.randn(64, 32).half(), own=True).own is None
+    assert Linear(torch.randn(64, 32).half(), int8=True, own=True).own is None  # torch's int8 matmul
     assert Linear(torch.randn(64, 32)).own is None  # not asked for
+    assert Linear(torch.randn(64, 32), int8=True).own is None
+
+
+INT8_DTYPES = [pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not native.runs(torch.bfloat16),
+                                                                     reason="no native bfloat16 on this CPU")),
+               torch.float32]
+
+
+@pytest.mark.parametrize("dtype", INT8_DTYPES)
+@pytest.mark.parametrize("out,inner,bias", SHAPES)
+def test_int8_weights_quantized_per_group_and_multiplied_as_the_dequantized_weights(dtype, out, inner, bias):
+    """int8_linear: each weight within half its group's scale (absmax / 127 of 32 inner elements) of the
+    original; the product that of the dequantized weights, summed exactly (float64), within float32's
+    rounding (and bfloat16's once at the end); any batch."""
+    generator = torch.Generator().manual_seed(out)
+    weight = (torch.randn(out, inner, generator=generator) * 0.05).to(dtype)
+    weight[0, :min(inner, 32)] = 0  # a group of zeros
+    b = torch.randn(out, generator=generator).to(dtype) if bias else None
+    x = torch.randn(70, inner, generator=generator).to(dtype)
+    linear = Linear(weight, b, int8=True, own=True)
+    assert linear.own.dtype == torch.int8 and linear.own.shape == (-(-out // 16), -(-inner // 32), 576)
+    dequantized = native.unpack_int8(linear.own, out, inner).double()
+    groups = F.pad(weight.double().abs(), (0, -inner % 32)).view(out, -1, 32).amax(-1)
+    scale = groups.repeat_interleave(32, dim=1)[:, :inner] / 127
+    assert ((dequantized - weight.double()).abs() <= scale / 2 * 1.001 + 1e-12).all()  # (float32 scales)
+    assert torch.equal(dequantized[0, :min(inner, 32)], torch.zeros(min(inner, 32), dtype=torch.float64))
+    exact = x.double() @ dequantized.T + (b.double() if bias else 0)
+    y = linear(x)
+    assert y.dtype == dtype
+    if dtype == torch.bfloat16:
+        assert torch.allclose(y.double(), exact, rtol=2 ** -7, atol=1e-2)
+    else:
+        assert torch.allclose(y.double(), exact, rtol=1e-5, atol=1e-5)
+    assert linear(x[:5].view(1, 5, inner)).shape == (1, 5, out)
+    assert linear(torch.zeros(0, inner, dtype=dtype)).shape == (0, out)
+
+
+@pytest.mark.parametrize("dtype", INT8_DTYPES)
+def test_int8_a_row_gets_the_same_bits_alone_and_in_batches_of_1_to_40_on_one_and_two_threads(dtype):
+    """Whatever rows share the weights' conversions (blocks of up to 6 rows, 2 or 4 panels at once) and
+    whichever thread computes a panel, each row's sums run in one order."""
+    generator = torch.Generator().manual_seed(3)
+    weight = (torch.randn(1000, 600, generator=generator) * 0.05).to(dtype)  # (a panel and a group not full)
+    b = torch.randn(1000, generator=generator).to(dtype)
+    x = torch.randn(40, 600, generator=generator).to(dtype)
+    linear, threads = Linear(weight, b, int8=True, own=True), torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = torch.cat([linear(x[j:j + 1]) for j in range(len(x))])
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            for m in range(1, 41):
+                assert torch.equal(linear(x[:m]), alone[:m]), (t, m)
+            assert torch.equal(linear(x[7:19]), alone[7:19])  # (rows in other places of their blocks)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @amx

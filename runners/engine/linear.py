@@ -1,7 +1,7 @@
 """The lean forward's matrix products: ``Linear``, a weight packed once for the kernel that multiplies
-it (BentoChat's own, ``native.py``; oneDNN's, blocked so that a row's result does not depend on its
-batch; int8), and ``Part``, where one of transformers' linear layers is computed (a row range of a
-fused ``Linear``), which LoRA adapters target by name. After nano-vllm's ``layers/linear.py``."""
+it (BentoChat's own, ``native.py``, int8 included; oneDNN's, blocked so that a row's result does not
+depend on its batch; torch's int8), and ``Part``, where one of transformers' linear layers is computed
+(a row range of a fused ``Linear``), which LoRA adapters target by name. After nano-vllm's ``layers/linear.py``."""
 
 from __future__ import annotations
 
@@ -31,7 +31,10 @@ def packs(weight: torch.Tensor) -> bool:
 
 
 class Linear:
-    """``y = x W^T + b``, with the weight packed for oneDNN on the CPU (see :func:`packs`), or int8.
+    """``y = x W^T + b``, with the weight packed for BentoChat's own kernels where ``own`` asks and they
+    run, else for oneDNN on the CPU (see :func:`packs`). ``int8``: the weight quantized to int8, for
+    BentoChat's int8 kernel where ``own`` asks and it runs (one scale per 32 inner elements of a feature,
+    :func:`native.pack_int8`), else for torch's ``_weight_int8pack_mm`` (one scale per feature).
 
     In bfloat16, oneDNN's kernels give a row the same result in any batch only on small enough products
     (measured on the two CPU kinds this project runs on, over shapes from 32 to 3072 output features and
@@ -53,10 +56,11 @@ class Linear:
         self.int8 = int8
         self.row_block = None
         self.own = None  # the weight packed for BentoChat's own matmul (native.py), where ``own`` asks and it runs
-        if own and not int8 and weight.device.type == "cpu" and native.runs(weight.dtype):
-            self.own, self.out, self.own_bias = native.pack(weight), weight.shape[0], native.pad_bias(bias, weight.shape[0])
+        if own and weight.device.type == "cpu" and native.runs(weight.dtype):
+            self.own = native.pack_int8(weight) if int8 else native.pack(weight)
+            self.out, self.own_bias = weight.shape[0], native.pad_bias(bias, weight.shape[0])
         self.packed = self.own is None and packs(weight) and not int8
-        if int8:  # symmetric, one scale per output channel
+        if int8 and self.own is None:  # symmetric, one scale per output channel
             scales = weight.float().abs().amax(dim=1).clamp(min=1e-8) / 127
             self.weight = (weight.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
             self.scales = scales.to(weight.dtype)

@@ -3,10 +3,10 @@
 // token at its own position in its own sequence's blocks of a paged key-value cache, so one call runs every
 // layer of a decode step (one row per sequence), a prompt's chunk (a row per token, one sequence) or several
 // prompts together, and the final norm and the logits of the rows asked for. Every row's key and value are
-// written to its sequence's block before any row attends, so a prompt's rows see each other causally. The matmuls are amx_linear's,
-// bf16_linear's or f32_linear's (the weights' layout says which); what lies between them (norms, rotary
-// embeddings, the cache writes, attention, SiLU, the residual adds) is written here, because in Python
-// each of those ~500 small operations a step costs a few microseconds of dispatch, about half of a decode
+// written to its sequence's block before any row attends, so a prompt's rows see each other causally. The
+// matmuls are amx_linear's, bf16_linear's or f32_linear's (the weights' layout says which), or int8_linear's
+// (int8 weights, quantization: int8); what lies between them (norms, rotary embeddings, the cache writes,
+// attention, SiLU, the residual adds) is written here, because in Python each of those ~500 small operations a step costs a few microseconds of dispatch, about half of a decode
 // step at batch 1 (README, Performance).
 //
 // In bfloat16 it rounds where transformers' bfloat16 modules round (after each elementwise operation); in
@@ -346,6 +346,7 @@ struct Matmuls {
   const c10::List<c10::optional<at::Tensor>>& lora_mask;
 
   static at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias) {
+    if (w.scalar_type() == at::kChar) return bentochat::int8_linear(x, w, n, bias);  // (quantization: int8)
     if constexpr (std::is_same_v<T, bf16>)  // the weights' layout says which kernel packed them
       return w.dim() == 6 ? bentochat::amx_linear(x, w, n, bias) : bentochat::bf16_linear(x, w, n, bias);
     return bentochat::f32_linear(x, w, n, bias);
@@ -376,8 +377,8 @@ struct Matmuls {
 // sequence whose blocks row slots[r] of block_table [sequences, blocks] names, in the paged caches (keys[l],
 // values[l]: [blocks, kv_heads, block, dim], block a power of two >= 16); cos and sin [rows, dim] at those
 // positions. Per layer l: weights[4l..4l+3] qkv, o, gate_up, down packed for amx_linear or bf16_linear
-// (bfloat16) or f32_linear (float32), with biases alike; norms[2l], norms[2l+1] the input and
-// post-attention norms; head_norms[2l], head_norms[2l+1]
+// (bfloat16) or f32_linear (float32), or for int8_linear (int8, either dtype), with biases alike; norms[2l],
+// norms[2l+1] the input and post-attention norms; head_norms[2l], head_norms[2l+1]
 // Qwen3's q and k norms (none for the other families); weights[4 * layers] the logits' (lm_head). The
 // LoRA lists are empty, or hold an entry per weight (see Matmuls). Writes each row's key and value into
 // its sequence's block and returns the logits [len(logit_rows), vocab], in the model's dtype, of the rows logit_rows names.
@@ -386,7 +387,9 @@ at::Tensor run(FORWARD_ARGUMENTS) {
   const int64_t layers = keys.size(), rows = embeddings.size(0), hidden = embeddings.size(1);
   const int64_t dim = cos.size(1), groups = heads / kv_heads, qkv_width = (heads + 2 * kv_heads) * dim;
   const auto dtype = embeddings.scalar_type();
-  const bool amx = std::is_same_v<T, bf16> && weights[0].dim() == 6;  // (packed for amx_linear)
+  // bfloat16 attention on AMX where the matmuls are (packed for amx_linear), or int8 where AMX is granted
+  const bool amx = std::is_same_v<T, bf16> && (weights[0].dim() == 6 ||
+                                               (weights[0].scalar_type() == at::kChar && bentochat::amx_available()));
   if (amx) TORCH_CHECK(bentochat::amx_available(), "this process may not use AMX");
   TORCH_CHECK(embeddings.is_contiguous() && embeddings.dim() == 2);
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == dtype && cos.size(0) == rows);
