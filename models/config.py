@@ -89,7 +89,9 @@ class ServedModel(BaseModel):
         default="auto", description="auto: the checkpoint's own on a GPU; on a CPU bfloat16 for a model on the lean "
         "forward where the CPU has AVX-512 BF16 or AMX, else float32")
     quantization: Literal["int8"] | None = Field(default=None, description="int8: weights stored and multiplied "
-                                                                           "as int8 (FastChat --load-8bit)")
+                                                 "as int8 (FastChat --load-8bit), a scale per 32 weights on the "
+                                                 "native forward (CPUs with AVX-512): about half bfloat16's memory "
+                                                 "and bytes read per decode step")
     cpu_threads: int | None = Field(default=None, ge=1, description="torch threads of this model's runner on "
                                     "CPU; unset: every core")
     forward: Literal["lean", "transformers"] = Field(default="lean", description="lean: BentoChat's own forward "

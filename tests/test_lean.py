@@ -1,7 +1,8 @@
 """The lean forward on its own: every family it runs (Llama, Mistral, Qwen2 with q/k/v biases, Qwen3 with
 q/k norms) decodes greedily as transformers' ``model.generate`` does, alone and in batches; bfloat16
 rows do not depend on the batch, past oneDNN's inner block and row block too; the fused decode
-attention gives a row the same result at any width; int8 weights; which models stay on
+attention gives a row the same result at any width; int8 weights (on the native forward and on torch's
+int8 matmul), LoRA adapters on them; which models stay on
 transformers' forward; what ``dtype: auto`` picks. (tests/test_engine.py runs the whole engine suite
 on the lean forward as well.)"""
 
@@ -189,22 +190,93 @@ def test_fused_decode_attention_gives_a_row_the_same_result_at_any_width(dtype):
     assert engine.generate_batch(prompts, [greedy] * 3) == [engine.generate(p, greedy) for p in prompts]
 
 
-def test_int8_weights_decode_batch_invariant_close_to_float32():
-    model = tiny("llama")
-    full, int8 = LeanCausalLM(model), LeanCausalLM(model, int8=True)
-    layer = int8.layers[0]
-    assert layer.qkv.weight.dtype == layer.down.weight.dtype == int8.lm_head.weight.dtype == torch.int8
-    engine = LLMEngine(ModelRunner(int8), max_num_seqs=8, max_model_len=256)
-    greedy = SamplingParams(max_tokens=N, temperature=0)
-    answers = batched(int8)
-    assert answers == [engine.generate(p, greedy) for p in MIXED]
-    # Teacher-forced on float32's answers: int8 rounding moves a few near choices, not most.
+def teacher_forced_agreement(full, int8) -> float:
+    """The share of next-token choices int8 makes as ``full`` does, fed ``full``'s greedy answers."""
     agree = 0
     for prompt, answer in zip(MIXED, batched(full)):
         ids = torch.tensor([prompt + answer])
         predicted = [m(ids, logits_to_keep=0).logits[0, len(prompt) - 1:-1].argmax(-1) for m in (full, int8)]
         agree += int((predicted[0] == predicted[1]).sum())
-    assert agree >= 0.8 * N * len(MIXED)
+    return agree / (N * len(MIXED))
+
+
+@pytest.mark.parametrize("matmul", ["auto", "onednn"])
+def test_int8_weights_decode_batch_invariant_close_to_float32(matmul):
+    """int8 on BentoChat's kernel and native forward (``auto``, where it runs) and on torch's int8 matmul
+    and the Python pass (``onednn``)."""
+    model = tiny("llama")
+    full, int8 = LeanCausalLM(model), LeanCausalLM(model, int8=True, matmul=matmul)
+    layer = int8.layers[0]
+    if matmul == "auto" and native.ops() is not None:
+        assert int8.native is not None
+        assert layer.qkv.own.dtype == layer.down.own.dtype == int8.lm_head.own.dtype == torch.int8
+    else:
+        assert int8.native is None
+        assert layer.qkv.weight.dtype == layer.down.weight.dtype == int8.lm_head.weight.dtype == torch.int8
+    engine = LLMEngine(ModelRunner(int8), max_num_seqs=8, max_model_len=256)
+    greedy = SamplingParams(max_tokens=N, temperature=0)
+    answers = batched(int8)
+    assert answers == [engine.generate(p, greedy) for p in MIXED]
+    # Teacher-forced on float32's answers: int8 rounding moves a few near choices, not most.
+    assert teacher_forced_agreement(full, int8) >= 0.8
+
+
+@native_forward
+@pytest.mark.skipif(not native.runs(torch.bfloat16), reason="no native bfloat16 on this CPU")
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_int8_on_the_native_forward_decodes_each_prompt_as_alone_and_mostly_as_bfloat16(family):
+    """quantization: int8 on a bfloat16 model: the native forward on BentoChat's int8 kernel. A row gets the
+    same logits alone and in a batch, on one thread and on two; the engine decodes each prompt in a batch
+    as alone; teacher-forced on bfloat16's answers, int8 chooses mostly as bfloat16 does."""
+    model = tiny(family, torch.bfloat16)
+    full, int8 = LeanCausalLM(model), LeanCausalLM(model, int8=True)
+    assert int8.native is not None and all(w.dtype == torch.int8 for w in int8.native[0])
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, 300, (n,), generator=generator).tolist() for n in (2, 7, 30, 65, 16, 100, 3, 41)]
+    together = decode_step(int8, rows, True)
+    assert torch.equal(together.argmax(-1), decode_step(int8, rows, False).argmax(-1))  # (Python pass, same kernel)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert all(torch.equal(decode_step(int8, [rows[r]], True)[0], together[r]) for r in range(len(rows)))
+    finally:
+        torch.set_num_threads(before)
+    engine = LLMEngine(ModelRunner(int8), max_num_seqs=8, max_model_len=256)
+    greedy = SamplingParams(max_tokens=N, temperature=0)
+    assert batched(int8) == [engine.generate(p, greedy) for p in MIXED]
+    assert teacher_forced_agreement(full, int8) >= 0.75
+
+
+@native_forward
+def test_int8_plan_and_lora_adapters_on_an_int8_base(tiny_llama_dir, lora_adapters):
+    """``quantization: int8`` runs on the native forward where it runs (else torch's int8 matmul and the
+    Python pass, as with eager attention); LoRA adapters on an int8 base keep their A and B in the model's
+    dtype, change the answers, and each (prompt, adapter) decodes the same alone and in a mixed batch."""
+    from transformers import AutoConfig
+
+    from runners.engine.loader import plan
+
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    assert str(plan(config, dtype="float32", forward="lean", quantization="int8")) == (
+        "float32, native forward, int8 matmuls, native attention")
+    assert plan(config, dtype="float32", forward="lean", quantization="int8", attention="eager").forward == "lean"
+    assert plan(config, dtype="float16", forward="lean", quantization="int8").forward == "lean"
+    dtype = "bfloat16" if native.runs(torch.bfloat16) else "float32"
+    lean = load_causal_lm(str(tiny_llama_dir), dtype=dtype, forward="lean", quantization="int8")
+    assert lean.native is not None
+    runner = ModelRunner(lean)
+    engine = LLMEngine(runner, max_num_seqs=16, max_model_len=256)
+    for name, path in lora_adapters.items():
+        engine.add_adapter(runner.adapters.read(name, path))
+    prompts = [[1, 7], [1, 20, 30, 40, 50], [1] + list(range(100, 131))]
+    rows = [(p, a) for p in prompts for a in (None, *lora_adapters)]
+    greedy = SamplingParams(max_tokens=N, temperature=0)
+    alone = [engine.generate(p, greedy, a) for p, a in rows]
+    assert engine.generate_batch([p for p, _ in rows], [greedy] * len(rows), [a for _, a in rows]) == alone
+    assert len({tuple(alone[i]) for i in range(3)}) == 3  # each adapter changed the answer
+    wrapped = next(layer for layer in runner.adapters.layers.values() if layer.rank)
+    assert wrapped.base.own.dtype == torch.int8 and wrapped.mm_a.own.dtype == getattr(torch, dtype)
 
 
 def test_models_outside_the_families_keep_transformers_forward(tiny_model_dir, tiny_llama_dir):

@@ -151,8 +151,10 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class LeanCausalLM(torch.nn.Module):
     """A transformers causal LM of a supported family (see :func:`unsupported`), run by BentoChat's own
     forward. Takes the model's weights (fusing some); ``model`` itself may be dropped afterwards.
-    ``int8``: every linear layer's weight is quantized to int8 (one scale per output channel) and
-    multiplied as int8 (``torch.ops.aten._weight_int8pack_mm``); the embeddings stay as they are.
+    ``int8``: every linear layer's weight is quantized to int8 and multiplied as int8: on BentoChat's int8
+    kernel (one scale per 32 inner elements of a feature, ``kernels/int8_linear.cpp``) and native forward
+    where they run, else on ``torch.ops.aten._weight_int8pack_mm`` (one scale per output channel); the
+    embeddings stay as they are.
     ``fused_attention``: the decode step attends with torch's fused kernel where :func:`fused_decode`
     says it may; otherwise with :func:`attend`, transformers' eager maths. ``matmul``: ``auto``, the
     matmuls on BentoChat's own kernels (:mod:`runners.engine.native`: bfloat16 on AMX, float32 on
@@ -194,8 +196,8 @@ class LeanCausalLM(torch.nn.Module):
 
     def _native_arguments(self) -> tuple | None:
         """The weights as BentoChat's native forward takes them (``kernels/forward.cpp``), where every
-        matmul runs on BentoChat's own kernels (bfloat16 on AMX or AVX-512 BF16, float32 on AVX-512;
-        fused attention, no int8); else None."""
+        matmul runs on BentoChat's own kernels (bfloat16 on AMX or AVX-512 BF16, float32 on AVX-512, int8
+        weights on AVX-512; fused attention); else None."""
         linears = self._matmuls()
         if any(linear.own is None for linear in linears):
             return None

@@ -3,7 +3,7 @@ runs on is decided once, here (``plan``), from its config, ``bentochat.yaml``'s 
 machine, and logged in one line; the model is then loaded and wrapped so.
 
 The forwards, fastest first: ``native`` (BentoChat's whole pass in one C++ call, ``kernels/forward.cpp``,
-on its own matmuls: bfloat16 on AMX or AVX-512 BF16, float32 on AVX-512), ``lean`` (BentoChat's Python
+on its own matmuls: bfloat16 on AMX or AVX-512 BF16, float32 on AVX-512, int8 weights on AVX-512), ``lean`` (BentoChat's Python
 pass, ``lean.py``: oneDNN's packed matmuls or int8, torch's fused attention in the decode step) and
 ``transformers`` (the model's own forward, for every other family, remote code, and weights spread over
 several GPUs).
@@ -56,7 +56,7 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str | None, on_gpu: bool, lean: 
 @dataclass(frozen=True)
 class Plan:
     """How one model runs: its dtype, forward (native, lean, transformers), matmul kernels (amx,
-    avx512-bf16, avx512 for BentoChat's own; onednn, int8, torch) and attention (native, fused, eager,
+    avx512-bf16, avx512, int8 for BentoChat's own on the native forward; onednn, int8 (torch's), torch) and attention (native, fused, eager,
     transformers), and why it is not on a faster forward."""
 
     dtype: torch.dtype
@@ -87,9 +87,12 @@ def plan(config, *, dtype: str = "auto", gpus: list[int] | tuple = (), spread: b
     torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None), bool(gpus), why is None)
     if why is not None:
         return Plan(torch_dtype, "transformers", "torch", "transformers", why)
+    native_forward = not gpus and matmul == "auto" and attention == "fused" and native.runs(torch_dtype)
     if quantization == "int8":
+        if native_forward:  # BentoChat's int8 kernel (kernels/int8_linear.cpp)
+            return Plan(torch_dtype, "native", "int8", "native")
         return Plan(torch_dtype, "lean", "int8", _python_attention(torch_dtype, gpus, attention))
-    if not gpus and matmul == "auto" and attention == "fused" and native.runs(torch_dtype):
+    if native_forward:
         kernels = "avx512" if torch_dtype == torch.float32 else "amx" if native.amx() else "avx512-bf16"
         return Plan(torch_dtype, "native", kernels, "native")
     why = ("matmul: onednn" if matmul != "auto" else "attention: eager" if attention != "fused" else
@@ -110,7 +113,8 @@ def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = N
                    quantization: str | None = None, attention: str = "fused", matmul: str = "auto"):
     """Load a stored causal LM onto the configured GPUs (FastChat's --gpus/--max-gpu-memory) or the CPU,
     as :func:`plan` decides: on BentoChat's lean forward (``lean.LeanCausalLM``, with ``forward="lean"``,
-    its weights in int8 with ``quantization="int8"``, FastChat's --load-8bit) or on transformers'."""
+    its weights in int8 with ``quantization="int8"``, FastChat's --load-8bit: on the native forward where it
+    runs, else on torch's int8 matmul and the Python pass) or on transformers'."""
     gpus = list(gpus or [])
     if gpus:
         # Pin this process to the configured GPUs before CUDA initializes; they are then cuda:0..n-1.
