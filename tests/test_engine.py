@@ -200,15 +200,17 @@ def check_prefix_reuse(model) -> list[list[int]]:
 PREFIXED = [SYSTEM + [5, 6, 7], SYSTEM + [8, 9], SYSTEM + [8, 9, 10, 11], SYSTEM, [5, 7], SYSTEM + list(range(60, 80))]
 
 
-def test_the_loaded_lean_model_keeps_nothing_of_the_checkpoint(tiny_llama_dir):
-    """transformers maps a safetensors checkpoint whole; once the lean forward holds its own copies, the
-    file is no longer mapped, and its answers are those of transformers' model on the same weights."""
+def test_the_loaded_lean_model_keeps_nothing_of_the_checkpoint(tiny_llama_dir, tmp_path):
+    """transformers maps a checkpoint's files whole; once the lean forward holds its own copies, they are
+    no longer mapped, and its answers are those of transformers' model on the same weights."""
+    import shutil
+
     from transformers import AutoModelForCausalLM
 
-    lean = load_causal_lm(str(tiny_llama_dir), forward="lean", dtype="float32", attention="eager",
-                          matmul="onednn")
+    checkpoint = shutil.copytree(tiny_llama_dir, tmp_path / "checkpoint")  # (mapped by this test's load only)
+    lean = load_causal_lm(str(checkpoint), forward="lean", dtype="float32", attention="eager", matmul="onednn")
     with open("/proc/self/maps") as maps:
-        assert str(tiny_llama_dir) not in maps.read()
+        assert str(checkpoint) not in maps.read()
     hf = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32,
                                               attn_implementation="eager").eval()
     engine = LLMEngine(ModelRunner(lean), max_num_seqs=4, max_model_len=256)

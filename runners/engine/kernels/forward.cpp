@@ -237,23 +237,29 @@ void attend(const T* q, const Columns<T>& keys, const Columns<T>& values, T* out
     }
 }
 
-// attend() on AMX, for head dimensions of 32 * CHUNKS: the scores of 16 columns at a time in one tile
-// multiply per 32 of the head dimension (the keys straight from the cache as A, the queries as B: 16
-// columns by up to 16 query heads), then per head, across its columns, the softmax and the weighted sum
-// of the values in float32 on AVX-512. buffer: see Attention.
+// attend() on AMX, for head dimensions of 32 * CHUNKS, for `rows` rows of one sequence at consecutive
+// positions (a prompt's, rows * groups <= 16; row i's query heads q[i], its result out[i], its columns
+// 0 .. lengths[i] - 1): the scores of 16 columns at a time in one tile multiply per 32 of the head
+// dimension (the keys straight from the cache as A, every row's query heads as B: 16 columns by up to
+// 16 queries), then per row and head, across that row's own columns, the softmax and the weighted sum of
+// the values in float32 on AVX-512. A score is the same whatever the other queries of its tile, so a row
+// gets the same bits alone and with others. buffer: see Attention.
 template <int CHUNKS>
-void attend_amx(const bf16* q, const Columns<bf16>& keys, const Columns<bf16>& values, bf16* out, int64_t groups,
-                int64_t length, float* tiles, float* probs, float* sums, bf16* qt, bf16* tail) {
+void attend_amx(const bf16* const* q, const int64_t* lengths, int64_t rows, const Columns<bf16>& keys,
+                const Columns<bf16>& values, bf16* const* out, int64_t groups, float* tiles, float* probs, float* sums,
+                bf16* qt, bf16* tail) {
   constexpr int64_t dim = 32 * CHUNKS;
-  // The queries transposed into B tiles: tile c, row r holds (head n, inner pair 32c + 2r, +1) for n < 16.
+  const int64_t queries = rows * groups, length = lengths[rows - 1];  // (the last row's is the longest)
+  // The queries transposed into B tiles: tile c, row r holds (query n, inner pair 32c + 2r, +1) for n < 16.
   std::fill_n(qt, 512 * CHUNKS, 0);
-  for (int64_t n = 0; n < groups; n++)
-    for (int64_t d = 0; d < dim; d++) qt[(d / 32) * 512 + (d % 32) / 2 * 32 + n * 2 + d % 2] = q[n * dim + d];
+  for (int64_t n = 0; n < queries; n++)
+    for (int64_t d = 0; d < dim; d++)
+      qt[(d / 32) * 512 + (d % 32) / 2 * 32 + n * 2 + d % 2] = q[n / groups][(n % groups) * dim + d];
   _tile_loadd(2, qt, 64);
   if constexpr (CHUNKS > 1) _tile_loadd(3, qt + 512, 64);
   if constexpr (CHUNKS > 2) _tile_loadd(4, qt + 1024, 64);
   if constexpr (CHUNKS > 3) _tile_loadd(5, qt + 1536, 64);
-  const int64_t stride = (length + 15) / 16 * 16;  // of probs: a head's columns
+  const int64_t stride = (length + 15) / 16 * 16;  // of probs: a query's columns
   const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(dim)));
   const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                             _mm512_set1_epi32(16));
@@ -269,18 +275,26 @@ void attend_amx(const bf16* q, const Columns<bf16>& keys, const Columns<bf16>& v
     if constexpr (CHUNKS > 2) { _tile_loadd(1, a + 64, dim * 2); _tile_dpbf16ps(0, 1, 4); }
     if constexpr (CHUNKS > 3) { _tile_loadd(1, a + 96, dim * 2); _tile_dpbf16ps(0, 1, 5); }
     _tile_stored(0, tiles, 64);  // [16 columns][16 heads]
-    for (int64_t g = 0; g < groups; g++)  // head g's 16 columns, scaled
-      _mm512_store_ps(probs + g * stride + j0, _mm512_mul_ps(_mm512_i32gather_ps(column, tiles + g, 4), scale));
+    for (int64_t n = 0; n < queries; n++)  // query n's 16 columns, scaled
+      _mm512_store_ps(probs + n * stride + j0, _mm512_mul_ps(_mm512_i32gather_ps(column, tiles + n, 4), scale));
   }
-  softmax(probs, stride, groups, length, sums);
-  weighted_sum<2 * CHUNKS>(probs, stride, sums, values, out, groups, length);
+  for (int64_t i = 0; i < rows; i++) {
+    float* own = probs + i * groups * stride;
+    softmax(own, stride, groups, lengths[i], sums);
+    weighted_sum<2 * CHUNKS>(own, stride, sums, values, out[i], groups, lengths[i]);
+  }
 }
 
-// attend() for one row and key-value head; in bfloat16 on AMX (``tiles``) where the head dimension is 32,
-// 64, 96 or 128 and there are at most 16 query heads per key-value head (tiles configured by the caller,
-// see configure_tiles).
+// attend() for rows of one sequence at consecutive positions and one key-value head: on AMX (``tiles``),
+// in bfloat16 where the head dimension is 32, 64, 96 or 128 and there are at most 16 query heads per
+// key-value head, up to 16 / groups rows in one pass over the keys (tiles configured by the caller, see
+// configure_tiles); elsewhere one row at a time.
 template <typename T>
 struct Attention {
+  static bool on_tiles(bool tiles, int64_t groups, int64_t dim) {
+    return tiles && std::is_same_v<T, bf16> && dim % 32 == 0 && dim <= 128 && groups <= 16;
+  }
+
   int64_t groups, dim;
   bool amx;
   std::vector<float> buffer;  // float scratch, aligned to 64 bytes within: the AMX path's tile and probabilities
@@ -288,23 +302,30 @@ struct Attention {
   std::vector<bf16> qt, tail;
 
   Attention(int64_t groups, int64_t dim, int64_t longest, bool tiles)
-      : groups(groups), dim(dim), amx(tiles && std::is_same_v<T, bf16> && dim % 32 == 0 && dim <= 128 && groups <= 16),
-        buffer(amx ? 16 + 256 + groups * ((longest + 15) / 16 * 16) : groups * longest), sums(groups),
+      : groups(groups), dim(dim), amx(on_tiles(tiles, groups, dim)),
+        buffer(amx ? 16 + 256 + 16 * ((longest + 15) / 16 * 16) : groups * longest), sums(groups),
         queries(amx ? 0 : groups * dim), qt(amx ? 512 * (dim / 32) : 0), tail(amx ? 16 * dim : 0) {}
 
-  void operator()(const T* q, const Columns<T>& keys, const Columns<T>& values, T* out, int64_t length) {
+  // rows of one sequence (row i's query heads q[i], its result out[i], its columns 0 .. lengths[i] - 1)
+  void operator()(const T* const* q, const int64_t* lengths, int64_t rows, const Columns<T>& keys,
+                  const Columns<T>& values, T* const* out) {
     if constexpr (std::is_same_v<T, bf16>) {
       if (amx) {
         float* tiles = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
         float* probs = tiles + 256;
+        auto a = sums.data();
         switch (dim / 32) {
-          case 1: return attend_amx<1>(q, keys, values, out, groups, length, tiles, probs, sums.data(), qt.data(), tail.data());
-          case 2: return attend_amx<2>(q, keys, values, out, groups, length, tiles, probs, sums.data(), qt.data(), tail.data());
-          case 3: return attend_amx<3>(q, keys, values, out, groups, length, tiles, probs, sums.data(), qt.data(), tail.data());
-          default: return attend_amx<4>(q, keys, values, out, groups, length, tiles, probs, sums.data(), qt.data(), tail.data());
+          case 1: return attend_amx<1>(q, lengths, rows, keys, values, out, groups, tiles, probs, a, qt.data(), tail.data());
+          case 2: return attend_amx<2>(q, lengths, rows, keys, values, out, groups, tiles, probs, a, qt.data(), tail.data());
+          case 3: return attend_amx<3>(q, lengths, rows, keys, values, out, groups, tiles, probs, a, qt.data(), tail.data());
+          default: return attend_amx<4>(q, lengths, rows, keys, values, out, groups, tiles, probs, a, qt.data(), tail.data());
         }
       }
     }
+    for (int64_t i = 0; i < rows; i++) one(q[i], keys, values, out[i], lengths[i]);
+  }
+
+  void one(const T* q, const Columns<T>& keys, const Columns<T>& values, T* out, int64_t length) {
     float* probs = buffer.data();
     if (dim % 16 == 0) switch (dim / 16) {
       case 1: return attend_fast<1>(q, keys, values, out, groups, length, probs, sums.data(), queries.data());
@@ -428,6 +449,14 @@ at::Tensor run(FORWARD_ARGUMENTS) {
   at::Tensor mixed = at::empty({rows, intermediate}, h.options());
   int64_t longest = 0;
   for (int64_t r = 0; r < rows; r++) longest = std::max(longest, pos[r] + 1);
+  // The rows that attend together: a prompt's consecutive rows, as many as make 16 queries on AMX tiles.
+  const int64_t together = Attention<T>::on_tiles(amx, groups, dim) ? 16 / groups : 1;
+  std::vector<int64_t> starts;
+  for (int64_t r = 0; r < rows; r++)
+    if (starts.empty() || r - starts.back() >= together || slot[r] != slot[r - 1] || pos[r] != pos[r - 1] + 1)
+      starts.push_back(r);
+  const int64_t blocks_of_rows = static_cast<int64_t>(starts.size());
+  starts.push_back(rows);
   // key-value head g of row r's sequence, in a layer's keys or values
   auto columns = [&](T* cache, int64_t r, int64_t g) {
     return Columns<T>{cache + g * block * dim, table + slot[r] * width, kv_heads * block * dim, shift, dim};
@@ -457,13 +486,21 @@ at::Tensor run(FORWARD_ARGUMENTS) {
         std::copy_n(row + (heads + kv_heads + g) * dim, dim, columns(vc, r, g)(pos[r]));
       }
     });
-    at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    // (a key-value head's range of blocks to each thread: late blocks of a prompt attend over more columns)
+    at::parallel_for(0, blocks_of_rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
       Attention<T> attention(groups, dim, longest, amx);
       if (attention.amx) configure_tiles();
+      const T* q[16];
+      T* out[16];
+      int64_t lengths[16];
       for (int64_t i = begin; i < end; i++) {
-        const int64_t r = i / kv_heads, g = i % kv_heads;
-        attention(data<T>(qkv) + r * qkv_width + g * groups * dim, columns(kc, r, g), columns(vc, r, g),
-                  data<T>(attended) + r * heads * dim + g * groups * dim, pos[r] + 1);
+        const int64_t b = i % blocks_of_rows, g = i / blocks_of_rows, r0 = starts[b], n = starts[b + 1] - r0;
+        for (int64_t j = 0; j < n; j++) {
+          q[j] = data<T>(qkv) + (r0 + j) * qkv_width + g * groups * dim;
+          out[j] = data<T>(attended) + (r0 + j) * heads * dim + g * groups * dim;
+          lengths[j] = pos[r0 + j] + 1;
+        }
+        attention(q, lengths, n, columns(kc, r0, g), columns(vc, r0, g), out);
       }
       if (attention.amx) _tile_release();
     });
