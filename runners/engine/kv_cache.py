@@ -1,4 +1,5 @@
-"""The running batch's KV cache, in the two model-side forms that can be batched, both
+"""The running batch's KV cache on every forward but the native pass (whose cache is paged,
+``block_manager.py``), in the two model-side forms that can be batched, both
 ``[batch, heads, length, head_dim]`` tensors per layer:
 - transformers' ``DynamicCache`` made only of full-attention ``DynamicLayer``s: the running batch's
   keys and values live in a ``SlotCache``, one preallocated slot per sequence, which each decode step

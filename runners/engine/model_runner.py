@@ -1,8 +1,8 @@
 """Owns the tensors: prefill (whole prompts together, a long one alone in chunks) and one decode step
-for the whole running batch, on the batch's KV cache (``kv_cache.py``; the native forward pass's is
-paged, ``block_manager.py``). Each row of a forward pass
-runs on its sequence's own LoRA adapter, or on none (``lora.Adapters``). The next token of each row is
-the sampler's (``sampler.py``)."""
+for the whole running batch, on the batch's KV cache (the native forward pass's is paged,
+``block_manager.py``; the others' ``kv_cache.py``). Each row of a forward pass runs on its sequence's
+own LoRA adapter, or on none (``lora.Adapters``). The next token of each row is the sampler's
+(``sampler.py``)."""
 
 from __future__ import annotations
 
