@@ -85,6 +85,29 @@ def decode_step(lean, rows: list[list[int]], native_pass: bool) -> torch.Tensor:
         lean.native = saved
 
 
+
+def random_rows() -> list[list[int]]:
+    """Eight token rows of lengths from 2 to 100, the same every call."""
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(1, 300, (n,), generator=generator).tolist() for n in (2, 7, 30, 65, 16, 100, 3, 41)]
+
+
+def assert_rows_alike(lean, rows: list[list[int]], together: torch.Tensor) -> list[list[int]]:
+    """On the native forward, each row's decode step alone gives the bits it got in the batch
+    (``together``), on one thread and on two; and the engine decodes each prompt in a batch as alone.
+    Returns the batch's answers."""
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert all(torch.equal(decode_step(lean, [rows[r]], True)[0], together[r]) for r in range(len(rows)))
+    finally:
+        torch.set_num_threads(before)
+    engine = LLMEngine(ModelRunner(lean), max_num_seqs=8, max_model_len=256)
+    answers = batched(lean)
+    assert answers == [engine.generate(p, SamplingParams(max_tokens=N, temperature=0)) for p in MIXED]
+    return answers
+
 @native_forward
 @pytest.mark.parametrize("kernels", [
     pytest.param("bfloat16 on AMX", marks=pytest.mark.skipif(not native.amx(), reason="no AMX")),
@@ -106,8 +129,7 @@ def test_the_native_forward_computes_the_python_forwards_maths(family, extra, ke
     model = tiny(family, dtype, **extra)
     lean = LeanCausalLM(model)
     assert lean.native is not None
-    generator = torch.Generator().manual_seed(0)
-    rows = [torch.randint(1, 300, (n,), generator=generator).tolist() for n in (2, 7, 30, 65, 16, 100, 3, 41)]
+    rows = random_rows()
     own, python = decode_step(lean, rows, True), decode_step(lean, rows, False)
     assert torch.equal(own.argmax(-1), python.argmax(-1))
     if dtype == torch.bfloat16:  # two roundings of float32's logits: no further from them than the other
@@ -116,16 +138,7 @@ def test_the_native_forward_computes_the_python_forwards_maths(family, extra, ke
         assert (own - reference).abs().mean() <= 1.25 * error and (own - python).abs().mean() <= 2 * error
     else:  # float32 sums in other orders
         assert torch.allclose(own, python, rtol=1e-4, atol=1e-4 * float(python.abs().max()))
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            assert all(torch.equal(decode_step(lean, [rows[r]], True)[0], own[r]) for r in range(len(rows)))
-    finally:
-        torch.set_num_threads(before)
-    engine = LLMEngine(ModelRunner(lean), max_num_seqs=8, max_model_len=256)
-    answers = batched(lean)
-    assert answers == [engine.generate(p, SamplingParams(max_tokens=N, temperature=0)) for p in MIXED]
+    answers = assert_rows_alike(lean, rows, own)
     if dtype == torch.float32:
         assert answers == [alone(model, p) for p in MIXED]
 
@@ -231,20 +244,10 @@ def test_int8_on_the_native_forward_decodes_each_prompt_as_alone_and_mostly_as_b
     model = tiny(family, torch.bfloat16)
     full, int8 = LeanCausalLM(model), LeanCausalLM(model, int8=True)
     assert int8.native is not None and all(w.dtype == torch.int8 for w in int8.native[0])
-    generator = torch.Generator().manual_seed(0)
-    rows = [torch.randint(1, 300, (n,), generator=generator).tolist() for n in (2, 7, 30, 65, 16, 100, 3, 41)]
+    rows = random_rows()
     together = decode_step(int8, rows, True)
     assert torch.equal(together.argmax(-1), decode_step(int8, rows, False).argmax(-1))  # (Python pass, same kernel)
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            assert all(torch.equal(decode_step(int8, [rows[r]], True)[0], together[r]) for r in range(len(rows)))
-    finally:
-        torch.set_num_threads(before)
-    engine = LLMEngine(ModelRunner(int8), max_num_seqs=8, max_model_len=256)
-    greedy = SamplingParams(max_tokens=N, temperature=0)
-    assert batched(int8) == [engine.generate(p, greedy) for p in MIXED]
+    assert_rows_alike(int8, rows, together)
     assert teacher_forced_agreement(full, int8) >= 0.75
 
 
