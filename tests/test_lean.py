@@ -26,12 +26,14 @@ native_forward = pytest.mark.skipif(native.ops() is None, reason="no native kern
 
 def tiny(family: str, dtype=torch.float32, intermediate: int = 96, scale: float = 0.3, **extra):
     """A random transformers model of ``family`` (eager attention, as the lean forward computes it),
-    with weights large enough that greedy choices are clear; ``extra`` overrides its config."""
+    with weights large enough that greedy choices are clear, and no end-of-sequence token (which
+    ``model.generate``'s ``min_new_tokens`` would forbid, and the engine would not); ``extra`` overrides
+    its config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     shape = dict(vocab_size=300, hidden_size=64, intermediate_size=intermediate, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                 tie_word_embeddings=False)
+                 tie_word_embeddings=False, eos_token_id=None)
     config = AutoConfig.for_model(family, **{**shape, **extra})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
@@ -115,14 +117,17 @@ def assert_rows_alike(lean, rows: list[list[int]], together: torch.Tensor) -> li
                                                                      reason="no AVX-512 BF16")),
     "float32"])
 @pytest.mark.parametrize("family,extra", [("llama", {}), ("qwen2", {}), ("qwen3", {}),
-                                          ("llama", {"head_dim": 24})])  # (a head not in whole vectors)
+                                          ("llama", {"head_dim": 24}),  # (a head not in whole vectors)
+                                          ("llama", {"head_dim": 64}), ("llama", {"head_dim": 96})])  # (AMX's)
 def test_the_native_forward_computes_the_python_forwards_maths(family, extra, kernels, monkeypatch):
     """BentoChat's native forward pass (every layer in one C++ call, on its own matmuls), which prefills
     and decodes bfloat16 models on AMX and float32 models on AVX-512, computes what the lean forward's
     Python path does: a decode step's logits within rounding of the Python step's (in bfloat16, as far
     from them as from float32's), the same greedy choices; a row gets the same bits alone and in any
     batch, on one thread and on two; and the engine decodes each prompt alone as in a batch, and in
-    float32 as ``model.generate`` does. (A CPU without AMX runs bfloat16 on AVX-512 BF16: forced here.)"""
+    float32 as ``model.generate`` does. (A CPU without AMX runs bfloat16 on AVX-512 BF16: forced here.
+    Attention runs on AMX tiles where the head dimension is a multiple of 32: 64 and 96 here, the second
+    in two passes of the weighted sum.)"""
     if kernels == "bfloat16 on AVX-512 BF16":
         monkeypatch.setattr(native, "amx", lambda: False)
     dtype = torch.float32 if kernels == "float32" else torch.bfloat16

@@ -14,7 +14,7 @@
 // the same order whatever the other rows or the thread count: a token gets the same bits alone, in any
 // batch, in a prompt's chunk of any size, and the same keys and values whether it was prefilled or
 // decoded. Attention sums in float32 over the row's own columns (0 .. its position), in column order,
-// wherever its blocks lie.
+// wherever its blocks lie (on AMX: the scores and the weighted sum as tile multiplies, see attend_amx).
 #include "kernels.h"
 
 #include <ATen/Functions.h>
@@ -237,17 +237,37 @@ void attend(const T* q, const Columns<T>& keys, const Columns<T>& values, T* out
     }
 }
 
+// Columns j0 .. j0 + 31 of the values (zeros past `length`), dimensions d0 .. d0 + 16 * chunks - 1, as
+// AMX B tiles: tile c, row r holds the pairs (column j0 + 2r, j0 + 2r + 1) of dimensions d0 + 16c + n, n < 16.
+inline void paired_values(const Columns<bf16>& values, int64_t j0, int64_t length, int64_t d0, int64_t chunks, bf16* vt) {
+  const __m512i even = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i odd = _mm512_add_epi16(even, _mm512_set1_epi16(16));
+  for (int64_t r = 0; r < 16; r++) {
+    const int64_t j = j0 + 2 * r;
+    for (int64_t c = 0; c < chunks; c += 2) {
+      const __m512i a = j < length ? _mm512_loadu_si512(values(j) + d0 + 16 * c) : _mm512_setzero_si512();
+      const __m512i b = j + 1 < length ? _mm512_loadu_si512(values(j + 1) + d0 + 16 * c) : _mm512_setzero_si512();
+      _mm512_storeu_si512(vt + c * 512 + r * 32, _mm512_permutex2var_epi16(a, even, b));
+      _mm512_storeu_si512(vt + (c + 1) * 512 + r * 32, _mm512_permutex2var_epi16(a, odd, b));
+    }
+  }
+}
+
 // attend() on AMX, for head dimensions of 32 * CHUNKS, for `rows` rows of one sequence at consecutive
 // positions (a prompt's, rows * groups <= 16; row i's query heads q[i], its result out[i], its columns
 // 0 .. lengths[i] - 1): the scores of 16 columns at a time in one tile multiply per 32 of the head
 // dimension (the keys straight from the cache as A, every row's query heads as B: 16 columns by up to
-// 16 queries), then per row and head, across that row's own columns, the softmax and the weighted sum of
-// the values in float32 on AVX-512. A score is the same whatever the other queries of its tile, so a row
-// gets the same bits alone and with others. buffer: see Attention.
+// 16 queries); per row and head, across that row's own columns, the softmax in float32 on AVX-512; then
+// the weighted sum of the values as tile multiplies too, 32 columns at a time: the probabilities rounded
+// to bfloat16 as A (as PyTorch's flash attention does in bfloat16), the values paired as B, sums in
+// float32 tiles of 16 queries by 16 dimensions. Each row of a tile multiply is that query's alone, and a
+// query's columns past its own are zeros, so a row gets the same bits alone and with others. buffer: see
+// Attention.
 template <int CHUNKS>
 void attend_amx(const bf16* const* q, const int64_t* lengths, int64_t rows, const Columns<bf16>& keys,
                 const Columns<bf16>& values, bf16* const* out, int64_t groups, float* tiles, float* probs, float* sums,
-                bf16* qt, bf16* tail) {
+                bf16* qt, bf16* tail, bf16* pt, bf16* vt) {
   constexpr int64_t dim = 32 * CHUNKS;
   const int64_t queries = rows * groups, length = lengths[rows - 1];  // (the last row's is the longest)
   // The queries transposed into B tiles: tile c, row r holds (query n, inner pair 32c + 2r, +1) for n < 16.
@@ -278,10 +298,34 @@ void attend_amx(const bf16* const* q, const int64_t* lengths, int64_t rows, cons
     for (int64_t n = 0; n < queries; n++)  // query n's 16 columns, scaled
       _mm512_store_ps(probs + n * stride + j0, _mm512_mul_ps(_mm512_i32gather_ps(column, tiles + n, 4), scale));
   }
-  for (int64_t i = 0; i < rows; i++) {
-    float* own = probs + i * groups * stride;
-    softmax(own, stride, groups, lengths[i], sums);
-    weighted_sum<2 * CHUNKS>(own, stride, sums, values, out[i], groups, lengths[i]);
+  // The probabilities as A: query n's row in bfloat16, zeros past its columns (and in rows past the queries).
+  const int64_t width = (length + 31) / 32 * 32;
+  for (int64_t n = 0; n < 16; n++) {
+    bf16* row = pt + n * width;
+    const int64_t own = n < queries ? lengths[n / groups] : 0;
+    if (n < queries) softmax(probs + n * stride, stride, 1, own, sums + n);
+    for (int64_t j = 0; j < width; j += 32) {
+      const __m512 lo = _mm512_maskz_loadu_ps(first(std::max<int64_t>(0, own - j)), probs + n * stride + j);
+      const __m512 hi = _mm512_maskz_loadu_ps(first(std::max<int64_t>(0, own - j - 16)), probs + n * stride + j + 16);
+      _mm512_storeu_si512(row + j, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+  }
+  for (int64_t d0 = 0; d0 < dim; d0 += 64) {  // 64 dimensions (four result tiles) at a time
+    const int64_t chunks = std::min<int64_t>(4, (dim - d0) / 16);
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int64_t j0 = 0; j0 < length; j0 += 32) {
+      paired_values(values, j0, length, d0, chunks, vt);
+      _tile_loadd(4, pt + j0, width * 2);
+      _tile_loadd(5, vt, 64); _tile_dpbf16ps(0, 4, 5);
+      _tile_loadd(5, vt + 512, 64); _tile_dpbf16ps(1, 4, 5);
+      if (chunks > 2) { _tile_loadd(5, vt + 1024, 64); _tile_dpbf16ps(2, 4, 5); _tile_loadd(5, vt + 1536, 64); _tile_dpbf16ps(3, 4, 5); }
+    }
+    _tile_stored(0, probs, 64); _tile_stored(1, probs + 256, 64);  // [16 queries][16 dimensions] each
+    if (chunks > 2) { _tile_stored(2, probs + 512, 64); _tile_stored(3, probs + 768, 64); }
+    for (int64_t n = 0; n < queries; n++)
+      for (int64_t c = 0; c < chunks; c++)
+        store(out[n / groups] + (n % groups) * dim + d0 + 16 * c,
+              _mm512_div_ps(_mm512_load_ps(probs + c * 256 + n * 16), _mm512_set1_ps(sums[n])), 0xFFFF);
   }
 }
 
@@ -299,12 +343,13 @@ struct Attention {
   bool amx;
   std::vector<float> buffer;  // float scratch, aligned to 64 bytes within: the AMX path's tile and probabilities
   std::vector<float> sums, queries;
-  std::vector<bf16> qt, tail;
+  std::vector<bf16> qt, tail, pt, vt;  // (the AMX path's tiles in memory)
 
   Attention(int64_t groups, int64_t dim, int64_t longest, bool tiles)
       : groups(groups), dim(dim), amx(on_tiles(tiles, groups, dim)),
-        buffer(amx ? 16 + 256 + 16 * ((longest + 15) / 16 * 16) : groups * longest), sums(groups),
-        queries(amx ? 0 : groups * dim), qt(amx ? 512 * (dim / 32) : 0), tail(amx ? 16 * dim : 0) {}
+        buffer(amx ? 16 + 256 + std::max<int64_t>(1024, 16 * ((longest + 15) / 16 * 16)) : groups * longest),
+        sums(amx ? 16 : groups), queries(amx ? 0 : groups * dim), qt(amx ? 512 * (dim / 32) : 0),
+        tail(amx ? 16 * dim : 0), pt(amx ? 16 * ((longest + 31) / 32 * 32) : 0), vt(amx ? 2048 : 0) {}
 
   // rows of one sequence (row i's query heads q[i], its result out[i], its columns 0 .. lengths[i] - 1)
   void operator()(const T* const* q, const int64_t* lengths, int64_t rows, const Columns<T>& keys,
@@ -315,10 +360,10 @@ struct Attention {
         float* probs = tiles + 256;
         auto a = sums.data();
         switch (dim / 32) {
-          case 1: return attend_amx<1>(q, lengths, rows, keys, values, out, groups, tiles, probs, a, qt.data(), tail.data());
-          case 2: return attend_amx<2>(q, lengths, rows, keys, values, out, groups, tiles, probs, a, qt.data(), tail.data());
-          case 3: return attend_amx<3>(q, lengths, rows, keys, values, out, groups, tiles, probs, a, qt.data(), tail.data());
-          default: return attend_amx<4>(q, lengths, rows, keys, values, out, groups, tiles, probs, a, qt.data(), tail.data());
+          case 1: return attend_amx<1>(q, lengths, rows, keys, values, out, groups, tiles, probs, a, qt.data(), tail.data(), pt.data(), vt.data());
+          case 2: return attend_amx<2>(q, lengths, rows, keys, values, out, groups, tiles, probs, a, qt.data(), tail.data(), pt.data(), vt.data());
+          case 3: return attend_amx<3>(q, lengths, rows, keys, values, out, groups, tiles, probs, a, qt.data(), tail.data(), pt.data(), vt.data());
+          default: return attend_amx<4>(q, lengths, rows, keys, values, out, groups, tiles, probs, a, qt.data(), tail.data(), pt.data(), vt.data());
         }
       }
     }
