@@ -222,6 +222,21 @@ def test_shared_prompt_prefix_is_reused_with_unchanged_output(model):
     assert check_prefix_reuse(model) == [generate_alone(model, p, 12) for p in PREFIXED]
 
 
+def test_prompts_arriving_together_share_their_common_prefix(model):
+    """Two prompts with a 40-token document in common, added together: the second waits for the first's
+    prompt to be cached instead of computing the same blocks in the same step, then starts from it;
+    both answer as alone."""
+    runner = ModelRunner(model)
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    document = list(range(100, 140))
+    prompts = [document + [7, 8], document + [9, 10, 11]]
+    alone = [LLMEngine(runner, max_num_seqs=4, max_model_len=256).generate(p, greedy) for p in prompts]
+    engine = LLMEngine(runner, max_num_seqs=4, max_model_len=256, max_prefill_tokens=128, prefix_cache_tokens=256)
+    assert engine.generate_batch(prompts, [greedy] * 2) == alone
+    whole = engine.scheduler.prefix_cache.granularity
+    assert engine.stats()["prefix_cache_hit_tokens"] == 40 // whole * whole
+
+
 def test_shared_prompt_prefix_is_reused_with_remote_code_tuple_cache(remote_model):
     check_prefix_reuse(remote_model)
 

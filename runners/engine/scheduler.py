@@ -1,7 +1,9 @@
 """Which sequences take part in the next step: every running sequence decodes one token, and waiting
 sequences are admitted and prefilled within a per-step token budget, so a long prompt never stalls
 the batch. Admission starts a prompt from the longest prefix in the prefix cache, which keeps the KV
-of earlier prompts (as nano-vllm's scheduler owns its block manager).
+of earlier prompts (as nano-vllm's scheduler owns its block manager); a prompt that shares a block or
+more with one being prefilled in the same step waits for that one to be cached instead of computing the
+same keys and values again.
 
 On the paged cache (``block_manager.py``) the scheduler also hands out its blocks: a running sequence
 gets a block for its next token first, and a waiting one is admitted only as far as free blocks hold
@@ -18,6 +20,16 @@ from collections.abc import Callable
 from runners.engine.block_manager import BLOCK, BlockPool, blocks_for
 from runners.engine.kv_cache import kv_bytes
 from runners.engine.sequence import Sequence, SequenceStatus
+
+
+def _shared(a: list[int], b: list[int]) -> int:
+    """How many tokens two prompts share from their start."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class Scheduler:
@@ -63,6 +75,10 @@ class Scheduler:
                     seq.cache = kept
             if budget <= 0:
                 continue  # a sequence admitted now keeps its cached prefix until its turn
+            if self.prefix_cache is not None and any(
+                    other.adapter == seq.adapter and _shared(seq.prompt_ids, other.prompt_ids) - seq.num_cached >= BLOCK
+                    for other, _ in prefills):
+                break  # it waits for the prompt before it to be cached rather than compute the same blocks
             n = min(seq.num_tokens - seq.num_cached, budget)
             if self.pool is not None and not self._take(seq, blocks_for(seq.num_cached + n) - len(seq.blocks)):
                 break  # in arrival order: the next ones wait for blocks too
