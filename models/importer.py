@@ -4,7 +4,9 @@ Sources: a local Hugging Face directory (safetensors, or sharded ``*.bin`` with
 ``pytorch_model.bin.index.json``), a hub id (only when the machine can reach the hub), or a
 ``.gguf`` file. Whatever the source, the stored model is config + safetensors weights + tokenizer
 files + ``generation_config.json`` (+ the model's own ``*.py`` with ``trust_remote_code``), so
-loading it later needs neither the network nor a conversion.
+loading it later needs neither the network nor a conversion. A GGUF file's Q8_0 linear weights stay in
+int8, and ``--quantize int8`` stores any model's so (``runners/engine/loader.py``'s
+``from_int8_checkpoint`` reads them).
 
 A PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors`` or ``.bin``)
 is stored the same way, as ``adapter_config.json`` + ``adapter_model.safetensors``, with its base
@@ -42,11 +44,16 @@ class ImportFailed(RuntimeError):
     pass
 
 
-def import_model(source: str, name: str, *, trust_remote_code: bool = False, base: str | None = None
-                 ) -> bentoml.Model:
-    """Import ``source`` into the store under ``name``; return the stored model."""
+def import_model(source: str, name: str, *, trust_remote_code: bool = False, base: str | None = None,
+                 quantize: str | None = None) -> bentoml.Model:
+    """Import ``source`` into the store under ``name``; return the stored model. ``quantize="int8"``:
+    its linear layers' weights stored in int8 (:func:`_quantize`)."""
     path = Path(source).expanduser()
+    if quantize not in (None, "int8"):
+        raise ImportFailed(f"--quantize {quantize}: only int8 is known")
     if path.is_dir() and (path / "adapter_config.json").is_file():
+        if quantize:
+            raise ImportFailed("--quantize is for models; a LoRA adapter is stored as it is")
         return import_adapter(path, name, base)
     if base is not None:
         raise ImportFailed(f"--base is for LoRA adapters; {source} has no adapter_config.json")
@@ -64,9 +71,11 @@ def import_model(source: str, name: str, *, trust_remote_code: bool = False, bas
         raise ImportFailed(f"{source} does not exist (expected a directory, a .gguf file or a hub id)")
 
     with tempfile.TemporaryDirectory(prefix="bentochat-import-") as staging, \
-            _steps(f"importing {name}", steps + 1) as step:
+            _steps(f"importing {name}", steps + 1 + bool(quantize)) as step:
         staged = Path(staging)
         builder(staged, step)
+        if quantize:
+            _quantize(staged, step)
         step("storing")
         metadata = describe(staged, origin, trust_remote_code)
         with bentoml.models.create(name, metadata=metadata, labels={"kind": metadata["kind"]}) as ref:
@@ -142,22 +151,108 @@ def _read_json(path: Path) -> dict:
 
 
 def _from_gguf(path: Path, dst: Path, trust_remote_code: bool, step) -> None:
-    """Dequantize a GGUF file with transformers and save it as safetensors."""
+    """A GGUF file as config + tokenizer + safetensors. A linear layer's Q8_0 weight (for the lean
+    forward's families) is kept as it is: its int8 values and its scales (float16, stored as float32;
+    ``runners.engine.native.Int8Weight``); every other tensor is dequantized to float32. The names and
+    the llama.cpp layout of q and k are transformers' (its GGUF tensor map and processors)."""
     step("loading transformers")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType, GGUFReader, dequantize
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                          get_gguf_hf_weights_map, read_field)
+
+    from runners.engine.loader import SCALE_SUFFIX, STORED_QUANTIZATION, unsupported
 
     kwargs = {"gguf_file": path.name, "trust_remote_code": trust_remote_code}
-    step("reading the GGUF tokenizer")
+    step("reading the GGUF tokenizer and config")  # most of it parsing the file's metadata, twice
     tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
-    step("reading and dequantizing the GGUF weights")  # most of it parsing the file's metadata, twice
-    model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs)
-    # The tensors are dequantized already; drop the GGUF marker so they save as plain weights.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    config = AutoConfig.from_pretrained(path.parent, **kwargs)
+    step("reading the GGUF weights")
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    reader = GGUFReader(path)
+    processor = TENSOR_PROCESSORS.get(read_field(reader, "general.architecture")[0], TensorProcessor)(
+        config=config.to_dict())
+    names = get_gguf_hf_weights_map(skeleton, processor)
+    keep = set() if unsupported(config) else _linear_weights(skeleton)
+    tensors = {}
+    for tensor in tqdm(reader.tensors, desc="reading GGUF tensors", unit="tensor"):
+        name = names.get(tensor.name)
+        if name is None:
+            continue
+        if name in keep and tensor.tensor_type == GGMLQuantizationType.Q8_0:
+            blocks = np.asarray(tensor.data).reshape(-1, 34)  # per 32 weights: a float16 scale, 32 int8
+            rows = int(tensor.shape[-1]) if len(tensor.shape) > 1 else 1
+            q = blocks[:, 2:].copy().view(np.int8).reshape(rows, -1)
+            scales = blocks[:, :2].copy().view(np.float16).reshape(rows, -1).astype(np.float32)
+            tensors[name] = torch.from_numpy(np.ascontiguousarray(processor.process(weights=q, name=tensor.name).weights))
+            tensors[name + SCALE_SUFFIX] = torch.from_numpy(
+                np.ascontiguousarray(processor.process(weights=scales, name=tensor.name).weights))
+        else:
+            weights = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name).weights
+            tensors[name] = torch.from_numpy(np.array(weights, dtype=np.float32))  # (a copy: not the file's pages)
     step("writing safetensors")
-    model.save_pretrained(dst, safe_serialization=True)
+    config.architectures, config.dtype = [type(skeleton).__name__], torch.float32
+    if any(name.endswith(SCALE_SUFFIX) for name in tensors):
+        setattr(config, STORED_QUANTIZATION, "int8")
+    _save_weights(tensors, dst / "model.safetensors")
+    config.save_pretrained(dst)
+    GenerationConfig.from_model_config(config).save_pretrained(dst)
     tokenizer.save_pretrained(dst)
+
+
+def _linear_weights(model) -> set[str]:
+    """The names of a transformers model's linear layers' weights (those int8 may hold)."""
+    import torch
+
+    return {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
+def _save_weights(tensors: dict, file: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def _quantize(dst: Path, step) -> None:
+    """The stored model's linear layers' weights in int8 (``runners.engine.native.quantize_int8``: one
+    scale per 32 inner elements of a feature, as GGUF's Q8_0), each beside its ``weight_scale``, shard
+    by shard, one tensor in float32 at a time; config.json says so. A weight already in int8 stays."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from runners.engine.loader import SCALE_SUFFIX, STORED_QUANTIZATION, unsupported
+    from runners.engine.native import GROUP, quantize_int8
+
+    config = AutoConfig.from_pretrained(dst)
+    why = unsupported(config)
+    if why is not None:
+        raise ImportFailed(f"--quantize int8 runs on the lean forward; this model cannot ({why})")
+    with torch.device("meta"):
+        linear = _linear_weights(AutoModelForCausalLM.from_config(config))
+    step("quantizing the weights to int8")
+    index_file = dst / "model.safetensors.index.json"
+    index = _read_json(index_file)
+    for file in _progress(sorted(dst.glob("*.safetensors")), "quantizing weights"):
+        tensors = {}
+        with safe_open(file, framework="pt") as f:
+            names = set(f.keys())
+            for name in names:
+                tensor = f.get_tensor(name)
+                if name in linear and tensor.dim() == 2 and tensor.shape[1] % GROUP == 0 and \
+                        name + SCALE_SUFFIX not in names:
+                    tensor, tensors[name + SCALE_SUFFIX] = quantize_int8(tensor)
+                    if index:
+                        index["weight_map"][name + SCALE_SUFFIX] = file.name
+                tensors[name] = tensor
+        _save_weights(tensors, file)
+    if index:
+        index_file.write_text(json.dumps(index, indent=2))
+    setattr(config, STORED_QUANTIZATION, "int8")
+    config.save_pretrained(dst)
 
 
 def _from_directory(src: Path, dst: Path, trust_remote_code: bool, step) -> None:

@@ -34,7 +34,9 @@ class Linear:
     """``y = x W^T + b``, with the weight packed for BentoChat's own kernels where ``own`` asks and they
     run, else for oneDNN on the CPU (see :func:`packs`). ``int8``: the weight quantized to int8, for
     BentoChat's int8 kernel where ``own`` asks and it runs (one scale per 32 inner elements of a feature,
-    :func:`native.pack_int8`), else for torch's ``_weight_int8pack_mm`` (one scale per feature).
+    :func:`native.pack_int8`), else for torch's ``_weight_int8pack_mm`` (one scale per feature). A weight
+    stored in int8 (``native.Int8Weight``) runs in int8 so: packed as it is for BentoChat's kernel, else
+    dequantized and quantized per feature.
 
     In bfloat16, oneDNN's kernels give a row the same result in any batch only on small enough products
     (measured on the two CPU kinds this project runs on, over shapes from 32 to 3072 output features and
@@ -50,15 +52,18 @@ class Linear:
 
     K_BLOCK, ROW_BLOCK = 1024, 32
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, int8: bool = False,
-                 own: bool = False):
+    def __init__(self, weight: torch.Tensor | native.Int8Weight, bias: torch.Tensor | None = None,
+                 int8: bool = False, own: bool = False):
         self.bias = bias
-        self.int8 = int8
+        self.int8 = int8 or isinstance(weight, native.Int8Weight)
+        int8 = self.int8
         self.row_block = None
         self.own = None  # the weight packed for BentoChat's own matmul (native.py), where ``own`` asks and it runs
-        if own and weight.device.type == "cpu" and native.runs(weight.dtype):
+        if own and (isinstance(weight, native.Int8Weight) or weight.device.type == "cpu") and native.runs(weight.dtype):
             self.own = native.pack_int8(weight) if int8 else native.pack(weight)
             self.out, self.own_bias = weight.shape[0], native.pad_bias(bias, weight.shape[0])
+        elif isinstance(weight, native.Int8Weight):  # (stored in int8: for torch's int8 matmul, one scale per feature)
+            weight = weight.dequantize()
         self.packed = self.own is None and packs(weight) and not int8
         if int8 and self.own is None:  # symmetric, one scale per output channel
             scales = weight.float().abs().amax(dim=1).clamp(min=1e-8) / 127
@@ -98,11 +103,18 @@ class Linear:
 
 def fused_linear(*modules, **options) -> Linear:
     """One ``Linear`` computing the outputs of several of transformers' ``nn.Linear`` modules that take the
-    same input (q, k and v; gate and up), their weights stacked, in order."""
-    weight = torch.cat([m.weight.detach() for m in modules]) if len(modules) > 1 else modules[0].weight.detach()
+    same input (q, k and v; gate and up), their weights stacked, in order (in int8 where one of them is
+    stored so, ``native.Int8Weight``)."""
+    weights = [m.weight if isinstance(m.weight, native.Int8Weight) else m.weight.detach() for m in modules]
+    if any(isinstance(w, native.Int8Weight) for w in weights):  # (a stored int8 model's)
+        weights = [w if isinstance(w, native.Int8Weight) else native.Int8Weight.of(w) for w in weights]
+        weight = native.Int8Weight.cat(weights)
+    else:
+        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
     biases = [m.bias for m in modules]
-    bias = None if all(b is None for b in biases) else torch.cat(
-        [b.detach() if b is not None else m.weight.new_zeros(m.weight.shape[0]) for m, b in zip(modules, biases)])
+    known = next((b for b in biases if b is not None), None)
+    bias = None if known is None else torch.cat(
+        [b.detach() if b is not None else known.new_zeros(m.weight.shape[0]) for m, b in zip(modules, biases)])
     return Linear(weight, bias, **options)
 
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -27,6 +29,9 @@ from runners.engine.linear import cpu_bf16, packs
 logger = logging.getLogger("bentochat.engine")
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# A stored model whose config.json names this key holds its linear layers' weights in that quantization
+# (``int8``: each ``weight`` beside its ``weight_scale``, see from_int8_checkpoint); models/importer.py writes it.
+STORED_QUANTIZATION, SCALE_SUFFIX = "bentochat_quantization", "_scale"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -122,6 +127,11 @@ def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = N
         if not torch.cuda.is_available():
             raise RuntimeError(f"gpus {gpus} are configured but CUDA is not available in this process")
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    stored = getattr(config, STORED_QUANTIZATION, None)
+    if stored is not None:  # (weights stored in int8 run so)
+        if quantization not in (None, stored):
+            raise ValueError(f"{path} is stored in {stored}; quantization: {quantization} cannot run it")
+        quantization = stored
     spread = len(gpus) > 1 or bool(max_gpu_memory)
     chosen = plan(config, dtype=dtype, gpus=gpus, spread=spread, forward=forward, quantization=quantization,
                   attention=attention, matmul=matmul)
@@ -130,7 +140,10 @@ def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = N
         kwargs["device_map"] = "auto"
         if max_gpu_memory:
             kwargs["max_memory"] = {i: max_gpu_memory for i in range(len(gpus))}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if stored is not None:
+        model = from_int8_checkpoint(path, config, chosen.dtype, trust_remote_code, dequantize=bool(gpus))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if len(gpus) == 1 and not max_gpu_memory:
         model.to("cuda:0")
     model.eval()
@@ -143,6 +156,58 @@ def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = N
     del model  # the checkpoint's tensors: the lean forward holds its own copies (packed)
     return_freed_memory()
     return lean
+
+
+def from_int8_checkpoint(path: str, config, dtype: torch.dtype, trust_remote_code: bool, dequantize: bool = False):
+    """The transformers model of a checkpoint stored in int8 (``models/importer.py``: GGUF's Q8_0 kept, or
+    quantized at import): each linear layer's ``weight`` in int8 beside its ``weight_scale``, read as
+    ``native.Int8Weight`` (``dequantize``: as the dtype's weight, for a GPU), the other tensors in
+    ``dtype``. transformers cannot load those; the model is made without memory (meta) and filled here."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    for file in sorted(Path(path).glob("*.safetensors")):
+        tensors = mapped_tensors(file)
+        for name in sorted(n for n in tensors if not n.endswith(SCALE_SUFFIX)):
+            holder, attr = name.rsplit(".", 1)
+            module, tensor = model.get_submodule(holder), tensors[name]
+            if name + SCALE_SUFFIX in tensors:
+                tensor = native.Int8Weight(tensor, tensors[name + SCALE_SUFFIX], dtype)
+                if not dequantize:
+                    del module._parameters[attr]
+                    setattr(module, attr, tensor)
+                    continue
+                tensor = tensor.dequantize()
+            module._parameters[attr] = torch.nn.Parameter(tensor.to(dtype), requires_grad=False)
+    model.tie_weights()
+    rotary = model.model.rotary_emb  # (its tables are not stored: made again from the config)
+    model.model.rotary_emb = type(rotary)(config=model.config)
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return model
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8,
+                      "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
+
+
+def mapped_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors as views of its private mapping, as transformers loads them: read
+    from the file as they are used, nothing copied (CheckpointPages drops their pages once packed)."""
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    data = torch.empty(0, dtype=torch.uint8).set_(
+        torch.UntypedStorage.from_file(str(file), shared=False, nbytes=file.stat().st_size))
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = (8 + length + offset for offset in entry["data_offsets"])
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        raw = data[start:end] if start % dtype.itemsize == 0 else data[start:end].clone()  # (views stay aligned)
+        tensors[name] = raw.view(dtype).view(entry["shape"])
+    return tensors
 
 
 class CheckpointPages:
@@ -166,7 +231,12 @@ class CheckpointPages:
         self.madvise = ctypes.CDLL(None, use_errno=True).madvise if self.files else None
 
     def __call__(self, module: torch.nn.Module) -> None:
-        for tensor in module.parameters():
+        tensors = list(module.parameters())
+        for linear in module.modules():  # (a stored int8 model's weights, packed now)
+            if isinstance(getattr(linear, "weight", None), native.Int8Weight):
+                tensors += [linear.weight.q, linear.weight.scales]
+                linear.weight = None
+        for tensor in tensors:
             start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes
             if not any(a <= start and end <= b for a, b in self.files):
                 continue

@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -149,23 +150,63 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return w.view(panels, 4, 16, chunks, 16, 2).permute(0, 3, 1, 4, 2, 5).contiguous()
 
 
-def pack_int8(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` [out, in] quantized for ``int8_linear``: symmetric int8, one float32 scale (absmax / 127)
-    per group of ``GROUP`` inner elements of each output feature, zero-padded to panels of ``LANES``
-    features and whole groups. An int8 tensor [panels, groups, 576]: per panel and group the 32 x 16
-    weights (inner element i's 16 features at bytes 16 i ..), then the 16 features' scales (float32, as
-    bytes). Quantized a few thousand features at a time (a float32 copy of a whole lm_head is large)."""
+@dataclass
+class Int8Weight:
+    """A linear layer's weight kept in int8, as a stored model holds it (GGUF's Q8_0 kept at import, or
+    quantized at import): values [out, groups * GROUP] and float32 scales [out, groups], one per GROUP
+    inner elements of a feature (:func:`quantize_int8`'s). ``dtype``: the model's, for
+    :meth:`dequantize` and for the kernels that run it."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> Int8Weight:
+        return cls(*quantize_int8(weight), weight.dtype)
+
+    @classmethod
+    def cat(cls, weights: list[Int8Weight]) -> Int8Weight:
+        return cls(torch.cat([w.q for w in weights]), torch.cat([w.scales for w in weights]), weights[0].dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        out, groups = self.scales.shape
+        return (self.q.view(out, groups, GROUP).float() * self.scales[..., None].float()).view(out, -1).to(self.dtype)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` [out, in] in int8 [out, groups * GROUP] (zero-padded to whole groups) with float32
+    scales [out, groups]: symmetric, one scale (absmax / 127) per GROUP inner elements of a feature, as
+    GGUF's Q8_0 (whose scales are float16: such a weight quantizes back to itself)."""
+    out, inner = weight.shape
+    groups = -(-inner // GROUP)
+    w = F.pad(weight.float(), (0, groups * GROUP - inner)).view(out, groups, GROUP)
+    scales = w.abs().amax(dim=-1) / 127
+    q = (w / scales.clamp(min=1e-30)[..., None]).round_().clamp_(-127, 127).to(torch.int8)
+    return q.view(out, groups * GROUP), scales
+
+
+def pack_int8(weight: torch.Tensor | Int8Weight) -> torch.Tensor:
+    """``weight`` [out, in] for ``int8_linear``, quantized by :func:`quantize_int8` (or already, an
+    :class:`Int8Weight`), zero-padded to panels of ``LANES`` features. An int8 tensor
+    [panels, groups, 576]: per panel and group the 32 x 16 weights (inner element i's 16 features at
+    bytes 16 i ..), then the 16 features' scales (float32, as bytes). Quantized a few thousand features
+    at a time (a float32 copy of a whole lm_head is large)."""
     out, inner = weight.shape
     panels, groups = -(-out // LANES), -(-inner // GROUP)
     packed = torch.empty(panels, groups, GROUP * LANES + 4 * LANES, dtype=torch.int8)
     step = 256  # panels at a time
     for first in range(0, panels, step):
         last = min(panels, first + step)
-        w = weight[first * LANES:last * LANES].float()
-        w = F.pad(w, (0, groups * GROUP - inner, 0, (last - first) * LANES - len(w)))
-        w = w.view(last - first, LANES, groups, GROUP)
-        scales = w.abs().amax(dim=-1) / 127  # [panels, 16, groups]
-        q = (w / scales.clamp(min=1e-30)[..., None]).round_().clamp_(-127, 127).to(torch.int8)
+        rows = slice(first * LANES, last * LANES)
+        q, scales = (weight.q[rows], weight.scales[rows]) if isinstance(weight, Int8Weight) else \
+            quantize_int8(weight[rows])
+        q = F.pad(q, (0, 0, 0, (last - first) * LANES - len(q))).view(last - first, LANES, groups, GROUP)
+        scales = F.pad(scales.float(), (0, 0, 0, (last - first) * LANES - len(scales))).view(last - first, LANES, groups)
         packed[first:last, :, :GROUP * LANES] = q.permute(0, 2, 3, 1).reshape(last - first, groups, GROUP * LANES)
         packed[first:last, :, GROUP * LANES:] = scales.transpose(1, 2).contiguous().view(torch.int8)
     return packed
