@@ -151,10 +151,12 @@ def _read_json(path: Path) -> dict:
 
 
 def _from_gguf(path: Path, dst: Path, trust_remote_code: bool, step) -> None:
-    """A GGUF file as config + tokenizer + safetensors. A linear layer's Q8_0 weight (for the lean
-    forward's families) is kept as it is: its int8 values and its scales (float16, stored as float32;
+    """A GGUF file as config + tokenizer + safetensors. For the lean forward's families, a linear
+    layer's Q8_0 weight is kept as it is: its int8 values and its scales (float16, stored as float32;
     ``runners.engine.native.Int8Weight``); every other tensor is dequantized to float32. The names and
-    the llama.cpp layout of q and k are transformers' (its GGUF tensor map and processors)."""
+    the llama.cpp layout of q and k are transformers' (its GGUF tensor map and processors). A file of
+    another architecture is dequantized whole by transformers (whose processors for some of them merge
+    or rename tensors)."""
     step("loading transformers")
     import numpy as np
     import torch
@@ -170,13 +172,22 @@ def _from_gguf(path: Path, dst: Path, trust_remote_code: bool, step) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
     config = AutoConfig.from_pretrained(path.parent, **kwargs)
     step("reading the GGUF weights")
+    if unsupported(config):
+        model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs)
+        model.hf_quantizer = None  # (dequantized already: saved as plain weights)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        step("writing safetensors")
+        model.save_pretrained(dst, safe_serialization=True)
+        tokenizer.save_pretrained(dst)
+        return
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     reader = GGUFReader(path)
     processor = TENSOR_PROCESSORS.get(read_field(reader, "general.architecture")[0], TensorProcessor)(
         config=config.to_dict())
     names = get_gguf_hf_weights_map(skeleton, processor)
-    keep = set() if unsupported(config) else _linear_weights(skeleton)
+    keep = _linear_weights(skeleton)
     tensors = {}
     for tensor in tqdm(reader.tensors, desc="reading GGUF tensors", unit="tensor"):
         name = names.get(tensor.name)
