@@ -90,8 +90,10 @@ class ServedModel(BaseModel):
         "forward where the CPU has AVX-512 BF16 or AMX, else float32")
     quantization: Literal["int8"] | None = Field(default=None, description="int8: weights stored and multiplied "
                                                  "as int8 (FastChat --load-8bit), a scale per 32 weights on the "
-                                                 "native forward (CPUs with AVX-512): about half bfloat16's memory "
-                                                 "and bytes read per decode step")
+                                                 "native forward (CPUs with AVX-512; on AMX a bfloat16 model's "
+                                                 "activations quantized alike, as llama.cpp's Q8_0): about half "
+                                                 "bfloat16's memory and bytes read per decode step. A model stored "
+                                                 "in int8 (docs/models.md) runs so without it")
     cpu_threads: int | None = Field(default=None, ge=1, description="torch threads of this model's runner on "
                                     "CPU; unset: every core")
     forward: Literal["lean", "transformers"] = Field(default="lean", description="lean: BentoChat's own forward "

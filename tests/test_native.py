@@ -67,25 +67,35 @@ INT8_DTYPES = [pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not native.
                torch.float32]
 
 
+def as_multiplied(x: torch.Tensor, linear: Linear) -> torch.Tensor:
+    """x as int8_linear multiplies it: as it is, or on AMX (weights packed for tiles) quantized as the
+    weights are, a scale per 32 of each row."""
+    if linear.own.dim() == 3:
+        return x
+    return native.Int8Weight.of(x.float().reshape(-1, x.shape[-1])).dequantize()[:, :x.shape[-1]].view(x.shape)
+
+
 @pytest.mark.parametrize("dtype", INT8_DTYPES)
 @pytest.mark.parametrize("out,inner,bias", SHAPES)
 def test_int8_weights_quantized_per_group_and_multiplied_as_the_dequantized_weights(dtype, out, inner, bias):
     """int8_linear: each weight within half its group's scale (absmax / 127 of 32 inner elements) of the
-    original; the product that of the dequantized weights, summed exactly (float64), within float32's
-    rounding (and bfloat16's once at the end); any batch."""
+    original; the product that of the dequantized weights (on AMX, by x quantized alike), summed exactly
+    (float64), within float32's rounding (and bfloat16's once at the end); any batch."""
     generator = torch.Generator().manual_seed(out)
     weight = (torch.randn(out, inner, generator=generator) * 0.05).to(dtype)
     weight[0, :min(inner, 32)] = 0  # a group of zeros
     b = torch.randn(out, generator=generator).to(dtype) if bias else None
     x = torch.randn(70, inner, generator=generator).to(dtype)
     linear = Linear(weight, b, int8=True, own=True)
-    assert linear.own.dtype == torch.int8 and linear.own.shape == (-(-out // 16), -(-inner // 32), 576)
+    assert linear.own.dtype == torch.int8 and linear.own.shape[:2] == (-(-out // 16), -(-inner // 32))
+    assert linear.own[0, 0].numel() == 576  # per panel and group: 512 weights, 16 float32 scales
+    assert (linear.own.dim() == 4) == (dtype == torch.bfloat16 and native.amx())  # (on AMX: in the tiles' order)
     dequantized = native.unpack_int8(linear.own, out, inner).double()
     groups = F.pad(weight.double().abs(), (0, -inner % 32)).view(out, -1, 32).amax(-1)
     scale = groups.repeat_interleave(32, dim=1)[:, :inner] / 127
     assert ((dequantized - weight.double()).abs() <= scale / 2 * 1.001 + 1e-12).all()  # (float32 scales)
     assert torch.equal(dequantized[0, :min(inner, 32)], torch.zeros(min(inner, 32), dtype=torch.float64))
-    exact = x.double() @ dequantized.T + (b.double() if bias else 0)
+    exact = as_multiplied(x, linear).double() @ dequantized.T + (b.double() if bias else 0)
     y = linear(x)
     assert y.dtype == dtype
     if dtype == torch.bfloat16:
