@@ -22,10 +22,11 @@ def main(argv: list[str] | None = None) -> int:
                      help="keep the model's own *.py code (custom tokenizer/modeling) in the stored model")
     imp.add_argument("--base", help="adapters: the base model to record (default: the one adapter_config.json "
                                     "names)")
-    imp.add_argument("--quantize", choices=["int8"],
-                     help="store the linear layers' weights in int8 (one scale per 32 weights, as GGUF's Q8_0): "
-                          "about half of bfloat16's size; served with quantization: int8 (Llama, Mistral, Qwen2, "
-                          "Qwen3). A GGUF file's Q8_0 weights are kept in int8 without it")
+    imp.add_argument("--quantize", choices=["int8", "int4"],
+                     help="store the linear layers' weights in int8 (a scale per 32 weights, as GGUF's Q8_0: about "
+                          "half of bfloat16's size) or in 4 bits (a scale and an offset per 32, the logits' weight "
+                          "in int8); served so (Llama, Mistral, Qwen2, Qwen3). A GGUF file's Q8_0 and Q4 weights are "
+                          "kept as they are without it")
     sub.add_parser("reference", help="print the configuration reference, from the settings' own descriptions")
     args = parser.parse_args(argv)
     if args.command == "reference":

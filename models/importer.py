@@ -4,9 +4,9 @@ Sources: a local Hugging Face directory (safetensors, or sharded ``*.bin`` with
 ``pytorch_model.bin.index.json``), a hub id (only when the machine can reach the hub), or a
 ``.gguf`` file. Whatever the source, the stored model is config + safetensors weights + tokenizer
 files + ``generation_config.json`` (+ the model's own ``*.py`` with ``trust_remote_code``), so
-loading it later needs neither the network nor a conversion. A GGUF file's Q8_0 linear weights stay in
-int8, and ``--quantize int8`` stores any model's so (``runners/engine/loader.py``'s
-``from_int8_checkpoint`` reads them).
+loading it later needs neither the network nor a conversion. A GGUF file's Q8_0, Q4_0, Q4_1 and Q4_K
+linear weights stay as they are (int8, 4 bits), and ``--quantize int8`` or ``int4`` stores any model's
+so (``runners/engine/loader.py``'s ``from_quantized_checkpoint`` reads them).
 
 A PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors`` or ``.bin``)
 is stored the same way, as ``adapter_config.json`` + ``adapter_model.safetensors``, with its base
@@ -46,11 +46,11 @@ class ImportFailed(RuntimeError):
 
 def import_model(source: str, name: str, *, trust_remote_code: bool = False, base: str | None = None,
                  quantize: str | None = None) -> bentoml.Model:
-    """Import ``source`` into the store under ``name``; return the stored model. ``quantize="int8"``:
-    its linear layers' weights stored in int8 (:func:`_quantize`)."""
+    """Import ``source`` into the store under ``name``; return the stored model. ``quantize`` (``int8``,
+    ``int4``): its linear layers' weights stored so (:func:`_quantize`)."""
     path = Path(source).expanduser()
-    if quantize not in (None, "int8"):
-        raise ImportFailed(f"--quantize {quantize}: only int8 is known")
+    if quantize not in (None, "int8", "int4"):
+        raise ImportFailed(f"--quantize {quantize}: int8 or int4")
     if path.is_dir() and (path / "adapter_config.json").is_file():
         if quantize:
             raise ImportFailed("--quantize is for models; a LoRA adapter is stored as it is")
@@ -75,7 +75,7 @@ def import_model(source: str, name: str, *, trust_remote_code: bool = False, bas
         staged = Path(staging)
         builder(staged, step)
         if quantize:
-            _quantize(staged, step)
+            _quantize(staged, step, quantize)
         step("storing")
         metadata = describe(staged, origin, trust_remote_code)
         with bentoml.models.create(name, metadata=metadata, labels={"kind": metadata["kind"]}) as ref:
@@ -160,12 +160,14 @@ def _from_gguf(path: Path, dst: Path, trust_remote_code: bool, step) -> None:
     step("loading transformers")
     import numpy as np
     import torch
-    from gguf import GGMLQuantizationType, GGUFReader, dequantize
+    from gguf import GGUFReader, dequantize
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                           get_gguf_hf_weights_map, read_field)
 
-    from runners.engine.loader import SCALE_SUFFIX, STORED_QUANTIZATION, unsupported
+    # torch: the engine's rules, for weights converted here only
+    from runners.engine.loader import MIN_SUFFIX, SCALE_SUFFIX, STORED_QUANTIZATION, unsupported
+    from runners.engine.native import quantize_int8
 
     kwargs = {"gguf_file": path.name, "trust_remote_code": trust_remote_code}
     step("reading the GGUF tokenizer and config")  # most of it parsing the file's metadata, twice
@@ -187,31 +189,63 @@ def _from_gguf(path: Path, dst: Path, trust_remote_code: bool, step) -> None:
     processor = TENSOR_PROCESSORS.get(read_field(reader, "general.architecture")[0], TensorProcessor)(
         config=config.to_dict())
     names = get_gguf_hf_weights_map(skeleton, processor)
-    keep = _linear_weights(skeleton)
+    linear = _linear_weights(skeleton)
     tensors = {}
     for tensor in tqdm(reader.tensors, desc="reading GGUF tensors", unit="tensor"):
         name = names.get(tensor.name)
         if name is None:
             continue
-        if name in keep and tensor.tensor_type == GGMLQuantizationType.Q8_0:
-            blocks = np.asarray(tensor.data).reshape(-1, 34)  # per 32 weights: a float16 scale, 32 int8
-            rows = int(tensor.shape[-1]) if len(tensor.shape) > 1 else 1
-            q = blocks[:, 2:].copy().view(np.int8).reshape(rows, -1)
-            scales = blocks[:, :2].copy().view(np.float16).reshape(rows, -1).astype(np.float32)
-            tensors[name] = torch.from_numpy(np.ascontiguousarray(processor.process(weights=q, name=tensor.name).weights))
-            tensors[name + SCALE_SUFFIX] = torch.from_numpy(
-                np.ascontiguousarray(processor.process(weights=scales, name=tensor.name).weights))
-        else:
-            weights = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name).weights
-            tensors[name] = torch.from_numpy(np.array(weights, dtype=np.float32))  # (a copy: not the file's pages)
+        rows = int(tensor.shape[-1]) if len(tensor.shape) > 1 else 1
+        kept = _gguf_blocks(tensor, rows) if name in linear else None
+        if kept is None:
+            kept = {"": dequantize(tensor.data, tensor.tensor_type)}
+        for suffix, array in kept.items():  # the weight (and its scales and offsets), in transformers' layout
+            array = processor.process(weights=array, name=tensor.name).weights
+            tensors[name + suffix] = torch.from_numpy(np.array(array, dtype=np.float32 if array.dtype.kind == "f" else None))
     step("writing safetensors")
     config.architectures, config.dtype = [type(skeleton).__name__], torch.float32
-    if any(name.endswith(SCALE_SUFFIX) for name in tensors):
-        setattr(config, STORED_QUANTIZATION, "int8")
+    if any(name.endswith(SCALE_SUFFIX) for name in tensors):  # the file's other linear weights in int8 too
+        for name in linear & tensors.keys():
+            if name + SCALE_SUFFIX not in tensors:
+                tensors[name], tensors[name + SCALE_SUFFIX] = quantize_int8(tensors[name])
+        setattr(config, STORED_QUANTIZATION, "int4" if any(name.endswith(MIN_SUFFIX) for name in tensors) else "int8")
     _save_weights(tensors, dst / "model.safetensors")
     config.save_pretrained(dst)
     GenerationConfig.from_model_config(config).save_pretrained(dst)
     tokenizer.save_pretrained(dst)
+
+
+def _gguf_blocks(tensor, rows: int) -> dict | None:
+    """A GGUF tensor's quantized blocks as BentoChat keeps them (suffix -> array [rows, ...]), where it can:
+    Q8_0 as int8 values and float32 scales (``runners.engine.native.Int8Weight``); Q4_0, Q4_1 and Q4_K as
+    4-bit values two to a byte, float32 scales and offsets, w = d q + m (``Int4Weight``). Exactly the
+    weights llama.cpp's blocks hold (their float16 factors, and Q4_K's 6-bit ones, multiply exactly in
+    float32). None for other types."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import Q4_K
+
+    from runners.engine.loader import MIN_SUFFIX, SCALE_SUFFIX  # torch: see _from_gguf
+
+    sizes = {Q.Q8_0: 34, Q.Q4_0: 18, Q.Q4_1: 20, Q.Q4_K: 144}
+    if tensor.tensor_type not in sizes:
+        return None
+    blocks = np.asarray(tensor.data).reshape(-1, sizes[tensor.tensor_type])
+    half = lambda a: a.copy().view(np.float16).astype(np.float32)  # noqa: E731
+    if tensor.tensor_type == Q.Q8_0:
+        return {"": blocks[:, 2:].copy().view(np.int8).reshape(rows, -1), SCALE_SUFFIX: half(blocks[:, :2]).reshape(rows, -1)}
+    if tensor.tensor_type == Q.Q4_K:  # 256 weights: d, dmin, 8 6-bit scales and offsets, 8 x 32 values
+        d, dmin = half(blocks[:, :2]), half(blocks[:, 2:4])
+        sc, mn = Q4_K.get_scale_min(blocks[:, 4:16].copy())
+        scales, mins = d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
+        qs = blocks[:, 16:].reshape(-1, 4, 1, 32)
+    else:  # 32 weights: d (and Q4_1's m), 16 bytes of two values each
+        scales = half(blocks[:, :2])
+        mins = half(blocks[:, 2:4]) if tensor.tensor_type == Q.Q4_1 else -8 * scales
+        qs = blocks[:, -16:].reshape(-1, 1, 1, 16)
+    values = ((qs >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 15).reshape(rows, -1)
+    return {"": values[:, 0::2] | (values[:, 1::2] << 4), SCALE_SUFFIX: scales.reshape(rows, -1),
+            MIN_SUFFIX: mins.reshape(rows, -1)}
 
 
 def _linear_weights(model) -> set[str]:
@@ -227,24 +261,28 @@ def _save_weights(tensors: dict, file: Path) -> None:
     save_file(tensors, file, metadata={"format": "pt"})
 
 
-def _quantize(dst: Path, step) -> None:
-    """The stored model's linear layers' weights in int8 (``runners.engine.native.quantize_int8``: one
-    scale per 32 inner elements of a feature, as GGUF's Q8_0), each beside its ``weight_scale``, shard
-    by shard, one tensor in float32 at a time; config.json says so. A weight already in int8 stays."""
+def _quantize(dst: Path, step, kind: str) -> None:
+    """The stored model's linear layers' weights quantized, shard by shard, one tensor in float32 at a
+    time; config.json says so. ``int8`` (``runners.engine.native.quantize_int8``: one scale per 32 inner
+    elements of a feature, as GGUF's Q8_0), each beside its ``weight_scale``; ``int4``: 4 bits with a
+    scale and an offset per 32 (``Int4Weight.of``, two values a byte, beside ``weight_scale`` and
+    ``weight_min``), the logits' weight (``lm_head``) in int8, as llama.cpp's Q4_K_M keeps it in 6 bits.
+    A weight already quantized stays."""
     import torch
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from runners.engine.loader import SCALE_SUFFIX, STORED_QUANTIZATION, unsupported
-    from runners.engine.native import GROUP, quantize_int8
+    # torch: the engine's rules, for weights converted here only
+    from runners.engine.loader import MIN_SUFFIX, SCALE_SUFFIX, STORED_QUANTIZATION, unsupported
+    from runners.engine.native import GROUP, Int4Weight, quantize_int8
 
     config = AutoConfig.from_pretrained(dst)
     why = unsupported(config)
     if why is not None:
-        raise ImportFailed(f"--quantize int8 runs on the lean forward; this model cannot ({why})")
+        raise ImportFailed(f"--quantize {kind} runs on the lean forward; this model cannot ({why})")
     with torch.device("meta"):
         linear = _linear_weights(AutoModelForCausalLM.from_config(config))
-    step("quantizing the weights to int8")
+    step(f"quantizing the weights to {kind}")
     index_file = dst / "model.safetensors.index.json"
     index = _read_json(index_file)
     for file in _progress(sorted(dst.glob("*.safetensors")), "quantizing weights"):
@@ -255,14 +293,21 @@ def _quantize(dst: Path, step) -> None:
                 tensor = f.get_tensor(name)
                 if name in linear and tensor.dim() == 2 and tensor.shape[1] % GROUP == 0 and \
                         name + SCALE_SUFFIX not in names:
-                    tensor, tensors[name + SCALE_SUFFIX] = quantize_int8(tensor)
+                    if kind == "int4" and name != "lm_head.weight":
+                        four = Int4Weight.of(tensor)
+                        tensor, tensors[name + SCALE_SUFFIX], tensors[name + MIN_SUFFIX] = four.q, four.scales, four.mins
+                    else:
+                        tensor, tensors[name + SCALE_SUFFIX] = quantize_int8(tensor)
                     if index:
-                        index["weight_map"][name + SCALE_SUFFIX] = file.name
+                        for suffix in (SCALE_SUFFIX, MIN_SUFFIX):
+                            if name + suffix in tensors:
+                                index["weight_map"][name + suffix] = file.name
                 tensors[name] = tensor
         _save_weights(tensors, file)
     if index:
         index_file.write_text(json.dumps(index, indent=2))
-    setattr(config, STORED_QUANTIZATION, "int8")
+    if getattr(config, STORED_QUANTIZATION, None) != "int4":
+        setattr(config, STORED_QUANTIZATION, kind)
     config.save_pretrained(dst)
 
 

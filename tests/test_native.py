@@ -68,11 +68,15 @@ INT8_DTYPES = [pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not native.
 
 
 def as_multiplied(x: torch.Tensor, linear: Linear) -> torch.Tensor:
-    """x as int8_linear multiplies it: as it is, or on AMX (weights packed for tiles) quantized as the
-    weights are, a scale per 32 of each row."""
-    if linear.own.dim() == 3:
+    """x as int8_linear and int4_linear multiply it: as it is (int8 on AVX-512), or on AMX quantized as the
+    int8 weights are, a scale per 32 of each row, in the kernels' float32 maths (times 1 / scale)."""
+    if linear.own.dtype == torch.int8 and linear.own.dim() == 3:
         return x
-    return native.Int8Weight.of(x.float().reshape(-1, x.shape[-1])).dequantize()[:, :x.shape[-1]].view(x.shape)
+    inner = x.shape[-1]
+    groups = F.pad(x.float().reshape(-1, inner), (0, -inner % 32)).view(-1, -(-inner // 32), 32)
+    scale = groups.abs().amax(-1, keepdim=True) / 127
+    q = (groups * torch.where(scale > 0, 1 / scale, 0)).round().clamp(-127, 127)
+    return (q * scale).view(len(groups), -1)[:, :inner].view(x.shape)
 
 
 @pytest.mark.parametrize("dtype", INT8_DTYPES)
@@ -104,6 +108,45 @@ def test_int8_weights_quantized_per_group_and_multiplied_as_the_dequantized_weig
         assert torch.allclose(y.double(), exact, rtol=1e-5, atol=1e-5)
     assert linear(x[:5].view(1, 5, inner)).shape == (1, 5, out)
     assert linear(torch.zeros(0, inner, dtype=dtype)).shape == (0, out)
+
+
+@pytest.mark.skipif(not native.int4_runs(torch.bfloat16), reason="int4_linear runs on AMX")
+@pytest.mark.parametrize("out,inner,bias", SHAPES)
+def test_int4_weights_multiplied_as_the_dequantized_weights_and_a_row_alike_in_any_batch(out, inner, bias):
+    """int4_linear (AMX, bfloat16): each weight within half a step of its group's range in 15 steps; the
+    product that of the dequantized weights by x quantized as int8_linear's on AMX, within bfloat16's
+    rounding; a row the same bits alone and in batches of any size, on one thread and two."""
+    generator = torch.Generator().manual_seed(out)
+    weight = (torch.randn(out, inner, generator=generator) * 0.05).bfloat16()
+    b = torch.randn(out, generator=generator).bfloat16() if bias else None
+    x = torch.randn(40, inner, generator=generator).bfloat16()
+    linear = Linear(weight, b, int4=True, own=True)
+    assert linear.own.dtype == torch.uint8 and linear.own.shape == (-(-out // 16), -(-inner // 32), 384)
+    dequantized = native.unpack_int4(linear.own, out, inner).double()
+    groups = F.pad(weight.double(), (0, -inner % 32)).view(out, -1, 32)
+    step = (groups.amax(-1) - groups.amin(-1)).repeat_interleave(32, dim=1)[:, :inner] / 15
+    assert ((dequantized - weight.double()).abs() <= step / 2 * 1.001 + 1e-6).all()
+    exact = as_multiplied(x, linear).double() @ dequantized.T + (b.double() if bias else 0)
+    y = linear(x)
+    assert y.dtype == torch.bfloat16 and torch.allclose(y.double(), exact, rtol=2 ** -7, atol=1e-2)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert all(torch.equal(linear(x[j:j + 1])[0], y[j]) for j in range(len(x)))
+            assert all(torch.equal(linear(x[:m]), y[:m]) for m in (2, 16, 17, 33))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_int4_elsewhere_runs_in_int8():
+    """Where int4_linear does not run (a float32 model; a CPU without AMX), 4 bits run in int8."""
+    weight = torch.randn(64, 64)
+    assert Linear(weight, int4=True, own=True).own.dtype == torch.int8
+    stored = native.Int4Weight.of(weight)
+    linear = Linear(stored, own=True)
+    assert linear.own.dtype == torch.int8
+    assert torch.equal(native.unpack_int8(linear.own, 64, 64), native.Int8Weight.of(stored.dequantize()).dequantize())
 
 
 @pytest.mark.parametrize("dtype", INT8_DTYPES)

@@ -154,7 +154,8 @@ class LeanCausalLM(torch.nn.Module):
     ``int8``: every linear layer's weight is quantized to int8 and multiplied as int8: on BentoChat's int8
     kernel (one scale per 32 inner elements of a feature, ``kernels/int8_linear.cpp``) and native forward
     where they run, else on ``torch.ops.aten._weight_int8pack_mm`` (one scale per output channel); the
-    embeddings stay as they are.
+    embeddings stay as they are. ``int4``: in 4 bits (a scale and an offset per 32 inner elements) where
+    BentoChat's int4 kernel runs (a bfloat16 model on AMX), else int8; the logits' weight in int8.
     ``fused_attention``: the decode step attends with torch's fused kernel where :func:`fused_decode`
     says it may; otherwise with :func:`attend`, transformers' eager maths. ``matmul``: ``auto``, the
     matmuls on BentoChat's own kernels (:mod:`runners.engine.native`: bfloat16 on AMX, float32 on
@@ -164,7 +165,7 @@ class LeanCausalLM(torch.nn.Module):
     are taken."""
 
     def __init__(self, model, int8: bool = False, fused_attention: bool = True, matmul: str = "auto",
-                 consumed=None):
+                 consumed=None, int4: bool = False):
         super().__init__()
         self.fused_attention = fused_attention
         config = model.config
@@ -177,14 +178,14 @@ class LeanCausalLM(torch.nn.Module):
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
-        options = {"int8": int8, "own": matmul == "auto" and fused_attention}
+        options = {"int8": int8, "int4": int4, "own": matmul == "auto" and fused_attention}
         self.layers = []
         for layer in base.layers[:config.num_hidden_layers]:
             self.layers.append(_Layer(layer, **options))
             if consumed is not None:  # (the loader's: the checkpoint's pages of this layer are read for good)
                 consumed(layer)
         self.norm = own(base.norm.weight)
-        self.lm_head = fused_linear(model.lm_head, **options)
+        self.lm_head = fused_linear(model.lm_head, **{**options, "int4": False})  # (int8: as llama.cpp's Q4_K_M keeps it)
         self.vocab = model.lm_head.weight.shape[0]
         self.native = self._native_arguments()
 

@@ -36,7 +36,8 @@ class Linear:
     BentoChat's int8 kernel where ``own`` asks and it runs (one scale per 32 inner elements of a feature,
     :func:`native.pack_int8`), else for torch's ``_weight_int8pack_mm`` (one scale per feature). A weight
     stored in int8 (``native.Int8Weight``) runs in int8 so: packed as it is for BentoChat's kernel, else
-    dequantized and quantized per feature.
+    dequantized and quantized per feature. ``int4`` (or a weight stored in 4 bits, ``native.Int4Weight``):
+    in 4 bits on BentoChat's int4 kernel where it runs (a bfloat16 model on AMX), else in int8.
 
     In bfloat16, oneDNN's kernels give a row the same result in any batch only on small enough products
     (measured on the two CPU kinds this project runs on, over shapes from 32 to 3072 output features and
@@ -52,15 +53,21 @@ class Linear:
 
     K_BLOCK, ROW_BLOCK = 1024, 32
 
-    def __init__(self, weight: torch.Tensor | native.Int8Weight, bias: torch.Tensor | None = None,
-                 int8: bool = False, own: bool = False):
+    def __init__(self, weight: torch.Tensor | native.Int8Weight | native.Int4Weight, bias: torch.Tensor | None = None,
+                 int8: bool = False, own: bool = False, int4: bool = False):
         self.bias = bias
-        self.int8 = int8 or isinstance(weight, native.Int8Weight)
-        int8 = self.int8
+        tiles = own and native.int4_runs(weight.dtype)
+        if int4 and tiles and isinstance(weight, torch.Tensor):
+            weight = native.Int4Weight.of(weight)
+        elif isinstance(weight, native.Int4Weight) and not tiles:  # (4 bits run on AMX; elsewhere int8)
+            weight = native.Int8Weight.of(weight.dequantize())
+        stored = isinstance(weight, (native.Int8Weight, native.Int4Weight))
+        self.int8 = int8 = int8 or int4 or stored
         self.row_block = None
         self.own = None  # the weight packed for BentoChat's own matmul (native.py), where ``own`` asks and it runs
-        if own and (isinstance(weight, native.Int8Weight) or weight.device.type == "cpu") and native.runs(weight.dtype):
-            self.own = native.pack_int8(weight) if int8 else native.pack(weight)
+        if own and (stored or weight.device.type == "cpu") and native.runs(weight.dtype):
+            self.own = native.pack_int4(weight) if isinstance(weight, native.Int4Weight) else \
+                native.pack_int8(weight) if int8 else native.pack(weight)
             self.out, self.own_bias = weight.shape[0], native.pad_bias(bias, weight.shape[0])
         elif isinstance(weight, native.Int8Weight):  # (stored in int8: for torch's int8 matmul, one scale per feature)
             weight = weight.dequantize()
@@ -105,10 +112,13 @@ def fused_linear(*modules, **options) -> Linear:
     """One ``Linear`` computing the outputs of several of transformers' ``nn.Linear`` modules that take the
     same input (q, k and v; gate and up), their weights stacked, in order (in int8 where one of them is
     stored so, ``native.Int8Weight``)."""
-    weights = [m.weight if isinstance(m.weight, native.Int8Weight) else m.weight.detach() for m in modules]
-    if any(isinstance(w, native.Int8Weight) for w in weights):  # (a stored int8 model's)
-        weights = [w if isinstance(w, native.Int8Weight) else native.Int8Weight.of(w) for w in weights]
-        weight = native.Int8Weight.cat(weights)
+    quantized = (native.Int8Weight, native.Int4Weight)
+    weights = [m.weight if isinstance(m.weight, quantized) else m.weight.detach() for m in modules]
+    if all(isinstance(w, native.Int4Weight) for w in weights):  # (a stored model's)
+        weight = native.Int4Weight.cat(weights)
+    elif any(isinstance(w, quantized) for w in weights):  # mixed: all in int8
+        weight = native.Int8Weight.cat([w if isinstance(w, native.Int8Weight) else native.Int8Weight.of(
+            w.dequantize() if isinstance(w, native.Int4Weight) else w) for w in weights])
     else:
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
     biases = [m.bias for m in modules]

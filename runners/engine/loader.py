@@ -30,8 +30,9 @@ logger = logging.getLogger("bentochat.engine")
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 # A stored model whose config.json names this key holds its linear layers' weights in that quantization
-# (``int8``: each ``weight`` beside its ``weight_scale``, see from_int8_checkpoint); models/importer.py writes it.
-STORED_QUANTIZATION, SCALE_SUFFIX = "bentochat_quantization", "_scale"
+# (``int8``: each ``weight`` beside its ``weight_scale``; ``int4``: some of them in 4 bits, with a
+# ``weight_min`` too, see from_quantized_checkpoint); models/importer.py writes it.
+STORED_QUANTIZATION, SCALE_SUFFIX, MIN_SUFFIX = "bentochat_quantization", "_scale", "_min"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -93,10 +94,13 @@ def plan(config, *, dtype: str = "auto", gpus: list[int] | tuple = (), spread: b
     if why is not None:
         return Plan(torch_dtype, "transformers", "torch", "transformers", why)
     native_forward = not gpus and matmul == "auto" and attention == "fused" and native.runs(torch_dtype)
-    if quantization == "int8":
-        if native_forward:  # BentoChat's int8 kernel (kernels/int8_linear.cpp)
-            return Plan(torch_dtype, "native", "int8", "native")
-        return Plan(torch_dtype, "lean", "int8", _python_attention(torch_dtype, gpus, attention))
+    if quantization in ("int8", "int4"):
+        if native_forward:  # BentoChat's int8 and int4 kernels (kernels/int8_linear.cpp)
+            if quantization == "int4" and not native.int4_runs(torch_dtype):
+                return Plan(torch_dtype, "native", "int8", "native", "int4 runs in bfloat16 on AMX")
+            return Plan(torch_dtype, "native", quantization, "native")
+        return Plan(torch_dtype, "lean", "int8", _python_attention(torch_dtype, gpus, attention),
+                    "int4 runs on the native forward" if quantization == "int4" else "")
     if native_forward:
         kernels = "avx512" if torch_dtype == torch.float32 else "amx" if native.amx() else "avx512-bf16"
         return Plan(torch_dtype, "native", kernels, "native")
@@ -128,7 +132,7 @@ def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = N
             raise RuntimeError(f"gpus {gpus} are configured but CUDA is not available in this process")
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     stored = getattr(config, STORED_QUANTIZATION, None)
-    if stored is not None:  # (weights stored in int8 run so)
+    if stored is not None:  # (weights stored quantized run so)
         if quantization not in (None, stored):
             raise ValueError(f"{path} is stored in {stored}; quantization: {quantization} cannot run it")
         quantization = stored
@@ -141,7 +145,7 @@ def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = N
         if max_gpu_memory:
             kwargs["max_memory"] = {i: max_gpu_memory for i in range(len(gpus))}
     if stored is not None:
-        model = from_int8_checkpoint(path, config, chosen.dtype, trust_remote_code, dequantize=bool(gpus))
+        model = from_quantized_checkpoint(path, config, chosen.dtype, trust_remote_code, dequantize=bool(gpus))
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if len(gpus) == 1 and not max_gpu_memory:
@@ -150,7 +154,8 @@ def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = N
     logger.info("%s (%s) on %s: %s", path, config.model_type, f"GPUs {gpus}" if gpus else "the CPU", chosen)
     if chosen.forward == "transformers":
         return model
-    lean = LeanCausalLM(model, int8=chosen.matmul == "int8", fused_attention=chosen.attention in ("native", "fused"),
+    lean = LeanCausalLM(model, int8=chosen.matmul in ("int8", "int4"), int4=chosen.matmul == "int4",
+                        fused_attention=chosen.attention in ("native", "fused"),
                         matmul="auto" if chosen.forward == "native" else "onednn",
                         consumed=None if gpus else CheckpointPages())
     del model  # the checkpoint's tensors: the lean forward holds its own copies (packed)
@@ -158,20 +163,25 @@ def load_causal_lm(path: str, *, dtype: str = "auto", gpus: list[int] | None = N
     return lean
 
 
-def from_int8_checkpoint(path: str, config, dtype: torch.dtype, trust_remote_code: bool, dequantize: bool = False):
-    """The transformers model of a checkpoint stored in int8 (``models/importer.py``: GGUF's Q8_0 kept, or
-    quantized at import): each linear layer's ``weight`` in int8 beside its ``weight_scale``, read as
-    ``native.Int8Weight`` (``dequantize``: as the dtype's weight, for a GPU), the other tensors in
+def from_quantized_checkpoint(path: str, config, dtype: torch.dtype, trust_remote_code: bool,
+                              dequantize: bool = False):
+    """The transformers model of a checkpoint stored quantized (``models/importer.py``: GGUF's Q8_0 and
+    Q4 blocks kept, or quantized at import): each quantized linear layer's ``weight`` beside its
+    ``weight_scale`` (int8: ``native.Int8Weight``), and its ``weight_min`` (4 bits, two to a byte:
+    ``native.Int4Weight``); ``dequantize``: as the dtype's weight, for a GPU. The other tensors in
     ``dtype``. transformers cannot load those; the model is made without memory (meta) and filled here."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     for file in sorted(Path(path).glob("*.safetensors")):
         tensors = mapped_tensors(file)
-        for name in sorted(n for n in tensors if not n.endswith(SCALE_SUFFIX)):
+        for name in sorted(n for n in tensors if not n.endswith((SCALE_SUFFIX, MIN_SUFFIX))):
             holder, attr = name.rsplit(".", 1)
             module, tensor = model.get_submodule(holder), tensors[name]
-            if name + SCALE_SUFFIX in tensors:
+            if name + MIN_SUFFIX in tensors:
+                tensor = native.Int4Weight(tensor, tensors[name + SCALE_SUFFIX], tensors[name + MIN_SUFFIX], dtype)
+            elif name + SCALE_SUFFIX in tensors:
                 tensor = native.Int8Weight(tensor, tensors[name + SCALE_SUFFIX], dtype)
+            if isinstance(tensor, (native.Int8Weight, native.Int4Weight)):
                 if not dequantize:
                     del module._parameters[attr]
                     setattr(module, attr, tensor)
@@ -233,8 +243,8 @@ class CheckpointPages:
     def __call__(self, module: torch.nn.Module) -> None:
         tensors = list(module.parameters())
         for linear in module.modules():  # (a stored int8 model's weights, packed now)
-            if isinstance(getattr(linear, "weight", None), native.Int8Weight):
-                tensors += [linear.weight.q, linear.weight.scales]
+            if isinstance(getattr(linear, "weight", None), (native.Int8Weight, native.Int4Weight)):
+                tensors += [t for t in vars(linear.weight).values() if isinstance(t, torch.Tensor)]
                 linear.weight = None
         for tensor in tensors:
             start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes

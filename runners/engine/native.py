@@ -231,6 +231,93 @@ def unpack_int8(packed: torch.Tensor, out: int, inner: int) -> torch.Tensor:
     return w[:out, :inner]
 
 
+@dataclass
+class Int4Weight:
+    """A linear layer's weight in 4 bits, as a stored model holds it (GGUF's Q4_0, Q4_1 and Q4_K kept at
+    import, or quantized at import) or as ``quantization: int4`` makes it: per GROUP inner elements of a
+    feature, unsigned values q in 0..15 with a float32 scale d and offset m, w = d q + m (Q4_0's symmetric
+    blocks have m = -8 d). ``q``: [out, in / 2] uint8, element 2i in the low nibble of byte i, 2i + 1 in
+    its high one; ``scales`` and ``mins``: [out, groups] float32."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.q.shape[0], 2 * self.q.shape[1]))
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> Int4Weight:
+        """``weight`` [out, in] in 4 bits: per group, its range [min, max] in 15 steps."""
+        out, inner = weight.shape
+        groups = -(-inner // GROUP)
+        w = F.pad(weight.float(), (0, groups * GROUP - inner)).view(out, groups, GROUP)
+        low, high = w.amin(dim=-1), w.amax(dim=-1)
+        scales = (high - low) / 15
+        q = ((w - low[..., None]) / scales.clamp(min=1e-30)[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+        return cls(pair_nibbles(q.view(out, -1)), scales, low, weight.dtype)
+
+    @classmethod
+    def cat(cls, weights: list[Int4Weight]) -> Int4Weight:
+        return cls(*(torch.cat([getattr(w, f) for w in weights]) for f in ("q", "scales", "mins")), weights[0].dtype)
+
+    def values(self) -> torch.Tensor:
+        """q unpaired: [out, in] uint8."""
+        return torch.stack([self.q & 15, self.q >> 4], dim=-1).view(self.q.shape[0], -1)
+
+    def dequantize(self) -> torch.Tensor:
+        out, groups = self.scales.shape
+        w = self.values().view(out, groups, GROUP).float() * self.scales[..., None].float() + self.mins[..., None].float()
+        return w.view(out, -1).to(self.dtype)
+
+
+def int4_runs(dtype: torch.dtype) -> bool:
+    """Whether ``int4_linear`` runs a model of ``dtype`` here: in bfloat16, on AMX (elsewhere 4-bit weights
+    run in int8)."""
+    return dtype == torch.bfloat16 and amx()
+
+
+def pair_nibbles(values: torch.Tensor) -> torch.Tensor:
+    """uint8 values in 0..15 [..., 2n] as [..., n] bytes: element 2i in the low nibble, 2i + 1 the high."""
+    return values[..., 0::2] | (values[..., 1::2] << 4)
+
+
+GROUP4_BYTES = GROUP * LANES // 2 + 8 * LANES  # int4_linear's bytes per panel and group: weights, scales, offsets
+
+
+def pack_int4(weight: Int4Weight) -> torch.Tensor:
+    """``weight`` for ``int4_linear`` (AMX, bfloat16 models), zero-padded to panels of ``LANES`` features:
+    uint8 [panels, groups, 384]. Per panel and group, 256 bytes of weights, whose low nibbles are the 512
+    values of the first half of AMX's B tile (inner quad j's 16 features at 64 j, each feature's 4
+    elements side by side) and whose high nibbles its second half; then the 16 features' scales and
+    their offsets (float32, as bytes)."""
+    out, inner = weight.shape
+    panels, groups = -(-out // LANES), inner // GROUP
+    pad = panels * LANES - out
+    q = F.pad(weight.values(), (0, 0, 0, pad)).view(panels, LANES, groups, GROUP // 4, 4).permute(0, 2, 3, 1, 4)
+    q = q.reshape(panels, groups, 2, GROUP * LANES // 2)
+    packed = torch.empty(panels, groups, GROUP4_BYTES, dtype=torch.uint8)
+    packed[..., :GROUP * LANES // 2] = q[:, :, 0] | (q[:, :, 1] << 4)
+    for i, part in enumerate((weight.scales, weight.mins)):
+        part = F.pad(part.float(), (0, 0, 0, pad)).view(panels, LANES, groups).transpose(1, 2).contiguous()
+        packed[..., GROUP * LANES // 2 + 64 * i:GROUP * LANES // 2 + 64 * (i + 1)] = part.view(torch.uint8)
+    return packed
+
+
+def unpack_int4(packed: torch.Tensor, out: int, inner: int) -> torch.Tensor:
+    """The float32 weight [out, inner] that :func:`pack_int4`'s tensor holds."""
+    panels, groups = packed.shape[:2]
+    half = GROUP * LANES // 2
+    q = torch.stack([packed[..., :half] & 15, packed[..., :half] >> 4], dim=2)  # [panels, groups, 2, 256]
+    q = q.view(panels, groups, GROUP // 4, LANES, 4).permute(0, 3, 1, 2, 4).reshape(panels, LANES, groups, GROUP)
+    scales, mins = (packed[..., half + 64 * i:half + 64 * (i + 1)].contiguous().view(torch.float32).transpose(1, 2)
+                    for i in (0, 1))  # [panels, 16, groups]
+    w = q.float() * scales[..., None] + mins[..., None]
+    return w.reshape(panels * LANES, groups * GROUP)[:out, :inner]
+
+
 def pad_bias(bias: torch.Tensor | None, out: int) -> torch.Tensor | None:
     """The bias as the kernels take it: float32, padded to whole panels."""
     if bias is None:
@@ -242,6 +329,8 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out: int, bias: torch.Tensor |
     """``x W^T + b`` on the kernel that ``W``'s layout (:func:`pack`, :func:`pack_int8`) is for."""
     if packed.dtype == torch.int8:
         return torch.ops.bentochat.int8_linear(x, packed, out, bias)
+    if packed.dtype == torch.uint8:
+        return torch.ops.bentochat.int4_linear(x, packed, out, bias)
     kernels = {6: torch.ops.bentochat.amx_linear, 4: torch.ops.bentochat.bf16_linear, 3: torch.ops.bentochat.f32_linear}
     return kernels[packed.dim()](x, packed, out, bias)
 

@@ -413,6 +413,7 @@ struct Matmuls {
 
   static at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias) {
     if (w.scalar_type() == at::kChar) return bentochat::int8_linear(x, w, n, bias);  // (quantization: int8)
+    if (w.scalar_type() == at::kByte) return bentochat::int4_linear(x, w, n, bias);  // (quantization: int4)
     if constexpr (std::is_same_v<T, bf16>)  // the weights' layout says which kernel packed them
       return w.dim() == 6 ? bentochat::amx_linear(x, w, n, bias) : bentochat::bf16_linear(x, w, n, bias);
     return bentochat::f32_linear(x, w, n, bias);
@@ -455,7 +456,8 @@ at::Tensor run(FORWARD_ARGUMENTS) {
   const auto dtype = embeddings.scalar_type();
   // bfloat16 attention on AMX where the matmuls are (packed for amx_linear), or int8 where AMX is granted
   const bool amx = std::is_same_v<T, bf16> && (weights[0].dim() == 6 ||
-                                               (weights[0].scalar_type() == at::kChar && bentochat::amx_available()));
+                                               ((weights[0].scalar_type() == at::kChar || weights[0].scalar_type() == at::kByte) &&
+                                                bentochat::amx_available()));
   if (amx) TORCH_CHECK(bentochat::amx_available(), "this process may not use AMX");
   TORCH_CHECK(embeddings.is_contiguous() && embeddings.dim() == 2);
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == dtype && cos.size(0) == rows);

@@ -136,8 +136,9 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Row r of x (bfloat16, k elements, zero-padded to `groups` groups) as int8 [groups * GROUP] and per-group scales.
-void quantize_row(const uint16_t* x, int64_t k, int64_t groups, int8_t* q, float* scales) {
+// Row r of x (bfloat16, k elements, zero-padded to `groups` groups) as int8 [groups * GROUP], per-group scales and
+// per-group sums of x as quantized (scale * the sum of the int8 values; int4_linear's offsets take them).
+void quantize_row(const uint16_t* x, int64_t k, int64_t groups, int8_t* q, float* scales, float* sums) {
   for (int64_t g = 0; g < groups; g++) {
     __m512 v[2];
     for (int h = 0; h < 2; h++) {
@@ -148,18 +149,27 @@ void quantize_row(const uint16_t* x, int64_t k, int64_t groups, int8_t* q, float
     const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
     const float scale = top / 127.0f;
     const __m512 inverse = _mm512_set1_ps(scale > 0 ? 1.0f / scale : 0.0f);
+    __m512i total = _mm512_setzero_si512();
+    for (int h = 0; h < 2; h++) {
+      const __m512i values = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v[h], inverse)),
+                                                               _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+      total = _mm512_add_epi32(total, values);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * GROUP + h * 16), _mm512_cvtepi32_epi8(values));
+    }
     scales[g] = scale;
-    for (int h = 0; h < 2; h++)
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * GROUP + h * 16),
-                       _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v[h], inverse))));
+    sums[g] = scale * static_cast<float>(_mm512_reduce_add_epi32(total));
   }
 }
 
-// y [m, n] = x (quantized: q [blocks * 16 rows of groups * GROUP], scales [m, groups]) times the `count` panels of
-// w, + b.
-void tiles_matmul(const int8_t* q, const float* xs, int64_t m, int64_t groups, const int8_t* w, int64_t count,
-                  uint16_t* y, int64_t n, const float* b) {
-  const int64_t stride = groups * GROUP_BYTES, ldx = groups * GROUP, blocks = (m + 15) / 16;
+// y [m, n] = x (quantized: q [blocks * 16 rows of groups * GROUP], scales and sums [m, groups]) times the `count`
+// panels of w, + b. FOUR: w is int4_linear's (per group 256 bytes of nibbles, unpacked into a B tile of unsigned
+// bytes: TDPBSUD; its offsets times x's sums added), else int8_linear's (its int8 bytes a B tile as they are:
+// TDPBSSD).
+template <bool FOUR>
+void tiles_matmul(const int8_t* q, const float* xs, const float* xsums, int64_t m, int64_t groups, const uint8_t* w,
+                  int64_t count, uint16_t* y, int64_t n, const float* b) {
+  constexpr int64_t BYTES = FOUR ? GROUP * LANES / 2 + 8 * LANES : GROUP_BYTES, WEIGHTS = FOUR ? GROUP * LANES / 2 : GROUP * LANES;
+  const int64_t stride = groups * BYTES, ldx = groups * GROUP, blocks = (m + 15) / 16;
   at::parallel_for(0, count, 1, [&](int64_t first, int64_t last) {
     TileConfig config;  // A (x) and C: as many rows as there are, up to 16; B: 8 rows of 4 inner x 16 features
     const uint8_t rows = static_cast<uint8_t>(std::min<int64_t>(16, m));
@@ -170,40 +180,57 @@ void tiles_matmul(const int8_t* q, const float* xs, int64_t m, int64_t groups, c
     }
     _tile_loadconfig(&config);
     alignas(64) int32_t part[512];
+    alignas(64) uint8_t tile[2][GROUP * LANES];  // (int4: a group's weights unpacked)
+    const __m512i low = _mm512_set1_epi8(15);
+    // group g's weights as a B tile: in place (int8), or unpacked into tile[i] (int4)
+    auto weights = [&](const uint8_t* wg, int i) -> const void* {
+      if constexpr (!FOUR) return wg;
+      for (int c = 0; c < 256; c += 64) {
+        const __m512i v = _mm512_loadu_si512(wg + c);
+        _mm512_store_si512(tile[i] + c, _mm512_and_si512(v, low));
+        _mm512_store_si512(tile[i] + 256 + c, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+      }
+      return tile[i];
+    };
     for (int64_t p = first; p < last; p++) {
-      const int8_t* wp = w + p * stride;
+      const uint8_t* wp = w + p * stride;
       const int64_t left = n - p * LANES;
       const __mmask16 mask = left >= LANES ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
       const __m512 bias = b ? _mm512_maskz_loadu_ps(mask, b + p * LANES) : _mm512_setzero_ps();
       for (int64_t k = 0; k < blocks; k++) {
         const int64_t here = std::min<int64_t>(16, m - k * 16);
         const float* s = xs + k * 16 * groups;
+        const float* t = xsums + k * 16 * groups;
         __m512 acc[16];
         for (auto& a : acc) a = _mm512_setzero_ps();
-        // two groups at a time, on tiles of their own (0, 1, 2 and 3, 4, 5), so that one's sums are stored while the
-        // other's are multiplied
+        // acc += the group's sums (in part) * x's scale * the weights' scale (+ x's sum * the weights' offset)
         auto add = [&](int64_t g, const int32_t* sums) {
-          const __m512 scale = _mm512_loadu_ps(reinterpret_cast<const float*>(wp + g * GROUP_BYTES + GROUP * LANES));
+          const float* wf = reinterpret_cast<const float*>(wp + g * BYTES + WEIGHTS);
+          const __m512 scale = _mm512_loadu_ps(wf);
 #pragma GCC unroll 16
           for (int r = 0; r < 16; r++)
-            if (r < here)
+            if (r < here) {
               acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums + r * 16)),
                                                      _mm512_set1_ps(s[r * groups + g])), scale, acc[r]);
+              if constexpr (FOUR) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(t[r * groups + g]), _mm512_loadu_ps(wf + 16), acc[r]);
+            }
         };
+        // two groups at a time, on tiles of their own (0, 1, 2 and 3, 4, 5), so that one's sums are stored while the
+        // other's are multiplied
         for (int64_t g = 0; g < groups; g += 2) {
-          const int8_t* wg = wp + g * GROUP_BYTES;
-          for (int line = 0; line < 2 * GROUP_BYTES; line += 64)  // groups ahead (the prefetchers miss tile loads)
-            _mm_prefetch(reinterpret_cast<const char*>(wg + 4 * GROUP_BYTES + line), _MM_HINT_T0);
+          const uint8_t* wg = wp + g * BYTES;
+          for (int64_t line = 0; line < 2 * BYTES; line += 64)  // groups ahead (the prefetchers miss tile loads)
+            _mm_prefetch(reinterpret_cast<const char*>(wg + 4 * BYTES + line), _MM_HINT_T0);
           const int8_t* xg = q + k * 16 * ldx + g * GROUP;
-          _tile_loadd(1, wg, 64);
+          _tile_loadd(1, weights(wg, 0), 64);
           _tile_loadd(0, xg, ldx);
           _tile_zero(2);
-          _tile_dpbssd(2, 0, 1);
+          if constexpr (FOUR) _tile_dpbsud(2, 0, 1); else _tile_dpbssd(2, 0, 1);
           if (g + 1 < groups) {
-            _tile_loadd(4, wg + GROUP_BYTES, 64);
+            _tile_loadd(4, weights(wg + BYTES, 1), 64);
             _tile_loadd(3, xg + GROUP, ldx);
             _tile_zero(5);
-            _tile_dpbssd(5, 3, 4);
+            if constexpr (FOUR) _tile_dpbsud(5, 3, 4); else _tile_dpbssd(5, 3, 4);
           }
           _tile_stored(2, part, 64);
           if (g + 1 < groups) _tile_stored(5, part + 256, 64);
@@ -217,6 +244,37 @@ void tiles_matmul(const int8_t* q, const float* xs, int64_t m, int64_t groups, c
     }
     _tile_release();
   });
+}
+
+// int8_linear and int4_linear on AMX: x (bfloat16 [..., k]) quantized, then times w.
+template <bool FOUR>
+at::Tensor on_tiles(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && bentochat::amx_available(),
+              "int8_linear, int4_linear: weights packed for AMX take bfloat16 on AMX");
+  const int64_t groups = w.size(1), inner = groups * GROUP, k = x.size(-1);
+  TORCH_CHECK(k <= inner, "int8_linear, int4_linear: x does not fit the packed weight");
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = n;
+  const at::Tensor rows = x.reshape({-1, k}).contiguous();
+  const int64_t m = rows.size(0);
+  at::Tensor y = at::empty({m, n}, x.options());
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() >= n);
+    b = bias->data_ptr<float>();
+  }
+  if (m == 0) return y.view(out_shape);
+  at::Tensor q = at::zeros({(m + 15) / 16 * 16, inner}, x.options().dtype(at::kChar));  // whole blocks of rows
+  at::Tensor scales = at::empty({2, m, groups}, x.options().dtype(at::kFloat));  // x's scales, then its sums
+  float* xs = scales.data_ptr<float>();
+  const auto* xr = static_cast<const uint16_t*>(rows.data_ptr());
+  at::parallel_for(0, m, 16, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; r++)
+      quantize_row(xr + r * k, k, groups, q.data_ptr<int8_t>() + r * inner, xs + r * groups, xs + (m + r) * groups);
+  });
+  tiles_matmul<FOUR>(q.data_ptr<int8_t>(), xs, xs + m * groups, m, groups, static_cast<const uint8_t*>(w.data_ptr()),
+                     w.size(0), static_cast<uint16_t*>(y.data_ptr()), n, b);
+  return y.view(out_shape);
 }
 
 }  // namespace
@@ -233,28 +291,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, cons
   TORCH_CHECK(k <= inner, "int8_linear: x does not fit the packed weight");
   auto out_shape = x.sizes().vec();
   out_shape.back() = n;
-  if (tiles) {
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16 && amx_available(), "int8_linear: weights packed for AMX take bfloat16 on AMX");
-    const at::Tensor rows = x.reshape({-1, k}).contiguous();
-    const int64_t m = rows.size(0);
-    at::Tensor y = at::empty({m, n}, x.options());
-    const float* b = nullptr;
-    if (bias.has_value()) {
-      TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() >= n);
-      b = bias->data_ptr<float>();
-    }
-    if (m == 0) return y.view(out_shape);
-    at::Tensor q = at::zeros({(m + 15) / 16 * 16, inner}, x.options().dtype(at::kChar));  // whole blocks of rows
-    at::Tensor scales = at::empty({m, groups}, x.options().dtype(at::kFloat));
-    const auto* xs = static_cast<const uint16_t*>(rows.data_ptr());
-    at::parallel_for(0, m, 16, [&](int64_t first, int64_t last) {
-      for (int64_t r = first; r < last; r++)
-        quantize_row(xs + r * k, k, groups, q.data_ptr<int8_t>() + r * inner, scales.data_ptr<float>() + r * groups);
-    });
-    tiles_matmul(q.data_ptr<int8_t>(), scales.data_ptr<float>(), m, groups, static_cast<const int8_t*>(w.data_ptr()),
-                 w.size(0), static_cast<uint16_t*>(y.data_ptr()), n, b);
-    return y.view(out_shape);
-  }
+  if (tiles) return on_tiles<false>(x, w, n, bias);
   at::Tensor rows = x.reshape({-1, k}).to(at::kFloat);
   if (k != inner) rows = at::constant_pad_nd(rows, {0, inner - k});
   rows = rows.contiguous();
@@ -275,8 +312,16 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, cons
   return y.view(out_shape);
 }
 
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 3 && w.size(2) == GROUP * LANES / 2 + 8 * LANES &&
+                  w.is_contiguous() && n <= w.size(0) * LANES,
+              "int4_linear: w is not packed by native.pack_int4 for n features");
+  return on_tiles<true>(x, w, n, bias);
+}
+
 }  // namespace bentochat
 
 TORCH_LIBRARY_FRAGMENT(bentochat, m) {
   m.def("int8_linear(Tensor x, Tensor w, int n, Tensor? bias) -> Tensor", bentochat::int8_linear);
+  m.def("int4_linear(Tensor x, Tensor w, int n, Tensor? bias) -> Tensor", bentochat::int4_linear);
 }

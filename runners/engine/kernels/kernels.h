@@ -24,4 +24,8 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const
 // (pack_int8).
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias);
 
+// y = x W^T + b with W in 4 bits, a float32 scale and offset per 32 inner elements of a feature, x and y in
+// bfloat16 quantized as int8_linear's on AMX (int8_linear.cpp): W packed by runners/engine/native.py (pack_int4).
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias);
+
 }  // namespace bentochat
