@@ -223,18 +223,19 @@ def test_shared_prompt_prefix_is_reused_with_unchanged_output(model):
 
 
 def test_prompts_arriving_together_share_their_common_prefix(model):
-    """Two prompts with a 40-token document in common, added together: the second waits for the first's
-    prompt to be cached instead of computing the same blocks in the same step, then starts from it;
-    both answer as alone."""
+    """Two prompts with a 40-token document in common after a 16-token system prompt that an earlier
+    prompt left in the prefix cache, added together: the second waits for the first's prompt to be cached
+    instead of computing the same blocks in the same step, then starts from it; all answer as alone."""
     runner = ModelRunner(model)
     greedy = SamplingParams(max_tokens=6, temperature=0)
-    document = list(range(100, 140))
-    prompts = [document + [7, 8], document + [9, 10, 11]]
-    alone = [LLMEngine(runner, max_num_seqs=4, max_model_len=256).generate(p, greedy) for p in prompts]
+    system, document = list(range(200, 216)), list(range(100, 140))
+    earlier, prompts = system + [5, 6], [system + document + [7, 8], system + document + [9, 10, 11]]
+    alone = [LLMEngine(runner, max_num_seqs=4, max_model_len=256).generate(p, greedy) for p in [earlier, *prompts]]
     engine = LLMEngine(runner, max_num_seqs=4, max_model_len=256, max_prefill_tokens=128, prefix_cache_tokens=256)
-    assert engine.generate_batch(prompts, [greedy] * 2) == alone
+    assert engine.generate(earlier, greedy) == alone[0]
+    assert engine.generate_batch(prompts, [greedy] * 2) == alone[1:]
     whole = engine.scheduler.prefix_cache.granularity
-    assert engine.stats()["prefix_cache_hit_tokens"] == 40 // whole * whole
+    assert engine.stats()["prefix_cache_hit_tokens"] == 16 + 16 + 40 // whole * whole
 
 
 def test_shared_prompt_prefix_is_reused_with_remote_code_tuple_cache(remote_model):

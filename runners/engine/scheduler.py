@@ -1,9 +1,9 @@
 """Which sequences take part in the next step: every running sequence decodes one token, and waiting
 sequences are admitted and prefilled within a per-step token budget, so a long prompt never stalls
-the batch. Admission starts a prompt from the longest prefix in the prefix cache, which keeps the KV
-of earlier prompts (as nano-vllm's scheduler owns its block manager); a prompt that shares a block or
-more with one being prefilled in the same step waits for that one to be cached instead of computing the
-same keys and values again.
+the batch. A prompt starts, when its turn comes, from the longest prefix in the prefix cache, which
+keeps the KV of earlier prompts (as nano-vllm's scheduler owns its block manager); one that shares a
+block or more beyond that with a prompt being prefilled in the same step waits for that one to be
+cached instead of computing the same keys and values again.
 
 On the paged cache (``block_manager.py``) the scheduler also hands out its blocks: a running sequence
 gets a block for its next token first, and a waiting one is admitted only as far as free blocks hold
@@ -20,16 +20,6 @@ from collections.abc import Callable
 from runners.engine.block_manager import BLOCK, BlockPool, blocks_for
 from runners.engine.kv_cache import kv_bytes
 from runners.engine.sequence import Sequence, SequenceStatus
-
-
-def _shared(a: list[int], b: list[int]) -> int:
-    """How many tokens two prompts share from their start."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class Scheduler:
@@ -65,20 +55,19 @@ class Scheduler:
             self._grow_running()
         prefills, budget = [], self.max_prefill_tokens
         for seq in list(self.waiting)[: self.max_num_seqs - len(self.running)]:
-            if not self.can_start(seq):
+            if not self.can_start(seq) or budget <= 0:
                 continue
-            if self.prefix_cache is not None and seq.num_cached == 0 and not seq.output_ids:
+            fresh = self.prefix_cache is not None and seq.num_cached == 0 and not seq.output_ids
+            if fresh:
+                cached = self.prefix_cache.longest(seq.prompt_ids, seq.adapter)[0]
+                if any(other.adapter == seq.adapter and
+                       common_prefix(seq.prompt_ids, other.prompt_ids) - cached >= BLOCK for other, _ in prefills):
+                    break  # it waits for the prompt before it to be cached rather than compute the same blocks
                 seq.num_cached, kept = self.prefix_cache.lookup(seq.prompt_ids, seq.adapter)
                 if self.pool is not None:
                     seq.blocks = kept or []
                 else:
                     seq.cache = kept
-            if budget <= 0:
-                continue  # a sequence admitted now keeps its cached prefix until its turn
-            if self.prefix_cache is not None and any(
-                    other.adapter == seq.adapter and _shared(seq.prompt_ids, other.prompt_ids) - seq.num_cached >= BLOCK
-                    for other, _ in prefills):
-                break  # it waits for the prompt before it to be cached rather than compute the same blocks
             n = min(seq.num_tokens - seq.num_cached, budget)
             if self.pool is not None and not self._take(seq, blocks_for(seq.num_cached + n) - len(seq.blocks)):
                 break  # in arrival order: the next ones wait for blocks too
@@ -184,15 +173,20 @@ class PrefixCache:
         self.num_bytes = 0  # of the keys and values held
         self.hits = 0  # prompt tokens not prefilled thanks to the cache
 
-    def lookup(self, prompt_ids: list[int], adapter=None) -> tuple[int, list | None]:
-        """``(n, kv)``: the cached keys and values of the first ``n`` tokens of ``prompt_ids``
-        (views, never written to), at most all but the last token, whose logits are needed."""
+    def longest(self, prompt_ids: list[int], adapter=None) -> tuple[int, tuple | None]:
+        """``(n, entry)``: how many of the first tokens of ``prompt_ids`` the cache would give (at most all
+        but the last, whose logits are needed), and from which entry; nothing is taken."""
         best, found = 0, None
         for key in self.entries:
             n = common_prefix(key[1], prompt_ids) if key[0] is adapter else 0
             if n > best:
                 best, found = n, key
-        best = min(best, len(prompt_ids) - 1) // self.granularity * self.granularity
+        return max(0, min(best, len(prompt_ids) - 1) // self.granularity * self.granularity), found
+
+    def lookup(self, prompt_ids: list[int], adapter=None) -> tuple[int, list | None]:
+        """``(n, kv)``: the cached keys and values of the first ``n`` tokens of ``prompt_ids``
+        (views, never written to), at most all but the last token, whose logits are needed."""
+        best, found = self.longest(prompt_ids, adapter)
         if best <= 0:
             return 0, None
         self.entries.move_to_end(found)
