@@ -29,6 +29,8 @@ VARIANTS = {  # name: load_causal_lm options
     "lean bfloat16, oneDNN matmul": {"dtype": "bfloat16", "forward": "lean", "matmul": "onednn"},
     # int8 on BentoChat's kernel and native forward (a scale per 32 weights), where they run
     "lean bfloat16, int8 weights": {"dtype": "bfloat16", "forward": "lean", "quantization": "int8"},
+    # 4 bits (a scale and an offset per 32 weights, the logits' weight int8) on AMX, else int8
+    "lean bfloat16, int4 weights": {"dtype": "bfloat16", "forward": "lean", "quantization": "int4"},
     # int8 on torch's _weight_int8pack_mm (a scale per output feature) and the Python pass
     "lean bfloat16, int8 weights, torch": {"dtype": "bfloat16", "forward": "lean", "quantization": "int8",
                                            "matmul": "onednn"},

@@ -402,7 +402,8 @@ def parse_args() -> argparse.Namespace:
                                               "--dtype's, F32 or BF16)")
     parser.add_argument("--forward", default="lean", choices=["lean", "transformers"],
                         help="BentoChat's and the engine's forward pass, as in bentochat.yaml")
-    parser.add_argument("--quantization", choices=["int8"], help="BentoChat's and the engine's weights in int8")
+    parser.add_argument("--quantization", choices=["int8", "int4"],
+                        help="BentoChat's and the engine's weights in int8 or 4 bits (quantized when they load)")
     parser.add_argument("--attention", default="fused", choices=["fused", "eager"],
                         help="the lean forward's decode attention, as in bentochat.yaml")
     parser.add_argument("--matmul", default="auto", choices=["auto", "onednn"],
@@ -449,7 +450,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     max_rss = int(mem_total * 0.85) if args.max_rss_gib is None else int(args.max_rss_gib * (1 << 30)) or None
-    weights = f"{args.dtype}, int8 weights" if args.quantization else args.dtype
+    weights = f"{args.dtype}, {args.quantization} weights" if args.quantization else args.dtype
     settings = (f"{weights}, {args.forward} forward ({args.attention} attention, {args.matmul} matmul), "
                 f"{args.max_tokens} output tokens, {args.requests} requests per client, greedy, streaming chat, prefix "
                 f"cache {args.prefix_cache_tokens} tokens; llama.cpp: the {args.llama_quant} GGUF"

@@ -110,8 +110,8 @@ class Linear:
 
 def fused_linear(*modules, **options) -> Linear:
     """One ``Linear`` computing the outputs of several of transformers' ``nn.Linear`` modules that take the
-    same input (q, k and v; gate and up), their weights stacked, in order (in int8 where one of them is
-    stored so, ``native.Int8Weight``)."""
+    same input (q, k and v; gate and up), their weights stacked, in order. Weights stored quantized stay
+    so: in 4 bits where all of them are (``native.Int4Weight``), else all in int8 (``Int8Weight``)."""
     quantized = (native.Int8Weight, native.Int4Weight)
     weights = [m.weight if isinstance(m.weight, quantized) else m.weight.detach() for m in modules]
     if all(isinstance(w, native.Int4Weight) for w in weights):  # (a stored model's)

@@ -197,8 +197,8 @@ def pack_int8(weight: torch.Tensor | Int8Weight) -> torch.Tensor:
     :class:`Int8Weight`), zero-padded to panels of ``LANES`` features. An int8 tensor
     [panels, groups, 576]: per panel and group the 32 x 16 weights (inner element i's 16 features at
     bytes 16 i ..), then the 16 features' scales (float32, as bytes). A bfloat16 model's on AMX:
-    [panels, groups, 16, 36], the same bytes but the weights as AMX's B tile takes them (inner pair j's
-    16 features at bytes 32 j .., each feature's two elements side by side). Quantized a few thousand
+    [panels, groups, 16, 36], the same bytes but the weights as AMX's int8 B tile takes them (inner quad
+    j's 16 features at bytes 64 j .., each feature's four elements side by side). Quantized a few thousand
     features at a time (a float32 copy of a whole lm_head is large)."""
     out, inner = weight.shape
     panels, groups = -(-out // LANES), -(-inner // GROUP)
