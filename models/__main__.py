@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
                           "half of bfloat16's size) or in 4 bits (a scale and an offset per 32, the logits' weight "
                           "in int8); served so (Llama, Mistral, Qwen2, Qwen3). A GGUF file's Q8_0 and Q4 weights are "
                           "kept as they are without it")
+    imp.add_argument("--dequantize", action="store_true",
+                     help="a GGUF file: every weight dequantized (float32), served in the configured dtype")
     sub.add_parser("reference", help="print the configuration reference, from the settings' own descriptions")
     args = parser.parse_args(argv)
     if args.command == "reference":
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         model = import_model(args.source, args.name, trust_remote_code=args.trust_remote_code, base=args.base,
-                             quantize=args.quantize)
+                             quantize=args.quantize, keep_quantized=not args.dequantize)
     except ImportFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

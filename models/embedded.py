@@ -53,7 +53,8 @@ def ensure_available(config: Config) -> None:
                 f"import it with `python -m models import SOURCE --name {served.store_name}`"
             )
         logger.warning("first start: importing the embedded model %s into the BentoML model store", served.store_name)
-        import_model(str(EMBEDDED[served.store_name]()), served.store_name)
+        # (dequantized: the embedded chat model is served in bfloat16, the figures of docs/performance.md)
+        import_model(str(EMBEDDED[served.store_name]()), served.store_name, keep_quantized=False)
     for served in config.models:
         for adapter in served.adapters:
             check_adapter_source(served.id, adapter)

@@ -45,9 +45,10 @@ class ImportFailed(RuntimeError):
 
 
 def import_model(source: str, name: str, *, trust_remote_code: bool = False, base: str | None = None,
-                 quantize: str | None = None) -> bentoml.Model:
+                 quantize: str | None = None, keep_quantized: bool = True) -> bentoml.Model:
     """Import ``source`` into the store under ``name``; return the stored model. ``quantize`` (``int8``,
-    ``int4``): its linear layers' weights stored so (:func:`_quantize`)."""
+    ``int4``): its linear layers' weights stored so (:func:`_quantize`). ``keep_quantized=False``: a GGUF
+    file's quantized weights dequantized all the same (the embedded chat model, served in bfloat16)."""
     path = Path(source).expanduser()
     if quantize not in (None, "int8", "int4"):
         raise ImportFailed(f"--quantize {quantize}: int8 or int4")
@@ -58,7 +59,8 @@ def import_model(source: str, name: str, *, trust_remote_code: bool = False, bas
     if base is not None:
         raise ImportFailed(f"--base is for LoRA adapters; {source} has no adapter_config.json")
     if path.is_file() and path.suffix == ".gguf":
-        builder, origin, steps = (lambda dst, step: _from_gguf(path, dst, trust_remote_code, step)), f"gguf:{path}", 4
+        builder, origin, steps = (lambda dst, step: _from_gguf(path, dst, trust_remote_code, step, keep_quantized)), \
+            f"gguf:{path}", 4
     elif path.is_dir():
         builder, origin, steps = (lambda dst, step: _from_directory(path, dst, trust_remote_code, step)), f"dir:{path}", 2
     elif path.exists():
@@ -150,10 +152,11 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def _from_gguf(path: Path, dst: Path, trust_remote_code: bool, step) -> None:
+def _from_gguf(path: Path, dst: Path, trust_remote_code: bool, step, keep: bool = True) -> None:
     """A GGUF file as config + tokenizer + safetensors. For the lean forward's families, a linear
-    layer's Q8_0 weight is kept as it is: its int8 values and its scales (float16, stored as float32;
-    ``runners.engine.native.Int8Weight``); every other tensor is dequantized to float32. The names and
+    layer's Q8_0 weight is kept as it is (``keep``): its int8 values and its scales (float16, stored as
+    float32; ``runners.engine.native.Int8Weight``), its Q4_0, Q4_1 and Q4_K weights in 4 bits
+    (``Int4Weight``); every other tensor is dequantized to float32. The names and
     the llama.cpp layout of q and k are transformers' (its GGUF tensor map and processors). A file of
     another architecture is dequantized whole by transformers (whose processors for some of them merge
     or rename tensors)."""
@@ -196,7 +199,7 @@ def _from_gguf(path: Path, dst: Path, trust_remote_code: bool, step) -> None:
         if name is None:
             continue
         rows = int(tensor.shape[-1]) if len(tensor.shape) > 1 else 1
-        kept = _gguf_blocks(tensor, rows) if name in linear else None
+        kept = _gguf_blocks(tensor, rows) if keep and name in linear else None
         if kept is None:
             kept = {"": dequantize(tensor.data, tensor.tensor_type)}
         for suffix, array in kept.items():  # the weight (and its scales and offsets), in transformers' layout

@@ -68,6 +68,8 @@ def test_gguf_import_of_the_embedded_chat_model(embedded_models):
     files = {p.name for p in Path(m.path).iterdir()}
     assert "model.safetensors" in files and "tokenizer.json" in files
     assert not any(f.endswith(".gguf") for f in files)
+    config = json.loads((Path(m.path) / "config.json").read_text())  # (dequantized: served in bfloat16)
+    assert "bentochat_quantization" not in config
 
 
 def test_hub_id_offline_is_a_clear_error():
