@@ -170,7 +170,7 @@ def _from_gguf(path: Path, dst: Path, trust_remote_code: bool, step, keep: bool 
 
     # torch: the engine's rules, for weights converted here only
     from runners.engine.loader import MIN_SUFFIX, SCALE_SUFFIX, STORED_QUANTIZATION, unsupported
-    from runners.engine.native import quantize_int8
+    from runners.engine.native import GROUP, quantize_int8
 
     kwargs = {"gguf_file": path.name, "trust_remote_code": trust_remote_code}
     step("reading the GGUF tokenizer and config")  # most of it parsing the file's metadata, twice
@@ -209,7 +209,7 @@ def _from_gguf(path: Path, dst: Path, trust_remote_code: bool, step, keep: bool 
     config.architectures, config.dtype = [type(skeleton).__name__], torch.float32
     if any(name.endswith(SCALE_SUFFIX) for name in tensors):  # the file's other linear weights in int8 too
         for name in linear & tensors.keys():
-            if name + SCALE_SUFFIX not in tensors:
+            if name + SCALE_SUFFIX not in tensors and tensors[name].shape[1] % GROUP == 0:  # (as _quantize)
                 tensors[name], tensors[name + SCALE_SUFFIX] = quantize_int8(tensors[name])
         setattr(config, STORED_QUANTIZATION, "int4" if any(name.endswith(MIN_SUFFIX) for name in tensors) else "int8")
     _save_weights(tensors, dst / "model.safetensors")
@@ -229,6 +229,7 @@ def _gguf_blocks(tensor, rows: int) -> dict | None:
     from gguf.quants import Q4_K
 
     from runners.engine.loader import MIN_SUFFIX, SCALE_SUFFIX  # torch: see _from_gguf
+    from runners.engine.native import pair_nibbles
 
     sizes = {Q.Q8_0: 34, Q.Q4_0: 18, Q.Q4_1: 20, Q.Q4_K: 144}
     if tensor.tensor_type not in sizes:
@@ -247,8 +248,7 @@ def _gguf_blocks(tensor, rows: int) -> dict | None:
         mins = half(blocks[:, 2:4]) if tensor.tensor_type == Q.Q4_1 else -8 * scales
         qs = blocks[:, -16:].reshape(-1, 1, 1, 16)
     values = ((qs >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 15).reshape(rows, -1)
-    return {"": values[:, 0::2] | (values[:, 1::2] << 4), SCALE_SUFFIX: scales.reshape(rows, -1),
-            MIN_SUFFIX: mins.reshape(rows, -1)}
+    return {"": pair_nibbles(values), SCALE_SUFFIX: scales.reshape(rows, -1), MIN_SUFFIX: mins.reshape(rows, -1)}
 
 
 def _linear_weights(model) -> set[str]:

@@ -144,8 +144,8 @@ def test_a_gguf_files_4_bit_blocks_are_stored_and_packed_as_they_are(tmp_path):
     assert json.loads((stored / "config.json").read_text())[STORED_QUANTIZATION] == "int4"
     reference = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32).state_dict()
     with safe_open(stored / "model.safetensors", framework="pt") as f:
-        for name in ("q_proj", "o_proj", "down_proj", "v_proj"):
-            name = f"model.layers.3.{'self_attn' if 'proj' in name and name[0] in 'qkvo' else 'mlp'}.{name}.weight"
+        for name in (f"model.layers.3.{module}.weight" for module in
+                     ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj", "self_attn.v_proj")):
             q, scales = f.get_tensor(name), f.get_tensor(name + "_scale")
             four = name + "_min" in f.keys()
             weight = native.Int4Weight(q, scales, f.get_tensor(name + "_min"), torch.float32) if four else \

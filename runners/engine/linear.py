@@ -61,7 +61,7 @@ class Linear:
             weight = native.Int4Weight.of(weight)
         elif isinstance(weight, native.Int4Weight) and not tiles:  # (4 bits run on AMX; elsewhere int8)
             weight = native.Int8Weight.of(weight.dequantize())
-        stored = isinstance(weight, (native.Int8Weight, native.Int4Weight))
+        stored = isinstance(weight, native.QUANTIZED)
         self.int8 = int8 = int8 or int4 or stored
         self.row_block = None
         self.own = None  # the weight packed for BentoChat's own matmul (native.py), where ``own`` asks and it runs
@@ -112,11 +112,10 @@ def fused_linear(*modules, **options) -> Linear:
     """One ``Linear`` computing the outputs of several of transformers' ``nn.Linear`` modules that take the
     same input (q, k and v; gate and up), their weights stacked, in order. Weights stored quantized stay
     so: in 4 bits where all of them are (``native.Int4Weight``), else all in int8 (``Int8Weight``)."""
-    quantized = (native.Int8Weight, native.Int4Weight)
-    weights = [m.weight if isinstance(m.weight, quantized) else m.weight.detach() for m in modules]
+    weights = [m.weight if isinstance(m.weight, native.QUANTIZED) else m.weight.detach() for m in modules]
     if all(isinstance(w, native.Int4Weight) for w in weights):  # (a stored model's)
         weight = native.Int4Weight.cat(weights)
-    elif any(isinstance(w, quantized) for w in weights):  # mixed: all in int8
+    elif any(isinstance(w, native.QUANTIZED) for w in weights):  # mixed: all in int8
         weight = native.Int8Weight.cat([w if isinstance(w, native.Int8Weight) else native.Int8Weight.of(
             w.dequantize() if isinstance(w, native.Int4Weight) else w) for w in weights])
     else:

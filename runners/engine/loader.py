@@ -181,7 +181,7 @@ def from_quantized_checkpoint(path: str, config, dtype: torch.dtype, trust_remot
                 tensor = native.Int4Weight(tensor, tensors[name + SCALE_SUFFIX], tensors[name + MIN_SUFFIX], dtype)
             elif name + SCALE_SUFFIX in tensors:
                 tensor = native.Int8Weight(tensor, tensors[name + SCALE_SUFFIX], dtype)
-            if isinstance(tensor, (native.Int8Weight, native.Int4Weight)):
+            if isinstance(tensor, native.QUANTIZED):
                 if not dequantize:
                     del module._parameters[attr]
                     setattr(module, attr, tensor)
@@ -243,7 +243,7 @@ class CheckpointPages:
     def __call__(self, module: torch.nn.Module) -> None:
         tensors = list(module.parameters())
         for linear in module.modules():  # (a stored int8 model's weights, packed now)
-            if isinstance(getattr(linear, "weight", None), (native.Int8Weight, native.Int4Weight)):
+            if isinstance(getattr(linear, "weight", None), native.QUANTIZED):
                 tensors += [t for t in vars(linear.weight).values() if isinstance(t, torch.Tensor)]
                 linear.weight = None
         for tensor in tensors:

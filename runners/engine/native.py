@@ -273,6 +273,9 @@ class Int4Weight:
         return w.view(out, -1).to(self.dtype)
 
 
+QUANTIZED = (Int8Weight, Int4Weight)  # the weights stored models hold quantized
+
+
 def int4_runs(dtype: torch.dtype) -> bool:
     """Whether ``int4_linear`` runs a model of ``dtype`` here: in bfloat16, on AMX (elsewhere 4-bit weights
     run in int8)."""
@@ -280,7 +283,8 @@ def int4_runs(dtype: torch.dtype) -> bool:
 
 
 def pair_nibbles(values: torch.Tensor) -> torch.Tensor:
-    """uint8 values in 0..15 [..., 2n] as [..., n] bytes: element 2i in the low nibble, 2i + 1 the high."""
+    """uint8 values in 0..15 [..., 2n] as [..., n] bytes: element 2i in the low nibble, 2i + 1 the high
+    (a tensor, or a numpy array: the GGUF import's)."""
     return values[..., 0::2] | (values[..., 1::2] << 4)
 
 

@@ -59,11 +59,11 @@ class Scheduler:
                 continue
             fresh = self.prefix_cache is not None and seq.num_cached == 0 and not seq.output_ids
             if fresh:
-                cached = self.prefix_cache.longest(seq.prompt_ids, seq.adapter)[0]
+                cached, entry = self.prefix_cache.longest(seq.prompt_ids, seq.adapter)
                 if any(other.adapter == seq.adapter and
                        common_prefix(seq.prompt_ids, other.prompt_ids) - cached >= BLOCK for other, _ in prefills):
                     break  # it waits for the prompt before it to be cached rather than compute the same blocks
-                seq.num_cached, kept = self.prefix_cache.lookup(seq.prompt_ids, seq.adapter)
+                seq.num_cached, kept = cached, self.prefix_cache.take(cached, entry)
                 if self.pool is not None:
                     seq.blocks = kept or []
                 else:
@@ -183,15 +183,20 @@ class PrefixCache:
                 best, found = n, key
         return max(0, min(best, len(prompt_ids) - 1) // self.granularity * self.granularity), found
 
+    def take(self, n: int, entry: tuple | None) -> list | None:
+        """The keys and values of the first ``n`` tokens of ``entry`` (what :meth:`longest` found; views,
+        never written to), counted as hits; None for none."""
+        if n <= 0:
+            return None
+        self.entries.move_to_end(entry)
+        self.hits += n
+        return self._prefix(self.entries[entry], n)
+
     def lookup(self, prompt_ids: list[int], adapter=None) -> tuple[int, list | None]:
         """``(n, kv)``: the cached keys and values of the first ``n`` tokens of ``prompt_ids``
         (views, never written to), at most all but the last token, whose logits are needed."""
-        best, found = self.longest(prompt_ids, adapter)
-        if best <= 0:
-            return 0, None
-        self.entries.move_to_end(found)
-        self.hits += best
-        return best, self._prefix(self.entries[found], best)
+        n, entry = self.longest(prompt_ids, adapter)
+        return n, self.take(n, entry)
 
     def _prefix(self, kv: list, n: int) -> list:
         return [(k[:, :, :n], v[:, :, :n]) for k, v in kv]

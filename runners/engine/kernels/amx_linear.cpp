@@ -23,15 +23,9 @@ namespace {
 constexpr int64_t PANEL = 64, CHUNK = 32, ROWS = 16;  // features per panel, inner per chunk, rows per tile
 constexpr int64_t TILE = 16 * 32;                      // bfloat16 elements in one B tile
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // Tiles 0-3: C (rows x 16 floats); 4: A (rows x 32 bfloat16); 5, 6: B (16 x 32 bfloat16).
 void configure(int rows) {
-  TileConfig c;
+  bentochat::TileConfig c;
   for (int t = 0; t < 5; t++) { c.rows[t] = rows; c.colsb[t] = 64; }
   for (int t = 5; t < 7; t++) { c.rows[t] = 16; c.colsb[t] = 64; }
   _tile_loadconfig(&c);

@@ -383,15 +383,9 @@ struct Attention {
   }
 };
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // Every tile 16 rows of 64 bytes: the attention's scores, keys and queries.
 void configure_tiles() {
-  TileConfig c;
+  bentochat::TileConfig c;
   for (int t = 0; t < 8; t++) { c.rows[t] = 16; c.colsb[t] = 64; }
   _tile_loadconfig(&c);
 }

@@ -32,6 +32,19 @@ namespace {
 
 constexpr int64_t LANES = 16, GROUP = 32, ROWS = 6, QUAD = 4;
 constexpr int64_t GROUP_BYTES = GROUP * LANES + LANES * 4;  // 576: the weights, then the scales
+constexpr int64_t GROUP4_BYTES = GROUP * LANES / 2 + LANES * 8;  // 384 (int4_linear's): nibbles, scales, offsets
+
+// The first n of 16 lanes (none for n <= 0).
+inline __mmask16 lanes(int64_t n) {
+  return n <= 0 ? 0 : n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// The bias as the kernels take it (float32, at least n), or null.
+const float* bias_of(const c10::optional<at::Tensor>& bias, int64_t n) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() >= n);
+  return bias->data_ptr<float>();
+}
 
 // Rows 0..R-1 of x (float32, ldx apart, groups * GROUP each) times P panels of w (`stride` bytes apart), into
 // y (ldy apart; + b, the panels' bias, where not null), masked to each panel's features.
@@ -97,10 +110,7 @@ void matmul(const float* x, int64_t m, int64_t groups, const int8_t* w, int64_t 
     for (int64_t quad = first; quad < last; quad++) {
       const int64_t p0 = QUAD * quad, here = std::min<int64_t>(QUAD, count - p0);
       __mmask16 mask[QUAD] = {0, 0, 0, 0};
-      for (int64_t j = 0; j < here; j++) {
-        const int64_t left = n - (p0 + j) * LANES;
-        mask[j] = left >= LANES ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
-      }
+      for (int64_t j = 0; j < here; j++) mask[j] = lanes(n - (p0 + j) * LANES);
       const int8_t* wq = w + p0 * stride;
       const float* bq = b ? b + p0 * LANES : nullptr;
       Y* yq = y + p0 * LANES;
@@ -130,12 +140,6 @@ void matmul(const float* x, int64_t m, int64_t groups, const int8_t* w, int64_t 
 // size; they are not the AVX-512 kernel's (which keeps x as it is), and the kernel is chosen by the machine and
 // the model's dtype, never by the batch.
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // Row r of x (bfloat16, k elements, zero-padded to `groups` groups) as int8 [groups * GROUP], per-group scales and
 // per-group sums of x as quantized (scale * the sum of the int8 values; int4_linear's offsets take them).
 void quantize_row(const uint16_t* x, int64_t k, int64_t groups, int8_t* q, float* scales, float* sums) {
@@ -143,8 +147,7 @@ void quantize_row(const uint16_t* x, int64_t k, int64_t groups, int8_t* q, float
     __m512 v[2];
     for (int h = 0; h < 2; h++) {
       const int64_t i = g * GROUP + h * 16;
-      const __mmask16 m = i >= k ? 0 : k - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (k - i)) - 1);
-      v[h] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x + i)), 16));
+      v[h] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes(k - i), x + i)), 16));
     }
     const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
     const float scale = top / 127.0f;
@@ -168,10 +171,10 @@ void quantize_row(const uint16_t* x, int64_t k, int64_t groups, int8_t* q, float
 template <bool FOUR>
 void tiles_matmul(const int8_t* q, const float* xs, const float* xsums, int64_t m, int64_t groups, const uint8_t* w,
                   int64_t count, uint16_t* y, int64_t n, const float* b) {
-  constexpr int64_t BYTES = FOUR ? GROUP * LANES / 2 + 8 * LANES : GROUP_BYTES, WEIGHTS = FOUR ? GROUP * LANES / 2 : GROUP * LANES;
+  constexpr int64_t BYTES = FOUR ? GROUP4_BYTES : GROUP_BYTES, WEIGHTS = FOUR ? GROUP * LANES / 2 : GROUP * LANES;
   const int64_t stride = groups * BYTES, ldx = groups * GROUP, blocks = (m + 15) / 16;
   at::parallel_for(0, count, 1, [&](int64_t first, int64_t last) {
-    TileConfig config;  // A (x) and C: as many rows as there are, up to 16; B: 8 rows of 4 inner x 16 features
+    bentochat::TileConfig config;  // A (x) and C: as many rows as there are, up to 16; B: 8 rows of 4 inner x 16 features
     const uint8_t rows = static_cast<uint8_t>(std::min<int64_t>(16, m));
     for (int t = 0; t < 6; t += 3) {
       config.rows[t] = rows; config.colsb[t] = GROUP;
@@ -194,8 +197,7 @@ void tiles_matmul(const int8_t* q, const float* xs, const float* xsums, int64_t 
     };
     for (int64_t p = first; p < last; p++) {
       const uint8_t* wp = w + p * stride;
-      const int64_t left = n - p * LANES;
-      const __mmask16 mask = left >= LANES ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+      const __mmask16 mask = lanes(n - p * LANES);
       const __m512 bias = b ? _mm512_maskz_loadu_ps(mask, b + p * LANES) : _mm512_setzero_ps();
       for (int64_t k = 0; k < blocks; k++) {
         const int64_t here = std::min<int64_t>(16, m - k * 16);
@@ -258,11 +260,7 @@ at::Tensor on_tiles(const at::Tensor& x, const at::Tensor& w, int64_t n, const c
   const at::Tensor rows = x.reshape({-1, k}).contiguous();
   const int64_t m = rows.size(0);
   at::Tensor y = at::empty({m, n}, x.options());
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() >= n);
-    b = bias->data_ptr<float>();
-  }
+  const float* b = bias_of(bias, n);
   if (m == 0) return y.view(out_shape);
   at::Tensor q = at::zeros({(m + 15) / 16 * 16, inner}, x.options().dtype(at::kChar));  // whole blocks of rows
   at::Tensor scales = at::empty({2, m, groups}, x.options().dtype(at::kFloat));  // x's scales, then its sums
@@ -287,20 +285,16 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, cons
   TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 3 + tiles && w.size(2) * (tiles ? w.size(3) : 1) == GROUP_BYTES &&
                   w.is_contiguous() && n <= w.size(0) * LANES,
               "int8_linear: w is not packed by native.pack_int8 for n features");
+  if (tiles) return on_tiles<false>(x, w, n, bias);
   const int64_t groups = w.size(1), inner = groups * GROUP, k = x.size(-1);
   TORCH_CHECK(k <= inner, "int8_linear: x does not fit the packed weight");
   auto out_shape = x.sizes().vec();
   out_shape.back() = n;
-  if (tiles) return on_tiles<false>(x, w, n, bias);
   at::Tensor rows = x.reshape({-1, k}).to(at::kFloat);
   if (k != inner) rows = at::constant_pad_nd(rows, {0, inner - k});
   rows = rows.contiguous();
   at::Tensor y = at::empty({rows.size(0), n}, x.options());
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() >= n);
-    b = bias->data_ptr<float>();
-  }
+  const float* b = bias_of(bias, n);
   const int64_t m = rows.size(0);
   if (m > 0) {
     const auto* ws = static_cast<const int8_t*>(w.data_ptr());
@@ -313,7 +307,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, cons
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 3 && w.size(2) == GROUP * LANES / 2 + 8 * LANES &&
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 3 && w.size(2) == GROUP4_BYTES &&
                   w.is_contiguous() && n <= w.size(0) * LANES,
               "int4_linear: w is not packed by native.pack_int4 for n features");
   return on_tiles<true>(x, w, n, bias);

@@ -3,7 +3,16 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
+
 namespace bentochat {
+
+// AMX's tile configuration (LDTILECFG's 64 bytes, palette 1): each tile's rows and bytes a row.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
 
 // Whether this process may use AMX's tiles (Linux grants them on request, once).
 bool amx_available();
