@@ -4,9 +4,9 @@ extensions (``structured_outputs`` with ``json``, ``regex``, ``choice`` or ``gra
 ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``), and from the tool calls a
 request allows (``tool_calls.tool_grammar``).
 
-Converting is checking: a schema, regex or grammar xgrammar cannot take is a 400 naming the field.
-Conversions are cached, so a schema sent again costs nothing here, and its compiled form is
-cached by the engine.
+Converting is checking: a schema, regex or grammar xgrammar cannot take, or one past
+``MAX_GRAMMAR_BYTES`` as sent or as the grammar it becomes, is a 400 naming the field. Conversions are
+cached, so a schema sent again costs nothing here, and its compiled form is cached by the engine.
 """
 
 from __future__ import annotations
@@ -24,6 +24,12 @@ MAX_WHITESPACE = 8
 # The most digits of a JSON number's integer part, fraction or exponent that a schema does not bound:
 # 15 is what a double holds exactly; an unbounded run lets a small model write digits until max_tokens.
 MAX_DIGITS = 15
+# The most bytes of one constraint as sent (a schema as JSON, a regex, a grammar) and of the grammar it
+# becomes. Compiling costs time and memory that grow faster than a grammar's size (on this project's
+# 2-core CPU: 250 kB of grammar 0.1-2 s and up to 70 MB; a 300 kB schema of 10,000 properties becomes
+# 2.5 MB of grammar, 29 s and 50 MB), and a schema within OpenAI's own limits (5,000 properties, 120,000
+# characters of names and values) is far smaller.
+MAX_GRAMMAR_BYTES = 256 * 1024
 
 
 def library_message(error: Exception) -> str:
@@ -32,7 +38,7 @@ def library_message(error: Exception) -> str:
     return text.split(" The JSON string is:")[0]
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=128)
 def _convert(kind: str, spec: str) -> str:
     import xgrammar as xgr
 
@@ -52,6 +58,8 @@ def _convert(kind: str, spec: str) -> str:
     text = str(grammar)
     if kind in ("json_schema", "json_object", "structural_tag"):
         text = bound_json(text)
+    if len(text) > MAX_GRAMMAR_BYTES:
+        raise ValueError(f"it becomes a grammar of {len(text):,} bytes; at most {MAX_GRAMMAR_BYTES:,} are taken")
     return text
 
 
@@ -68,6 +76,8 @@ def to_grammar(kind: str, spec: Any, param: str) -> str:
     """``spec`` (a schema as a dict, a regex, EBNF text, a structural tag as a dict) as EBNF; a 400
     naming ``param`` when xgrammar refuses it."""
     text = spec if isinstance(spec, str) else json.dumps(spec, sort_keys=True)
+    if len(text.encode()) > MAX_GRAMMAR_BYTES:
+        raise invalid_value(param, f"is {len(text.encode()):,} bytes; at most {MAX_GRAMMAR_BYTES:,} are taken")
     try:
         return _convert(kind, text)
     except (RuntimeError, ValueError, TypeError) as e:

@@ -55,6 +55,22 @@ def test_requests_that_stopped_the_engine_are_400_and_the_model_answers_after(se
     assert_answers(client)
 
 
+def test_schemas_too_large_to_compile_are_400_before_compiling(server, client):
+    """A 280 kB schema, and a 33 kB one that becomes 500 kB of grammar: both cost seconds and tens of
+    megabytes to compile, and the runner's cache would keep them."""
+    enum = {"type": "string", "enum": [f"value-{i:05d}-{'x' * 16}" for i in range(10000)]}
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(2000)}}
+    before = stats(server)["grammars_compiled"]
+    for schema in (enum, wide):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=4, response_format={
+                "type": "json_schema", "json_schema": {"name": "big", "schema": schema}})
+        assert e.value.body["param"] == "response_format.json_schema.schema"
+        assert "at most 262,144" in e.value.body["message"]
+    assert stats(server)["grammars_compiled"] == before
+    assert_answers(client)
+
+
 def test_empty_prompts_start_from_bos_or_are_400_and_stall_nothing(server, client, chat_tokenizer):
     r = client.completions.create(model=CHAT, prompt="", max_tokens=3, temperature=0)
     assert r.usage.prompt_tokens == 1 and r.usage.completion_tokens == 3  # the BOS token alone, as OpenAI

@@ -117,6 +117,25 @@ def test_a_schema_the_library_refuses_is_a_400_naming_the_field():
     assert "strin" in e.value.message and ".cc" not in e.value.message
 
 
+def test_compiled_grammars_are_kept_within_their_byte_budget(engine, monkeypatch):
+    from runners.engine import structured
+
+    grammars = [to_grammar("json_schema", {"type": "object", "properties": {f"k{i}": {"type": "integer"}}}, "x")
+                for i in range(3)]
+    grammars_of = engine.grammars
+    one = grammars_of.compile(grammars[0]).memory_size_bytes
+    monkeypatch.setattr(structured, "GRAMMAR_CACHE_BYTES", int(2.5 * one))  # room for two of them
+    for g in grammars[1:]:
+        grammars_of.compile(g)
+    assert grammars_of.cached_bytes <= structured.GRAMMAR_CACHE_BYTES
+    assert engine.stats()["grammar_cache_bytes"] == grammars_of.cached_bytes
+    compiled = grammars_of.compiled_count
+    grammars_of.compile(grammars[2])  # the newest is kept
+    assert grammars_of.compiled_count == compiled
+    grammars_of.compile(grammars[0])  # the oldest was dropped
+    assert grammars_of.compiled_count == compiled + 1
+
+
 def test_a_tokenizer_of_remote_code_takes_grammars(tiny_model_dir):
     model = load_causal_lm(str(tiny_model_dir), trust_remote_code=True)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir, trust_remote_code=True)

@@ -63,6 +63,7 @@ class LLMEngine:
                 "tokens_generated": self.tokens_generated, "prompt_tokens": self.prompt_tokens,
                 "prefix_cache_hit_tokens": cache.hits if cache else 0,
                 "grammars_compiled": self.grammars.compiled_count if self.grammars else 0,
+                "grammar_cache_bytes": self.grammars.cached_bytes if self.grammars else 0,
                 "kv_cache_bytes": self.model_runner.kv_bytes() + (cache.num_bytes if cache and not pool else 0),
                 "kv_cache_capacity_bytes": pool.num_blocks * pool.block_bytes if pool else None,
                 "preemptions": self.scheduler.preemptions,

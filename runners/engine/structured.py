@@ -9,12 +9,14 @@ caller's thread (``AsyncLLMEngine.generate`` runs it on a worker thread), never 
 
 from __future__ import annotations
 
-import functools
 import threading
+from collections import OrderedDict
 
 import torch
 
-GRAMMAR_CACHE_SIZE = 256
+# What the compiled grammars kept may hold, as xgrammar counts them (a compiled grammar holds from
+# about a megabyte to tens of them: a token mask for each of its states that needs one).
+GRAMMAR_CACHE_BYTES = 256 * 1024 * 1024
 
 
 class GrammarError(ValueError):
@@ -28,7 +30,8 @@ class Grammars:
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self._compiler = None
         self._lock = threading.Lock()
-        self.compile = functools.lru_cache(maxsize=GRAMMAR_CACHE_SIZE)(self._compile)
+        self._compiled: OrderedDict[str, object] = OrderedDict()  # least recently used first
+        self.cached_bytes = self.compiled_count = 0
 
     @property
     def compiler(self):
@@ -41,18 +44,27 @@ class Grammars:
                 self.allowed = allowed_words(info.decoded_vocab, self.vocab_size)
             return self._compiler
 
-    def _compile(self, ebnf: str):
+    def compile(self, ebnf: str):
+        """``ebnf`` compiled, from the cache when it came before. Two threads that compile the same new
+        grammar at once both compile it; the cache keeps one."""
+        with self._lock:
+            if ebnf in self._compiled:
+                self._compiled.move_to_end(ebnf)
+                return self._compiled[ebnf]
         import xgrammar as xgr
 
         try:
-            return self.compiler.compile_grammar(xgr.Grammar.from_ebnf(ebnf))
+            compiled = self.compiler.compile_grammar(xgr.Grammar.from_ebnf(ebnf))
         except RuntimeError as e:
             raise GrammarError(f"grammar: {e}") from e
-
-    @property
-    def compiled_count(self) -> int:
-        """Grammars compiled so far (cache misses)."""
-        return self.compile.cache_info().misses
+        with self._lock:
+            self.compiled_count += 1
+            if ebnf not in self._compiled:
+                self._compiled[ebnf] = compiled
+                self.cached_bytes += compiled.memory_size_bytes
+            while self.cached_bytes > GRAMMAR_CACHE_BYTES:
+                self.cached_bytes -= self._compiled.popitem(last=False)[1].memory_size_bytes
+        return compiled
 
     def matcher(self, compiled, stop_token_ids: tuple[int, ...]) -> Matcher:
         import xgrammar as xgr
