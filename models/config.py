@@ -211,8 +211,10 @@ class UIConfig(BaseModel):
 
 class HealthConfig(BaseModel):
     """FastChat's worker heartbeats, turned around: the gateway polls each runner's queue. A runner
-    that fails ``failures`` polls in a row is out of /v1/models and routing, within
-    ``failures * (interval_s + timeout_s)`` seconds of going silent, and back at its next answer."""
+    that refuses or fails ``failures`` polls in a row (it died) is out of /v1/models and routing within
+    ``failures * (interval_s + timeout_s)`` seconds; one whose polls time out (a stopped or overloaded
+    process, a network blip) is waited for ``hold_s`` longer, its model listed and its streams kept.
+    Either is back at its next answer."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -220,6 +222,10 @@ class HealthConfig(BaseModel):
     timeout_s: float = Field(default=2.0, gt=0, description="seconds a poll waits for its answer")
     failures: int = Field(default=2, ge=1, description="polls failed in a row that take a runner out of "
                                                        "/v1/models and routing, until it answers again")
+    hold_s: float = Field(default=30.0, ge=0, description="seconds a runner whose polls time out (no answer, "
+                          "no closed connection) is waited for after `failures` polls, before its streams end "
+                          "with 503 and it leaves /v1/models and routing: meanwhile its model stays listed, "
+                          "and its streams, and new requests when no other replica answers, wait for it")
 
     @property
     def bound_s(self) -> float:
