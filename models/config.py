@@ -254,7 +254,7 @@ class ResponsesConfig(BaseModel):
 
 class GatewayConfig(BaseModel):
     """Every key of bentochat.yaml but ``models``: the gateway's own settings (the chat page, health
-    polls, API keys, CORS, body size, the Responses API's store)."""
+    polls, API keys, CORS, body size, the Responses API's store), and the grace period at shutdown."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -271,6 +271,10 @@ class GatewayConfig(BaseModel):
     max_body_mb: float = Field(default=8, gt=0, description="request bodies larger than this (MiB) are refused "
                                                             "with 413 before they are read")
     responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
+    shutdown_grace_s: float = Field(default=25, ge=0, description="after SIGTERM, the gateway and each runner "
+                                    "answer new requests 503 (`shutting_down`) and /readyz 503, and exit once "
+                                    "the requests in flight are done, or after this many seconds, cutting what "
+                                    "is left; keep it below Kubernetes' terminationGracePeriodSeconds (30 s)")
 
 
 class ServedModels(BaseModel):
