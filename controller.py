@@ -5,9 +5,10 @@ runner, their health, and shortest-queue dispatch among them.
 A replica is a runner in this ``bentoml serve`` (a BentoML dependency) or a runner served elsewhere
 (an HTTP client on its URL). The gateway polls every replica's ``stats`` each ``health.interval_s``
 (FastChat's heartbeats, turned around). A replica that fails ``health.failures`` polls in a row is
-down: its model leaves ``/v1/models`` and routing when no replica is left, and requests for it get
-503. A replica that answers again is back at that poll. A runner elsewhere also sends, at its first
-answer, its model's files but the weights (tokenizer, configs), so the gateway needs no copy of them.
+down (one whose polls time out, silent, ``health.hold_s`` later): its model leaves ``/v1/models`` and
+routing when no replica is left, and requests for it get 503. A replica that answers again is back at
+that poll. A runner elsewhere also sends, at its first answer, its model's files but the weights
+(tokenizer, configs), so the gateway needs no copy of them.
 
 ``Model.generate`` and ``Model.encode`` are the gateway's side of the runner API: they pick the
 replica, name the request, retry on another replica what failed before its first token, abort what
@@ -50,7 +51,8 @@ _background: set[asyncio.Task] = set()
 class Replica:
     name: str  # "local" (a dependency in this bentoml serve) or the runner's URL
     client: object | None = None  # None until a runner elsewhere first answers
-    ready: bool = False
+    ready: bool = False  # answers the polls
+    silent_since: float | None = None  # when its polls were found to time out, while it is waited for
     failures: int = 0
     load: int = 0  # running + waiting at the last poll, plus the requests dispatched since
     avoid_until: float = 0.0  # after a failed call, others are preferred until the next poll
@@ -60,20 +62,22 @@ class Replica:
 
     @property
     def down(self) -> asyncio.Future:
-        """Done once the health polls find the replica silent: the calls still waiting on it end."""
+        """Done once the health polls give up on the replica: the calls still waiting on it end."""
         if self._down is None:
             self._down = asyncio.get_running_loop().create_future()
         return self._down
+
+    up = property(lambda self: self.ready or self.silent_since is not None)  # ready, or silent but waited for
 
     def answered(self) -> None:
         """A poll got an answer: the replica is ready, and a later silence is a new one."""
         if self._down is not None and self._down.done():
             self._down = None
-        self.ready, self.failures, self.avoid_until = True, 0, 0.0
+        self.ready, self.silent_since, self.failures, self.avoid_until = True, None, 0, 0.0
 
-    def silent(self) -> None:
-        """Polls failed too often: out of routing, and what still waits on it fails (a 503)."""
-        self.ready = False
+    def gone(self) -> None:
+        """The polls give up on it: out of routing and listing, and what still waits on it fails (a 503)."""
+        self.ready, self.silent_since = False, None
         if not self.down.done():
             self.down.set_result(None)
 
@@ -97,17 +101,18 @@ class Model:
 
     @property
     def ready(self) -> bool:
-        return self.info is not None and any(r.ready for r in self.replicas)
+        return self.info is not None and any(r.up for r in self.replicas)
 
     @property
     def adapters(self) -> dict[str, dict]:
-        """The LoRA adapters its ready replicas serve, by name."""
-        return {name: a for r in self.replicas if r.ready for name, a in r.adapters.items()}
+        """The LoRA adapters its replicas that are up serve, by name."""
+        return {name: a for r in self.replicas if r.up for name, a in r.adapters.items()}
 
     def pick(self, adapter: str | None = None) -> Replica:
         """The ready replica (serving ``adapter``, if given) with the shortest queue (FastChat's
-        shortest_queue), ties at random."""
-        ready = [r for r in self.replicas if r.ready and (adapter is None or adapter in r.adapters)]
+        shortest_queue), ties at random; a silent one still waited for when none is ready."""
+        up = [r for r in self.replicas if r.up and (adapter is None or adapter in r.adapters)]
+        ready = [r for r in up if r.ready] or up
         if not ready:
             raise model_unavailable(adapter or self.id)
         now = time.monotonic()
@@ -259,11 +264,11 @@ class Model:
                 await self._describe(client)
         except Exception as e:
             replica.failures += 1
-            if replica.failures == health.failures:  # once an outage, also for one never seen up
-                logger.warning("runner %s of %s %s (%s polls failed: %r)", replica.name, self.id,
-                               "is down" if replica.ready else "does not answer", replica.failures, e)
-            if replica.ready and replica.failures >= health.failures:
-                replica.silent()
+            if replica.up and replica.failures >= health.failures:
+                self._unanswered(replica, health, e)
+            elif replica.failures == health.failures:  # once, for one never seen up
+                logger.warning("runner %s of %s does not answer (%s polls failed: %r)", replica.name, self.id,
+                               replica.failures, e)
             return
         if not replica.ready:
             logger.info("runner %s of %s is up", replica.name, self.id)
@@ -272,6 +277,17 @@ class Model:
         if started > replica.adapters_at:
             replica.adapters = {name: {k: a.get(k) for k in ("source", "base_model", "rank")}
                                 for name, a in stats.get("adapters", {}).items()}
+
+    def _unanswered(self, replica: Replica, health: HealthConfig, error: Exception) -> None:
+        """``health.failures`` polls or more failed in a row: a replica that refused them or answered with
+        an error is down; one whose polls timed out is silent, and down after ``health.hold_s``."""
+        now, timed_out = time.monotonic(), isinstance(error, TimeoutError)
+        if timed_out and replica.silent_since is None:
+            replica.ready, replica.silent_since = False, now
+            logger.warning("runner %s of %s is silent: its calls wait %s s for it", replica.name, self.id, health.hold_s)
+        if not timed_out or now - replica.silent_since >= health.hold_s:
+            logger.warning("runner %s of %s is down (%s polls failed: %r)", replica.name, self.id, replica.failures, error)
+            replica.gone()
 
     async def _describe(self, client) -> None:
         description = await client.describe()

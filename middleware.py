@@ -10,6 +10,9 @@ first outermost:
   wrong UI passwords, is refused with 429 for a while.
 - ``BodyLimit``: a body over the configured size is refused with 413 before it is read.
 
+``runners.draining.Draining`` goes right inside ``RequestIds`` (and around each runner service): after
+SIGTERM it answers new requests 503 while those in flight finish.
+
 CORS (Starlette's middleware, configured from ``cors:``) goes outside all three, so that browsers'
 preflight requests, which carry no key, are answered.
 

@@ -15,7 +15,8 @@ from runners.wire import NEVER_RECYCLE, REQUEST_TIMEOUT_S, read_events
 
 
 class RunnerSilent(ConnectionError):
-    """The replica stopped answering health polls while a call on it was still waiting."""
+    """The health polls gave up on the replica (it refused them, or was silent for ``health.hold_s``)
+    while a call on it was still waiting."""
 
     def __init__(self):
         super().__init__("the runner stopped answering the gateway's health polls")

@@ -34,6 +34,7 @@ from models.embedded import ensure_available
 from openai_api.responses import ResponseStore
 from openai_api.routes import app
 from runners.chat import chat_runner
+from runners.draining import Draining
 from runners.embedding import embedding_runner
 from runners.base import freeze_startup_heap
 from runners.wire import REQUEST_TIMEOUT_S
@@ -88,6 +89,8 @@ def _attribute(served: ServedModel) -> str:
 
 for _served in CONFIG.models:
     if _served.id in RUNNERS:
+        # At SIGTERM a runner finishes its calls in flight, answering the gateway's health polls and aborts.
+        RUNNERS[_served.id].add_asgi_middleware(Draining, grace_s=GATEWAY.shutdown_grace_s, keep=("/stats", "/abort"))
         setattr(Gateway, _attribute(_served), bentoml.depends(RUNNERS[_served.id]))
         # Each runner can also be served on its own, for a gateway elsewhere that names its URL:
         # `bentoml serve service:runner_<id>` (the id lowercased, other characters than letters and digits as `_`).
@@ -108,6 +111,8 @@ if GATEWAY.cors.allow_origins:
     BentoChat.add_asgi_middleware(CORSMiddleware, allow_origins=GATEWAY.cors.allow_origins, allow_methods=["*"],
                                   allow_headers=["*"], expose_headers=["x-request-id", "retry-after"])
 BentoChat.add_asgi_middleware(RequestIds)
+# At SIGTERM: streams in flight finish, new requests get 503; the chat page's heartbeats last as long as the page.
+BentoChat.add_asgi_middleware(Draining, grace_s=GATEWAY.shutdown_grace_s, keep=("/ui/gradio_api/heartbeat/",))
 BentoChat.add_asgi_middleware(ApiKeys, keys=set(GATEWAY.api_keys), public_metrics=GATEWAY.public_metrics,
                               attempts=SIGN_IN_ATTEMPTS)
 BentoChat.add_asgi_middleware(BodyLimit, max_bytes=int(GATEWAY.max_body_mb * 2**20))

@@ -211,8 +211,10 @@ class UIConfig(BaseModel):
 
 class HealthConfig(BaseModel):
     """FastChat's worker heartbeats, turned around: the gateway polls each runner's queue. A runner
-    that fails ``failures`` polls in a row is out of /v1/models and routing, within
-    ``failures * (interval_s + timeout_s)`` seconds of going silent, and back at its next answer."""
+    that refuses or fails ``failures`` polls in a row (it died) is out of /v1/models and routing within
+    ``failures * (interval_s + timeout_s)`` seconds; one whose polls time out (a stopped or overloaded
+    process, a network blip) is waited for ``hold_s`` longer, its model listed and its streams kept.
+    Either is back at its next answer."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -220,6 +222,10 @@ class HealthConfig(BaseModel):
     timeout_s: float = Field(default=2.0, gt=0, description="seconds a poll waits for its answer")
     failures: int = Field(default=2, ge=1, description="polls failed in a row that take a runner out of "
                                                        "/v1/models and routing, until it answers again")
+    hold_s: float = Field(default=30.0, ge=0, description="seconds a runner whose polls time out (no answer, "
+                          "no closed connection) is waited for after `failures` polls, before its streams end "
+                          "with 503 and it leaves /v1/models and routing: meanwhile its model stays listed, "
+                          "and its streams, and new requests when no other replica answers, wait for it")
 
     @property
     def bound_s(self) -> float:
@@ -248,7 +254,7 @@ class ResponsesConfig(BaseModel):
 
 class GatewayConfig(BaseModel):
     """Every key of bentochat.yaml but ``models``: the gateway's own settings (the chat page, health
-    polls, API keys, CORS, body size, the Responses API's store)."""
+    polls, API keys, CORS, body size, the Responses API's store), and the grace period at shutdown."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -265,6 +271,10 @@ class GatewayConfig(BaseModel):
     max_body_mb: float = Field(default=8, gt=0, description="request bodies larger than this (MiB) are refused "
                                                             "with 413 before they are read")
     responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
+    shutdown_grace_s: float = Field(default=25, ge=0, description="after SIGTERM, the gateway and each runner "
+                                    "answer new requests 503 (`shutting_down`) and /readyz 503, and exit once "
+                                    "the requests in flight are done, or after this many seconds, cutting what "
+                                    "is left; keep it below Kubernetes' terminationGracePeriodSeconds (30 s)")
 
 
 class ServedModels(BaseModel):
