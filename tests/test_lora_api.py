@@ -8,6 +8,7 @@ adapter directories inside the configured ones, with one answer for whatever it 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import shutil
 import time
@@ -26,6 +27,7 @@ PROMPTS = ["The quick brown fox", "Paris is the capital", "你好，世界", "A 
 N = 16
 PLAIN = {"repetition_penalty": 1.0}  # the tiny model's generation_config asks for a penalty PeftModel is run without
 NOT_LOADABLE = "lora_path: not an adapter this server may load"  # the one answer for any of it
+PROBES = (f"probe-{i}" for i in itertools.count())  # a new name each time: a probe that loads takes none of the next
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +152,7 @@ def crafted(lora_adapters, name: str, **config) -> Path:
 
 def refused(server, path) -> str:
     """The message a load of ``path`` is refused with (a 400 naming lora_path)."""
-    r = post(server, "load_lora_adapter", {"lora_name": "probe", "lora_path": str(path), "model": LORA_BASE})
+    r = post(server, "load_lora_adapter", {"lora_name": next(PROBES), "lora_path": str(path), "model": LORA_BASE})
     assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path", (path, r.text)
     return r.json()["error"]["message"]
 
@@ -220,7 +222,7 @@ def test_no_lora_path_stops_the_runner(server, client):
     answered 503 "its runners do not answer": each is refused at once and the model keeps answering."""
     for path in ("/proc/1/root", "~nosuchuser/x", "~\udcff", "/" + "a" * 300, "a" * 70, "/dev/zero", "~", "/"):
         started = time.monotonic()
-        r = post(server, "load_lora_adapter", {"lora_name": "probe", "lora_path": path, "model": LORA_BASE})
+        r = post(server, "load_lora_adapter", {"lora_name": next(PROBES), "lora_path": path, "model": LORA_BASE})
         assert r.status_code == 400 and time.monotonic() - started < 10, (path, r.text)
         assert client.completions.create(model=LORA_BASE, prompt="x", max_tokens=2).choices[0].finish_reason
 
