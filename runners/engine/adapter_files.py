@@ -42,7 +42,7 @@ def _regular_file(file: Path, limit: int | None = None) -> int:
     try:
         st = file.stat()
     except (OSError, ValueError) as e:
-        raise AdapterError(f"{file} cannot be read: {e.__class__.__name__}") from e
+        raise AdapterError(f"{file} cannot be read: {e}") from e
     if not stat.S_ISREG(st.st_mode):
         raise AdapterError(f"{file} is not a regular file")
     if limit is not None and st.st_size > limit:
@@ -58,8 +58,8 @@ def read_config(path: Path) -> dict:
     try:
         with open(file, "rb") as f:
             config = json.loads(f.read(MAX_CONFIG_BYTES + 1)[:MAX_CONFIG_BYTES])  # the file may grow meanwhile
-    except (OSError, ValueError) as e:
-        raise AdapterError(f"{file} cannot be read: {e.__class__.__name__}") from e
+    except (OSError, ValueError) as e:  # JSON's errors say where, never what
+        raise AdapterError(f"{file} cannot be read: {e}") from e
     if not isinstance(config, dict):
         raise AdapterError(f"{file} is not a JSON object")
     if str(config.get("peft_type", "")).upper() != "LORA":
@@ -142,11 +142,11 @@ def check(weights: dict, parts: dict, where: str) -> None:
         part = parts.get(module)
         if part is None:
             raise AdapterMismatch(f"{where}: it changes {module}, a linear layer this model does not have "
-                               "(an adapter for another architecture?)")
+                                  "(an adapter for another architecture?)")
         if a.shape[1] != part.in_features or b.shape[0] != part.out_features:
             raise AdapterMismatch(f"{where}: {module} is {b.shape[0]}x{a.shape[1]} in the adapter but "
-                               f"{part.out_features}x{part.in_features} in this model: the adapter was trained for "
-                               "another base model")
+                                  f"{part.out_features}x{part.in_features} in this model: the adapter was trained "
+                                  "for another base model")
 
 
 def read_adapter(name: str, path: str | Path, parts: dict, pickles: bool = True) -> Adapter:
