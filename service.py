@@ -53,7 +53,8 @@ CONFIG = load_config()
 GATEWAY = CONFIG.gateway
 ensure_available(CONFIG)
 # One runner service per model served here; a model given by `urls` is served elsewhere.
-RUNNERS = {m.id: (chat_runner if m.kind == "chat" else embedding_runner)(m) for m in CONFIG.models if not m.remote}
+RUNNERS = {m.id: chat_runner(m, GATEWAY.lora) if m.kind == "chat" else embedding_runner(m)
+           for m in CONFIG.models if not m.remote}
 
 
 class Gateway:
@@ -68,6 +69,7 @@ class Gateway:
         self.registry = Registry(models, GATEWAY.health)
         app.state.registry = self.registry
         app.state.responses = ResponseStore(GATEWAY.responses.store_size)
+        app.state.runtime_lora = GATEWAY.lora.runtime_loading
         logger.info("serving %s", ", ".join(m.id for m in models))
         freeze_startup_heap()
 

@@ -33,6 +33,11 @@ DEFAULT_CONTEXT_LENGTH = 2048  # for a model whose config.json names no context 
 ADAPTER_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 
 
+def is_path(source: str) -> bool:
+    """Whether an adapter's ``source`` is a directory's path (it holds / or starts with . or ~), not a store tag."""
+    return "/" in source or source.startswith((".", "~"))
+
+
 class AdapterEntry(BaseModel):
     """A LoRA adapter served on a chat model: a store tag (``python -m models import`` of a PEFT
     directory; ``bentoml build`` packs it) or a PEFT directory on this machine (read at start, not
@@ -47,7 +52,7 @@ class AdapterEntry(BaseModel):
 
     @property
     def is_directory(self) -> bool:
-        return "/" in self.source or self.source.startswith((".", "~"))
+        return is_path(self.source)
 
     @property
     def tag(self) -> str | None:
@@ -252,9 +257,25 @@ class ResponsesConfig(BaseModel):
                                                             "GET /v1/responses/{id}; an older id is a 404; 0 keeps none")
 
 
+class LoRAConfig(BaseModel):
+    """LoRA adapters loaded and unloaded while serving (vLLM's /v1/load_lora_adapter and
+    /v1/unload_lora_adapter); a model's `adapters` are served either way. A runner served elsewhere
+    follows its own bentochat.yaml's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    runtime_loading: bool = Field(default=False, description="vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING: the two "
+                                  "routes load and unload adapters (behind the API keys, when set); false: they "
+                                  "answer 403")
+    adapter_dirs: list[str] = Field(default_factory=list, description="`lora_path` may name a PEFT directory inside "
+                                    "one of these (an absolute path without `..`, still inside once its symlinks are "
+                                    "resolved, its weights in adapter_model.safetensors) or the store tag of an "
+                                    "imported adapter; empty: store tags only")
+
+
 class GatewayConfig(BaseModel):
     """Every key of bentochat.yaml but ``models``: the gateway's own settings (the chat page, health
-    polls, API keys, CORS, body size, the Responses API's store), and the grace period at shutdown."""
+    polls, API keys, CORS, body size, the Responses API's store, runtime LoRA loading), and the grace period at shutdown."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -271,6 +292,7 @@ class GatewayConfig(BaseModel):
     max_body_mb: float = Field(default=8, gt=0, description="request bodies larger than this (MiB) are refused "
                                                             "with 413 before they are read")
     responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
     shutdown_grace_s: float = Field(default=25, ge=0, description="after SIGTERM, the gateway and each runner "
                                     "answer new requests 503 (`shutting_down`) and /readyz 503, and exit once "
                                     "the requests in flight are done, or after this many seconds, cutting what "

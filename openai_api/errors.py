@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("bentochat.api")
 
-ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 503: "service_unavailable"}
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error", 503: "service_unavailable"}
 
 
 class ErrorBody(BaseModel):

@@ -16,8 +16,8 @@ class LoadLoRAAdapterRequest(TopLevelRequest):
     left out when one chat model is served."""
 
     lora_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)
-    lora_path: str = Field(min_length=1, description="a PEFT directory on the runner's machine, or the store tag "
-                                                     "of an imported adapter")
+    lora_path: str = Field(min_length=1, max_length=4096, description="a PEFT directory inside the runner's "
+                           "lora.adapter_dirs, or the store tag of an imported adapter")
     model: str | None = None
 
 

@@ -97,9 +97,17 @@ async def retrieve_model(model_id: str, request: Request) -> ModelCard:
     return _card(model.info, model if model.id != model.info.id else None)
 
 
+def _runtime_lora(request: Request) -> None:
+    """vLLM serves these routes only with VLLM_ALLOW_RUNTIME_LORA_UPDATING; BentoChat with lora.runtime_loading."""
+    if not getattr(request.app.state, "runtime_lora", False):
+        raise OpenAIError(403, "Loading and unloading LoRA adapters at run time is off on this server "
+                               "(lora.runtime_loading in bentochat.yaml).", code="runtime_lora_off")
+
+
 @app.post("/load_lora_adapter")
 async def load_lora_adapter(req: LoadLoRAAdapterRequest, request: Request) -> LoRAAdapterStatus:
     """vLLM's: serve a LoRA adapter from now on, as model ``lora_name`` (until the runner restarts)."""
+    _runtime_lora(request)
     registry = _registry(request)
     if registry.serves(req.lora_name):
         raise invalid_value("lora_name", f"`{req.lora_name}` is served already; unload it first or pick another name")
@@ -113,6 +121,7 @@ async def load_lora_adapter(req: LoadLoRAAdapterRequest, request: Request) -> Lo
 @app.post("/unload_lora_adapter")
 async def unload_lora_adapter(req: UnloadLoRAAdapterRequest, request: Request) -> LoRAAdapterStatus:
     """vLLM's: stop serving a LoRA adapter; requests already running on it finish first."""
+    _runtime_lora(request)
     adapter = _registry(request).adapter(req.lora_name)
     if adapter is None:
         raise OpenAIError(404, f"No LoRA adapter `{req.lora_name}` is loaded.", param="lora_name",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 import time
 import typing as t
@@ -15,9 +16,10 @@ from pathlib import Path
 
 import bentoml
 
-from models.config import DEFAULT_CONTEXT_LENGTH, ServedModel
+from models.config import DEFAULT_CONTEXT_LENGTH, LoRAConfig, ServedModel, is_path
 from runners.base import RunnerService, cpu_threads, freeze_startup_heap, service_options
-from runners.engine.errors import AdapterError, EngineError, QueueFull
+from runners.engine.adapter_files import inside
+from runners.engine.errors import AdapterError, AdapterMismatch, EngineError, QueueFull
 from runners.engine.sequence import SamplingParams
 from runners.wire import ENGINE_DEAD, ENGINE_ERROR, INVALID_REQUEST, QUEUE_FULL, error_line, token_line
 
@@ -49,16 +51,27 @@ TPOT = bentoml.metrics.Histogram("bentochat_time_per_output_token_seconds", "Bet
                                  labelnames=["model"], buckets=TOKEN_SECONDS)
 
 
-def adapter_path(source: str, what: str = "adapter") -> str:
-    """A PEFT directory's path, or the path of an adapter imported into the store under tag ``source``."""
-    if Path(source).expanduser().is_dir():
-        return str(Path(source).expanduser())
+RUNTIME_OFF = "loading and unloading adapters at run time is off (lora.runtime_loading in bentochat.yaml)"
+NOT_LOADABLE = ("not an adapter this server may load: name a PEFT directory inside lora.adapter_dirs (its weights in "
+                "adapter_model.safetensors) or the store tag of an imported adapter")
+STORE_TAG = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}(?::[a-z0-9][a-z0-9._-]{0,127})?")
+
+
+def runtime_adapter_path(source: str, roots: list[str]) -> str:
+    """The directory of the adapter a client names in ``load_adapter``: a PEFT directory inside one of
+    ``roots``, or an adapter in the store; raises AdapterError (the runner's log alone says which)."""
+    if is_path(source):
+        path = inside(source, roots)
+        if path is None:
+            raise AdapterError(f"{source!r} is not a directory inside lora.adapter_dirs")
+        return str(path)
+    if not STORE_TAG.fullmatch(source):
+        raise AdapterError(f"{source!r} is neither a path nor a store tag")
     try:
         stored = bentoml.models.get(source)
-    except Exception as e:  # not found, or not a tag at all
-        raise AdapterError(f"{what}: {source} is neither a directory on the runner's machine nor an adapter "
-                           f"in its model store ({e})") from e
-    return stored_adapter_path(stored, what)
+    except Exception as e:  # not in the store
+        raise AdapterError(f"{source}: {e}") from e
+    return stored_adapter_path(stored, "lora_path")
 
 
 def stored_adapter_path(stored, what: str = "adapter") -> str:
@@ -69,14 +82,15 @@ def stored_adapter_path(stored, what: str = "adapter") -> str:
 
 
 def read_adapter(engine, name: str, path: str):
-    """``engine.adapters.read`` on a worker thread, its torch operations kept on that one thread."""
+    """``engine.adapters.read`` on a worker thread, its torch operations kept on that one thread; no
+    pickled weights (``.bin``) at run time."""
     from runners.engine.llm_engine import leave_cores_to_the_engine  # torch: in the runner's process only
 
     leave_cores_to_the_engine()
-    return engine.adapters.read(name, path)
+    return engine.adapters.read(name, path, pickles=False)
 
 
-def chat_runner(served: ServedModel) -> bentoml.Service:
+def chat_runner(served: ServedModel, lora: LoRAConfig) -> bentoml.Service:
     class ChatRunner(RunnerService):
         model_ref = bentoml.models.BentoModel(served.model)  # a class attribute, so `bentoml build` packs it
 
@@ -106,7 +120,7 @@ def chat_runner(served: ServedModel) -> bentoml.Service:
                                tokenizer=tokenizer, threads=threads)
             for i, entry in enumerate(served.adapters):  # a bad one stops the start, saying why
                 path = (stored_adapter_path(getattr(self, f"adapter_{i}"), f"adapter {entry.name}") if entry.tag
-                        else adapter_path(entry.source, f"adapter {entry.name}"))
+                        else Path(entry.source).expanduser())
                 engine.add_adapter(engine.adapters.read(entry.name, path))
             self.engine = AsyncLLMEngine(engine, max_queue=served.max_queue)
             # The engine thread runs Python between torch ops all the time; with the default 5 ms switch
@@ -185,12 +199,21 @@ def chat_runner(served: ServedModel) -> bentoml.Service:
 
         @bentoml.api
         async def load_adapter(self, name: str, source: str) -> t.Dict[str, t.Any]:
-            """Serve a LoRA adapter (a PEFT directory here, or an adapter's store tag) as ``name``:
-            ``{"adapter": ...}``, or ``{"error": ...}`` saying why not."""
+            """Serve a LoRA adapter (a PEFT directory inside ``lora.adapter_dirs``, or an adapter's store
+            tag) as ``name``: ``{"adapter": ...}``, or ``{"error": ...}`` saying why not, whatever the
+            path: what is on this machine, and what its files hold, are in the runner's log only."""
+            if not lora.runtime_loading:
+                return {"error": RUNTIME_OFF}
             engine = self.engine.engine
             try:
-                path = await asyncio.to_thread(adapter_path, source, "lora_path")
+                path = await asyncio.to_thread(runtime_adapter_path, source, lora.adapter_dirs)
                 adapter = await asyncio.to_thread(read_adapter, engine, name, path)  # reads files: not on the loop
+            except Exception as e:  # any path, any file: one answer; the reason to the log
+                logger.warning("adapter %s not loaded from %r: %s", name, source, e)
+                return {"error": f"the adapter does not fit {served.id}: it was trained for another base model "
+                                 "or architecture (the runner's log says which layer)"
+                        if isinstance(e, AdapterMismatch) else NOT_LOADABLE}
+            try:
                 await self.engine.call(engine.add_adapter, adapter)
             except AdapterError as e:
                 return {"error": str(e)}
@@ -200,6 +223,8 @@ def chat_runner(served: ServedModel) -> bentoml.Service:
         @bentoml.api
         async def unload_adapter(self, name: str) -> t.Dict[str, t.Any]:
             """Stop serving adapter ``name``; what runs on it finishes first."""
+            if not lora.runtime_loading:
+                return {"error": RUNTIME_OFF}
             try:
                 await self.engine.call(self.engine.engine.remove_adapter, name)
             except AdapterError as e:

@@ -249,7 +249,8 @@ def tiny_long_in_store(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, tiny_in_store, tiny_long_in_store, lora_in_store, lora_adapters) -> Server:
     """`bentoml serve` with the two embedded models, tiny remote-code models imported by the CLI, and a
-    tiny Llama with two LoRA adapters (twice: with room for both, and for one at a time)."""
+    tiny Llama with two LoRA adapters (twice: with room for both, and for one at a time); adapters in
+    the directory of ``lora_adapters`` may be loaded at run time."""
     qv = lora_adapters["qv"]
     ui_log_dir = tmp_path_factory.mktemp("ui-log")
     config = tmp_path_factory.mktemp("config") / "bentochat.yaml"
@@ -265,6 +266,7 @@ def server(tmp_path_factory, tiny_in_store, tiny_long_in_store, lora_in_store, l
       max_loras: 1, adapters: [{{source: {lora_in_store}, name: one-slot-all}}, {{source: {qv}, name: one-slot-qv}}]}}
 ui: {{model_list_mode: reload, log_dir: {ui_log_dir}}}
 responses: {{store_size: 4}}
+lora: {{runtime_loading: true, adapter_dirs: [{qv.parent}]}}
 """)
     ARTIFACTS.mkdir(exist_ok=True)
     with serving("service:BentoChat", ARTIFACTS / "serve.log", env={"BENTOCHAT_CONFIG": str(config)},

@@ -1,5 +1,6 @@
 """A bounded fuzz run: schemathesis generates requests from the published OpenAPI schema (valid
-ones and ones that break it) for every /v1 route, and none may get a server error."""
+ones and ones that break it) for every /v1 route, and none may get a server error, nor leave the chat
+model unable to answer."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ pytestmark = pytest.mark.slow
 
 EXAMPLES = {"positive": 40, "negative": 20}  # per route: requests that fit the schema, and ones that do not
 MODELS = [CHAT, TINY, EMBED]
+# paths that once made the runner fail or read what it should not (/v1/load_lora_adapter's lora_path)
+PATHS = ["/proc/1/root", "/proc/self/root", "/root", "/root/.ssh", "~", "~nosuchuser/x", "~\udcff\ud800", "/dev/zero",
+         "/" + "a" * 300, "a" * 70, "/", ".", "..", "all-minilm-l6-v2", "/etc/passwd"]
 # keep generation short
 CAPS = {"max_tokens": 4, "max_completion_tokens": 4, "max_output_tokens": 4, "min_tokens": 4, "n": 2}
 
@@ -26,6 +30,9 @@ def _served(body):
     if not isinstance(body, dict):
         return body
     body = dict(body)
+    if isinstance(body.get("lora_path"), str):
+        pick = zlib.crc32(body["lora_path"].encode(errors="surrogatepass")) % (len(PATHS) + 1)
+        body["lora_path"] = PATHS[pick] if pick < len(PATHS) else body["lora_path"]
     if isinstance(body.get("model"), str):
         pick = zlib.crc32(repr(sorted(body, key=str)).encode()) % (len(MODELS) + 1)
         body["model"] = MODELS[pick] if pick < len(MODELS) else body["model"]
@@ -48,7 +55,7 @@ CASES = [(method.upper(), path, mode) for path, operations in app.openapi()["pat
 
 
 @pytest.mark.parametrize("method, path, mode", CASES)
-def test_no_request_gets_a_server_error(server, method, path, mode):
+def test_no_request_gets_a_server_error(server, client, method, path, mode):
     schema = schemathesis.openapi.from_dict(app.openapi())
     schema.config.update(base_url=server.v1)
     operation = schema[path][method]
@@ -62,3 +69,4 @@ def test_no_request_gets_a_server_error(server, method, path, mode):
         assert response.status_code < 500, (case.as_curl_command(), response.status_code, response.text[:500])
 
     no_server_error()
+    assert client.completions.create(model=CHAT, prompt="Hello", max_tokens=2).choices[0].finish_reason

@@ -237,3 +237,28 @@ def test_bfloat16_rows_on_adapters_do_not_depend_on_the_batch(tiny_llama_dir, ad
     alone = [engine.generate(PROMPTS[i], GREEDY, a) for i, a in rows]
     assert engine.generate_batch([PROMPTS[i] for i, _ in rows], [GREEDY] * len(rows), [a for _, a in rows]) == alone
     assert alone[1] != alone[0]  # the adapter changed the answer
+
+
+def test_pickled_weights_are_read_at_start_only(tiny_llama_dir, adapters, tmp_path):
+    """adapter_model.bin (a pickle): read with weights_only=True for an adapter of bentochat.yaml, refused at run time."""
+    from safetensors.torch import load_file
+
+    runner = ModelRunner(load_causal_lm(str(tiny_llama_dir), dtype="float32", forward="lean"))
+    pickled = shutil.copytree(adapters["qv"], tmp_path / "pickled")
+    torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    (pickled / "adapter_model.safetensors").unlink()
+    assert runner.adapters.read("pickled", pickled).weights.name == "adapter_model.bin"
+    with pytest.raises(AdapterError, match="is a pickle"):
+        runner.adapters.read("pickled", pickled, pickles=False)
+
+
+def test_adapter_dirs_confine_paths(adapters, tmp_path):
+    """An absolute path without `..`, inside a root as written and once its symlinks are resolved."""
+    from runners.engine.adapter_files import inside
+
+    root = adapters["qv"].parent
+    assert inside(str(adapters["qv"]), [str(root)]) == adapters["qv"].resolve()
+    (tmp_path / "out").symlink_to(adapters["qv"])
+    for path in ("/etc", f"{root}/../{root.name}/qv", "qv", "~/qv", f"{root}/nowhere", f"{root}/qv\0", "/"):
+        assert inside(path, [str(root)]) is None, path
+    assert inside(str(tmp_path / "out"), [str(tmp_path)]) is None

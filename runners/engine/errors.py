@@ -22,3 +22,7 @@ class QueueFull(RuntimeError):
 
 class AdapterError(ValueError):
     """An adapter that cannot be served on this model; the message says why."""
+
+
+class AdapterMismatch(AdapterError):
+    """An adapter whose layers this model does not have, or has in other shapes."""

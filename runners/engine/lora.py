@@ -161,9 +161,9 @@ class Adapters:
         self.device = param.device
         self.dtype = param.dtype if param.dtype.is_floating_point else torch.float32
 
-    def read(self, name: str, path: str | Path) -> Adapter:
-        """Read and check an adapter (no state changes: any thread)."""
-        return read_adapter(name, path, self.parts)
+    def read(self, name: str, path: str | Path, pickles: bool = True) -> Adapter:
+        """Read and check an adapter (no state changes: any thread); ``pickles=False`` refuses ``.bin`` weights."""
+        return read_adapter(name, path, self.parts, pickles)
 
     def add(self, adapter: Adapter) -> None:
         """Know ``adapter`` under its name (engine thread). A name in use is an AdapterError."""
@@ -206,7 +206,7 @@ class Adapters:
         return index
 
     def _install(self, adapter: Adapter, index: int) -> None:
-        weights = read_weights(adapter.path)
+        weights = read_weights(adapter.path, file=adapter.weights)
         check(weights, self.parts, f"adapter {adapter.name!r} ({adapter.path})")  # its files may have changed
         by_layer: dict[tuple[int, str], list] = {}
         for module, (a, b, scale) in weights.items():
