@@ -275,7 +275,8 @@ class LoRAConfig(BaseModel):
 
 class GatewayConfig(BaseModel):
     """Every key of bentochat.yaml but ``models``: the gateway's own settings (the chat page, health
-    polls, API keys, CORS, body size, the Responses API's store, runtime LoRA loading), and the grace period at shutdown."""
+    polls, API keys, CORS, body size, the Responses API's store, runtime LoRA loading), and the grace
+    period at shutdown."""
 
     model_config = ConfigDict(extra="forbid")
 
