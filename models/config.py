@@ -244,11 +244,13 @@ class ResponsesConfig(BaseModel):
     store_size: int = Field(default=1000, ge=0, description="the Responses API keeps the last this many "
                                                             "responses in memory, for previous_response_id and "
                                                             "GET /v1/responses/{id}; an older id is a 404; 0 keeps none")
+    store_mb: float = Field(default=128, gt=0, description="and at most this many MiB of them (their JSON, with "
+                                                           "the conversation each continues), the oldest dropped first")
 
 
 class GatewayConfig(BaseModel):
     """Every key of bentochat.yaml but ``models``: the gateway's own settings (the chat page, health
-    polls, API keys, CORS, body size, the Responses API's store)."""
+    polls, API keys, forwarded headers, CORS, body size, the Responses API's store)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -258,9 +260,15 @@ class GatewayConfig(BaseModel):
                                 "call but the health probes (/readyz, /livez, /healthz) needs `Authorization: Bearer "
                                 "<key>`, and the chat page signs in with a key. Better kept out of this file, which "
                                 "is packed into the bento: BENTOCHAT_API_KEYS=key1,key2 in the environment adds keys. "
-                                "10 wrong keys from one address within a minute get 429 for a while")
+                                "10 wrong keys from one address within a minute get 429 for a while (a key accepted from that address "
+                                "before still works)")
     public_metrics: bool = Field(default=False, description="with api_keys set, /metrics needs a key too, unless "
                                                             "this is true (a scraper that cannot send one)")
+    forwarded_allow_ips: list[str] = Field(default_factory=list, description="the addresses or networks (`10.0.0.0/8`; "
+                                           "`*`: any) of proxies in front of the gateway whose X-Forwarded-For and "
+                                           "X-Forwarded-Proto are believed, so that the limit on wrong keys counts per "
+                                           "client rather than per proxy; empty: no forwarded header is believed, from "
+                                           "any address (uvicorn's FORWARDED_ALLOW_IPS, which this replaces)")
     cors: CorsConfig = Field(default_factory=CorsConfig)
     max_body_mb: float = Field(default=8, gt=0, description="request bodies larger than this (MiB) are refused "
                                                             "with 413 before they are read")
