@@ -100,12 +100,11 @@ class FailedAttempts:
 
     def failed(self, client: str) -> None:
         now = time.monotonic()
-        self._failures.setdefault(client, deque(maxlen=self.limit)).append(now)
-        self._failures.move_to_end(client)
-        oldest = next(iter(self._failures.values()))
-        while len(self._failures) > self.max_clients or now - oldest[-1] > self.window_s:
-            self._failures.popitem(last=False)
-            oldest = next(iter(self._failures.values()))
+        failures = self._failures
+        failures.setdefault(client, deque(maxlen=self.limit)).append(now)
+        failures.move_to_end(client)
+        while len(failures) > self.max_clients or now - next(iter(failures.values()))[-1] > self.window_s:
+            failures.popitem(last=False)  # the least recent failure first
 
     def accepted(self, client: str, key: str) -> None:
         self._accepted[client, key] = None
