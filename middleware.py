@@ -7,7 +7,8 @@ first outermost:
 - ``ApiKeys``: with API keys configured, everything but the health probes needs
   ``Authorization: Bearer <key>``; the chat UI signs in with a key instead (Gradio's own sign-in).
   ``/metrics`` can be left open with ``public_metrics``. A client that keeps sending wrong keys, or
-  wrong UI passwords, is refused with 429 for a while.
+  wrong UI passwords, is refused with 429 for a while (``FailedAttempts``). The accepted key is the
+  scope's ``API_KEY`` entry.
 - ``BodyLimit``: a body over the configured size is refused with 413 before it is read.
 
 ``runners.draining.Draining`` goes right inside ``RequestIds`` (and around each runner service): after
@@ -17,8 +18,9 @@ CORS (Starlette's middleware, configured from ``cors:``) goes outside all three,
 preflight requests, which carry no key, are answered.
 
 ``UiSignIn`` goes around the chat UI's Gradio app when keys are set (``ui.chat.chat_ui_app``).
-``label_metrics_by_route`` keeps BentoML's request metrics to one series per route: it labels
-them with the path, so every unknown path a scanner tries would add series.
+``label_metrics_by_route`` keeps BentoML's request metrics to one series per route, those of unknown
+paths there from the start: BentoML labels them with the path, so every unknown path a scanner tries
+would add series.
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ import logging
 import re
 import time
 import uuid
-from collections import defaultdict, deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from openai_api.errors import OpenAIError
-from openai_api.ids import REQUEST_ID
+from openai_api.ids import API_KEY, REQUEST_ID
 
 logger = logging.getLogger("bentochat.http")
 
@@ -80,29 +82,38 @@ class RequestIds:
 
 class FailedAttempts:
     """Wrong keys or passwords per client address: past ``limit`` within ``window_s`` seconds, the
-    address is refused (429) until its oldest failure leaves the window. Behind a proxy every client
-    shares the proxy's address; the limit then applies to all of them together."""
+    address is refused (429) until the oldest of those failures leaves the window; but a key already
+    accepted from that address before still is, so that a guesser does not lock out the clients at
+    work beside it. The client address is the connection's, or the one a trusted proxy forwards
+    (``forwarded_allow_ips``). At most ``max_clients`` addresses with failures, and as many accepted
+    address and key pairs, are remembered, the least recent forgotten first."""
 
-    def __init__(self, limit: int = 10, window_s: float = 60.0):
-        self.limit, self.window_s = limit, window_s
-        self._failures: dict[str, deque[float]] = defaultdict(deque)
+    def __init__(self, limit: int = 10, window_s: float = 60.0, max_clients: int = 10_000):
+        self.limit, self.window_s, self.max_clients = limit, window_s, max_clients
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()  # least recent failure first
+        self._accepted: OrderedDict[tuple[str, str], None] = OrderedDict()  # least recent first
 
-    def retry_after(self, client: str) -> int:
-        """Seconds until ``client`` may try again; 0 when it may now."""
+    def retry_after(self, client: str, key: str | None = None) -> int:
+        """Seconds until ``client`` may try again (with ``key``); 0 when it may now."""
         failures, now = self._failures.get(client), time.monotonic()
-        while failures and now - failures[0] > self.window_s:
-            failures.popleft()
-        if not failures:
-            self._failures.pop(client, None)
+        if not failures or len(failures) < self.limit or (client, key) in self._accepted:
             return 0
-        return int(self.window_s - (now - failures[0])) + 1 if len(failures) >= self.limit else 0
+        wait = self.window_s - (now - failures[0])
+        return int(wait) + 1 if wait > 0 else 0
 
     def failed(self, client: str) -> None:
         now = time.monotonic()
-        if len(self._failures) > 10_000:  # many addresses: forget those whose failures are all old
-            for stale in [c for c, f in self._failures.items() if now - f[-1] > self.window_s]:
-                del self._failures[stale]
-        self._failures[client].append(now)
+        failures = self._failures
+        failures.setdefault(client, deque(maxlen=self.limit)).append(now)
+        failures.move_to_end(client)
+        while len(failures) > self.max_clients or now - next(iter(failures.values()))[-1] > self.window_s:
+            failures.popitem(last=False)  # the least recent failure first
+
+    def accepted(self, client: str, key: str) -> None:
+        self._accepted[client, key] = None
+        self._accepted.move_to_end((client, key))
+        if len(self._accepted) > self.max_clients:
+            self._accepted.popitem(last=False)
 
 
 def too_many_failures(retry_after: int) -> OpenAIError:
@@ -130,19 +141,21 @@ class ApiKeys:
         if scope["type"] not in ("http", "websocket") or not self.keys or self._open(scope["path"]):
             return await self.app(scope, receive, send)
         client = _client(scope)
-        wait = self.attempts.retry_after(client)
-        if wait:
-            return await too_many_failures(wait).response()(scope, receive, send)
         authorization = _header(scope, b"authorization")
         scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or key.strip() not in self.keys:
+        key = key.strip() if scheme.lower() == "bearer" else ""
+        wait = self.attempts.retry_after(client, key)
+        if wait:
+            return await too_many_failures(wait).response()(scope, receive, send)
+        if key not in self.keys:
             if authorization is not None:  # a wrong key is a guess; a missing one is not
                 self.attempts.failed(client)
             logger.info("refused %s %s from %s: no valid API key", scope.get("method", ""), scope["path"], client)
             response = OpenAIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>` with a key "
                                         "this server accepts.", code="invalid_api_key").response()
             return await response(scope, receive, send)
-        await self.app(scope, receive, send)
+        self.attempts.accepted(client, key)
+        await self.app({**scope, API_KEY: key}, receive, send)
 
 
 class BodyLimit:
@@ -189,9 +202,13 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+UNKNOWN = "/{unknown}"
+
+
 def route_label(api, api_prefix: str, ui_prefix: str, exact: set[str]) -> Callable[[str], str]:
     """The metric label of a path: itself for ``exact`` paths, the route template under
-    ``api_prefix`` (``/v1/models/{model_id}``), ``ui_prefix`` for the whole UI, else ``/{unknown}``."""
+    ``api_prefix`` (``/v1/models/{model_id}``), ``ui_prefix`` for the whole UI, else ``/{unknown}``
+    (``/v1/{unknown}`` under ``api_prefix``): the labels of unknown paths are the function's ``unknown``."""
     from starlette.routing import Match
 
     @functools.lru_cache(maxsize=4096)
@@ -205,16 +222,20 @@ def route_label(api, api_prefix: str, ui_prefix: str, exact: set[str]) -> Callab
             for route in api.routes:
                 if getattr(route, "name", "") != "unknown_route" and route.matches(scope)[0] is not Match.NONE:
                     return api_prefix + getattr(route, "path_format", route.path)
-            return api_prefix + "/{unknown}"
-        return "/{unknown}"
+            return api_prefix + UNKNOWN
+        return UNKNOWN
 
+    label.unknown = (UNKNOWN, api_prefix + UNKNOWN)
     return label
 
 
-def label_metrics_by_route(label: Callable[[str], str]) -> None:
+def label_metrics_by_route(label: Callable[[str], str], unknown_codes: tuple[int, ...]) -> None:
     """Make BentoML's request metrics label each request with ``label(path)``, a route rather than
-    the raw path. BentoML 1.4 builds its metrics middleware, outermost, from this module attribute
-    when a server process sets up its app, so this must run at import of the service, before that."""
+    the raw path; the series of ``label.unknown`` with ``unknown_codes`` (what unknown paths are
+    answered) exist from the start, so that a scanner adds none. BentoML 1.4 builds its metrics
+    middleware, outermost, from this module attribute when a server process sets up its app, so this
+    must run at import of the service, before that."""
+    from bentoml._internal.context import server_context
     from bentoml._internal.server.http import instruments
 
     base = instruments.RunnerTrafficMetricsMiddleware
@@ -227,6 +248,16 @@ def label_metrics_by_route(label: Callable[[str], str]) -> None:
         def __init__(self, app, **options):
             super().__init__(self._with_real_path, **options)
             self.inner = app
+
+        def _setup(self):
+            super()._setup()
+            for endpoint in label.unknown:
+                labels = {"endpoint": endpoint, "service_name": server_context.bento_name,
+                          "service_version": server_context.bento_version, "runner_name": server_context.service_name}
+                self.metrics_request_in_progress.labels(**labels)
+                for code in unknown_codes:
+                    self.metrics_request_total.labels(**labels, http_response_code=code)
+                    self.metrics_request_duration.labels(**labels, http_response_code=code)
 
         async def _with_real_path(self, scope, receive, send):
             if "bentochat.path" in scope:

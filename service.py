@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import threading
 
 import bentoml
@@ -51,6 +52,12 @@ if not logger.handlers:  # BentoML configures its own loggers only: BentoChat's 
 
 CONFIG = load_config()
 GATEWAY = CONFIG.gateway
+# uvicorn takes the client's address from X-Forwarded-For (and the scheme from X-Forwarded-Proto) when the
+# connection comes from an address in $FORWARDED_ALLOW_IPS, unset: 127.0.0.1, so that any local process
+# could name itself any address. BentoML 1.4 passes uvicorn no such option, and its worker processes
+# configure uvicorn after importing this service: bentochat.yaml's `forwarded_allow_ips` (none by
+# default) sets the variable here.
+os.environ["FORWARDED_ALLOW_IPS"] = ",".join(GATEWAY.forwarded_allow_ips)
 ensure_available(CONFIG)
 # One runner service per model served here; a model given by `urls` is served elsewhere.
 RUNNERS = {m.id: chat_runner(m, GATEWAY.lora) if m.kind == "chat" else embedding_runner(m)
@@ -68,7 +75,7 @@ class Gateway:
                 models.append(Model(m, [local], info=ModelInfo.load(m)))
         self.registry = Registry(models, GATEWAY.health)
         app.state.registry = self.registry
-        app.state.responses = ResponseStore(GATEWAY.responses.store_size)
+        app.state.responses = ResponseStore(GATEWAY.responses.store_size, int(GATEWAY.responses.store_mb * 2**20))
         app.state.runtime_lora = GATEWAY.lora.runtime_loading
         logger.info("serving %s", ", ".join(m.id for m in models))
         freeze_startup_heap()
@@ -118,8 +125,10 @@ BentoChat.add_asgi_middleware(Draining, grace_s=GATEWAY.shutdown_grace_s, keep=(
 BentoChat.add_asgi_middleware(ApiKeys, keys=set(GATEWAY.api_keys), public_metrics=GATEWAY.public_metrics,
                               attempts=SIGN_IN_ATTEMPTS)
 BentoChat.add_asgi_middleware(BodyLimit, max_bytes=int(GATEWAY.max_body_mb * 2**20))
-# BentoML's request metrics, in this process and the runners', get one series per route, not per path.
+# BentoML's request metrics, in this process and the runners', get one series per route, not per path;
+# unknown paths are answered 404, or 401 without a key where keys are set.
 label_metrics_by_route(route_label(app, "/v1", "/ui", exact={
     "/", "/docs.json", "/schema.json", "/metrics", *PROBES,
-    *(method.route for runner in RUNNERS.values() for method in runner.apis.values())}))
+    *(method.route for runner in RUNNERS.values() for method in runner.apis.values())}),
+    unknown_codes=(404, 401) if GATEWAY.api_keys else (404,))
 one_span_per_request()  # tracing: a span per request, not one per streamed token too (gateway and runners)

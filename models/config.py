@@ -255,6 +255,8 @@ class ResponsesConfig(BaseModel):
     store_size: int = Field(default=1000, ge=0, description="the Responses API keeps the last this many "
                                                             "responses in memory, for previous_response_id and "
                                                             "GET /v1/responses/{id}; an older id is a 404; 0 keeps none")
+    store_mb: float = Field(default=128, gt=0, description="and at most this many MiB of them (their JSON, with "
+                                                           "the conversation each continues), the oldest dropped first")
 
 
 class LoRAConfig(BaseModel):
@@ -268,15 +270,14 @@ class LoRAConfig(BaseModel):
                                   "routes load and unload adapters (behind the API keys, when set); false: they "
                                   "answer 403")
     adapter_dirs: list[str] = Field(default_factory=list, description="`lora_path` may name a PEFT directory inside "
-                                    "one of these (an absolute path without `..`, still inside once its symlinks are "
-                                    "resolved, its weights in adapter_model.safetensors) or the store tag of an "
-                                    "imported adapter; empty: store tags only")
+                                    "one of these (absolute, no `..`, inside once symlinks are resolved, weights in "
+                                    "adapter_model.safetensors) or an imported adapter's store tag; empty: tags only")
 
 
 class GatewayConfig(BaseModel):
     """Every key of bentochat.yaml but ``models``: the gateway's own settings (the chat page, health
-    polls, API keys, CORS, body size, the Responses API's store, runtime LoRA loading), and the grace
-    period at shutdown."""
+    polls, API keys, forwarded headers, CORS, body size, the Responses API's store, runtime LoRA
+    loading), and the grace period at shutdown."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -284,20 +285,23 @@ class GatewayConfig(BaseModel):
     health: HealthConfig = Field(default_factory=HealthConfig)
     api_keys: list[str] = Field(default_factory=list, description="FastChat's --api-keys: when any are set, every "
                                 "call but the health probes (/readyz, /livez, /healthz) needs `Authorization: Bearer "
-                                "<key>`, and the chat page signs in with a key. Better kept out of this file, which "
-                                "is packed into the bento: BENTOCHAT_API_KEYS=key1,key2 in the environment adds keys. "
-                                "10 wrong keys from one address within a minute get 429 for a while")
+                                "<key>`, and the chat page signs in with a key. Better kept out of this file, which is "
+                                "packed into the bento: BENTOCHAT_API_KEYS=key1,key2 in the environment adds keys. 10 "
+                                "wrong keys from one address within a minute get 429 for a while (but a key accepted "
+                                "from it before)")
     public_metrics: bool = Field(default=False, description="with api_keys set, /metrics needs a key too, unless "
                                                             "this is true (a scraper that cannot send one)")
+    forwarded_allow_ips: list[str] = Field(default_factory=list, description="proxies (addresses, `10.0.0.0/8`, `*`) "
+                                           "whose X-Forwarded-For/-Proto are believed, so the limit on wrong keys counts "
+                                           "clients, not the proxy; empty: none (replaces uvicorn's FORWARDED_ALLOW_IPS)")
     cors: CorsConfig = Field(default_factory=CorsConfig)
     max_body_mb: float = Field(default=8, gt=0, description="request bodies larger than this (MiB) are refused "
                                                             "with 413 before they are read")
     responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
-    shutdown_grace_s: float = Field(default=25, ge=0, description="after SIGTERM, the gateway and each runner "
-                                    "answer new requests 503 (`shutting_down`) and /readyz 503, and exit once "
-                                    "the requests in flight are done, or after this many seconds, cutting what "
-                                    "is left; keep it below Kubernetes' terminationGracePeriodSeconds (30 s)")
+    shutdown_grace_s: float = Field(default=25, ge=0, description="after SIGTERM, new requests and /readyz get 503 "
+                                    "(`shutting_down`); each process exits once its requests in flight are done, or "
+                                    "this many seconds later; keep it below Kubernetes' terminationGracePeriodSeconds")
 
 
 class ServedModels(BaseModel):

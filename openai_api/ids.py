@@ -1,5 +1,6 @@
-"""Ids: of the request being handled (``x-request-id``, which every log line names), of the objects the
-API returns (``chatcmpl-…``), and of a sequence in its runner. Imports nothing of the project."""
+"""Ids: of the request being handled (``x-request-id``, which every log line names), of its client (the
+API key it was accepted with), of the objects the API returns (``chatcmpl-…``), and of a sequence in its
+runner. Imports nothing of the project."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import uuid
 
 # The request being handled, set by middleware.RequestIds for everything that runs on its behalf.
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("bentochat_request_id", default=None)
+# The ASGI scope's entry holding the API key a request was accepted with, set by middleware.ApiKeys
+# (absent without keys): the Responses API keeps each stored response to its key.
+API_KEY = "bentochat.api_key"
 
 
 def new_id(prefix: str) -> str:

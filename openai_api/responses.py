@@ -20,7 +20,7 @@ from openai_api.errors import OpenAIError, invalid_value
 from openai_api.ids import new_id
 from openai_api.protocol import ChatCompletionRequest, TopLevelRequest
 
-DEFAULT_STORE_SIZE = 1000
+DEFAULT_STORE_SIZE, DEFAULT_STORE_BYTES = 1000, 128 * 2**20
 
 
 class ResponsesRequest(TopLevelRequest):
@@ -44,28 +44,36 @@ class ResponsesRequest(TopLevelRequest):
 
 
 class ResponseStore:
-    """The last ``size`` finished responses, with the messages that led to them, oldest dropped first."""
+    """Finished responses, with the messages that led to them, each for the API key that made it
+    (``owner``; None without keys): the last ``size`` of them within ``max_bytes`` of JSON, oldest
+    dropped first. Another key's response is not found."""
 
-    def __init__(self, size: int = DEFAULT_STORE_SIZE):
-        self.size = size
-        self._items: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()
+    def __init__(self, size: int = DEFAULT_STORE_SIZE, max_bytes: int = DEFAULT_STORE_BYTES):
+        self.size, self.max_bytes = size, max_bytes
+        self._items: OrderedDict[str, tuple[str | None, dict, list[dict], int]] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
 
-    def put(self, response: dict, messages: list[dict]) -> None:
+    def put(self, response: dict, messages: list[dict], owner: str | None) -> None:
         if self.size <= 0:
             return
+        size = len(json.dumps(response)) + len(json.dumps(messages))
+        if size > self.max_bytes:
+            return
         with self._lock:
-            self._items[response["id"]] = (response, messages)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+            self._items[response["id"]] = (owner, response, messages, size)
+            self._bytes += size
+            while len(self._items) > self.size or self._bytes > self.max_bytes:
+                self._bytes -= self._items.popitem(last=False)[1][3]
 
-    def get(self, response_id: str) -> tuple[dict, list[dict]]:
+    def get(self, response_id: str, owner: str | None) -> tuple[dict, list[dict]]:
         with self._lock:
             found = self._items.get(response_id)
-        if found is None:
+        if found is None or found[0] != owner:
             raise OpenAIError(404, f"Response with id '{response_id}' not found. This server keeps the last "
-                                   f"{self.size} responses in memory.", param="response_id", code="response_not_found")
-        return found
+                                   f"{self.size} responses ({self.max_bytes // 2**20} MiB) in memory, each for "
+                                   "the API key that made it.", param="response_id", code="response_not_found")
+        return found[1], found[2]
 
 
 def _text_of(content: Any, param: str) -> str:

@@ -30,7 +30,7 @@ from openai_api.extensions import (
     TokenizeRequest,
     UnloadLoRAAdapterRequest,
 )
-from openai_api.ids import new_id
+from openai_api.ids import API_KEY, new_id
 from openai_api.logprobs import chat_logprobs, completion_logprobs
 from openai_api.objects import (
     AssistantMessage,
@@ -332,15 +332,15 @@ def _store(request: Request) -> ResponseStore:
 @app.post("/responses")
 async def create_response(req: ResponsesRequest, request: Request):
     """OpenAI's Responses API, run as a chat completion (``openai_api.responses``)."""
-    store = _store(request)
-    history = store.get(req.previous_response_id)[1] if req.previous_response_id is not None else []
+    store, owner = _store(request), request.scope.get(API_KEY)
+    history = store.get(req.previous_response_id, owner)[1] if req.previous_response_id is not None else []
     chat, conversation = to_chat_request(req, history)
     run = await start_chat(_registry(request), chat, request)
     rid = new_id("resp")
 
     def finish(response: dict, turn: list[dict]) -> None:
         if req.store:
-            store.put(response, conversation + turn)
+            store.put(response, conversation + turn, owner)
 
     if req.stream:
         return sse(responses.events(req, rid, run, finish), _response_event, _response_error)
@@ -357,7 +357,7 @@ async def create_response(req: ResponsesRequest, request: Request):
 
 @app.get("/responses/{response_id}")
 async def retrieve_response(response_id: str, request: Request):
-    return JSONResponse(_store(request).get(response_id)[0])
+    return JSONResponse(_store(request).get(response_id, request.scope.get(API_KEY))[0])
 
 
 @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],

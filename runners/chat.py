@@ -28,7 +28,10 @@ logger = logging.getLogger("bentochat.runner")
 TOKEN_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 FIRST_TOKEN_SECONDS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-# Prometheus metrics beside BentoML's own at /metrics, one series per model id.
+# Prometheus metrics beside BentoML's own at /metrics, one series per model id: the model's, and each of
+# its adapters' from bentochat.yaml. Adapters loaded at run time count as their model: every name loaded
+# would add series that its unload cannot take away (Prometheus's files of BentoML's worker processes
+# keep them).
 QUEUE = bentoml.metrics.Gauge("bentochat_queue_length", "Requests waiting to join the batch",
                               labelnames=["model"], multiprocess_mode="livesum")
 RUNNING = bentoml.metrics.Gauge("bentochat_running_sequences", "Sequences in the running batch",
@@ -91,6 +94,8 @@ def read_adapter(engine, name: str, path: str):
 
 
 def chat_runner(served: ServedModel, lora: LoRAConfig) -> bentoml.Service:
+    labels = {served.id, *(a.name for a in served.adapters)}  # the metrics' model labels
+
     class ChatRunner(RunnerService):
         model_ref = bentoml.models.BentoModel(served.model)  # a class attribute, so `bentoml build` packs it
 
@@ -137,9 +142,10 @@ def chat_runner(served: ServedModel, lora: LoRAConfig) -> bentoml.Service:
             QUEUE.labels(model=served.id).set(stats["waiting"])
             RUNNING.labels(model=served.id).set(stats["running"])
             KV_BYTES.labels(model=served.id).set(stats["kv_cache_bytes"])
-            for name, adapter in stats["adapters"].items():  # the base's series count all, an adapter's its own
-                QUEUE.labels(model=name).set(adapter["waiting"])
-                RUNNING.labels(model=name).set(adapter["running"])
+            for name, adapter in stats["adapters"].items():
+                if name in labels:  # the base's series count all, a configured adapter's its own
+                    QUEUE.labels(model=name).set(adapter["waiting"])
+                    RUNNING.labels(model=name).set(adapter["running"])
             for name, counter in (("prompt_tokens", PROMPT_TOKENS), ("prefix_cache_hit_tokens", PREFIX_HITS),
                                   ("preemptions", PREEMPTIONS)):
                 counter.labels(model=served.id).inc(stats[name] - self._counted[name])
@@ -159,7 +165,7 @@ def chat_runner(served: ServedModel, lora: LoRAConfig) -> bentoml.Service:
                            adapter: t.Optional[str] = None) -> t.AsyncGenerator[str, None]:
             last = time.monotonic()  # arrival at the runner
             count, reason = 0, None
-            label = adapter or served.id  # metrics count per adapter
+            label = adapter if adapter in labels else served.id  # metrics count per configured adapter
             try:
                 async for event in self.engine.generate(request_id, prompt_ids, SamplingParams.from_dict(params),
                                                         adapter):

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import CHAT, EMBED, ONE_SLOT, TINY
+from conftest import ARTIFACTS, CHAT, EMBED, LORA_BASE, ONE_SLOT, TINY, start_serving, stop, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -299,3 +299,101 @@ def test_operator_metrics_exist_from_the_start(server, client):
         assert f'{name}{{model="{TINY}"}}' in text, name  # a model no test here has rejected anything for
     kv = re.search(rf'bentochat_kv_cache_usage_bytes{{model="{CHAT}"}} ([0-9.e+]+)', text)
     assert float(kv.group(1)) > 0  # the prefix cache holds the prompt just answered
+
+
+def test_adapters_loaded_at_run_time_add_no_metric_series(server, lora_adapters):
+    """Their tokens count as their model's: before, every name loaded added series that unloading kept."""
+    def tokens(text: str, model: str) -> float:
+        found = re.search(rf'bentochat_generated_tokens_total{{model="{model}"}} ([0-9.e+]+)', text)
+        return float(found.group(1)) if found else 0.0
+
+    before = HTTP.get(server.base_url + "/metrics").text
+    for i in range(3):
+        r = post(server, "/load_lora_adapter", {"lora_name": f"series-{i}", "lora_path": str(lora_adapters["qv"]),
+                                                "model": LORA_BASE})
+        assert r.status_code == 200, r.text
+    r = post(server, "/completions", {"model": "series-0", "prompt": "Hello", "max_tokens": 3, "min_tokens": 3})
+    assert r.status_code == 200, r.text
+    for i in range(3):
+        assert post(server, "/unload_lora_adapter", {"lora_name": f"series-{i}"}).status_code == 200
+    after = HTTP.get(server.base_url + "/metrics").text
+    assert 'model="series-' not in after
+    assert tokens(after, LORA_BASE) >= tokens(before, LORA_BASE) + 3
+
+
+# --- a gateway with API keys, behind a proxy on 127.0.0.2 -----------------------------------------
+
+KEYS = ("sk-hardening-a", "sk-hardening-b")
+PROXY = "127.0.0.2"  # a loopback address of its own: the only one whose X-Forwarded-For is believed
+
+
+def auth(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory, tiny_in_store):
+    config = tmp_path_factory.mktemp("keyed") / "bentochat.yaml"
+    config.write_text(f"""models:
+  - {{id: {TINY}, model: {TINY}:latest, kind: chat, trust_remote_code: true, max_tokens_default: 5}}
+api_keys: [{", ".join(KEYS)}]
+forwarded_allow_ips: [{PROXY}]
+responses: {{store_mb: 1}}
+""")
+    srv = start_serving("service:BentoChat", ARTIFACTS / "keyed.log", env={"BENTOCHAT_CONFIG": str(config)})
+    try:
+        wait_ready(srv, (TINY,), headers=auth(KEYS[0]))
+        yield srv
+    finally:
+        stop(srv)
+
+
+def test_unknown_paths_have_their_metric_series_from_the_start(keyed):
+    """Run first on its server: before, the first unknown path added a set of `/{unknown}` series."""
+    def series() -> set[str]:
+        text = httpx.get(keyed.base_url + "/metrics", headers=auth(KEYS[0])).text
+        return {line.rsplit(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+    before = series()
+    assert any('endpoint="/{unknown}"' in s for s in before) and any('endpoint="/v1/{unknown}"' in s for s in before)
+    for headers in ({}, auth(KEYS[0])):
+        assert httpx.get(f"{keyed.base_url}/{uuid.uuid4().hex}", headers=headers).status_code in (401, 404)
+        assert httpx.post(f"{keyed.v1}/{uuid.uuid4().hex}", headers=headers).status_code in (401, 404)
+    assert series() == before
+
+
+def test_stored_responses_belong_to_their_key_and_the_store_is_bounded_by_bytes(keyed):
+    a, b = (openai.OpenAI(base_url=keyed.v1, api_key=key, max_retries=0, timeout=120) for key in KEYS)
+    r = a.responses.create(model=TINY, input="Hello", max_output_tokens=2)
+    assert a.responses.retrieve(r.id).id == r.id
+    with pytest.raises(openai.NotFoundError):
+        b.responses.retrieve(r.id)
+    with pytest.raises(openai.NotFoundError):
+        b.responses.create(model=TINY, input="Go on", previous_response_id=r.id, max_output_tokens=2)
+    # 400 KB of metadata each: the store (1 MiB here) keeps the last two.
+    made = [a.responses.create(model=TINY, input="Hello", max_output_tokens=2, metadata={"note": "x" * 400_000})
+            for _ in range(3)]
+    with pytest.raises(openai.NotFoundError):
+        a.responses.retrieve(made[0].id)
+    assert a.responses.retrieve(made[-1].id).metadata["note"] == "x" * 400_000
+
+
+def test_forwarded_addresses_are_believed_only_from_the_configured_proxy(keyed):
+    """Run last on its server: it locks 127.0.0.1 out for new keys. Before, uvicorn believed any
+    X-Forwarded-For from 127.0.0.1 (a new address per wrong key: never 429), and none from elsewhere."""
+    def codes(http: httpx.Client, key: str, forwarded_for) -> list[int]:
+        return [http.get(keyed.v1 + "/models", headers={**auth(key), "X-Forwarded-For": f}).status_code
+                for f in forwarded_for]
+
+    rotating = [f"198.51.100.{i}" for i in range(12)]
+    with httpx.Client(timeout=10) as direct:  # from 127.0.0.1: its forwarded addresses are not believed
+        assert codes(direct, "wrong", rotating)[-2:] == [429, 429]
+        assert codes(direct, KEYS[0], ["198.51.100.99"]) == [200]  # a key accepted from 127.0.0.1 before
+    with httpx.Client(timeout=10, transport=httpx.HTTPTransport(local_address=PROXY)) as proxy:
+        assert set(codes(proxy, "wrong", rotating)) == {401}  # a client each
+        client = ["203.0.113.7"]
+        assert codes(proxy, KEYS[0], client) == [200]
+        assert codes(proxy, "wrong", client * 11)[-1] == 429
+        assert codes(proxy, KEYS[0], client) == [200]  # accepted from it before: still
+        assert codes(proxy, KEYS[1], client) == [429]  # never used from it: waits
+        assert codes(proxy, KEYS[1], ["203.0.113.8"]) == [200]  # another client behind the proxy
