@@ -227,10 +227,9 @@ class HealthConfig(BaseModel):
     timeout_s: float = Field(default=2.0, gt=0, description="seconds a poll waits for its answer")
     failures: int = Field(default=2, ge=1, description="polls failed in a row that take a runner out of "
                                                        "/v1/models and routing, until it answers again")
-    hold_s: float = Field(default=30.0, ge=0, description="seconds a runner whose polls time out (no answer, "
-                          "no closed connection) is waited for after `failures` polls, before its streams end "
-                          "with 503 and it leaves /v1/models and routing: meanwhile its model stays listed, "
-                          "and its streams, and new requests when no other replica answers, wait for it")
+    hold_s: float = Field(default=30.0, ge=0, description="seconds a runner whose polls time out is waited for "
+                          "after `failures` polls (its model listed; its streams, and new requests no other replica "
+                          "takes, waiting), before its streams end with 503 and it leaves /v1/models and routing")
 
     @property
     def bound_s(self) -> float:
