@@ -428,7 +428,7 @@ def test_elo_follows_fastchat():
 SCRIPTED = ("[click me](javascript:alert(1)) <a href=\"javascript:alert(2)\">html link</a> "
             "$$\\href{javascript:alert(3)}{tex link}$$ [file](file:///etc/passwd) [app](ms-msdt:x) "
             "![pixel](data:image/png;base64,iVBORw0KGgo=)\n\n"
-            "<svg width=\"90\" height=\"20\"><a href=\"javascript:alert(4)\"><text x=\"0\" y=\"15\">svg link</text></a></svg>"
+            '<svg width="90" height="20"><a href="javascript:alert(4)"><text x="0" y="15">svg link</text></a></svg>'
             "\n\n[ok](https://example.com/) [mail](mailto:a@example.com) [ref][1]\n\n[1]: javascript:alert(5)")
 WEB = ("http:", "https:", "mailto:")
 
@@ -497,6 +497,14 @@ def assert_links_only_to_the_web(page, message) -> None:
     assert ran == [] and len(page.context.pages) == 1
 
 
+def exported(page, button: str) -> httpx.Response:
+    """The file that a click on the export ``button`` offers (a new one: each export is a file of its own)."""
+    before = page.evaluate("() => document.querySelector('#exported a')?.href || ''")
+    page.locator(button).click()
+    page.wait_for_function("b => (document.querySelector('#exported a')?.href || b) !== b", arg=before)
+    return httpx.get(page.locator("#exported a").first.get_attribute("href"), timeout=30)
+
+
 def test_messages_history_and_exports_link_only_to_the_web(page, server):
     """A user message and a model answer (a planted history, reopened) with javascript:, file:, an app's
     scheme, an SVG link, KaTeX's \\href and a data: image: in the chat, the history, side by side and the
@@ -512,15 +520,10 @@ def test_messages_history_and_exports_link_only_to_the_web(page, server):
 
     if not page.locator("#export-md").is_visible():
         page.get_by_text("History").first.click()
-    page.locator("#export-md").click()
-    page.wait_for_function("() => (document.querySelector('#exported a')?.href || '').endsWith('.md')")
-    markdown = httpx.get(page.locator("#exported a").first.get_attribute("href"), timeout=30).text
+    markdown = exported(page, "#export-md").text
     assert SCRIPTED in markdown  # as its source
     assert [url for url in rendered_urls(markdown) if not url.startswith(WEB)] == []
-    page.locator("#export-json").click()
-    page.wait_for_function("() => (document.querySelector('#exported a')?.href || '').endsWith('.json')")
-    exported = httpx.get(page.locator("#exported a").first.get_attribute("href"), timeout=30).json()
-    assert exported["messages"][0]["content"] == SCRIPTED  # data, as the API takes it: no link in it
+    assert exported(page, "#export-json").json()["messages"][0]["content"] == SCRIPTED  # data, as the API takes it
 
     # The model's answer, as the page shows it from the history in the browser's local storage.
     planted = {"chats": [{"id": "planted", "title": "Planted", "model": CHAT, "updated": time.time(),
@@ -531,9 +534,8 @@ def test_messages_history_and_exports_link_only_to_the_web(page, server):
     assert_links_only_to_the_web(page, page.locator(BOT).last)
     if not page.locator("#export-md").is_visible():
         page.get_by_text("History").first.click()
-    page.locator("#export-md").click()
-    page.wait_for_function("() => (document.querySelector('#exported a')?.href || '').endsWith('Planted.md')")
-    markdown = httpx.get(page.locator("#exported a").first.get_attribute("href"), timeout=30).text
+    markdown = exported(page, "#export-md").text
+    assert markdown.startswith("# Planted")
     assert [url for url in rendered_urls(markdown) if not url.startswith(WEB)] == []
 
     page.get_by_role("tab", name="Side by side").click()
