@@ -556,8 +556,8 @@ def test_the_markdown_export_writes_other_links_as_source():
              "[x][a]\n\n[a]: data:text/html,x", "![x](data:image/png;base64,iVBORw0KGgo=)", "<img src=x>",
              "```\n[x](javascript:alert(1))\n```", "` ``` `[x](javascript:alert(1))"]
     for text in risky:
-        markdown = to_markdown({"title": text, "model": "`[m](javascript:alert(1))`",
-                                "messages": [{"role": "assistant", "content": text}]})
+        markdown = to_markdown({"title": text, "model": "`[m](javascript:alert(1))`",  # a history can be planted
+                                "messages": [{"role": text, "content": text}]})
         assert [url for url in rendered_urls(markdown) if not url.startswith(WEB)] == [], text
     safe = "**Yes**: see [the docs](https://example.com/a_(b)) or [mail](mailto:a@example.com), `a < b`, a [1]."
     assert to_markdown({"title": safe, "model": CHAT, "messages": [{"role": "user", "content": safe}]}) == (

@@ -71,7 +71,7 @@ def to_markdown(chat: dict) -> str:
     """The chat as Markdown; a message with a link other than http(s) or mailto (or raw HTML) as its source."""
     lines = [f"# {markdown_line(chat['title'])}", "", markdown_line(f"Model: `{chat.get('model') or '-'}`"), ""]
     for m in chat["messages"]:
-        lines += [f"**{m['role']}**", "", markdown_block(text_of(m.get("content"))), ""]
+        lines += [f"**{markdown_line(m['role'])}**", "", markdown_block(text_of(m.get("content"))), ""]
     return "\n".join(lines)
 
 
