@@ -421,3 +421,144 @@ def test_elo_follows_fastchat():
                {"type": "leftvote", "anony": False, "models": ["b", "a"]}]  # side by side: not rated
     assert [row[1] for row in leaderboard(records)] == ["a", "c", "b"]  # c lost to a stronger a than b did
     assert leaderboard(records)[0][3:] == [2, 2]  # a: two votes, two wins
+
+
+
+# Links a model, a pasted prompt or a planted history could put one click away; and two the page keeps.
+SCRIPTED = ("[click me](javascript:alert(1)) <a href=\"javascript:alert(2)\">html link</a> "
+            "$$\\href{javascript:alert(3)}{tex link}$$ [file](file:///etc/passwd) [app](ms-msdt:x) "
+            "![pixel](data:image/png;base64,iVBORw0KGgo=)\n\n"
+            '<svg width="90" height="20"><a href="javascript:alert(4)"><text x="0" y="15">svg link</text></a></svg>'
+            "\n\n[ok](https://example.com/) [mail](mailto:a@example.com) [ref][1]\n\n[1]: javascript:alert(5)")
+WEB = ("http:", "https:", "mailto:")
+
+
+def unsafe_urls(page) -> list[str]:
+    """Every link, image or other URL in the page's messages that is not http, https or mailto."""
+    return page.evaluate("""web => [...document.querySelectorAll('.message *')].flatMap(e => [...e.attributes]
+        .filter(a => ['href', 'xlink:href', 'src', 'srcset', 'poster', 'action', 'formaction'].includes(a.name))
+        .filter(a => !web.includes(new URL(a.value, document.baseURI).protocol))
+        .map(a => `${e.tagName} ${a.name}=${a.value}`))""", list(WEB))
+
+
+def rendered_urls(markdown: str) -> list[str]:
+    """The links and images of ``markdown`` as a viewer that trusts every URL and raw HTML renders it."""
+    import re
+
+    from markdown_it import MarkdownIt
+
+    viewer = MarkdownIt("commonmark", {"html": True})
+    viewer.validateLink = lambda url: True
+    return re.findall(r"(?:href|src)=\"([^\"]*)\"", viewer.render(markdown))
+
+
+def browser_state(value, secret: str) -> str:
+    """``value`` as Gradio's BrowserState keeps it in local storage: an unused IV, then crypto-js AES
+    with the SHA-256 of the secret as passphrase (key and IV derived as OpenSSL's EVP_BytesToKey does)."""
+    import base64
+    import hashlib
+    import json
+    import os
+
+    from cryptography.hazmat.primitives import padding
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    passphrase, salt, derived = hashlib.sha256(secret.encode()).hexdigest().encode(), os.urandom(8), b""
+    while len(derived) < 48:
+        derived += hashlib.md5(derived[-16:] + passphrase + salt).digest()
+    padder = padding.PKCS7(128).padder()
+    plain = padder.update(json.dumps(value).encode()) + padder.finalize()
+    encryptor = Cipher(algorithms.AES(derived[:32]), modes.CBC(derived[32:48])).encryptor()
+    sealed = b"Salted__" + salt + encryptor.update(plain) + encryptor.finalize()
+    return base64.b64encode(os.urandom(16)).decode() + ":" + base64.b64encode(sealed).decode()
+
+
+def assert_links_only_to_the_web(page, message) -> None:
+    """``message`` (a locator) shows SCRIPTED, its web links kept; the page's messages link nowhere else,
+    and a click on each of SCRIPTED's other links runs no script."""
+    assert message.locator("svg").count() == 1 and message.locator(".katex").count() == 1  # HTML, LaTeX rendered
+    assert message.locator("a[href='https://example.com/']").count() == 1
+    assert message.locator("a[href='mailto:a@example.com']").count() == 1
+    assert unsafe_urls(page) == []
+    ran = []
+
+    def dismiss(dialog):
+        ran.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", dismiss)
+    try:
+        for target in [message.get_by_text(text, exact=True) for text in ("click me", "html link", "svg link", "file",
+                                                                          "app", "ref")] + [message.locator(".katex")]:
+            target.first.click()
+        time.sleep(1)
+    finally:
+        page.remove_listener("dialog", dismiss)
+    assert ran == [] and len(page.context.pages) == 1
+
+
+def exported(page, button: str) -> httpx.Response:
+    """The file that a click on the export ``button`` offers (a new one: each export is a file of its own)."""
+    before = page.evaluate("() => document.querySelector('#exported a')?.href || ''")
+    page.locator(button).click()
+    page.wait_for_function("b => (document.querySelector('#exported a')?.href || b) !== b", arg=before)
+    return httpx.get(page.locator("#exported a").first.get_attribute("href"), timeout=30)
+
+
+def test_messages_history_and_exports_link_only_to_the_web(page, server):
+    """A user message and a model answer (a planted history, reopened) with javascript:, file:, an app's
+    scheme, an SVG link, KaTeX's \\href and a data: image: in the chat, the history, side by side and the
+    Markdown export, only http, https and mailto links remain, and no click runs a script."""
+    page.get_by_role("tab", name="Direct chat").click()
+    page.locator("#clear").click()
+    choose_model(page, CHAT)
+    set_max_tokens(page, 16)
+    send(page, SCRIPTED)
+    page.locator(BOT).first.wait_for()
+    idle(page)
+    assert_links_only_to_the_web(page, page.locator(USER).last)
+
+    if not page.locator("#export-md").is_visible():
+        page.get_by_text("History").first.click()
+    markdown = exported(page, "#export-md").text
+    assert SCRIPTED in markdown  # as its source
+    assert [url for url in rendered_urls(markdown) if not url.startswith(WEB)] == []
+    assert exported(page, "#export-json").json()["messages"][0]["content"] == SCRIPTED  # data, as the API takes it
+
+    # The model's answer, as the page shows it from the history in the browser's local storage.
+    planted = {"chats": [{"id": "planted", "title": "Planted", "model": CHAT, "updated": time.time(),
+                          "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": SCRIPTED}]}]}
+    page.evaluate("v => localStorage.setItem('bentochat-history', v)", browser_state(planted, "bentochat-history"))
+    page.reload()
+    page.locator(BOT).get_by_text("svg link").wait_for()
+    assert_links_only_to_the_web(page, page.locator(BOT).last)
+    if not page.locator("#export-md").is_visible():
+        page.get_by_text("History").first.click()
+    markdown = exported(page, "#export-md").text
+    assert markdown.startswith("# Planted")
+    assert [url for url in rendered_urls(markdown) if not url.startswith(WEB)] == []
+
+    page.get_by_role("tab", name="Side by side").click()
+    set_max_tokens(page, 16, "sbs-max-tokens")
+    box = page.locator("#sbs-input textarea")
+    box.fill(SCRIPTED)
+    box.press("Enter")
+    wait_for_both_answers(page, "sbs")
+    for side in ("a", "b"):
+        assert_links_only_to_the_web(page, page.locator(f"#sbs-chatbot-{side} .user-row").last)
+    page.get_by_role("tab", name="Direct chat").click()
+
+
+def test_the_markdown_export_writes_other_links_as_source():
+    from ui.history import to_markdown
+
+    risky = [SCRIPTED, "[x](&#106;avascript:alert(1))", "<javascript:alert(1)>", "[x]( <file:///etc>)",
+             "[x][a]\n\n[a]: data:text/html,x", "![x](data:image/png;base64,iVBORw0KGgo=)", "<img src=x>",
+             "```\n[x](javascript:alert(1))\n```", "` ``` `[x](javascript:alert(1))"]
+    for text in risky:
+        markdown = to_markdown({"title": text, "model": "`[m](javascript:alert(1))`",  # a history can be planted
+                                "messages": [{"role": text, "content": text}]})
+        assert [url for url in rendered_urls(markdown) if not url.startswith(WEB)] == [], text
+    safe = "**Yes**: see [the docs](https://example.com/a_(b)) or [mail](mailto:a@example.com), `a < b`, a [1]."
+    assert to_markdown({"title": safe, "model": CHAT, "messages": [{"role": "user", "content": safe}]}) == (
+        f"# {safe}\n\nModel: `{CHAT}`\n\n**user**\n\n{safe}\n")

@@ -20,6 +20,7 @@ from middleware import FailedAttempts, UiSignIn
 from ui import arena
 from ui import history as chats
 from ui.answer import conversation, reply
+from ui.links import PAGE_SCRIPT
 
 WAITING = "Wait for the answer, or stop it"
 PLACEHOLDER = "Type a message and press Enter"
@@ -233,11 +234,12 @@ def chat_ui_app(blocks: gr.Blocks, path: str, api_keys: set[str] = frozenset(),
     """The page as an ASGI app to mount at ``path``. Gradio's own mounting is used (BentoML 1.4's
     ``bentoml.gradio`` predates Gradio 6's app set-up); BentoML runs the app's lifespan, which starts
     the Gradio queue. With API keys configured, the page asks for one at sign-in, as the API does,
-    and failed sign-ins count in ``attempts`` with the API's wrong keys."""
+    and failed sign-ins count in ``attempts`` with the API's wrong keys. The page's script keeps the
+    links of its messages to http, https and mailto (``ui/links.py``)."""
     auth = (lambda _user, password: password in api_keys) if api_keys else None
     app = gr.mount_gradio_app(FastAPI(), blocks, path="/", root_path=path, ssr_mode=False,
                               footer_links=["gradio", "settings"], show_error=True, auth=auth,
-                              favicon_path=str(FAVICON), head=FAVICON_LINK,
+                              favicon_path=str(FAVICON), head=FAVICON_LINK, js=PAGE_SCRIPT,
                               auth_message="Sign in with any user name and one of this server's API keys.")
     if api_keys:
         gradio_app = next(route.app for route in app.routes if isinstance(route, Mount))

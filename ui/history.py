@@ -14,6 +14,8 @@ import time
 import uuid
 from pathlib import Path
 
+from ui.links import markdown_block, markdown_line
+
 EMPTY: dict = {"chats": []}
 TITLE_CHARS = 40
 MAX_CHATS = 200  # the oldest beyond are forgotten: local storage holds a few MB
@@ -66,9 +68,10 @@ def choices(store: dict | None) -> list[tuple[str, str]]:
 
 
 def to_markdown(chat: dict) -> str:
-    lines = [f"# {chat['title']}", "", f"Model: `{chat.get('model') or '-'}`", ""]
+    """The chat as Markdown; a message with a link other than http(s) or mailto (or raw HTML) as its source."""
+    lines = [f"# {markdown_line(chat['title'])}", "", markdown_line(f"Model: `{chat.get('model') or '-'}`"), ""]
     for m in chat["messages"]:
-        lines += [f"**{m['role']}**", "", text_of(m.get("content")), ""]
+        lines += [f"**{markdown_line(m['role'])}**", "", markdown_block(text_of(m.get("content"))), ""]
     return "\n".join(lines)
 
 
