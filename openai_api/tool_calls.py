@@ -240,7 +240,8 @@ class ToolCallParser:
                 self.repeated, self.buffer = True, ""
                 return False
             self._report(call, delta)
-            delta.calls.append(CallDelta(call.index, call.arguments))
+            if call.arguments:
+                delta.calls.append(CallDelta(call.index, call.arguments))
         return True
 
     def _read(self, call: ParsedCall, delta: ToolDelta, final: bool) -> None:
