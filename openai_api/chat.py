@@ -87,7 +87,9 @@ async def start_chat(registry, req: ChatCompletionRequest, request: Request) -> 
     prompt_ids, params = await asyncio.to_thread(prepare_chat, model.info, req)
     # A tool-call marker that is a special token (Mistral's [TOOL_CALLS]) must reach the parser.
     keep = model.info.tool_marker_ids if req.tool_mode != "none" else frozenset()
-    choices = run_choices(model, [prompt_ids], params, req.n, keep)
+    parsers = [answer_parser(model.info, req, prompt_ids) for _ in range(req.n)]
+    # A choice whose parser has what it needs (a tool call repeated) stops generating.
+    choices = run_choices(model, [prompt_ids], params, req.n, keep, ended=lambda i: parsers[i].ended)
     if req.stream:
         choices = await unless_disconnected(request, started(choices))
-    return ChatRun(model.info, prompt_ids, choices, [answer_parser(model.info, req, prompt_ids) for _ in range(req.n)])
+    return ChatRun(model.info, prompt_ids, choices, parsers)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_serializer
 
 
 class Response(BaseModel):
@@ -75,12 +75,21 @@ class ChatCompletion(Response):
     usage: Usage
 
 
-class FunctionDelta(Response):
+class Sparse(Response):
+    """Written without the fields it leaves None, as OpenAI streams a call: clients' aggregators add up
+    what each chunk holds, and a ``"type": null`` would undo the first chunk's ``"function"``."""
+
+    @model_serializer(mode="wrap")
+    def _sparse(self, write):
+        return {k: v for k, v in write(self).items() if v is not None}
+
+
+class FunctionDelta(Sparse):
     name: str | None = None
     arguments: str | None = None
 
 
-class ToolCallDelta(Response):
+class ToolCallDelta(Sparse):
     index: int
     id: str | None = None
     type: Literal["function"] | None = None

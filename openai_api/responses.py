@@ -12,9 +12,9 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Annotated, Any
 
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema
 
 from openai_api.errors import OpenAIError, invalid_value
 from openai_api.ids import new_id
@@ -23,14 +23,36 @@ from openai_api.protocol import ChatCompletionRequest, TopLevelRequest
 DEFAULT_STORE_SIZE, DEFAULT_STORE_BYTES = 1000, 128 * 2**20
 
 
+def _item(kind: str, required: list[str], **properties) -> dict:
+    return {"type": "object", "required": ["type", *required], "properties": {"type": {"const": kind}, **properties}}
+
+
+_STRING = {"type": "string"}
+# The published schema of what this server takes (validated as it is converted, with 400s naming the field).
+INPUT_ITEM = {"anyOf": [
+    {"type": "object", "required": ["role", "content"], "properties": {
+        "type": {"const": "message"}, "role": {"enum": ["user", "assistant", "system", "developer"]},
+        "content": {"anyOf": [_STRING, {"type": "array", "items": {
+            "type": "object", "required": ["type", "text"],
+            "properties": {"type": {"enum": ["input_text", "output_text", "text"]}, "text": _STRING}}}]}}},
+    _item("function_call", ["call_id", "name", "arguments"], call_id=_STRING, name=_STRING, arguments=_STRING),
+    _item("function_call_output", ["call_id", "output"], call_id=_STRING, output=_STRING),
+    _item("reasoning", [])]}
+FUNCTION_TOOL = _item("function", ["name"], name={"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+                      description=_STRING, parameters={"type": "object"}, strict={"type": "boolean"})
+TOOL_CHOICE = {"anyOf": [{"enum": ["none", "auto", "required"]}, _item("function", ["name"], name=_STRING)]}
+TOOL_CHOICE_SHAPES = '"none", "auto", "required" or {"type": "function", "name": ...}'
+
+
 class ResponsesRequest(TopLevelRequest):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    input: str | list[dict] = Field(default_factory=list)
+    input: Annotated[str | list[dict], WithJsonSchema({"anyOf": [_STRING, {"type": "array", "items": INPUT_ITEM}]})] = \
+        Field(default_factory=list)
     instructions: str | None = None
-    tools: list[dict] | None = None
-    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    tools: Annotated[list[dict] | None, WithJsonSchema({"type": "array", "items": FUNCTION_TOOL})] = None
+    tool_choice: Annotated[str | dict | None, WithJsonSchema(TOOL_CHOICE)] = None
     parallel_tool_calls: bool = True
     text: dict | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
@@ -137,8 +159,11 @@ def _chat_tools(tools: list[dict] | None) -> list[dict] | None:
 
 
 def _chat_tool_choice(choice):
-    if isinstance(choice, dict) and choice.get("type") == "function":
-        return {"type": "function", "function": {"name": choice.get("name")}}
+    """The Responses API's ``tool_choice`` in the chat shape (400 naming it, in its own shapes)."""
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    if choice is not None and choice not in ("none", "auto", "required"):
+        raise invalid_value("tool_choice", f"must be {TOOL_CHOICE_SHAPES}")
     return choice
 
 
@@ -208,8 +233,9 @@ def usage_of(prompt_tokens: int, output_tokens: int) -> dict:
             "total_tokens": prompt_tokens + output_tokens}
 
 
-def output_items(parser) -> tuple[list[dict], list[dict]]:
-    """(output items, the assistant's turn as chat messages) of a finished answer."""
+def output_items(parser, cut: bool = False) -> tuple[list[dict], list[dict]]:
+    """(output items, the assistant's turn as chat messages) of a finished answer; ``cut``: by
+    ``max_output_tokens``, which leaves its last item ``incomplete``, as OpenAI marks it."""
     items, turn = [], {"role": "assistant", "content": parser.content or None}
     if parser.reasoning_text:
         items.append(reasoning_item(new_id("rs"), parser.reasoning_text))
@@ -217,6 +243,8 @@ def output_items(parser) -> tuple[list[dict], list[dict]]:
         items.append(message_item(new_id("msg"), parser.content))
     for c in parser.calls:
         items.append(call_item(new_id("fc"), c.id, c.name, c.arguments))
+    if cut:
+        items[-1]["status"] = "incomplete"
     if parser.calls:
         turn["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
                               for c in parser.calls]
@@ -242,12 +270,12 @@ async def events(req: ResponsesRequest, rid: str, run, finish: Callable[[dict, l
     reasoning_text = ""
     count, reason = 0, None
 
-    def close_message():
+    def close_message(status: str = "completed"):
         nonlocal message
         if message is None:
             return []
         index = output.index(message)
-        message.update(message_item(message["id"], text))
+        message.update(message_item(message["id"], text, status))
         part = message["content"][0]
         done = [event("response.output_text.done", item_id=message["id"], output_index=index, content_index=0,
                       text=text, logprobs=[]),
@@ -270,30 +298,31 @@ async def events(req: ResponsesRequest, rid: str, run, finish: Callable[[dict, l
             text += d.content
             yield event("response.output_text.delta", item_id=message["id"], output_index=output.index(message),
                         content_index=0, delta=d.content, logprobs=[])
-        for index, call_id, name in d.started:
-            for done in close_message():
-                yield done
-            item = call_item(new_id("fc"), call_id, name, "", status="in_progress")
-            calls[index] = item
-            output.append(item)
-            yield event("response.output_item.added", output_index=len(output) - 1, item=dict(item))
-        for index, fragment in d.arguments:
-            item = calls[index]
-            item["arguments"] += fragment
-            yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=output.index(item),
-                        delta=fragment)
-    for done in close_message():
+        for c in d.calls:  # a call's start, then its arguments' fragments
+            if c.id is not None:
+                for done in close_message():
+                    yield done
+                calls[c.index] = call_item(new_id("fc"), c.id, c.name, "", status="in_progress")
+                output.append(calls[c.index])
+                yield event("response.output_item.added", output_index=len(output) - 1, item=dict(calls[c.index]))
+            if c.arguments:
+                item = calls[c.index]
+                item["arguments"] += c.arguments
+                yield event("response.function_call_arguments.delta", item_id=item["id"],
+                            output_index=output.index(item), delta=c.arguments)
+    cut = run.parsers[0].finish_reason(reason) == "length"  # max_output_tokens: the last item is incomplete
+    for done in close_message("incomplete" if cut else "completed"):
         yield done
     for item in calls.values():
-        item["status"] = "completed"
+        item["status"] = "incomplete" if cut and item is output[-1] else "completed"
         i = output.index(item)
         yield event("response.function_call_arguments.done", item_id=item["id"], output_index=i, name=item["name"],
                     arguments=item["arguments"])
         yield event("response.output_item.done", output_index=i, item=item)
     if reasoning_text:  # last, so that the indices the events named stay right
         output.append(reasoning_item(new_id("rs"), reasoning_text))
-    response = response_object(req, rid, created, "completed", output, usage_of(len(run.prompt_ids), count), reason)
+    response = response_object(req, rid, created, "completed", output, usage_of(len(run.prompt_ids), count),
+                               "length" if cut else None)
     _, turn = output_items(run.parsers[0])
     finish(response, turn)
-    yield event("response.incomplete" if response["status"] == "incomplete" else "response.completed",
-                response=response)
+    yield event("response.incomplete" if cut else "response.completed", response=response)

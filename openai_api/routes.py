@@ -68,6 +68,9 @@ app = FastAPI(title="BentoChat OpenAI-compatible API", responses={
 })
 errors.install(app)
 logger = logging.getLogger("bentochat.api")
+# What the routes that stream answer with `"stream": true`: Server-Sent Events.
+STREAMS = {200: {"description": "The answer; with `stream: true`, Server-Sent Events",
+                 "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}}}
 
 
 def _card(m: ModelInfo, adapter: AdapterModel | None = None) -> ModelCard:
@@ -139,9 +142,9 @@ async def runner_stats(request: Request) -> dict:
 
 
 def _tool_call_deltas(d) -> list[ToolCallDelta]:
-    return ([ToolCallDelta(index=i, id=call_id, type="function", function=FunctionDelta(name=name, arguments=""))
-             for i, call_id, name in d.started]
-            + [ToolCallDelta(index=i, function=FunctionDelta(arguments=fragment)) for i, fragment in d.arguments])
+    """As OpenAI streams a call: its index, id, type and name first, then fragments of its arguments."""
+    return [ToolCallDelta(index=c.index, id=c.id, type="function" if c.id else None,
+                          function=FunctionDelta(name=c.name, arguments=c.arguments)) for c in d.calls]
 
 
 def _message(p: AnswerParser) -> AssistantMessage:
@@ -156,7 +159,7 @@ def _sse(events):
                lambda e: f"data: {e.body().model_dump_json()}\n\n", "data: [DONE]\n\n")
 
 
-@app.post("/chat/completions")
+@app.post("/chat/completions", responses=STREAMS)
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     run = await start_chat(_registry(request), req, request)
     rid = new_id("chatcmpl")
@@ -213,7 +216,7 @@ def _encode_prompts(info: ModelInfo, req: CompletionRequest) -> list[list[int]]:
     return prompts
 
 
-@app.post("/completions")
+@app.post("/completions", responses=STREAMS)
 async def completions(req: CompletionRequest, request: Request):
     model = _registry(request).get(req.model, "chat")
     info = model.info
@@ -329,7 +332,7 @@ def _store(request: Request) -> ResponseStore:
     return store
 
 
-@app.post("/responses")
+@app.post("/responses", responses=STREAMS)
 async def create_response(req: ResponsesRequest, request: Request):
     """OpenAI's Responses API, run as a chat completion (``openai_api.responses``)."""
     store, owner = _store(request), request.scope.get(API_KEY)
@@ -347,10 +350,10 @@ async def create_response(req: ResponsesRequest, request: Request):
 
     created = time.time()
     answer = (await unless_disconnected(request, run.collect()))[0]
-    items, turn = responses.output_items(run.parsers[0])
+    items, turn = responses.output_items(run.parsers[0], cut=answer.finish_reason == "length")
     response = responses.response_object(req, rid, created, "completed", items,
                                          responses.usage_of(len(run.prompt_ids), answer.completion_tokens),
-                                         "length" if answer.finish_reason == "length" else None)
+                                         answer.finish_reason)
     finish(response, turn)
     return JSONResponse(response)
 

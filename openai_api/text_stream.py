@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from openai_api.streams import merge
@@ -85,11 +85,12 @@ class TextEvent:
     logprobs: list[TokenEvent] = field(default_factory=list)  # the tokens since the last event, with logprobs
 
 
-async def generate_text(model, prompt_ids: list[int], params: SamplingParams,
-                        keep: frozenset[int] = frozenset()) -> AsyncIterator[TextEvent]:
+async def generate_text(model, prompt_ids: list[int], params: SamplingParams, keep: frozenset[int] = frozenset(),
+                        ended: Callable[[], bool] | None = None) -> AsyncIterator[TextEvent]:
     """The text of one sequence of ``model`` (a ``controller.Model``) as it is generated; ends at the
-    model's finish or at the first of ``params.stop``, which is never shown. Special tokens are not
-    shown, but those in ``keep``."""
+    model's finish, at the first of ``params.stop``, which is never shown, or (finish reason ``stop``) once
+    ``ended()`` says the reader of its text needs no more. Special tokens are not shown, but those in
+    ``keep``."""
     detokenizer = IncrementalDetokenizer(model.info.tokenizer, prompt_ids, keep)
     stop_strings = StopStrings(list(params.stop))
     count, logprobs = 0, []
@@ -106,17 +107,25 @@ async def generate_text(model, prompt_ids: list[int], params: SamplingParams,
             if text:
                 yield TextEvent(text, None, count, logprobs)
                 logprobs = []
+                if ended is not None and ended():
+                    yield TextEvent("", "stop", count)
+                    return
 
 
-def run_choices(model, prompts: list[list[int]], params: SamplingParams, n: int,
-                keep: frozenset[int] = frozenset()) -> AsyncIterator[tuple[int, TextEvent]]:
+def run_choices(model, prompts: list[list[int]], params: SamplingParams, n: int, keep: frozenset[int] = frozenset(),
+                ended: Callable[[int], bool] | None = None) -> AsyncIterator[tuple[int, TextEvent]]:
     """Each choice's text events as ``(choice index, TextEvent)``; choice ``p * n + i`` is the i-th choice
     of prompt p, as OpenAI orders them. With a seed, each choice gets its own (``seed + i``), so they
-    differ but stay reproducible."""
+    differ but stay reproducible. ``ended(index)``: whether that choice's answer is over (its reader's
+    say), which stops its generation."""
     def choice_params(i: int) -> SamplingParams:
         return params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
 
-    return merge([generate_text(model, prompt_ids, choice_params(i), keep) for prompt_ids in prompts for i in range(n)])
+    def until(index: int) -> Callable[[], bool] | None:
+        return None if ended is None else lambda: ended(index)
+
+    return merge([generate_text(model, prompt_ids, choice_params(i), keep, until(p * n + i))
+                  for p, prompt_ids in enumerate(prompts) for i in range(n)])
 
 
 @dataclass

@@ -5,7 +5,9 @@ that makes a model write calls in it, and the parser that reads them back, strea
 The grammar (``tool_grammar``) lets a model write text until it starts a call (``auto``), or only
 calls (``required``, a named function); a call, once started, is constrained to a given function's
 name and its ``parameters`` schema. The parser (``ToolCallParser``) is the same code for a whole
-answer and a stream, so a stream cut anywhere gives the same calls.
+answer and a stream, so a stream cut anywhere gives the same calls; it reads each character once,
+so a long call costs no more per token than a short one; a call that repeats an earlier one ends
+the answer.
 """
 
 from __future__ import annotations
@@ -63,23 +65,32 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def json_end(text: str, start: int) -> int | None:
-    """The index just past the JSON object or array that opens at ``text[start]``, or None while it
-    is incomplete."""
-    depth, in_string, escaped = 0, False, False
-    for i in range(start, len(text)):
-        c = text[i]
-        if in_string:
-            escaped, in_string = (False, True) if escaped else (c == "\\", c != '"')
-        elif c == '"':
-            in_string = True
-        elif c in "{[":
-            depth += 1
-        elif c in "}]":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return None
+class JsonScan:
+    """Where a JSON object or array ends, read piece by piece: each character is read once, so a long
+    call costs the same per token as a short one."""
+
+    def __init__(self):
+        self.depth, self.in_string, self.escaped = 0, False, False
+
+    def feed(self, text: str) -> int | None:
+        """The index in ``text`` just past the value's end, or None while it goes on."""
+        for i, c in enumerate(text):
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif c == "\\":
+                    self.escaped = True
+                elif c == '"':
+                    self.in_string = False
+            elif c == '"':
+                self.in_string = True
+            elif c in "{[":
+                self.depth += 1
+            elif c in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    return i + 1
+        return None
 
 
 @dataclass
@@ -88,18 +99,36 @@ class ParsedCall:
     id: str
     name: str | None = None
     arguments: str = ""
-    named: bool = False  # the name has been reported (streams)
-    done: bool = False
+    done: bool = False  # its object is complete
+    text: str = field(default="", repr=False)  # the call's object as written so far
+    scan: JsonScan | None = field(default_factory=JsonScan, repr=False)  # None: no object; it ends with the answer
+    args_at: int | None = field(default=None, repr=False)  # where its arguments' value starts in ``text``
+    args_scan: JsonScan | None = field(default=None, repr=False)  # None: a value that is no object or array
+    args_done: bool = field(default=False, repr=False)
+
+    def same_as(self, other: ParsedCall) -> bool:
+        try:
+            return self.name == other.name and json.loads(self.arguments) == json.loads(other.arguments)
+        except ValueError:
+            return self.name == other.name and self.arguments == other.arguments
+
+
+@dataclass
+class CallDelta:
+    """A piece of a streamed call: its start (``id`` and ``name``), or a fragment of its arguments."""
+
+    index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
 
 
 @dataclass
 class ToolDelta:
-    """What a piece of the answer added: text, and (index, id, name) of calls started and (index,
-    fragment) of arguments written."""
+    """What a piece of the answer added: text, and the calls' starts and argument fragments, in order."""
 
     content: str = ""
-    started: list[tuple[int, str, str]] = field(default_factory=list)
-    arguments: list[tuple[int, str]] = field(default_factory=list)
+    calls: list[CallDelta] = field(default_factory=list)
 
 
 _NAME = re.compile(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
@@ -109,20 +138,28 @@ class ToolCallParser:
     """Splits an answer, fed piece by piece, into text and tool calls in ``fmt``.
 
     Text that could be the start of a trigger is held back until it is not. Inside a call region
-    (a call's JSON object, or an array of them), a call is reported with its id and name as soon as
-    its name is complete, then its arguments' JSON text as it grows; the arguments are the model's own
-    JSON text, so a stream and a whole answer give the same calls.
+    (a call's JSON object, or an array of them), the first call is reported with its id and name as
+    soon as its name is complete, then its arguments' JSON text as it grows (the model's own text,
+    so a stream and a whole answer give the same calls). A later call is reported once it is
+    complete: one that repeats an earlier call (same name and arguments, as small models do until
+    ``max_tokens``) ends the answer instead (``repeated``), and one cut short by the end of the
+    answer is dropped (``cut``). Each character is scanned once (``JsonScan``).
     """
 
     def __init__(self, fmt: ToolFormat):
         self.fmt = fmt
         self.buffer = ""  # text not yet reported as content or consumed by a call
-        self.calls: list[ParsedCall] = []
+        self.calls: list[ParsedCall] = []  # the calls reported
+        self.current: ParsedCall | None = None  # the call being read
         self.content = ""
+        self.repeated = self.cut = False
+        self._key = re.compile(rf'"(?:{fmt.arguments_key}|arguments|parameters)"\s*:\s*')
 
     def feed(self, text: str) -> ToolDelta:
-        self.buffer += text
         delta = ToolDelta()
+        if self.repeated:
+            return delta
+        self.buffer += text
         while self._step(delta):
             pass
         self.content += delta.content
@@ -131,17 +168,24 @@ class ToolCallParser:
     def finish(self) -> ToolDelta:
         """The rest at the end of the answer: held-back text, the arguments of a call cut short."""
         delta = self.feed("")
-        if self.calls and not self.calls[-1].done:
-            self._report(self.calls[-1], self.buffer, delta, final=True)
+        if self.repeated:
+            return delta
+        call = self.current
+        if call is not None:
+            self._read(call, delta, final=True)
+            self.cut = call.index >= len(self.calls)  # a later call cut short: dropped
         elif not self.calls or not self.fmt.closing[1:].strip().startswith(self.buffer.strip(" \n;,")):
             delta.content += self.buffer  # (not a closing tag cut short)
             self.content += self.buffer
         self.buffer = ""
         return delta
 
+    def _start(self) -> None:
+        self.current = ParsedCall(len(self.calls), new_call_id(), scan=JsonScan() if self.buffer[0] == "{" else None)
+
     def _step(self, delta: ToolDelta) -> bool:
         """Consume what can be consumed at the buffer's start; whether to go on."""
-        if self.calls and not self.calls[-1].done:
+        if self.current is not None:
             return self._in_call(delta)
         if self.calls:  # after a call: its closing text, separators, the next object of a sequence
             rest = re.sub(r"^[\s;,]*", "", self.buffer)
@@ -152,7 +196,7 @@ class ToolCallParser:
                 return False  # the closing text is still coming
             self.buffer = rest
             if rest.startswith("{"):
-                self.calls.append(ParsedCall(len(self.calls), new_call_id()))
+                self._start()
                 return True
             if not rest:
                 return False
@@ -176,47 +220,72 @@ class ToolCallParser:
             return False
         delta.content += self.buffer[:i]
         self.buffer = region
-        self.calls.append(ParsedCall(len(self.calls), new_call_id()))
+        self._start()
         return True
 
     def _in_call(self, delta: ToolDelta) -> bool:
-        """The current call's object is ``self.buffer``'s start: report what is new of it."""
-        call = self.calls[-1]
-        end = json_end(self.buffer, 0) if self.buffer.startswith("{") else None
-        body = self.buffer[:end] if end else self.buffer
-        self._report(call, body, delta, final=end is not None)
-        if end is None:
-            return False
-        call.done = True
+        """The current call's object goes on with ``self.buffer``: read what is new of it."""
+        call = self.current
+        found = call.scan.feed(self.buffer) if call.scan is not None else None
+        end = len(self.buffer) if found is None else found
+        call.text += self.buffer[:end]
         self.buffer = self.buffer[end:]
+        call.done = found is not None
+        self._read(call, delta, final=call.done)
+        if not call.done:
+            return False
+        self.current = None
+        if call.index == len(self.calls):  # a later call, held back until now
+            if any(call.same_as(c) for c in self.calls):
+                self.repeated, self.buffer = True, ""
+                return False
+            self._report(call, delta)
+            if call.arguments:
+                delta.calls.append(CallDelta(call.index, call.arguments))
         return True
 
-    def _report(self, call: ParsedCall, body: str, delta: ToolDelta, final: bool) -> None:
+    def _read(self, call: ParsedCall, delta: ToolDelta, final: bool) -> None:
+        """Take the call's name and the new part of its arguments from its text; a live call (the first)
+        reports them."""
+        live = call.index < len(self.calls) or not self.calls
         if call.name is None:
-            m = _NAME.search(body)
-            if m is None:
-                if final:
-                    call.name = ""
-                else:
-                    return
-            else:
-                call.name = json.loads(f'"{m.group(1)}"')
-        if not call.named:
-            call.named = True
-            delta.started.append((call.index, call.id, call.name))
-        key = re.search(rf'"(?:{self.fmt.arguments_key}|arguments|parameters)"\s*:\s*', body)
-        if key is None:
-            if final and not call.arguments:
+            m = _NAME.search(call.text)
+            if m is None and not final:
+                return
+            call.name = json.loads(f'"{m.group(1)}"') if m else ""
+            if live:
+                self._report(call, delta)
+        if call.args_at is None:
+            m = self._key.search(call.text)
+            at = len(call.text) - len(call.text[m.end():].lstrip()) if m else len(call.text)
+            if at < len(call.text):
+                call.args_at = at
+                call.args_scan = JsonScan() if call.text[at] in "{[" else None
+            elif final:
                 call.arguments = "{}"
-                delta.arguments.append((call.index, "{}"))
+                if live:
+                    delta.calls.append(CallDelta(call.index, "{}"))
+                return
+            else:
+                return
+        if call.args_done:
             return
-        raw = body[key.end():]
-        end = json_end(raw, 0) if raw.startswith(("{", "[")) else None
-        raw = raw[:end] if end else raw
-        new = raw[len(call.arguments):]
-        if new:
-            call.arguments += new
-            delta.arguments.append((call.index, new))
+        new = call.text[call.args_at + len(call.arguments):]
+        if call.args_scan is not None:
+            end = call.args_scan.feed(new)
+            if end is not None:
+                new, call.args_done = new[:end], True
+        elif final:  # a value that is no object: up to the end of the call's object
+            new = new[:-1].rstrip() if call.done else new
+        else:
+            return
+        call.arguments += new
+        if new and live:
+            delta.calls.append(CallDelta(call.index, new))
+
+    def _report(self, call: ParsedCall, delta: ToolDelta) -> None:
+        self.calls.append(call)
+        delta.calls.append(CallDelta(call.index, id=call.id, name=call.name))
 
 
 class ReasoningParser:
@@ -281,9 +350,8 @@ class AnswerParser:
         parsed = self.tools.feed(content)
         if final:
             rest = self.tools.finish()
-            parsed = ToolDelta(parsed.content + rest.content, parsed.started + rest.started,
-                               parsed.arguments + rest.arguments)
-        return AnswerDelta(parsed.content, parsed.started, parsed.arguments, reasoning)
+            parsed = ToolDelta(parsed.content + rest.content, parsed.calls + rest.calls)
+        return AnswerDelta(parsed.content, parsed.calls, reasoning)
 
     @property
     def content(self) -> str:
@@ -293,5 +361,13 @@ class AnswerParser:
     def calls(self) -> list[ParsedCall]:
         return self.tools.calls if self.tools else []
 
+    @property
+    def ended(self) -> bool:
+        """Whether the answer is over, whatever the model writes next (a call repeated)."""
+        return self.tools is not None and self.tools.repeated
+
     def finish_reason(self, reason: str | None) -> str | None:
-        return "tool_calls" if reason == "stop" and self.calls else reason
+        """``tool_calls`` when the answer is calls: it stopped after them, or ``max_tokens`` cut a
+        later call, which is dropped."""
+        cut = reason == "length" and self.tools is not None and self.tools.cut
+        return "tool_calls" if self.calls and (reason == "stop" or cut) else reason

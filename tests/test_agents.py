@@ -176,6 +176,49 @@ def test_a_tool_result_turn_gets_an_answer(client):
     assert count(messages) > count(ASK) + len(call.function.arguments) // 4
 
 
+def test_required_parallel_calls_end_at_a_repeated_call(client):
+    """SmolLM2 at temperature 0.8 writes the same call again and again: the repeat ends the answer."""
+    for seed in range(3):
+        r = client.chat.completions.create(model=CHAT, messages=ASK, tools=[WEATHER], tool_choice="required",
+                                           temperature=0.8, max_tokens=160, seed=seed)
+        calls = [(t.function.name, json.loads(t.function.arguments)) for t in r.choices[0].message.tool_calls]
+        assert r.choices[0].finish_reason == "tool_calls", (seed, calls)
+        assert calls and len({json.dumps(c) for c in calls}) == len(calls)  # no call twice
+        for _, arguments in calls:
+            jsonschema.validate(arguments, WEATHER_PARAMS)
+        assert r.usage.completion_tokens < 160
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_streamed_parallel_calls_aggregate_in_the_openai_client(client, seed):
+    """The openai client's stream helper (ChatCompletionStreamState adds up each chunk's fields) gets
+    the non-streamed answer's calls: each call's chunks name its own index only, and leave out what
+    they do not carry."""
+    kw = dict(model=CHAT, messages=ASK, tools=[WEATHER], tool_choice="required", temperature=0.8, max_tokens=160,
+              seed=seed)
+    whole = client.chat.completions.create(**kw).choices[0]
+    with client.chat.completions.stream(**kw) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion().choices[0]
+    calls = [(t.id, t.type, t.function.name, t.function.arguments) for t in final.message.tool_calls]
+    assert [c[1:] for c in calls] == [("function", t.function.name, t.function.arguments)
+                                      for t in whole.message.tool_calls]
+    assert all(i.startswith("call_") and len(i) == 29 for i, *_ in calls) and len({i for i, *_ in calls}) == len(calls)
+    assert final.finish_reason == whole.finish_reason == "tool_calls"
+    raw = httpx.post(f"{client.base_url}chat/completions", json={**kw, "stream": True}, timeout=120).text
+    deltas = [d for line in raw.splitlines() if line.startswith("data: {")
+              for d in (json.loads(line[6:])["choices"] or [{}])[0].get("delta", {}).get("tool_calls") or []]
+    seen = -1
+    for d in deltas:  # a start with index, id, type and name; then that index's fragments, nothing null
+        assert None not in d.values() and None not in d["function"].values()
+        if "id" in d:
+            assert d["index"] == seen + 1 and d["type"] == "function" and d["function"]["arguments"] == ""
+            seen = d["index"]
+        else:
+            assert d["index"] == seen and set(d) == {"index", "function"} and set(d["function"]) == {"arguments"}
+
+
 # --- the Responses API --------------------------------------------------------------------------
 
 def test_responses_streamed_and_not_and_previous_response_id(server, client):
@@ -215,6 +258,57 @@ def test_responses_with_a_function_tool_streamed_and_not(client):
                                      input=[{"type": "function_call_output", "call_id": call.call_id,
                                              "output": '{"temperature": 21}'}], temperature=0)
     assert answer.output_text
+
+
+def test_responses_tool_choice_in_the_responses_shape(client):
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER_PARAMS, "strict": True}
+    kw = dict(model=CHAT, input="What is the weather in Paris?", tools=[tool], temperature=0, max_output_tokens=100,
+              tool_choice={"type": "function", "name": "get_weather"})
+    r = client.responses.create(**kw)
+    (call,) = r.output
+    assert r.status == "completed" and call.type == "function_call" and call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), WEATHER_PARAMS)
+    with client.responses.stream(**kw) as stream:
+        final = stream.get_final_response()
+    assert [(o.type, o.name, o.arguments) for o in final.output] == [("function_call", "get_weather", call.arguments)]
+    for wrong in ({"type": "function"}, {"type": "function", "function": {"name": "get_weather"}}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(**{**kw, "tool_choice": wrong})
+        assert e.value.body["param"] == "tool_choice" and '{"type": "function", "name": ...}' in e.value.message
+
+
+def test_responses_cut_by_max_output_tokens_end_as_openai_ends_them(client):
+    """OpenAI's server ends such a stream with `response.incomplete` (the openai client's
+    get_final_response() takes only `response.completed`), its message `incomplete`."""
+    kw = dict(model=CHAT, input="Tell me a long story.", max_output_tokens=6, temperature=0)
+    r = client.responses.create(**kw)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert [o.status for o in r.output] == ["incomplete"] and r.output_text
+    with client.responses.stream(**kw) as stream:
+        events = list(stream)
+    last = events[-1]
+    assert last.type == "response.incomplete" and last.response.status == "incomplete"
+    assert last.response.incomplete_details.reason == "max_output_tokens" and last.response.output_text == r.output_text
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [o.status for o in done] == [o.status for o in last.response.output] == ["incomplete"]
+    assert client.responses.retrieve(last.response.id).status == "incomplete"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_a_function_call_output_turn_gets_a_status_and_text(client, stream):
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER_PARAMS}
+    first = client.responses.create(model=CHAT, input="What is the weather in Paris?", tools=[tool], temperature=0,
+                                    tool_choice="required", parallel_tool_calls=False)
+    (call,) = first.output
+    kw = dict(model=CHAT, previous_response_id=first.id, tools=[tool], max_output_tokens=40, temperature=0,
+              input=[{"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature": 21}'}])
+    if stream:
+        with client.responses.stream(**kw) as s:
+            answer = [e for e in s][-1].response
+    else:
+        answer = client.responses.create(**kw)
+    assert answer.status in ("completed", "incomplete") and answer.output_text
+    assert answer.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
 
 
 def test_responses_text_format_json_schema(client):

@@ -1,6 +1,7 @@
 """A bounded fuzz run: schemathesis generates requests from the published OpenAPI schema (valid
-ones and ones that break it) for every /v1 route, and none may get a server error, nor leave the chat
-model unable to answer."""
+ones and ones that break it) for every /v1 route (the Responses API with its own input items, tools
+and tool_choice), and none may get a server error, nor an answer of a content type the schema does
+not name, nor leave the chat model unable to answer."""
 
 from __future__ import annotations
 
@@ -54,9 +55,23 @@ CASES = [(method.upper(), path, mode) for path, operations in app.openapi()["pat
          if mode == "positive" or "requestBody" in operation]
 
 
+def content_types(operation: dict, status: int) -> set[str]:
+    documented = operation["responses"].get(str(status)) or operation["responses"]["default"]
+    return set(documented.get("content", {"application/json": {}}))
+
+
+def test_the_responses_api_is_published_in_its_own_shapes():
+    request = app.openapi()["components"]["schemas"]["ResponsesRequest"]["properties"]
+    kinds = {i["properties"]["type"].get("const") for i in request["input"]["anyOf"][1]["items"]["anyOf"]}
+    assert kinds == {"message", "function_call", "function_call_output", "reasoning"}
+    assert request["tool_choice"]["anyOf"][1]["required"] == ["type", "name"]
+    assert request["tools"]["items"]["properties"]["type"] == {"const": "function"}
+
+
 @pytest.mark.parametrize("method, path, mode", CASES)
 def test_no_request_gets_a_server_error(server, client, method, path, mode):
-    schema = schemathesis.openapi.from_dict(app.openapi())
+    spec = app.openapi()
+    schema = schemathesis.openapi.from_dict(spec)
     schema.config.update(base_url=server.v1)
     operation = schema[path][method]
 
@@ -67,6 +82,9 @@ def test_no_request_gets_a_server_error(server, client, method, path, mode):
         case.body = _served(case.body)
         response = case.call(timeout=120)
         assert response.status_code < 500, (case.as_curl_command(), response.status_code, response.text[:500])
+        content_type = response.headers["content-type"][0].split(";")[0]
+        assert content_type in content_types(spec["paths"][path][method.lower()], response.status_code), (
+            case.as_curl_command(), response.status_code, content_type)
 
     no_server_error()
     assert client.completions.create(model=CHAT, prompt="Hello", max_tokens=2).choices[0].finish_reason

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 import jsonschema
 import pytest
@@ -166,10 +167,11 @@ def parse(fmt: str, text: str, cuts: list[int]) -> tuple[str, list[tuple[str, st
     pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
     for delta in [parser.feed(p) for p in pieces] + [parser.finish()]:
         content += delta.content
-        for index, call_id, name in delta.started:
-            calls[index] = [call_id, name, ""]
-        for index, fragment in delta.arguments:
-            calls[index][2] += fragment
+        for d in delta.calls:  # a call's start, then its fragments
+            if d.id is not None:
+                assert d.index == len(calls) and not d.arguments
+                calls[d.index] = [d.id, d.name, ""]
+            calls[d.index][2] += d.arguments
     assert [c.arguments for c in parser.calls] == [c[2] for c in calls.values()]
     return content, [(name, args, call_id[:5]) for call_id, name, args in calls.values()]
 
@@ -266,3 +268,44 @@ def test_auto_tools_with_a_response_format_give_calls_or_that_format(engine, tok
             kinds.add("answer")
             jsonschema.validate(json.loads(text), SCHEMA)
     assert kinds == {"call", "answer"}  # a random model takes both ways
+
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def test_a_repeated_call_ends_the_answer_and_a_later_call_cut_short_is_dropped():
+    from openai_api.tool_calls import AnswerParser
+
+    parser = AnswerParser(FORMATS["hermes"])
+    again = CALL.replace('{"city": "Paris"}', '{\n  "city":  "Paris"\n}')  # the same call, other whitespace
+    for piece in (CALL, "\n", again[:30], again[30:], "\n<tool_call>\n{"):
+        parser.feed(piece)
+        assert not parser.ended or piece is not CALL
+    assert parser.ended and [json.loads(c.arguments) for c in parser.calls] == [{"city": "Paris"}]
+    parser = AnswerParser(FORMATS["hermes"])
+    streamed = parser.feed(CALL + '\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lo')
+    streamed.calls += parser.feed("", final=True).calls
+    assert [(d.index, d.name) for d in streamed.calls if d.id] == [(0, "get_weather")]  # the cut call: dropped
+    assert len(parser.calls) == 1 and parser.finish_reason("length") == "tool_calls" and not parser.ended
+    parser = AnswerParser(FORMATS["hermes"])
+    parser.feed(CALL[:40], final=True)  # the first call cut short: no complete call
+    assert parser.finish_reason("length") == "length"
+
+
+def test_the_parser_reads_each_character_once():
+    """A long call costs no more per token than a short one (it was parsed whole on every token)."""
+    parser = ToolCallParser(FORMATS["hermes"])
+    parser.feed('<tool_call>\n{"name": "write", "arguments": {"text": "')
+
+    def feed(n):
+        start = time.perf_counter()
+        for _ in range(n):
+            parser.feed("word ")
+        return time.perf_counter() - start
+
+    first = feed(300)
+    feed(4_000)
+    assert feed(300) < 3 * first + 0.01
+    parser.feed('"}}\n</tool_call>')
+    parser.finish()
+    assert len(json.loads(parser.calls[0].arguments)["text"]) == 4_600 * 5
