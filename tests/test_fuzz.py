@@ -43,7 +43,7 @@ def _served(body):
             body[key] = cap
     if ("messages" in body or "prompt" in body) and "max_tokens" not in body:
         body["max_tokens"] = CAPS["max_tokens"]
-    if "input" in body and "max_output_tokens" not in body:  # the Responses API (embeddings ignore it)
+    if ("input" in body or "instructions" in body) and "max_output_tokens" not in body:  # the Responses API
         body["max_output_tokens"] = CAPS["max_output_tokens"]
     if isinstance(body.get("prompts"), list):
         body["prompts"] = [_served(p) for p in body["prompts"]]
