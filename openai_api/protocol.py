@@ -5,19 +5,18 @@ The objects the routes return are in ``objects.py``, the extension routes' schem
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from models.info import ModelInfo
+from openai_api import bounds
 from openai_api.constraints import combine, extension_grammar, response_format_grammar
 from openai_api.errors import context_length_exceeded, invalid_value
 from openai_api.tool_calls import check_tools, tool_grammar
 from runners.engine.sequence import SamplingParams
 
 SEED_RANGE = (-2**63, 2**64 - 1)  # OpenAI's seed is a 64-bit integer, signed or not
-MIN_TEMPERATURE = 1e-5  # below it (but 0, greedy), dividing the logits by it would overflow
-MAX_STOPS, MAX_STOP_CHARS = 32, 1024
 MAX_SEQUENCES = 256  # prompts x n in one request
 
 
@@ -71,14 +70,15 @@ class StructuredOutputs(Request):
 class SamplingFields(TopLevelRequest):
     """Parameters shared by chat and text completions, OpenAI's and the common extensions."""
 
+    model_config = ConfigDict(json_schema_extra={"allOf": [bounds.only_with("stream", True, "stream_options")]})
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
+    temperature: Annotated[float | None, WithJsonSchema(bounds.TEMPERATURE)] = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: Annotated[str | list[str] | None, WithJsonSchema(bounds.STOP)] = None
     seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -97,8 +97,8 @@ class SamplingFields(TopLevelRequest):
     @field_validator("temperature")
     @classmethod
     def _temperature(cls, v):
-        if v is not None and 0 < v < MIN_TEMPERATURE:
-            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        if v is not None and 0 < v < bounds.MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {bounds.MIN_TEMPERATURE}")
         return v
 
     @field_validator("stop")
@@ -107,8 +107,8 @@ class SamplingFields(TopLevelRequest):
         stops = [v] if isinstance(v, str) else (v or [])
         if any(s == "" for s in stops):
             raise ValueError("stop strings must not be empty")
-        if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
-            raise ValueError(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters each")
+        if len(stops) > bounds.MAX_STOPS or any(len(s) > bounds.MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"at most {bounds.MAX_STOPS} stop strings of at most {bounds.MAX_STOP_CHARS} characters each")
         return stops
 
     @field_validator("stream_options")
@@ -222,6 +222,7 @@ class ToolCall(Request):
 
 
 class ChatMessage(Request):
+    model_config = ConfigDict(json_schema_extra=bounds.MESSAGE)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -250,7 +251,7 @@ TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class FunctionDefinition(Request):
-    name: str
+    name: str = Field(json_schema_extra={"pattern": bounds.TOOL_NAME_PATTERN})
     description: str | None = None
     parameters: dict | None = None
     strict: bool | None = None
@@ -264,6 +265,7 @@ class FunctionDefinition(Request):
 
 
 class Tool(Request):
+    model_config = ConfigDict(json_schema_extra=bounds.function_tool)
     type: str
     function: FunctionDefinition | None = None
 
@@ -277,14 +279,16 @@ class Tool(Request):
 
 
 class ChatCompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra={"allOf": [bounds.only_with("stream", True, "stream_options"),
+                                                           bounds.only_with("logprobs", True, "top_logprobs")]})
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    tools: list[Tool] | None = Field(default=None, json_schema_extra={"minItems": 1})
+    tool_choice: Annotated[Literal["none", "auto", "required"] | dict | None, WithJsonSchema(bounds.TOOL_CHOICE)] = None
     parallel_tool_calls: bool = True
-    response_format: dict | None = None
+    response_format: Annotated[dict | None, WithJsonSchema(bounds.RESPONSE_FORMAT)] = None
 
     @model_validator(mode="after")
     def _checks(self):
@@ -355,9 +359,9 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
-    suffix: str | None = None
+    prompt: Annotated[str | list[str] | list[int] | list[list[int]], WithJsonSchema(bounds.PROMPT)]
+    echo: Annotated[bool, WithJsonSchema({"const": False, **bounds.UNSUPPORTED})] = False
+    suffix: Annotated[str | None, WithJsonSchema({"anyOf": [bounds.NULL, {"const": ""}], **bounds.UNSUPPORTED})] = None
     logprobs: int | None = Field(default=None, ge=0, le=5)
     best_of: int | None = None
 
@@ -392,12 +396,9 @@ class CompletionRequest(SamplingFields):
         return list(p)
 
 
-MAX_EMBEDDING_INPUTS = 2048  # OpenAI's bound
-
-
 class EmbeddingRequest(TopLevelRequest):
     model: str
-    input: str | list[str] | list[int] | list[list[int]]
+    input: Annotated[str | list[str] | list[int] | list[list[int]], WithJsonSchema(bounds.EMBEDDING_INPUT)]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
@@ -411,8 +412,8 @@ class EmbeddingRequest(TopLevelRequest):
         if not all(isinstance(t, str) for t in texts):
             raise ValueError("token-id input is not supported; send strings (LangChain's OpenAIEmbeddings sends "
                              "token ids unless created with check_embedding_ctx_length=False)")
-        if len(texts) > MAX_EMBEDDING_INPUTS:
-            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs in one request, got {len(texts)}")
+        if len(texts) > bounds.MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {bounds.MAX_EMBEDDING_INPUTS} inputs in one request, got {len(texts)}")
         empty = next((i for i, t in enumerate(texts) if not t), None)
         if empty is not None:
             raise ValueError(f"item {empty} is empty; every input must hold text")

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema
 
+from openai_api.bounds import TEMPERATURE
 from openai_api.errors import OpenAIError, invalid_value
 from openai_api.ids import new_id
 from openai_api.protocol import ChatCompletionRequest, TopLevelRequest
@@ -41,11 +42,14 @@ INPUT_ITEM = {"anyOf": [
 FUNCTION_TOOL = _item("function", ["name"], name={"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
                       description=_STRING, parameters={"type": "object"}, strict={"type": "boolean"})
 TOOL_CHOICE = {"anyOf": [{"enum": ["none", "auto", "required"]}, _item("function", ["name"], name=_STRING)]}
+# something to answer: instructions, or some input
+HAS_INPUT = {"anyOf": [{"required": ["instructions"], "properties": {"instructions": {"type": "string", "minLength": 1}}},
+                       {"required": ["input"], "properties": {"input": {"anyOf": [_STRING, {"type": "array", "minItems": 1}]}}}]}
 TOOL_CHOICE_SHAPES = '"none", "auto", "required" or {"type": "function", "name": ...}'
 
 
 class ResponsesRequest(TopLevelRequest):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=HAS_INPUT)
 
     model: str
     input: Annotated[str | list[dict], WithJsonSchema({"anyOf": [_STRING, {"type": "array", "items": INPUT_ITEM}]})] = \
@@ -56,7 +60,7 @@ class ResponsesRequest(TopLevelRequest):
     parallel_tool_calls: bool = True
     text: dict | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
+    temperature: Annotated[float | None, WithJsonSchema(TEMPERATURE)] = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     stream: bool = False
     store: bool = True
