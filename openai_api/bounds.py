@@ -46,6 +46,8 @@ def function_tool(schema: dict) -> None:
     function = schema["properties"]["function"]
     schema["properties"].update(type={"const": "function"}, function=next(s for s in function["anyOf"] if s != NULL))
     schema["required"] = ["type", "function"]
+
+
 TOOL_CHOICE = {"anyOf": [{"enum": ["none", "auto", "required"]}, NULL, {
     "type": "object", "required": ["type", "function"], "properties": {"type": {"const": "function"}, "function": {
         "type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}}]}
