@@ -248,9 +248,11 @@ class Model:
         replicas = [r for r in self.replicas if name in r.adapters]
         for replica in replicas:
             replica.adapters.pop(name, None)  # no new request goes there
-            replica.adapters_at = time.monotonic()
         answers = await asyncio.gather(*(r.client.unload_adapter(name=name) for r in replicas if r.ready),
                                        return_exceptions=True)
+        for replica in replicas:  # nor after a poll that the runner answered before it unloaded the adapter
+            replica.adapters.pop(name, None)
+            replica.adapters_at = time.monotonic()
         for answer in answers:
             if isinstance(answer, BaseException) or "error" in answer:
                 logger.warning("unloading adapter %s of %s: %r", name, self.id, answer)
