@@ -76,8 +76,9 @@ def to_grammar(kind: str, spec: Any, param: str) -> str:
     """``spec`` (a schema as a dict, a regex, EBNF text, a structural tag as a dict) as EBNF; a 400
     naming ``param`` when xgrammar refuses it."""
     text = spec if isinstance(spec, str) else json.dumps(spec, sort_keys=True)
-    if len(text.encode()) > MAX_GRAMMAR_BYTES:
-        raise invalid_value(param, f"is {len(text.encode()):,} bytes; at most {MAX_GRAMMAR_BYTES:,} are taken")
+    size = len(text.encode())
+    if size > MAX_GRAMMAR_BYTES:
+        raise invalid_value(param, f"is {size:,} bytes; at most {MAX_GRAMMAR_BYTES:,} are taken")
     try:
         return _convert(kind, text)
     except (RuntimeError, ValueError, TypeError) as e:

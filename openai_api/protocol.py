@@ -247,7 +247,7 @@ class ChatMessage(Request):
         return self.content or ""
 
 
-TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+TOOL_NAME = re.compile(bounds.TOOL_NAME_PATTERN)
 
 
 class FunctionDefinition(Request):

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema
 
-from openai_api.bounds import TEMPERATURE
+from openai_api.bounds import TEMPERATURE, TOOL_NAME_PATTERN
 from openai_api.errors import OpenAIError, invalid_value
 from openai_api.ids import new_id
 from openai_api.protocol import ChatCompletionRequest, TopLevelRequest
@@ -39,7 +39,7 @@ INPUT_ITEM = {"anyOf": [
     _item("function_call", ["call_id", "name", "arguments"], call_id=_STRING, name=_STRING, arguments=_STRING),
     _item("function_call_output", ["call_id", "output"], call_id=_STRING, output=_STRING),
     _item("reasoning", [])]}
-FUNCTION_TOOL = _item("function", ["name"], name={"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+FUNCTION_TOOL = _item("function", ["name"], name={"type": "string", "pattern": TOOL_NAME_PATTERN},
                       description=_STRING, parameters={"type": "object"}, strict={"type": "boolean"})
 TOOL_CHOICE = {"anyOf": [{"enum": ["none", "auto", "required"]}, _item("function", ["name"], name=_STRING)]}
 # something to answer: instructions, or some input
