@@ -41,9 +41,10 @@ def _served(body):
     for key, cap in CAPS.items():
         if isinstance(body.get(key), (int, float)) and not isinstance(body[key], bool) and body[key] > cap:
             body[key] = cap
-    if ("messages" in body or "prompt" in body) and "max_tokens" not in body:
+    # (null is no bound: a model with no default of its own answers up to its context)
+    if ("messages" in body or "prompt" in body) and body.get("max_tokens") is None:
         body["max_tokens"] = CAPS["max_tokens"]
-    if ("input" in body or "instructions" in body) and "max_output_tokens" not in body:  # the Responses API
+    if ("input" in body or "instructions" in body) and body.get("max_output_tokens") is None:  # the Responses API
         body["max_output_tokens"] = CAPS["max_output_tokens"]
     if isinstance(body.get("prompts"), list):
         body["prompts"] = [_served(p) for p in body["prompts"]]
