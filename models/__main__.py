@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from models.config import reference
+from models.reference import reference
 from models.importer import ImportFailed, import_model
 
 

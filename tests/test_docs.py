@@ -5,7 +5,7 @@ test command is the one CI runs."""
 from __future__ import annotations
 
 from conftest import ROOT
-from models.config import reference
+from models.reference import reference
 
 
 def test_the_configuration_reference_is_generated_from_the_settings():
