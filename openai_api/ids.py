@@ -12,6 +12,9 @@ REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("bentoch
 # The ASGI scope's entry holding the API key a request was accepted with, set by middleware.ApiKeys
 # (absent without keys): the Responses API keeps each stored response to its key.
 API_KEY = "bentochat.api_key"
+# The tenant a request is served for and its weight, (name, weight), set by the key middleware where
+# tenants are configured (None otherwise): the runner shares its batch between tenants by weight.
+TENANT: contextvars.ContextVar[tuple[str, float] | None] = contextvars.ContextVar("bentochat_tenant", default=None)
 
 
 def new_id(prefix: str) -> str:
