@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -288,3 +289,8 @@ def chat_tokenizer(server):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(bentoml.models.get(f"{CHAT}:latest").path)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session's model store goes with it (up to 1.6 GB: the embedded models, the tiny ones, imports)."""
+    shutil.rmtree(os.environ["BENTOML_HOME"], ignore_errors=True)
