@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -337,6 +339,36 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out: int, bias: torch.Tensor |
     return kernels[packed.dim()](x, packed, out, bias)
 
 
+def main(args: list[str]) -> int:
+    """``python -m runners.engine.native [--optional]``: see native_build's docstring."""
+    optional = "--optional" in args
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        print(f"BentoChat's native kernels are for x86-64 CPUs with AVX-512: none built on {platform.machine()}")
+        return 0
+    if optional and level_here() is None:
+        print("BentoChat's native kernels: not built, this CPU has no AVX-512 "
+              "(`python -m runners.engine.native` builds them for other machines)")
+        return 0
+    if optional and native_build.compiler() is None:
+        print("BentoChat's native kernels: not built, this machine has no C++ compiler (c++)")
+        return 0
+    for level in LEVELS:
+        started = time.monotonic()
+        try:
+            path = native_build.build(level)
+        except Exception as e:
+            print(f"BentoChat's native kernels: the {level} level's build failed: {e}", file=sys.stderr)
+            return 0 if optional else 1
+        print(f"{path}: {path.stat().st_size / 1e6:.1f} MB, {time.monotonic() - started:.0f} s")
+    if ops() is None:
+        print("BentoChat's native kernels: not used on this machine")
+    else:
+        bf16 = "AMX" if amx() else "AVX-512 BF16" if runs(torch.bfloat16) else None
+        print("BentoChat's native kernels: float32" + (f", bfloat16 on {bf16}" if bf16 else " (bfloat16 on oneDNN)")
+              + ", int8 weights")
+    return 0
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    sys.exit(native_build.main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

@@ -27,12 +27,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -118,34 +115,3 @@ def build(level: str) -> Path:
             old.unlink(missing_ok=True)
     return path
 
-
-def main(args: list[str]) -> int:
-    """``python -m runners.engine.native [--optional]``: see the module's docstring."""
-    from runners.engine import native
-
-    optional = "--optional" in args
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        print(f"BentoChat's native kernels are for x86-64 CPUs with AVX-512: none built on {platform.machine()}")
-        return 0
-    if optional and native.level_here() is None:
-        print("BentoChat's native kernels: not built, this CPU has no AVX-512 "
-              "(`python -m runners.engine.native` builds them for other machines)")
-        return 0
-    if optional and compiler() is None:
-        print("BentoChat's native kernels: not built, this machine has no C++ compiler (c++)")
-        return 0
-    for level in LEVELS:
-        started = time.monotonic()
-        try:
-            path = build(level)
-        except Exception as e:
-            print(f"BentoChat's native kernels: the {level} level's build failed: {e}", file=sys.stderr)
-            return 0 if optional else 1
-        print(f"{path}: {path.stat().st_size / 1e6:.1f} MB, {time.monotonic() - started:.0f} s")
-    if native.ops() is None:
-        print("BentoChat's native kernels: not used on this machine")
-    else:
-        bf16 = "AMX" if native.amx() else "AVX-512 BF16" if native.runs(torch.bfloat16) else None
-        print("BentoChat's native kernels: float32" + (f", bfloat16 on {bf16}" if bf16 else " (bfloat16 on oneDNN)")
-              + ", int8 weights")
-    return 0
