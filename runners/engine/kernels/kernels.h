@@ -5,10 +5,10 @@
 
 #include <cstdint>
 
-// The instruction sets this library holds. runners/engine/native.py builds one library per level (AVX-512
-// F/BW/VL; with AVX-512 BF16; with AMX too) and loads the highest this CPU runs; code that needs more than
-// its level is compiled out, so a library holds no instruction its CPU may lack: there the kernels that
-// need it refuse, and amx_available() is false.
+// The instruction sets this library holds: runners/engine/native_build.py builds one library per level
+// (AVX-512 F/BW/VL; with AVX-512 BF16; with AMX too), native.py loads the highest this CPU runs. Code that
+// needs more than its level is compiled out, so a library holds no instruction its CPU may lack: there the
+// kernels that need it refuse, and amx_available() is false.
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AVX512BF16__)
 #define BENTOCHAT_AMX 1
 #endif
