@@ -64,4 +64,4 @@ image: install
 	TMPDIR=$(CURDIR)/build/tmp BUILDAH_FORMAT=docker $(BIN)/bentoml containerize $(BENTO) --backend $(BACKEND)
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) *.egg-info runners/engine/kernels/lib
