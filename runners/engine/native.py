@@ -74,8 +74,9 @@ def level_here() -> str | None:
     fits = [level for level, (_, needs, _) in LEVELS.items() if needs <= flags]
     if len(fits) < len(LEVELS):
         lacks = LEVELS[list(LEVELS)[len(fits)]][2]
-        logger.info("BentoChat's native kernels: no %s on this CPU: %s", lacks,
-                    f"the {fits[-1]} level" if fits else "oneDNN's kernels and the Python pass instead")
+        (logger.info if fits else logger.warning)(
+            "BentoChat's native kernels: no %s on this CPU: %s", lacks,
+            f"the {fits[-1]} level" if fits else "oneDNN's kernels and the Python pass instead")
     return fits[-1] if fits else None
 
 
