@@ -59,6 +59,19 @@ def test_bentocloud_config_is_a_valid_deployment_config_for_the_bento_services()
     assert set(parsed.services) == {"bentochat", *RUNNERS}
     for name, service in parsed.services.items():
         assert service.instance_type and service.scaling.min_replicas >= 1, name
+        assert "traffic" not in (service.config_overrides or {}), name  # the bento's own, below
+    # Closed by default: BentoCloud's tokens in front, the gateway's keys from a secret, none in the file.
+    assert parsed.access_authorization is True and parsed.secrets
+    assert "BENTOCHAT_API_KEYS" not in (DEPLOY / "bentocloud.yaml").read_text().split("secrets:")[0]
+
+
+def test_each_runner_service_is_scaled_on_its_batch_by_bentocloud():
+    """BentoCloud scales a service on ``traffic.concurrency``, requests in flight per replica (else on CPU use,
+    which says nothing of an LLM's queue): each runner's is its model's ``max_concurrency``."""
+    from runners.base import service_options
+
+    for runner in RUNNERS.values():
+        assert service_options(runner, runner.kind)["traffic"]["concurrency"] == runner.max_concurrency
 
 
 KUBERNETES = DEPLOY / "kubernetes" / "bentochat.yaml"
