@@ -3,6 +3,9 @@ services a bento built from bentochat.yaml holds: names that do not line up fail
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from urllib.parse import urlparse
 
 import pytest
@@ -33,7 +36,7 @@ def test_compose_runners_are_services_of_the_bento_and_the_gateway_names_them():
     assert all(s["command"][0] == "start-http-server" for s in services.values())  # the image's entrypoint verb
 
     mount = next(v.split(":")[1] for v in gateway["volumes"] if v.startswith("./gateway.yaml:"))
-    assert gateway["environment"]["BENTOCHAT_CONFIG"] == mount
+    assert f"BENTOCHAT_CONFIG={mount}" in gateway["environment"]
     assert set(gateway["depends_on"]) == set(services)
 
     config = load_config(DEPLOY / "gateway.yaml")
@@ -48,6 +51,31 @@ def test_compose_runners_are_services_of_the_bento_and_the_gateway_names_them():
     for model in config.models:  # what the gateway applies itself: as the bento's bentochat.yaml says
         runner = next(r for r in RUNNERS.values() if r.id == model.id)
         assert model.model_dump(include=set(GATEWAY_FIELDS)) == runner.model_dump(include=set(GATEWAY_FIELDS))
+
+
+def test_compose_file_is_read_alike_by_compose_v1_v2_and_podman_compose():
+    """No top-level `name:` (docker-compose 1.29 refuses the file), and the API keys passed through by name
+    (podman-compose 1.0.3 left `${BENTOCHAT_API_KEYS:-}` as it is: every call got 401)."""
+    assert set(compose()) == {"services"}
+    gateway = compose()["services"]["gateway"]
+    assert "BENTOCHAT_API_KEYS" in gateway["environment"] and not any("${" in e for e in gateway["environment"])
+
+
+@pytest.mark.skipif(not shutil.which("docker-compose"), reason="Debian's docker-compose (1.29) is not installed")
+def test_docker_compose_v1_reads_the_file_and_passes_the_keys():
+    out = subprocess.run(["docker-compose", "-f", "docker-compose.yaml", "config"], cwd=DEPLOY, check=True,
+                         capture_output=True, text=True, env={**os.environ, "BENTOCHAT_API_KEYS": "sk-1,sk-2"}).stdout
+    assert yaml.safe_load(out)["services"]["gateway"]["environment"]["BENTOCHAT_API_KEYS"] == "sk-1,sk-2"
+
+
+@pytest.mark.skipif(not shutil.which("podman-compose"), reason="podman-compose is not installed")
+def test_podman_compose_passes_the_keys_to_the_gateway_container():
+    out = subprocess.run(["podman-compose", "--dry-run", "-f", "docker-compose.yaml", "up", "-d"], cwd=DEPLOY,
+                         check=True, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "BENTOCHAT_API_KEYS": "sk-1,sk-2"}).stdout
+    gateway = next(line for line in out.splitlines() if "BENTOCHAT_CONFIG" in line)
+    assert "${" not in gateway  # `-e BENTOCHAT_API_KEYS`: podman takes the value from the environment
+    assert "-e BENTOCHAT_API_KEYS " in gateway or "-e BENTOCHAT_API_KEYS=sk-1,sk-2 " in gateway, gateway
 
 
 def test_bentocloud_config_is_a_valid_deployment_config_for_the_bento_services():
