@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         print(reference(), end="")
         return 0
     if args.command == "kubernetes":
-        print(manifests(args.config, args.image, args.max_replicas), end="")
+        try:
+            print(manifests(args.config, args.image, args.max_replicas), end="")
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         return 0
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -60,10 +60,11 @@ def replica_urls(served: ServedModel, max_replicas: int) -> list[str]:
 
 def gateway_config(raw: dict, models: list[ServedModel], max_replicas: int) -> dict:
     """The gateway's bentochat.yaml: the settings of ``raw`` (but API keys, which come from the Secret),
-    and each model named by its runner pods' URLs with the settings the gateway applies itself."""
+    and each model named by its runner pods' URLs (a model already served elsewhere: by its own) with the
+    settings the gateway applies itself."""
     entries = {e["id"]: e for e in raw.get("models", [])}
-    return {"models": [{**{k: entries[m.id][k] for k in GATEWAY_FIELDS if k in entries[m.id]},
-                        "kind": m.kind, "urls": replica_urls(m, max_replicas)} for m in models],
+    return {"models": [{**{k: entries[m.id][k] for k in GATEWAY_FIELDS if k in entries[m.id]}, "kind": m.kind,
+                        "urls": m.urls if m.remote else replica_urls(m, max_replicas)} for m in models],
             **{k: v for k, v in raw.items() if k not in ("models", "api_keys")}}
 
 
@@ -149,8 +150,11 @@ def manifests(path: Path, image: str = IMAGE, max_replicas: int = MAX_REPLICAS) 
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     config = load_config(path)
     local = [m for m in config.models if not m.remote]
+    if not local:
+        raise ValueError(f"{path} names no model in the store, only runners elsewhere (`urls`): give the "
+                         "bentochat.yaml the bento was built from")
     grace_s = int(config.gateway.shutdown_grace_s) + 5  # SIGTERM drains for shutdown_grace_s, then the kill
-    objects = gateway(gateway_config(raw, local, max_replicas), grace_s, image)
+    objects = gateway(gateway_config(raw, config.models, max_replicas), grace_s, image)
     for served in local:
         objects += runner(served, grace_s, image, max_replicas)
     return HEADER.format(secret=SECRET, in_flight=IN_FLIGHT) + yaml.dump_all(objects, Dumper=_Dumper, sort_keys=False)
