@@ -20,6 +20,7 @@ the output for the repository's ``bentochat.yaml``, and validates it against Kub
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import yaml
@@ -81,9 +82,11 @@ def _probes(startup_s: int) -> dict:
             "livenessProbe": get("/livez", 10, 3)}
 
 
-def _pod(name: str, labels: dict, container: dict, grace_s: int, image: str, **spec) -> dict:
+def _pod(name: str, labels: dict, container: dict, grace_s: int, image: str, annotations: dict | None = None,
+         **spec) -> dict:
     """A pod template: one container of the image on ``PORT``, scraped by Prometheus (annotations)."""
-    annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORT), "prometheus.io/path": "/metrics"}
+    annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORT), "prometheus.io/path": "/metrics",
+                   **(annotations or {})}
     return {"metadata": {"labels": labels, "annotations": annotations},
             "spec": {"terminationGracePeriodSeconds": grace_s, **spec,
                      "containers": [{"name": name, "image": image, "imagePullPolicy": "IfNotPresent",
@@ -135,11 +138,14 @@ def gateway(config: dict, grace_s: int, image: str) -> list[dict]:
                 {"name": "BENTOCHAT_API_KEYS", "valueFrom": {"secretKeyRef": {"name": SECRET, "key": "keys"}}}],
         "volumeMounts": [{"name": "config", "mountPath": "/etc/bentochat", "readOnly": True}],
         "resources": {"requests": {"cpu": "1", "memory": "2Gi"}}, **_probes(startup_s=300)}
+    text = yaml.dump(config, Dumper=_Dumper, sort_keys=False)
     config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "bentochat-gateway", "labels": labels},
-                  "data": {"gateway.yaml": yaml.dump(config, Dumper=_Dumper, sort_keys=False)}}
+                  "data": {"gateway.yaml": text}}
+    # A changed configuration changes the pod template: `kubectl apply` then restarts the gateway with it.
+    digest = {"bentochat.io/config-sha256": hashlib.sha256(text.encode()).hexdigest()[:16]}
     deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "bentochat", "labels": labels},
                   "spec": {"replicas": 1, "selector": {"matchLabels": labels},
-                           "template": _pod("bentochat", labels, container, grace_s, image, volumes=[
+                           "template": _pod("bentochat", labels, container, grace_s, image, digest, volumes=[
                                {"name": "config", "configMap": {"name": "bentochat-gateway"}}])}}
     return [config_map, deployment, _service("bentochat", labels, headless=False)]
 

@@ -133,6 +133,9 @@ def test_kubernetes_gateway_names_every_runner_pod_and_each_runner_is_placed_as_
     objects = kube_objects(manifests(config, image="registry.example/bentochat:1", max_replicas=3))
 
     gateway = objects["Deployment", "bentochat"]["spec"]["template"]["spec"]["containers"][0]
+    digest = objects["Deployment", "bentochat"]["spec"]["template"]["metadata"]["annotations"]
+    assert digest != kube_objects(manifests(ROOT / "bentochat.yaml"))["Deployment", "bentochat"]["spec"]["template"][
+        "metadata"]["annotations"]  # another configuration: another pod template, so the gateway restarts with it
     assert gateway["image"] == "registry.example/bentochat:1" and "args" not in gateway  # the bento's own command
     env = {e["name"]: e for e in gateway["env"]}
     assert env["BENTOCHAT_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": SECRET, "key": "keys"}
