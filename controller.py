@@ -359,9 +359,6 @@ class Registry:
             return AdapterModel(base, name)
         return next((a for a in self.adapters() if a.name == model_id), None)
 
-    def ready(self) -> bool:
-        return any(m.ready for m in self.entries.values())
-
     def serves(self, name: str) -> bool:
         """Whether ``name`` is a configured model's id or a served adapter's name."""
         return name in self.entries or self.adapter(name) is not None

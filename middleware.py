@@ -4,6 +4,8 @@ first outermost:
 
 - ``RequestIds``: every response carries ``x-request-id`` (the client's, if it sent a usable one),
   and every BentoChat log line written while handling the request names it.
+- ``Readiness``: ``/readyz`` and ``/readyz/<model>``, the gateway's readiness: every configured model,
+  or the one named, has a ready runner. Outside ``ApiKeys``: probes need no key.
 - ``ApiKeys``: with API keys configured, everything but the health probes needs
   ``Authorization: Bearer <key>``; the chat UI signs in with a key instead (Gradio's own sign-in).
   ``/metrics`` can be left open with ``public_metrics``. A client that keeps sending wrong keys, or
@@ -14,7 +16,7 @@ first outermost:
 ``runners.draining.Draining`` goes right inside ``RequestIds`` (and around each runner service): after
 SIGTERM it answers new requests 503 while those in flight finish.
 
-CORS (Starlette's middleware, configured from ``cors:``) goes outside all three, so that browsers'
+CORS (Starlette's middleware, configured from ``cors:``) goes outside all four, so that browsers'
 preflight requests, which carry no key, are answered.
 
 ``UiSignIn`` goes around the chat UI's Gradio app when keys are set (``ui.chat.chat_ui_app``).
@@ -33,7 +35,9 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
-from openai_api.errors import OpenAIError
+from starlette.responses import JSONResponse
+
+from openai_api.errors import OpenAIError, model_not_found
 from openai_api.ids import API_KEY, REQUEST_ID
 
 logger = logging.getLogger("bentochat.http")
@@ -156,6 +160,36 @@ class ApiKeys:
             return await response(scope, receive, send)
         self.attempts.accepted(client, key)
         await self.app({**scope, API_KEY: key}, receive, send)
+
+
+class Readiness:
+    """Answers ``/readyz``: 200 when every configured model (chat and embedding; adapters loaded at
+    run time are not configured) has a ready runner, else 503; and ``/readyz/<model>``: the same for
+    one configured model id or served LoRA adapter, 404 for a name not served. The body says which
+    models are ready, ``{"ready": ..., "models": {"<id>": true | false}}``, and, with a 503, why in
+    OpenAI's ``error``. ``registry()`` is the gateway's ``controller.Registry`` (None until it exists)."""
+
+    def __init__(self, app, registry: Callable[[], object | None], path: str = "/readyz"):
+        self.app, self.registry, self.path = app, registry, path
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path == self.path or path.startswith(self.path + "/")):
+            return await self.app(scope, receive, send)
+        registry, name = self.registry(), path[len(self.path) + 1:]
+        models = {m.id: m.ready for m in registry.entries.values()} if registry is not None else {}
+        if name in models:
+            models = {name: models[name]}
+        elif name:
+            if registry is None or registry.adapter(name) is None:
+                return await model_not_found(name).response()(scope, receive, send)
+            models = {name: True}
+        waiting = [model_id for model_id, ready in models.items() if not ready]
+        body = {"ready": registry is not None and not waiting, "models": models}
+        if not body["ready"]:
+            message = f"No runner of {', '.join(f'`{m}`' for m in waiting)} is ready yet." if waiting else "Starting."
+            body = {**OpenAIError(503, message, code="not_ready").body().model_dump(), **body}
+        await JSONResponse(body, status_code=200 if body["ready"] else 503)(scope, receive, send)
 
 
 class BodyLimit:

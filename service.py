@@ -24,6 +24,7 @@ from middleware import (
     ApiKeys,
     BodyLimit,
     FailedAttempts,
+    Readiness,
     RequestIdFilter,
     RequestIds,
     label_metrics_by_route,
@@ -86,10 +87,6 @@ class Gateway:
         # xgrammar (and the torch it loads) takes seconds to import: not on the first structured request.
         threading.Thread(target=importlib.import_module, args=("xgrammar",), name="import-xgrammar", daemon=True).start()
 
-    async def __is_ready__(self) -> bool:
-        """/readyz: ready while at least one model has a runner that answers."""
-        return self.registry.ready()
-
 
 def _attribute(served: ServedModel) -> str:
     """The runner service's name as a Python name: ``runner_smollm2_135m_instruct``."""
@@ -112,7 +109,8 @@ UI = build_chat_ui(lambda: app.state.registry,
                    GATEWAY.ui.model_list_mode, GATEWAY.ui.log_dir)
 Gateway = bentoml.asgi_app(app, path="/v1")(Gateway)
 Gateway = bentoml.asgi_app(chat_ui_app(UI, "/ui", set(GATEWAY.api_keys), SIGN_IN_ATTEMPTS), path="/ui")(Gateway)
-# Readiness is the registry's own (any model up), not BentoML's probe that every dependency is ready.
+# Readiness is the registry's own (every configured model has a ready runner: the Readiness middleware
+# answers /readyz), not BentoML's probe that every dependency is ready.
 BentoChat = bentoml.service(name="bentochat", traffic={"timeout": REQUEST_TIMEOUT_S},
                             runner_probe={"enabled": False})(Gateway)
 # Around every route of the gateway, the first outermost (see middleware.py).
@@ -122,6 +120,7 @@ if GATEWAY.cors.allow_origins:
 BentoChat.add_asgi_middleware(RequestIds)
 # At SIGTERM: streams in flight finish, new requests get 503; the chat page's heartbeats last as long as the page.
 BentoChat.add_asgi_middleware(Draining, grace_s=GATEWAY.shutdown_grace_s, keep=("/ui/gradio_api/heartbeat/",))
+BentoChat.add_asgi_middleware(Readiness, registry=lambda: getattr(app.state, "registry", None))
 BentoChat.add_asgi_middleware(ApiKeys, keys=set(GATEWAY.api_keys), public_metrics=GATEWAY.public_metrics,
                               attempts=SIGN_IN_ATTEMPTS)
 BentoChat.add_asgi_middleware(BodyLimit, max_bytes=int(GATEWAY.max_body_mb * 2**20))

@@ -1,5 +1,6 @@
 """``python -m models import SOURCE --name NAME [--trust-remote-code] [--base MODEL]``; ``python -m models
-reference`` prints the configuration reference (docs/configuration.md)."""
+reference`` prints the configuration reference (docs/configuration.md); ``python -m models kubernetes`` the
+Kubernetes manifests for a bento built from bentochat.yaml (deploy/kubernetes/bentochat.yaml)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import argparse
 import logging
 import sys
 
+from pathlib import Path
+
+from models.config import config_path
+from models.kubernetes import IMAGE, MAX_REPLICAS, manifests
 from models.reference import reference
 from models.importer import ImportFailed, import_model
 
@@ -30,9 +35,22 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--dequantize", action="store_true",
                      help="a GGUF file: every weight dequantized (float32), served in the configured dtype")
     sub.add_parser("reference", help="print the configuration reference, from the settings' own descriptions")
+    kube = sub.add_parser("kubernetes", help="print the Kubernetes manifests for a bento built from a bentochat.yaml")
+    kube.add_argument("--config", type=Path, default=config_path(), help="its bentochat.yaml (default: $BENTOCHAT_CONFIG, "
+                                                                       "else the repository's)")
+    kube.add_argument("--image", default=IMAGE, help=f"the bento's image (default: {IMAGE})")
+    kube.add_argument("--max-replicas", type=int, default=MAX_REPLICAS,
+                      help=f"the most pods of each runner (default: {MAX_REPLICAS}); the gateway lists each")
     args = parser.parse_args(argv)
     if args.command == "reference":
         print(reference(), end="")
+        return 0
+    if args.command == "kubernetes":
+        try:
+            print(manifests(args.config, args.image, args.max_replicas), end="")
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         return 0
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -22,7 +22,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5
 
 def service_options(served: ServedModel, kind: str) -> dict:
     resources = {"gpu": len(served.gpus)} if served.gpus else {}
-    traffic: dict = {"timeout": REQUEST_TIMEOUT_S}
+    # concurrency: what BentoCloud scales a runner's replicas on (requests in flight per replica), the batch;
+    # bentoml serve does not read it. Taken from max_concurrency, so the bento carries it in step.
+    traffic: dict = {"timeout": REQUEST_TIMEOUT_S, "concurrency": served.max_concurrency}
     if kind == "embedding":  # chat engines bound their own queue (429) and must still take abort calls
         traffic["max_concurrency"] = served.max_concurrency + served.max_queue
     return {

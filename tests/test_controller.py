@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import ARTIFACTS, CHAT, listed, signal_tree, start_serving, stop, wait_ready
+from conftest import ARTIFACTS, CHAT, EMBED, _free_port, listed, signal_tree, start_serving, stop, wait_ready
 from models.config import HealthConfig
 
 pytestmark = pytest.mark.slow
@@ -138,6 +138,54 @@ def test_chat_through_the_gateway_streams_from_a_runner_elsewhere(deployment):
     assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == full.choices[0].message.content
 
 
+def test_the_gateway_is_ready_once_every_configured_model_is_and_says_which_is_not(deployment, tmp_path):
+    """A gateway that names the chat model's runner and an embedding runner not started yet: /readyz is
+    503 and names the model that waits (it said 200 once any model was up, and chats then got 503 for
+    seconds); /readyz/<model> answers for one model. With the embedding runner up, 200."""
+    embed_port = _free_port()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"""models:
+  - {{id: {CHAT}, urls: [{deployment["runners"][0].base_url}]}}
+  - {{id: {EMBED}, kind: embedding, urls: ["http://127.0.0.1:{embed_port}"]}}
+health: {HEALTH}
+""")
+    runner_config = tmp_path / "embed.yaml"
+    runner_config.write_text(f"models:\n  - {{id: {EMBED}, model: {EMBED}:latest, kind: embedding}}\n")
+    gateway = start_serving("service:BentoChat", ARTIFACTS / "gateway-readiness.log", env={"BENTOCHAT_CONFIG": str(config)})
+    embed = None
+    try:
+        deadline = time.monotonic() + 300
+        while not _answers(gateway) or CHAT not in listed(gateway):
+            assert time.monotonic() < deadline and gateway.process.poll() is None, gateway.log_text()[-3000:]
+            time.sleep(0.5)
+        r = httpx.get(gateway.base_url + "/readyz")
+        assert r.status_code == 503, r.text
+        assert r.json()["ready"] is False and r.json()["models"] == {CHAT: True, EMBED: False}
+        assert r.json()["error"]["code"] == "not_ready" and EMBED in r.json()["error"]["message"]
+        one = httpx.get(f"{gateway.base_url}/readyz/{CHAT}")
+        assert one.status_code == 200 and one.json() == {"ready": True, "models": {CHAT: True}}
+        assert httpx.get(f"{gateway.base_url}/readyz/{EMBED}").status_code == 503
+        unknown = httpx.get(gateway.base_url + "/readyz/no-such-model")
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+
+        embed = start_serving("service:runner_" + EMBED.replace("-", "_"), ARTIFACTS / "runner-embed.log",
+                              env={"BENTOCHAT_CONFIG": str(runner_config)}, port=embed_port)
+        wait_ready(gateway, timeout=300)
+        assert httpx.get(gateway.base_url + "/readyz").json() == {"ready": True, "models": {CHAT: True, EMBED: True}}
+    finally:
+        for srv in (gateway, embed):
+            if srv is not None:
+                stop(srv)
+
+
+def _answers(srv) -> bool:
+    try:
+        httpx.get(srv.base_url + "/livez", timeout=2)
+        return True
+    except httpx.HTTPError:
+        return False
+
+
 def _runner_stats(srv) -> dict:
     return httpx.post(srv.base_url + "/stats", json={}, timeout=2).json()  # the runner's own BentoML API
 
@@ -192,7 +240,7 @@ def _gone_within_bound(gateway, since: float, bound: float = BOUND_S) -> None:
     with pytest.raises(openai.InternalServerError) as e:  # 503
         client_for(gateway).chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}])
     assert e.value.status_code == 503 and e.value.code == "model_unavailable"
-    assert httpx.get(gateway.base_url + "/readyz").status_code == 503  # no model has a runner up
+    assert httpx.get(gateway.base_url + "/readyz").status_code == 503  # the chat model has no runner up
 
 
 def _back_within_bound(gateway) -> None:

@@ -1,4 +1,4 @@
-"""Stopping and pausing the real `bentoml serve`, with a tiny model so that it is quick: SIGTERM lets
+"""Starting, stopping and pausing the real `bentoml serve`: ready only once every model is; with a tiny model so that it is quick: SIGTERM lets
 the streams in flight finish (and answers new requests 503 meanwhile), and a runner that is stopped for
 longer than a health blip keeps its streams and its model listed. Each test has a server of its own,
 which it stops."""
@@ -14,7 +14,7 @@ import openai
 import psutil
 import pytest
 
-from conftest import ARTIFACTS, TINY_LONG, listed, process_tree, start_serving, stop, wait_ready
+from conftest import ARTIFACTS, CHAT, EMBED, TINY_LONG, listed, process_tree, start_serving, stop, wait_ready
 from models.config import HealthConfig
 
 pytestmark = pytest.mark.slow
@@ -39,6 +39,35 @@ shutdown_grace_s: 120
         yield srv
     finally:
         stop(srv, signal.SIGKILL)
+
+
+def test_a_starting_server_is_ready_only_once_every_configured_model_is(tmp_path, embedded_models):
+    """The embedded chat model's runner loads for longer than the embedding model's: /readyz said 200 as soon
+    as the embedding runner was up, and chats got 503 for seconds after. At its first 200 now, both models
+    are listed and both answer; before it, the 503's body names the model that waits."""
+    config = tmp_path / "bentochat.yaml"
+    config.write_text(f"models:\n  - {{id: {CHAT}, model: {CHAT}:latest}}\n"
+                      f"  - {{id: {EMBED}, model: {EMBED}:latest, kind: embedding}}\nhealth: {HEALTH}\n")
+    srv = start_serving("service:BentoChat", ARTIFACTS / "lifecycle-start.log", env={"BENTOCHAT_CONFIG": str(config)})
+    try:
+        deadline, waiting = time.monotonic() + 600, set()
+        while True:
+            assert srv.process.poll() is None and time.monotonic() < deadline, srv.log_text()[-3000:]
+            try:
+                r = httpx.get(srv.base_url + "/readyz", timeout=2)
+            except httpx.HTTPError:  # not listening yet
+                time.sleep(0.1)
+                continue
+            if r.status_code == 200:
+                break
+            waiting |= {m for m, ready in r.json()["models"].items() if not ready}
+            time.sleep(0.1)
+        assert listed(srv) == {CHAT, EMBED}
+        assert client(srv).chat.completions.create(model=CHAT, messages=PROMPT, max_tokens=2).choices
+        assert client(srv).embeddings.create(model=EMBED, input=["hello"]).data
+        assert CHAT in waiting  # it was seen loading
+    finally:
+        stop(srv)
 
 
 def client(srv) -> openai.OpenAI:

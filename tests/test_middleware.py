@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from middleware import ApiKeys, BodyLimit, FailedAttempts, RequestIds
+from middleware import ApiKeys, BodyLimit, FailedAttempts, Readiness, RequestIds
 from openai_api.ids import REQUEST_ID
 
 
@@ -48,6 +48,24 @@ def test_keys_guard_everything_but_probes_and_the_ui():
     public = app_with((ApiKeys, {"keys": {"k1"}, "public_metrics": True, "attempts": FailedAttempts()}))
     assert call(public, "GET", "/metrics").status_code == 200
     assert call(public, "GET", "/v1/models").status_code == 401
+
+
+def test_readiness_needs_every_configured_model_and_answers_per_model():
+    from types import SimpleNamespace
+
+    models = {"chat": SimpleNamespace(id="chat", ready=True), "embed": SimpleNamespace(id="embed", ready=False)}
+    registry = SimpleNamespace(entries=models, adapter=lambda name: object() if name == "loaded-lora" else None)
+    app = app_with((Readiness, {"registry": lambda: registry}))
+    r = call(app, "GET", "/readyz")
+    assert r.status_code == 503 and r.json()["models"] == {"chat": True, "embed": False}
+    assert r.json()["error"]["code"] == "not_ready" and "`embed`" in r.json()["error"]["message"]
+    assert [call(app, "GET", f"/readyz/{name}").status_code for name in ("chat", "embed", "loaded-lora", "nope")] \
+        == [200, 503, 200, 404]
+    models["embed"].ready = True
+    assert call(app, "GET", "/readyz").json() == {"ready": True, "models": {"chat": True, "embed": True}}
+    assert call(app, "GET", "/readyzz").status_code == 200  # another path: the app's
+    starting = app_with((Readiness, {"registry": lambda: None}))
+    assert call(starting, "GET", "/readyz").status_code == 503
 
 
 def test_wrong_keys_are_limited_per_address_but_missing_ones_are_not():
