@@ -44,8 +44,8 @@ PROMPT_TOKENS = bentoml.metrics.Counter("bentochat_prompt_tokens", "Prompt token
 PREFIX_HITS = bentoml.metrics.Counter("bentochat_prefix_cache_hit_tokens",
                                       "Prompt tokens whose keys and values came from the prefix cache",
                                       labelnames=["model"])
-PREEMPTIONS = bentoml.metrics.Counter("bentochat_preemptions", "Sequences preempted (the KV cache was full) "
-                                     "and resumed later", labelnames=["model"])
+PREEMPTIONS = bentoml.metrics.Counter("bentochat_preemptions", "Sequences preempted (the KV cache was full, or a "
+                                     "tenant under its share waited) and resumed later", labelnames=["model"])
 KV_BYTES = bentoml.metrics.Gauge("bentochat_kv_cache_usage_bytes",
                                  "Bytes of keys and values held (running batch and prefix cache)",
                                  labelnames=["model"], multiprocess_mode="livesum")
