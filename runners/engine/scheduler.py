@@ -103,8 +103,7 @@ class Scheduler:
             self._charge(seq, OUTPUT_COST)  # its token of this step
         prefills, budget, taken = [], self.max_prefill_tokens, 0
         for seq in self._turns():
-            if len(self.running) + taken >= self.max_num_seqs and not (
-                    budget > 0 and self.can_start(seq) and self._make_room(seq)):
+            if len(self.running) + taken >= self.max_num_seqs and not (budget > 0 and self._make_room(seq)):
                 break
             taken += 1
             if not self.can_start(seq) or budget <= 0:
@@ -121,7 +120,7 @@ class Scheduler:
                     seq.cache = kept
             n = min(seq.num_tokens - seq.num_cached, budget)
             if self.pool is not None and not self._take(seq, blocks_for(seq.num_cached + n) - len(seq.blocks)):
-                break  # in arrival order: the next ones wait for blocks too
+                break  # in turn: the next ones wait for blocks too
             if n > 0:  # (the engine admits no empty prompt; should one be here, it holds up no one)
                 prefills.append((seq, n))
                 budget -= n
@@ -141,7 +140,7 @@ class Scheduler:
         held = {t: sum(s.tenant == t for s in self.running) for t in weights}
         mine = self.served.get(seq.tenant, 0.0)
         over = [t for t in weights if held[t] - 1 >= share[t] and self.served.get(t, 0.0) > mine]
-        if held[seq.tenant] >= share[seq.tenant] or not over:
+        if held[seq.tenant] >= share[seq.tenant] or not over or not self.can_start(seq):
             return False
         tenant = max(over, key=lambda t: self.served.get(t, 0.0))
         self._preempt(next(s for s in reversed(self.running) if s.tenant == tenant))
