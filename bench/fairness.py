@@ -36,9 +36,9 @@ class Tenant:
         self.unanswered = 0  # requests still without a first token at the end
 
 
-def run(engine, tenants: list[Tenant], prompts: list[list[int]], params, seconds: float) -> float:
-    """Closed-loop streams on ``engine`` for ``seconds``, driven in this thread (a request arrives
-    between two steps, when its stream's last one ended); returns the seconds it ran."""
+def run(engine, tenants: list[Tenant], prompts: list[list[int]], params, seconds: float, max_steps: int = 0) -> float:
+    """Closed-loop streams on ``engine`` for ``seconds`` (or ``max_steps`` steps), driven in this thread (a
+    request arrives between two steps, when its stream's last one ended); returns the seconds it ran."""
     from runners.engine import Sequence
 
     steps, arrived, sent = 0, {}, {}
@@ -53,7 +53,7 @@ def run(engine, tenants: list[Tenant], prompts: list[list[int]], params, seconds
         for k in range(tenant.streams):
             send(tenant, k)
     start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    while steps < max_steps if max_steps else time.perf_counter() - start < seconds:
         results = engine.step()
         steps += 1
         now = time.perf_counter()
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--b-streams", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each run")
+    parser.add_argument("--steps", type=int, default=0, help="length of each run in engine steps instead (a busy machine)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="the engine's torch threads")
     args = parser.parse_args()
 
@@ -98,8 +99,9 @@ def main() -> None:
         return LLMEngine(ModelRunner(model, kv_cache_memory=1 << 30), max_num_seqs=args.slots, max_model_len=2048, prefix_cache_tokens=2048,
                          threads=args.threads, fair=fair)
 
-    run(engine(True), [Tenant("warm", args.slots)], prompts, params, 5.0)
-    print(f"{args.model}, {args.slots} slots, {args.max_tokens} tokens a request, {args.seconds:.0f} s a run, "
+    run(engine(True), [Tenant("warm", args.slots)], prompts, params, 5.0, min(args.steps, 20))
+    length = f"{args.steps} steps" if args.steps else f"{args.seconds:.0f} s"
+    print(f"{args.model}, {args.slots} slots, {args.max_tokens} tokens a request, {length} a run, "
           f"{args.threads} threads; A: {args.a_streams} streams, B: {args.b_streams}\n")
     print(f"{'run':<22}{'B TTFT p50':>11}{'B TTFT p99':>11}{'(steps)':>8}{'B unanswered':>13}{'A tok/s':>9}"
           f"{'B tok/s':>9}{'total tok/s':>12}")
@@ -109,7 +111,7 @@ def main() -> None:
                                 ("A floods + B, fair", True, (args.a_streams, args.b_streams)),
                                 ("A floods + B, FCFS", False, (args.a_streams, args.b_streams))]:
         a, b = Tenant("A", streams[0]), Tenant("B", streams[1])
-        seconds = run(engine(fair), [t for t in (a, b) if t.streams], prompts, params, args.seconds)
+        seconds = run(engine(fair), [t for t in (a, b) if t.streams], prompts, params, args.seconds, args.steps)
         results[name] = (a, b, seconds)
         p50, p99 = pct(b.ttft, 0.5), pct(b.ttft, 0.99)
         ms = lambda v: f"{v * 1000:.0f} ms" if v is not None else "-"  # noqa: E731
