@@ -64,8 +64,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
-        active = {s.tenant for s in (*self.waiting, *self.running)}
-        if self.fair and seq.tenant not in active:  # no credit for the time it asked for nothing
+        active = {s.tenant for s in (*self.waiting, *self.running)} if self.fair else {seq.tenant}
+        if seq.tenant not in active:  # no credit for the time it asked for nothing
             if not active:
                 self.served.clear()  # idle: nobody's past counts
             floor = min((self.served.get(t, 0.0) for t in active), default=0.0)
