@@ -35,11 +35,11 @@ from models.config import HealthConfig, ServedModel
 from models.info import ModelInfo
 from openai_api.errors import generation_failed, invalid_value, model_not_found, model_not_supported, \
     model_unavailable, queue_full
-from openai_api.ids import sequence_id
+from openai_api.ids import TENANT, sequence_id
 from openai_api.streams import race
 from runner_client import RunnerSilent, RunnerStream
 from runners.engine.sequence import SamplingParams, TokenEvent
-from runners.wire import ENGINE_DEAD, INVALID_REQUEST, QUEUE_FULL, RunnerRefused
+from runners.wire import ENGINE_DEAD, INVALID_REQUEST, QUEUE_FULL, RunnerRefused, generate_args
 
 logger = logging.getLogger("bentochat.controller")
 ENCODE_CHUNK = 32  # texts per call to an embedding runner; its batches hold up to EMBEDDING_MAX_BATCH
@@ -131,18 +131,18 @@ class Model:
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None
                        ) -> AsyncIterator[TokenEvent]:
-        """The tokens of one sequence (on LoRA ``adapter``, if given) as its runner generates them. A
+        """The tokens of one sequence (on LoRA ``adapter``, if given; for the tenant in ``ids.TENANT``,
+        which the runner's batch shares by weight) as its runner generates them. A
         call that fails before the first token is retried on another replica (a pooled connection the
         runner had closed, a replica that died with the request in its queue); one that stops being read
         (client gone, stop string) or fails is aborted in the runner. Raises OpenAI errors: 429 for a full queue, 400 for what the
         engine refused, 503 when no replica answers (also mid-stream), 500 when the engine failed."""
-        payload = params.to_dict()
-        lora = {"adapter": adapter} if adapter else {}
+        payload, extra = params.to_dict(), generate_args(adapter, TENANT.get())
         for attempt in range(ATTEMPTS):
             replica, request_id = self.pick(adapter), sequence_id()
             replica.load += 1
             stream = RunnerStream(replica.client.generate(request_id=request_id, prompt_ids=prompt_ids, params=payload,
-                                                          **lora), replica.down)
+                                                          **extra), replica.down)
             count, done = 0, False  # done: the runner holds the sequence no more
             try:
                 async for event in stream:

@@ -1,5 +1,6 @@
 """The chat runner: one BentoML service per served chat model, holding its engine and streaming its
-tokens in the wire protocol (``runners.wire``). A request names its LoRA adapter in ``adapter``;
+tokens in the wire protocol (``runners.wire``). A request names its LoRA adapter in ``adapter``, and the
+tenant it is served for in ``tenant`` with that tenant's ``weight`` (its share of the batch);
 ``load_adapter`` and ``unload_adapter`` change which are served, and ``stats`` lists them (the gateway
 learns of them from its health polls).
 """
@@ -43,8 +44,8 @@ PROMPT_TOKENS = bentoml.metrics.Counter("bentochat_prompt_tokens", "Prompt token
 PREFIX_HITS = bentoml.metrics.Counter("bentochat_prefix_cache_hit_tokens",
                                       "Prompt tokens whose keys and values came from the prefix cache",
                                       labelnames=["model"])
-PREEMPTIONS = bentoml.metrics.Counter("bentochat_preemptions", "Sequences preempted (the KV cache was full) "
-                                     "and resumed later", labelnames=["model"])
+PREEMPTIONS = bentoml.metrics.Counter("bentochat_preemptions", "Sequences preempted (the KV cache was full, or a "
+                                     "tenant under its share waited) and resumed later", labelnames=["model"])
 KV_BYTES = bentoml.metrics.Gauge("bentochat_kv_cache_usage_bytes",
                                  "Bytes of keys and values held (running batch and prefix cache)",
                                  labelnames=["model"], multiprocess_mode="livesum")
@@ -162,13 +163,14 @@ def chat_runner(served: ServedModel, lora: LoRAConfig) -> bentoml.Service:
 
         @bentoml.api
         async def generate(self, request_id: str, prompt_ids: t.List[int], params: t.Dict[str, t.Any],
-                           adapter: t.Optional[str] = None) -> t.AsyncGenerator[str, None]:
+                           adapter: t.Optional[str] = None, tenant: t.Optional[str] = None,
+                           weight: float = 1.0) -> t.AsyncGenerator[str, None]:
             last = time.monotonic()  # arrival at the runner
             count, reason = 0, None
             label = adapter if adapter in labels else served.id  # metrics count per configured adapter
             try:
                 async for event in self.engine.generate(request_id, prompt_ids, SamplingParams.from_dict(params),
-                                                        adapter):
+                                                        adapter, tenant, weight):
                     now = time.monotonic()
                     (TPOT if count else TTFT).labels(model=label).observe(now - last)
                     if not count:

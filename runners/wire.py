@@ -1,12 +1,14 @@
 """The runner wire protocol, both ends: the runner's ``generate`` writes it, the gateway's
 ``runner_client.RunnerStream`` reads it. Free of BentoML, torch and Prometheus, so that both import it.
 
-``generate`` streams one JSON object a line: ``{"token": id, "finish_reason": null|"stop"|"length"}``
+``generate`` takes ``request_id``, ``prompt_ids``, ``params`` (``SamplingParams.to_dict()``), and
+optionally ``adapter`` (a LoRA adapter's name), ``tenant`` and ``weight`` (who the request is served for
+and that tenant's share of the batch, a positive number; the gateway sends them only where tenants are
+configured: ``generate_args``). It streams one JSON object a line: ``{"token": id, "finish_reason": null|"stop"|"length"}``
 (with ``"logprob"`` and ``"top_logprobs": [[id, logprob], ...]`` when asked for), or, as its last
 line, ``{"error": "...", "code": ...}`` when the engine refused the request (``queue_full``, with
 ``"retry_after"`` seconds; ``invalid_request``), failed the sequence (``engine_error``) or is dead
-(``engine_dead``: the runner then fails its health checks and must be restarted). Parameters travel as
-``SamplingParams.to_dict()``.
+(``engine_dead``: the runner then fails its health checks and must be restarted).
 """
 
 from __future__ import annotations
@@ -30,6 +32,15 @@ class RunnerRefused(Exception):
     def __init__(self, code: str, message: str, retry_after: int | None = None):
         super().__init__(message)
         self.code, self.message, self.retry_after = code, message, retry_after
+
+
+def generate_args(adapter: str | None, tenant: tuple[str, float] | None) -> dict:
+    """``generate``'s optional arguments: the adapter's name and the tenant's, with its weight, each only
+    when there is one, so a runner of an earlier version still takes a call without them."""
+    args: dict = {"adapter": adapter} if adapter else {}
+    if tenant is not None:
+        args["tenant"], args["weight"] = tenant
+    return args
 
 
 def token_line(event: TokenEvent) -> str:

@@ -3,6 +3,7 @@ loopback: routing to runner URLs, API keys, shortest-queue replicas, a runner's 
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -188,6 +189,46 @@ def _answers(srv) -> bool:
 
 def _runner_stats(srv) -> dict:
     return httpx.post(srv.base_url + "/stats", json={}, timeout=2).json()  # the runner's own BentoML API
+
+
+def _runner_generate(srv, request_id: str, firsts: list[str], **args) -> list[dict]:
+    """The runner's own `generate` over HTTP, as the gateway calls it; its lines. ``firsts``: the
+    request ids in the order their first lines came."""
+    body = {"request_id": request_id, "prompt_ids": [1, 600, 700, 800],
+            "params": {"max_tokens": LONG, "temperature": 0}, **args}
+    lines = []
+    with httpx.stream("POST", srv.base_url + "/generate", json=body, timeout=600) as r:  # (a queued one waits)
+        for line in filter(None, r.iter_lines()):
+            if not lines:
+                firsts.append(request_id)
+            lines.append(json.loads(line))
+    return lines
+
+
+def test_a_runner_serves_a_waiting_tenant_before_a_flooding_tenants_later_requests(deployment):
+    """With `tenant` and `weight`, as the gateway sends them where tenants are configured: the runner's
+    one slot busy with A's request and two more of A's waiting, B's request is served next; a weight
+    that is no share is refused."""
+    runner, firsts, results = deployment["runners"][0], [], {}
+
+    def call(request_id: str, tenant: str):
+        results[request_id] = _runner_generate(runner, request_id, firsts, tenant=tenant, weight=1.0)
+
+    threads = [threading.Thread(target=call, args=(f"a{i}", "A")) for i in range(3)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while (stats := _runner_stats(runner))["running"] != 1 or stats["waiting"] != 2:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.01)
+    threads.append(threading.Thread(target=call, args=("b", "B")))
+    threads[-1].start()
+    for t in threads:
+        t.join(600)
+    assert sorted(results) == ["a0", "a1", "a2", "b"] and firsts[1] == "b", firsts  # first come, first served would have run A's two first
+    assert all(len(lines) == LONG and lines[-1]["finish_reason"] == "length" for lines in results.values())
+    refused = _runner_generate(runner, "w", [], tenant="B", weight=0)
+    assert refused == [{"error": "weight: a tenant's weight must be a positive number", "code": "invalid_request"}]
 
 
 def test_replicas_share_the_load_and_a_dying_one_loses_no_waiting_request(deployment):

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import ROOT
 from controller import Model, Replica
+from openai_api import ids
 from models.config import ServedModel
 from models.info import ModelInfo
 from openai_api.errors import OpenAIError
@@ -65,10 +66,11 @@ class FakeRunner:
     """A runner's client: ``script`` says how each call of ``generate`` goes."""
 
     def __init__(self, *script):
-        self.script, self.calls, self.aborted = list(script), [], []
+        self.script, self.calls, self.aborted, self.extra = list(script), [], [], []
 
-    def generate(self, request_id, prompt_ids, params):
+    def generate(self, request_id, prompt_ids, params, **extra):
         self.calls.append(request_id)
+        self.extra.append(extra)
         step = self.script.pop(0)
 
         async def stream():
@@ -133,3 +135,24 @@ def test_what_the_runner_refuses_becomes_the_openai_error_and_is_not_retried(cod
     assert e.value.status == status and len(runner.calls) == 1 and runner.aborted == []
     if code == QUEUE_FULL:
         assert e.value.headers == {"Retry-After": "2"}
+
+
+def test_the_requests_tenant_and_its_weight_go_to_the_runner_only_where_there_is_one():
+    runner = FakeRunner(*[[token_line(TokenEvent(2, "stop"))]] * 3)
+    model = _model(runner)
+    model.replicas[0].adapters = {"lora": {}}
+
+    async def generate_for(tenant):
+        ids.TENANT.set(tenant)  # as the key middleware sets it (in this task's own context)
+        return await _generate(model)
+
+    assert asyncio.run(generate_for(("team-a", 3.0))) == [2]
+    assert asyncio.run(generate_for(None)) == [2]
+
+    async def on_adapter():
+        ids.TENANT.set(("team-b", 0.5))
+        return [e.token_id async for e in model.generate([1, 2], SamplingParams(), adapter="lora")]
+
+    assert asyncio.run(on_adapter()) == [2]
+    assert runner.extra == [{"tenant": "team-a", "weight": 3.0}, {},  # a runner without tenants gets no new argument
+                            {"adapter": "lora", "tenant": "team-b", "weight": 0.5}]

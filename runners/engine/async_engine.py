@@ -76,13 +76,15 @@ class AsyncLLMEngine:
         return await asyncio.wrap_future(future)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       adapter: str | None = None) -> AsyncIterator[TokenEvent]:
-        """The request's tokens as they are generated. Raises before the first: ``RequestError`` for
+                       adapter: str | None = None, tenant: str | None = None, weight: float = 1.0
+                       ) -> AsyncIterator[TokenEvent]:
+        """The request's tokens as they are generated, served for ``tenant`` (None: the default tenant)
+        with its ``weight`` (``scheduler.py``). Raises before the first: ``RequestError`` for
         a request the engine cannot run, ``QueueFull`` when the engine already holds
         ``max_num_seqs + max_queue`` requests, ``EngineError`` when its thread is dead."""
         if not self.alive:
             raise EngineError(f"the engine thread has stopped: {self.death!r}")
-        self.engine.check(prompt_ids, params, adapter)
+        self.engine.check(prompt_ids, params, adapter, weight)
         scheduler = self.engine.scheduler
         if self.max_queue is not None and (len(scheduler.running) + len(scheduler.waiting) + len(self._incoming)
                                            >= scheduler.max_num_seqs + self.max_queue):
@@ -96,7 +98,7 @@ class AsyncLLMEngine:
             except RuntimeError:  # the reader's event loop is closed: nobody is left to tell
                 pass
 
-        seq = Sequence(request_id, prompt_ids, params, on_token, adapter)
+        seq = Sequence(request_id, prompt_ids, params, on_token, adapter, tenant, weight)
         if params.grammar is not None:  # compiling may take a while: on a worker thread, not the step loop
             await asyncio.to_thread(self.engine.compile, seq)
         with self._wake:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import torch
@@ -32,7 +33,7 @@ def leave_cores_to_the_engine() -> None:
 class LLMEngine:
     def __init__(self, model_runner: ModelRunner, *, max_model_len: int, max_num_seqs: int = 64,
                  max_prefill_tokens: int = 512, prefix_cache_tokens: int = 0, tokenizer=None,
-                 threads: int | None = None):
+                 threads: int | None = None, fair: bool = True):
         self.model_runner = model_runner
         # On the CPU: torch threads, set before each step on the thread that runs it (torch's thread count
         # is that thread's own); None leaves it as it is.
@@ -45,9 +46,10 @@ class LLMEngine:
                            "(raise kv_cache_memory)", pool.capacity, max_model_len)
             max_model_len = pool.capacity
         # Prefixes are reused by copying KV into a batch row (or sharing blocks): for batched cache forms only.
+        # fair: tenants share the batch by weight (scheduler.py); False: first come, first served (benchmarks)
         self.scheduler = Scheduler(max_num_seqs, max_model_len, max_prefill_tokens,
                                    prefix_cache_tokens if model_runner.batched else 0, can_start=self._can_start,
-                                   pool=pool)
+                                   pool=pool, fair=fair)
         self.adapters = model_runner.adapters
         self.tokens_generated = 0
         self.prompt_tokens = 0  # of the prompts prefilled
@@ -115,9 +117,12 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
-    def check(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> None:
+    def check(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
+              weight: float = 1.0) -> None:
         """Raise :class:`RequestError` for a request the engine cannot run."""
         vocab = self.model_runner.vocab_size
+        if not (math.isfinite(weight) and weight > 0):
+            raise RequestError("weight: a tenant's weight must be a positive number")
         if adapter is not None and adapter not in self.adapters.known:
             raise RequestError(f"model: no adapter named {adapter!r} is loaded")
         if not prompt_ids:
@@ -145,7 +150,7 @@ class LLMEngine:
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence; raises :class:`RequestError` (and queues nothing) for one it cannot run."""
-        self.check(seq.prompt_ids, seq.params, seq.adapter_name)
+        self.check(seq.prompt_ids, seq.params, seq.adapter_name, seq.weight)
         self.admit(seq)
 
     def admit(self, seq: Sequence) -> None:

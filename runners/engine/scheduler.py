@@ -10,22 +10,40 @@ gets a block for its next token first, and a waiting one is admitted only as far
 its prompt, so the KV cache never outgrows its budget. When the running batch needs more blocks than
 are free, the prefix cache gives up its oldest prompts, then the sequence that joined last is
 preempted: its blocks are freed and it waits again, first in line, to be prefilled with what it had
-generated (``Sequence.prefill_ids``) and go on where it left off, token for token."""
+generated (``Sequence.prefill_ids``) and go on where it left off, token for token.
+
+Tenants share the batch by weight, by virtual token counting (VTC, Sheng et al., "Fairness in Serving
+Large Language Models", OSDI'24): each tenant has a counter of the tokens served to it divided by its
+weight (a prefilled token counts ``PROMPT_COST``, a generated one ``OUTPUT_COST``, the paper's costs;
+prompt tokens from the prefix cache cost nothing), and a free slot and the prefill budget go, one
+sequence at a time, to the first waiting sequence of the tenant whose counter is lowest; within a tenant,
+first come, first served. It counts what the batch spends, tokens, whatever the requests' lengths; a
+weighted deficit round robin would need a quantum sized to them. It is work-conserving: a tenant alone
+takes every slot. A tenant that starts asking gets no credit for its idle time: its counter is lifted to
+the lowest of the tenants with work (all start over when the engine is idle), so a waiting tenant's
+counter is soon the lowest while the others' grow with every step, and it never starves. On the paged
+cache, a tenant whose turn comes while the batch is full, holding fewer slots than its share by weight,
+does not wait for one to free: the tenant served most of those that would still hold their share gives
+up the sequence that joined last (preempted, it resumes token for token; its prompt from the prefix
+cache); the KV cache running out preempts from the tenant served most too. With ``fair=False`` every
+sequence is first come, first served."""
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from runners.engine.block_manager import BLOCK, BlockPool, blocks_for
 from runners.engine.kv_cache import kv_bytes
 from runners.engine.sequence import Sequence, SequenceStatus
 
+PROMPT_COST, OUTPUT_COST = 1.0, 2.0  # virtual tokens per prefilled and per generated token (VTC's w_p, w_q)
+
 
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_model_len: int, max_prefill_tokens: int = 512,
                  prefix_cache_tokens: int = 0, can_start: Callable[[Sequence], bool] | None = None,
-                 pool: BlockPool | None = None):
+                 pool: BlockPool | None = None, fair: bool = True):
         self.max_num_seqs = max_num_seqs
         # Whether a waiting sequence may start now (its LoRA adapter has a slot); it waits otherwise.
         self.can_start = can_start or (lambda seq: True)
@@ -35,16 +53,44 @@ class Scheduler:
         self.prefix_cache = None
         if prefix_cache_tokens:
             self.prefix_cache = PagedPrefixCache(prefix_cache_tokens, pool) if pool else PrefixCache(prefix_cache_tokens)
-        self.waiting: deque[Sequence] = deque()  # in arrival order; only the first may be partly prefilled
+        self.waiting: deque[Sequence] = deque()  # in arrival order, the preempted first
         self.running: list[Sequence] = []  # in the order they joined the batch
         self.preemptions = 0
+        self.fair = fair  # tenants share the batch by weight; else first come, first served
+        self.served: dict[str | None, float] = {}  # tenant -> virtual tokens (tokens served / weight)
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
+        active = {s.tenant for s in (*self.waiting, *self.running)} if self.fair else {seq.tenant}
+        if seq.tenant not in active:  # no credit for the time it asked for nothing
+            if not active:
+                self.served.clear()  # idle: nobody's past counts
+            floor = min((self.served.get(t, 0.0) for t in active), default=0.0)
+            self.served[seq.tenant] = max(self.served.get(seq.tenant, 0.0), floor)
         self.waiting.append(seq)
+
+    def _charge(self, seq: Sequence, tokens: float) -> None:
+        if self.fair:
+            self.served[seq.tenant] = self.served.get(seq.tenant, 0.0) + tokens / seq.weight
+
+    def _turns(self) -> Iterator[Sequence]:
+        """The waiting sequences in the order they get slots and prefill budget: each time the first
+        waiting one of the tenant with the lowest counter (as charged so far, so the caller's charges
+        between two turns count), the one that came first on a tie; arrival order when not fair."""
+        if not self.fair:
+            yield from list(self.waiting)
+            return
+        queues: dict[str | None, deque[tuple[int, Sequence]]] = {}
+        for i, seq in enumerate(self.waiting):
+            queues.setdefault(seq.tenant, deque()).append((i, seq))
+        while queues:
+            tenant = min(queues, key=lambda t: (self.served.get(t, 0.0), queues[t][0][0]))
+            yield queues[tenant].popleft()[1]
+            if not queues[tenant]:
+                del queues[tenant]
 
     def schedule(self) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
         """``(prefills, decodes)``: how many tokens to prefill for which waiting sequences (at most
@@ -53,13 +99,17 @@ class Scheduler:
         from the longest cached prefix of its prompt."""
         if self.pool is not None:
             self._grow_running()
-        prefills, budget = [], self.max_prefill_tokens
-        for seq in list(self.waiting)[: self.max_num_seqs - len(self.running)]:
+        for seq in self.running:
+            self._charge(seq, OUTPUT_COST)  # its token of this step
+        prefills, budget, taken = [], self.max_prefill_tokens, 0
+        for seq in self._turns():
+            if len(self.running) + taken >= self.max_num_seqs and not (budget > 0 and self._make_room(seq)):
+                break
+            taken += 1
             if not self.can_start(seq) or budget <= 0:
                 continue
-            fresh = self.prefix_cache is not None and seq.num_cached == 0 and not seq.output_ids
-            if fresh:
-                cached, entry = self.prefix_cache.longest(seq.prompt_ids, seq.adapter)
+            if self.prefix_cache is not None and seq.num_cached == 0:  # (a preempted one's prompt too)
+                cached, entry = self.prefix_cache.longest(seq.prefill_ids, seq.adapter)
                 if any(other.adapter == seq.adapter and
                        common_prefix(seq.prompt_ids, other.prompt_ids) - cached >= BLOCK for other, _ in prefills):
                     break  # it waits for the prompt before it to be cached rather than compute the same blocks
@@ -70,11 +120,31 @@ class Scheduler:
                     seq.cache = kept
             n = min(seq.num_tokens - seq.num_cached, budget)
             if self.pool is not None and not self._take(seq, blocks_for(seq.num_cached + n) - len(seq.blocks)):
-                break  # in arrival order: the next ones wait for blocks too
+                break  # in turn: the next ones wait for blocks too
             if n > 0:  # (the engine admits no empty prompt; should one be here, it holds up no one)
                 prefills.append((seq, n))
                 budget -= n
+                self._charge(seq, n * PROMPT_COST)
         return prefills, list(self.running)
+
+    def _make_room(self, seq: Sequence) -> bool:
+        """A slot in the full batch for ``seq``, whose turn it is, if its tenant holds fewer slots than its
+        share by weight (among the tenants with work): the sequence that joined last of the tenant served
+        most of those that would still hold their share without it, and served more than ``seq``'s, is
+        preempted (so none takes a slot back: no ping-pong). On the paged cache only, whose preempted
+        sequences resume token for token (from the prefix cache, where it still holds their prompts)."""
+        if self.pool is None or not self.fair:
+            return False
+        weights = {s.tenant: s.weight for s in (*self.waiting, *self.running)}
+        share = {t: self.max_num_seqs * w / sum(weights.values()) for t, w in weights.items()}
+        held = {t: sum(s.tenant == t for s in self.running) for t in weights}
+        mine = self.served.get(seq.tenant, 0.0)
+        over = [t for t in weights if held[t] - 1 >= share[t] and self.served.get(t, 0.0) > mine]
+        if held[seq.tenant] >= share[seq.tenant] or not over or not self.can_start(seq):
+            return False
+        tenant = max(over, key=lambda t: self.served.get(t, 0.0))
+        self._preempt(next(s for s in reversed(self.running) if s.tenant == tenant))
+        return True
 
     def _take(self, seq: Sequence, n: int) -> bool:
         """``n`` more blocks for ``seq``, from the free ones or from the prefix cache's prompts."""
@@ -87,13 +157,15 @@ class Scheduler:
 
     def _grow_running(self) -> None:
         """A block for each running sequence whose next token starts one, preempting others when short:
-        partly prefilled waiting sequences first, then the running ones that joined last."""
+        partly prefilled waiting sequences first, then the running ones; of each, those of the tenant
+        served most first, and of a tenant the one that joined last."""
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING or len(seq.blocks) > seq.num_cached // BLOCK:
                 continue
             while not self._take(seq, 1):
-                holders = [s for s in reversed(self.waiting) if s.blocks] + \
-                          [s for s in reversed(self.running) if s is not seq]
+                most = lambda s: -self.served.get(s.tenant, 0.0)  # noqa: E731 (sorted keeps ties in order)
+                holders = sorted((s for s in reversed(self.waiting) if s.blocks), key=most) + \
+                    sorted((s for s in reversed(self.running) if s is not seq), key=most)
                 if not holders:  # (cannot happen: the context fits the pool, see LLMEngine)
                     raise MemoryError("the KV cache cannot hold one sequence")
                 self._preempt(holders[0])

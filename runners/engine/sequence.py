@@ -86,8 +86,11 @@ class SequenceStatus(enum.Enum):
 
 class Sequence:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 on_token: Callable[[Any], None] | None = None, adapter_name: str | None = None):
+                 on_token: Callable[[Any], None] | None = None, adapter_name: str | None = None,
+                 tenant: str | None = None, weight: float = 1.0):
         self.request_id = request_id
+        self.tenant = tenant  # who it is served for (None: the default tenant), and that tenant's share of
+        self.weight = weight  # the batch under contention (scheduler.py)
         self.adapter_name = adapter_name  # the LoRA adapter it runs on; None: the base model
         self.adapter: Any = None  # that adapter (lora.Adapter), resolved when the engine admits it
         self.holds_slot = False  # its adapter has a slot for it, until it finishes
