@@ -6,9 +6,10 @@ first outermost:
   and every BentoChat log line written while handling the request names it.
 - ``ApiKeys``: with API keys configured, everything but the health probes needs
   ``Authorization: Bearer <key>``; the chat UI signs in with a key instead (Gradio's own sign-in).
-  ``/metrics`` can be left open with ``public_metrics``. A client that keeps sending wrong keys, or
-  wrong UI passwords, is refused with 429 for a while (``FailedAttempts``). The accepted key is the
-  scope's ``API_KEY`` entry.
+  ``/metrics`` (every tenant's counters) needs an admin key, or none with ``public_metrics``. A client
+  that keeps sending wrong keys, or wrong UI passwords, is refused with 429 for a while
+  (``FailedAttempts``). The accepted key is the scope's ``API_KEY`` entry, its tenant and weight
+  ``ids.TENANT``, and the request's ``quotas.Account`` ``ids.ACCOUNT``, closed once it is answered.
 - ``BodyLimit``: a body over the configured size is refused with 413 before it is read.
 
 ``runners.draining.Draining`` goes right inside ``RequestIds`` (and around each runner service): after
@@ -33,8 +34,10 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
-from openai_api.errors import OpenAIError
-from openai_api.ids import API_KEY, REQUEST_ID
+from models.tenants import TenantConfig, key_digest, key_id
+from openai_api.errors import OpenAIError, admin_only
+from openai_api.ids import ACCOUNT, API_KEY, REQUEST_ID, TENANT
+from quotas import Quotas
 
 logger = logging.getLogger("bentochat.http")
 
@@ -128,14 +131,16 @@ def _client(scope) -> str:
 class ApiKeys:
     """Needs a configured key on every path but the probes, the UI (it signs in with a key itself)
     and, with ``public_metrics``, ``/metrics``. Wrong keys count as failed attempts (missing ones
-    do not: a client that forgot its key guesses nothing)."""
+    do not: a client that forgot its key guesses nothing). ``keys``: the SHA-256 of each key -> its tenant."""
 
-    def __init__(self, app, keys: set[str], public_metrics: bool, attempts: FailedAttempts, ui_path: str = "/ui"):
-        self.app, self.keys, self.attempts, self.ui_path = app, keys, attempts, ui_path
-        self.open_paths = PROBES + (("/metrics",) if public_metrics else ())
+    def __init__(self, app, keys: dict[str, TenantConfig], quotas: Quotas, public_metrics: bool,
+                 attempts: FailedAttempts, ui_path: str = "/ui"):
+        self.app, self.keys, self.quotas, self.attempts, self.ui_path = app, keys, quotas, attempts, ui_path
+        self.public_metrics = public_metrics
 
     def _open(self, path: str) -> bool:
-        return path in self.open_paths or path == self.ui_path or path.startswith(self.ui_path + "/")
+        return path in PROBES or (self.public_metrics and path == "/metrics") or path == self.ui_path or \
+            path.startswith(self.ui_path + "/")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket") or not self.keys or self._open(scope["path"]):
@@ -147,7 +152,9 @@ class ApiKeys:
         wait = self.attempts.retry_after(client, key)
         if wait:
             return await too_many_failures(wait).response()(scope, receive, send)
-        if key not in self.keys:
+        digest = key_digest(key)
+        tenant = self.keys.get(digest)
+        if tenant is None:
             if authorization is not None:  # a wrong key is a guess; a missing one is not
                 self.attempts.failed(client)
             logger.info("refused %s %s from %s: no valid API key", scope.get("method", ""), scope["path"], client)
@@ -155,7 +162,25 @@ class ApiKeys:
                                         "this server accepts.", code="invalid_api_key").response()
             return await response(scope, receive, send)
         self.attempts.accepted(client, key)
-        await self.app({**scope, API_KEY: key}, receive, send)
+        if scope["path"] == "/metrics" and not tenant.admin:
+            return await admin_only("/metrics").response()(scope, receive, send)
+        account = self.quotas.open(tenant, key_id(digest))
+        status = 500  # unless a response starts
+
+        async def send_with_limits(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), *account.headers]}
+            await send(message)
+
+        tokens = TENANT.set((tenant.name, tenant.weight)), ACCOUNT.set(account)
+        try:
+            await self.app({**scope, API_KEY: key}, receive, send_with_limits)
+        finally:
+            ACCOUNT.reset(tokens[1])
+            TENANT.reset(tokens[0])
+            self.quotas.close(account, status)
 
 
 class BodyLimit:

@@ -9,7 +9,7 @@ While an answer streams, the input is disabled and Stop is the one thing to pres
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import gradio as gr
@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from starlette.routing import Mount
 
 from middleware import FailedAttempts, UiSignIn
+from models.tenants import key_digest
 from ui import arena
 from ui import history as chats
 from ui.answer import conversation, reply
@@ -229,14 +230,14 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
     return blocks
 
 
-def chat_ui_app(blocks: gr.Blocks, path: str, api_keys: set[str] = frozenset(),
+def chat_ui_app(blocks: gr.Blocks, path: str, api_keys: Collection[str] = frozenset(),
                 attempts: FailedAttempts | None = None) -> FastAPI:
     """The page as an ASGI app to mount at ``path``. Gradio's own mounting is used (BentoML 1.4's
     ``bentoml.gradio`` predates Gradio 6's app set-up); BentoML runs the app's lifespan, which starts
     the Gradio queue. With API keys configured, the page asks for one at sign-in, as the API does,
-    and failed sign-ins count in ``attempts`` with the API's wrong keys. The page's script keeps the
+    and failed sign-ins count in ``attempts`` with the API's wrong keys (``api_keys``: their SHA-256). The page's script keeps the
     links of its messages to http, https and mailto (``ui/links.py``)."""
-    auth = (lambda _user, password: password in api_keys) if api_keys else None
+    auth = (lambda _user, password: key_digest(password) in api_keys) if api_keys else None
     app = gr.mount_gradio_app(FastAPI(), blocks, path="/", root_path=path, ssr_mode=False,
                               footer_links=["gradio", "settings"], show_error=True, auth=auth,
                               favicon_path=str(FAVICON), head=FAVICON_LINK, js=PAGE_SCRIPT,
