@@ -38,7 +38,7 @@ from openai_api.extensions import (
     UnloadLoRAAdapterRequest,
 )
 from openai_api.ids import ACCOUNT, API_KEY, new_id
-from openai_api.tenancy import allowed, require_admin, usage_routes
+from openai_api.tenancy import allowed, require_admin, usage
 from openai_api.logprobs import chat_logprobs, completion_logprobs
 from openai_api.objects import (
     AssistantMessage,
@@ -380,7 +380,7 @@ async def retrieve_response(response_id: str, request: Request):
     return JSONResponse(_store(request).get(response_id, request.scope.get(API_KEY))[0])
 
 
-app.include_router(usage_routes)  # before the catch-all
+app.get("/usage")(usage)  # extension: GET /v1/usage (openai_api/tenancy.py), before the catch-all
 
 
 @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],

@@ -8,14 +8,11 @@ import asyncio
 import time
 from typing import Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import Query, Request
 
 from ledger import usage_page
 from openai_api.errors import OpenAIError, admin_only, invalid_value
 from openai_api.ids import ACCOUNT
-
-usage_routes = APIRouter()
-
 
 def allowed(model_id: str, base_id: str) -> bool:
     """Whether the request's tenant (if any) may use the model."""
@@ -30,7 +27,6 @@ def require_admin(what: str) -> None:
         raise admin_only(what)
 
 
-@usage_routes.get("/usage")
 async def usage(request: Request, start_time: int | None = None, end_time: int | None = None,
                 bucket_width: Literal["1m", "1h", "1d"] = "1d", tenants: list[str] = Query(default=[]),
                 group_by: list[Literal["model", "key_id"]] = Query(default=[])) -> dict:
