@@ -176,7 +176,7 @@ class Quotas:
                 if prompt_left is not None and prompt_tokens > prompt_left:
                     raise _spent(tenant.name, w, "prompt", f"{max(prompt_left, 0)} are left and the prompt holds "
                                                            f"{prompt_tokens}", now)
-                if completion_left is not None and completion_left <= 0:
+                if completion_left is not None and completion_left <= 0 and max_tokens:  # embeddings generate none
                     raise _spent(tenant.name, w, "completion", "none are left", now)
         except OpenAIError:
             account.headers = self._headers(state, windows, now)
