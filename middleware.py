@@ -33,11 +33,12 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from urllib.parse import parse_qs
 
 from models.tenants import TenantConfig, key_digest, key_id
 from openai_api.errors import OpenAIError, admin_only
 from openai_api.ids import ACCOUNT, API_KEY, REQUEST_ID, TENANT
-from quotas import Quotas
+from quotas import Quotas, Sessions
 
 logger = logging.getLogger("bentochat.http")
 
@@ -328,8 +329,8 @@ class UiSignIn:
             "/manifest.json", "/robots.txt", "/gradio_api/theme.css"}
     OPEN_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon")
 
-    def __init__(self, app, gradio_app, attempts: FailedAttempts):
-        self.app, self.gradio, self.attempts = app, gradio_app, attempts
+    def __init__(self, app, gradio_app, attempts: FailedAttempts, sessions: Sessions | None = None):
+        self.app, self.gradio, self.attempts, self.sessions = app, gradio_app, attempts, sessions
 
     def _signed_in(self, scope) -> bool:
         from http.cookies import SimpleCookie
@@ -358,14 +359,26 @@ class UiSignIn:
         wait = self.attempts.retry_after(client)
         if wait:
             return await too_many_failures(wait).response()(scope, receive, send)
-        status = 0
+        status, body, token = 0, b"", ""
+
+        async def reading():
+            nonlocal body
+            message = await receive()
+            body += message.get("body", b"")
+            return message
 
         async def watch(message):
-            nonlocal status
+            nonlocal status, token
             if message["type"] == "http.response.start":
                 status = message["status"]
+                for name, value in message.get("headers", ()):
+                    cookie = value.decode("latin-1") if name == b"set-cookie" else ""
+                    if cookie.startswith(f"access-token-{self.gradio.cookie_id}="):
+                        token = cookie.split("=", 1)[1].split(";", 1)[0]
             await send(message)
 
-        await self.app(scope, receive, watch)
+        await self.app(scope, reading, watch)
         if status != 200:
             self.attempts.failed(client)
+        elif self.sessions is not None and token:  # the session's answers count to the key's tenant
+            self.sessions.signed_in(token, parse_qs(body.decode(errors="replace")).get("password", [""])[0])

@@ -17,13 +17,15 @@ from __future__ import annotations
 import calendar
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from http.cookies import CookieError, SimpleCookie
 
 import bentoml
 
 from ledger import Ledger
-from models.tenants import Budget, TenantConfig
+from models.tenants import Budget, TenantConfig, key_digest, key_id
 from openai_api.errors import OpenAIError
 
 PROMPT, COMPLETION = 0, 1
@@ -123,6 +125,18 @@ class Account:
 
     def generated(self, tokens: int) -> None:
         self.completion_tokens += tokens
+
+    def close(self, status: int) -> None:
+        self.quotas.close(self, status)
+
+    def budget_text(self) -> str:
+        """The tenant's budgets as a line for the chat page: what is left of each, and when it renews."""
+        now = self.quotas.clock()
+        return "; ".join(
+            f"{b[f'{kind}_tokens']['remaining']:,} of {b[f'{kind}_tokens']['limit']:,} {kind} tokens left this "
+            f"{b['period']}{' on ' + ', '.join(b['models']) if b['models'] else ''} (renews in "
+            f"{duration(b['resets_at'] - now)})"
+            for b in self.quotas.budgets(self.tenant.name) for kind in KINDS if b[f"{kind}_tokens"])
 
 
 class Quotas:
@@ -257,3 +271,30 @@ def _spent(tenant: str, w: Window, kind: str, detail: str, now: float) -> OpenAI
                             f"{kind} tokens{models}: {detail}. It renews in {duration(w.end - now)}.",
                        code="insufficient_quota", kind="insufficient_quota",
                        headers={"Retry-After": str(max(1, math.ceil(w.end - now)))})
+
+
+class Sessions:
+    """The chat page's sessions signed in with a key (Gradio's session token -> the key's SHA-256), so
+    that its answers count to the key's tenant as the API's do; the last ``size`` sign-ins remembered."""
+
+    def __init__(self, keys: dict[str, TenantConfig], quotas: Quotas, size: int = 10_000):
+        self.keys, self.quotas, self.size = keys, quotas, size
+        self._digests: OrderedDict[str, str] = OrderedDict()
+
+    def signed_in(self, token: str, key: str) -> None:
+        self._digests[token] = key_digest(key)
+        if len(self._digests) > self.size:
+            self._digests.popitem(last=False)
+
+    def account(self, cookie: str | None) -> Account | None:
+        """A new account for a request of the session whose cookies are ``cookie``; None: not signed in."""
+        cookies = SimpleCookie()
+        try:
+            cookies.load(cookie or "")
+        except CookieError:
+            return None
+        for name, morsel in cookies.items():
+            digest = self._digests.get(morsel.value) if name.startswith("access-token-") else None
+            if digest in self.keys:
+                return self.quotas.open(self.keys[digest], key_id(digest))
+        return None

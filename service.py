@@ -37,7 +37,7 @@ from models.tenants import with_plain_keys
 from models.embedded import ensure_available
 from openai_api.responses import ResponseStore
 from openai_api.routes import app
-from quotas import Quotas
+from quotas import Quotas, Sessions
 from runners.chat import chat_runner
 from runners.draining import Draining
 from runners.embedding import embedding_runner
@@ -116,13 +116,15 @@ for _served in CONFIG.models:
         # `bentoml serve service:runner_<id>` (the id lowercased, other characters than letters and digits as `_`).
         globals()[_attribute(_served)] = RUNNERS[_served.id]
 
-# Wrong API keys and wrong UI passwords count together, per client address.
+# Wrong API keys and wrong UI passwords count together, per client address; the chat page's answers
+# count to the signed-in key's tenant.
 SIGN_IN_ATTEMPTS = FailedAttempts()
+UI_SESSIONS = Sessions(CONFIG.keys, QUOTAS) if CONFIG.keys else None
 UI = build_chat_ui(lambda: app.state.registry,
                    [name for m in CONFIG.models if m.kind == "chat" for name in (m.id, *(a.name for a in m.adapters))],
-                   GATEWAY.ui.model_list_mode, GATEWAY.ui.log_dir)
+                   GATEWAY.ui.model_list_mode, GATEWAY.ui.log_dir, UI_SESSIONS)
 Gateway = bentoml.asgi_app(app, path="/v1")(Gateway)
-Gateway = bentoml.asgi_app(chat_ui_app(UI, "/ui", set(CONFIG.keys), SIGN_IN_ATTEMPTS), path="/ui")(Gateway)
+Gateway = bentoml.asgi_app(chat_ui_app(UI, "/ui", set(CONFIG.keys), SIGN_IN_ATTEMPTS, UI_SESSIONS), path="/ui")(Gateway)
 # Readiness is the registry's own (any model up), not BentoML's probe that every dependency is ready.
 BentoChat = bentoml.service(name="bentochat", traffic={"timeout": REQUEST_TIMEOUT_S},
                             runner_probe={"enabled": False})(Gateway)

@@ -17,7 +17,7 @@ from conftest import ARTIFACTS, TINY, start_serving, stop, wait_ready
 from models.tenants import Budget, TenantConfig
 from quotas import Quotas
 
-ADMIN, ALPHA, BETA, GAMMA = "sk-admin-0", "sk-alpha-1", "sk-beta-2", "sk-gamma-3"
+ADMIN, ALPHA, BETA, GAMMA, DELTA = "sk-admin-0", "sk-alpha-1", "sk-beta-2", "sk-gamma-3", "sk-delta-4"
 COMPLETION_BUDGET, PROMPT_BUDGET, MAX_TOKENS = 20, 30, 4
 
 
@@ -28,7 +28,8 @@ def auth(key: str) -> dict:
 @pytest.fixture(scope="module")
 def tenants_config(tmp_path_factory, tiny_in_store):
     """alpha: a day's completion budget, its key from the environment; beta: its key as a hash;
-    gamma: a prompt budget; the plain api_keys: the admin tenant `default`."""
+    gamma: a prompt budget; delta: a budget, for the chat page; the plain api_keys: the admin tenant
+    `default`."""
     directory = tmp_path_factory.mktemp("tenants")
     config = directory / "bentochat.yaml"
     config.write_text(f"""models:
@@ -45,6 +46,9 @@ tenants:
   - name: gamma
     keys: [{GAMMA}]
     budgets: [{{period: month, prompt_tokens: {PROMPT_BUDGET}}}]
+  - name: delta
+    keys: [{DELTA}]
+    budgets: [{{period: day, completion_tokens: 1000}}]
 usage: {{ledger_dir: {directory / "ledger"}}}
 lora: {{runtime_loading: true}}
 """)
@@ -166,13 +170,29 @@ def test_admin_routes_are_refused_to_user_keys(tenants):
     assert re.search(r'bentochat_tenant_tokens_total\{[^}]*kind="completion"[^}]*tenant="alpha"', metrics)
 
 
+def test_the_chat_page_counts_to_the_signed_in_tenant_and_shows_its_budget(tenants):
+    """Before, the page's answers were counted to no one (a user key's way around its budget)."""
+    from gradio_client import Client
+
+    page = Client(tenants.base_url + "/ui/", auth=("anyone", DELTA), verbose=False)
+    assert page.predict(api_name="/budget")["value"].startswith(
+        "Budget of `delta`: 1,000 of 1,000 completion tokens left this day (renews in ")
+    history = page.predict(TINY, "", 0.7, 1.0, 16, [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+                           api_name="/answer")
+    tokens = int(re.search(r"· (\d+) tokens ·", history[-1]["content"][0]["text"]).group(1))
+    assert tokens > 0
+    assert f"{1000 - tokens:,} of 1,000" in page.predict(api_name="/budget")["value"]
+    delta = totals(usage(tenants, DELTA).json())["delta"]
+    assert (delta["output_tokens"], delta["num_model_requests"]) == (tokens, 1)
+
+
 def test_a_restart_keeps_the_ledger_and_the_budgets_state(tenants, tenants_config):
     """Run last on its server: it stops it. Before, quotas and usage lived in memory only."""
     env, ledger = tenants_config
     before = usage(tenants, ADMIN).json()
     records = [json.loads(line) for line in (ledger / "usage.jsonl").read_text().splitlines()]
-    assert {r["tenant"] for r in records} >= {"alpha", "beta", "gamma"}
-    assert not any(key in json.dumps(records) for key in (ADMIN, ALPHA, BETA, GAMMA))
+    assert {r["tenant"] for r in records} >= {"alpha", "beta", "gamma", "delta"}
+    assert not any(key in json.dumps(records) for key in (ADMIN, ALPHA, BETA, GAMMA, DELTA))
     stop(tenants)
     again = serve(env)
     try:
