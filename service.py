@@ -131,7 +131,10 @@ BentoChat = bentoml.service(name="bentochat", traffic={"timeout": REQUEST_TIMEOU
 # Around every route of the gateway, the first outermost (see middleware.py).
 if GATEWAY.cors.allow_origins:
     BentoChat.add_asgi_middleware(CORSMiddleware, allow_origins=GATEWAY.cors.allow_origins, allow_methods=["*"],
-                                  allow_headers=["*"], expose_headers=["x-request-id", "retry-after"])
+                                  allow_headers=["*"], expose_headers=[
+                                      "x-request-id", "retry-after",
+                                      *(f"x-ratelimit-{what}-{of}" for what in ("limit", "remaining", "reset")
+                                        for of in ("requests", "tokens"))])
 BentoChat.add_asgi_middleware(RequestIds)
 # At SIGTERM: streams in flight finish, new requests get 503; the chat page's heartbeats last as long as the page.
 BentoChat.add_asgi_middleware(Draining, grace_s=GATEWAY.shutdown_grace_s, keep=("/ui/gradio_api/heartbeat/",))
