@@ -8,9 +8,10 @@ first outermost:
   or the one named, has a ready runner. Outside ``ApiKeys``: probes need no key.
 - ``ApiKeys``: with API keys configured, everything but the health probes needs
   ``Authorization: Bearer <key>``; the chat UI signs in with a key instead (Gradio's own sign-in).
-  ``/metrics`` can be left open with ``public_metrics``. A client that keeps sending wrong keys, or
-  wrong UI passwords, is refused with 429 for a while (``FailedAttempts``). The accepted key is the
-  scope's ``API_KEY`` entry.
+  ``/metrics`` (every tenant's counters) needs an admin key, or none with ``public_metrics``. A client
+  that keeps sending wrong keys, or wrong UI passwords, is refused with 429 for a while
+  (``FailedAttempts``). The accepted key is the scope's ``API_KEY`` entry, its tenant and weight
+  ``ids.TENANT``, and the request's ``quotas.Account`` ``ids.ACCOUNT``, closed once it is answered.
 - ``BodyLimit``: a body over the configured size is refused with 413 before it is read.
 
 ``runners.draining.Draining`` goes right inside ``RequestIds`` (and around each runner service): after
@@ -34,11 +35,14 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from urllib.parse import parse_qs
 
 from starlette.responses import JSONResponse
 
-from openai_api.errors import OpenAIError, model_not_found
-from openai_api.ids import API_KEY, REQUEST_ID
+from models.tenants import TenantConfig, key_digest, key_id
+from openai_api.errors import OpenAIError, admin_only, model_not_found
+from openai_api.ids import ACCOUNT, API_KEY, REQUEST_ID, TENANT
+from quotas import Quotas, Sessions
 
 logger = logging.getLogger("bentochat.http")
 
@@ -132,14 +136,16 @@ def _client(scope) -> str:
 class ApiKeys:
     """Needs a configured key on every path but the probes, the UI (it signs in with a key itself)
     and, with ``public_metrics``, ``/metrics``. Wrong keys count as failed attempts (missing ones
-    do not: a client that forgot its key guesses nothing)."""
+    do not: a client that forgot its key guesses nothing). ``keys``: the SHA-256 of each key -> its tenant."""
 
-    def __init__(self, app, keys: set[str], public_metrics: bool, attempts: FailedAttempts, ui_path: str = "/ui"):
-        self.app, self.keys, self.attempts, self.ui_path = app, keys, attempts, ui_path
-        self.open_paths = PROBES + (("/metrics",) if public_metrics else ())
+    def __init__(self, app, keys: dict[str, TenantConfig], quotas: Quotas, public_metrics: bool,
+                 attempts: FailedAttempts, ui_path: str = "/ui"):
+        self.app, self.keys, self.quotas, self.attempts, self.ui_path = app, keys, quotas, attempts, ui_path
+        self.public_metrics = public_metrics
 
     def _open(self, path: str) -> bool:
-        return path in self.open_paths or path == self.ui_path or path.startswith(self.ui_path + "/")
+        return path in PROBES or (self.public_metrics and path == "/metrics") or path == self.ui_path or \
+            path.startswith(self.ui_path + "/")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket") or not self.keys or self._open(scope["path"]):
@@ -151,7 +157,9 @@ class ApiKeys:
         wait = self.attempts.retry_after(client, key)
         if wait:
             return await too_many_failures(wait).response()(scope, receive, send)
-        if key not in self.keys:
+        digest = key_digest(key)
+        tenant = self.keys.get(digest)
+        if tenant is None:
             if authorization is not None:  # a wrong key is a guess; a missing one is not
                 self.attempts.failed(client)
             logger.info("refused %s %s from %s: no valid API key", scope.get("method", ""), scope["path"], client)
@@ -159,7 +167,25 @@ class ApiKeys:
                                         "this server accepts.", code="invalid_api_key").response()
             return await response(scope, receive, send)
         self.attempts.accepted(client, key)
-        await self.app({**scope, API_KEY: key}, receive, send)
+        if scope["path"] == "/metrics" and not tenant.admin:
+            return await admin_only("/metrics").response()(scope, receive, send)
+        account = self.quotas.open(tenant, key_id(digest))
+        status = 500  # unless a response starts
+
+        async def send_with_limits(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), *account.headers]}
+            await send(message)
+
+        tokens = TENANT.set((tenant.name, tenant.weight)), ACCOUNT.set(account)
+        try:
+            await self.app({**scope, API_KEY: key}, receive, send_with_limits)
+        finally:
+            ACCOUNT.reset(tokens[1])
+            TENANT.reset(tokens[0])
+            self.quotas.close(account, status)
 
 
 class Readiness:
@@ -337,8 +363,8 @@ class UiSignIn:
             "/manifest.json", "/robots.txt", "/gradio_api/theme.css"}
     OPEN_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon")
 
-    def __init__(self, app, gradio_app, attempts: FailedAttempts):
-        self.app, self.gradio, self.attempts = app, gradio_app, attempts
+    def __init__(self, app, gradio_app, attempts: FailedAttempts, sessions: Sessions | None = None):
+        self.app, self.gradio, self.attempts, self.sessions = app, gradio_app, attempts, sessions
 
     def _signed_in(self, scope) -> bool:
         from http.cookies import SimpleCookie
@@ -367,14 +393,26 @@ class UiSignIn:
         wait = self.attempts.retry_after(client)
         if wait:
             return await too_many_failures(wait).response()(scope, receive, send)
-        status = 0
+        status, body, token = 0, b"", ""
+
+        async def reading():
+            nonlocal body
+            message = await receive()
+            body += message.get("body", b"")
+            return message
 
         async def watch(message):
-            nonlocal status
+            nonlocal status, token
             if message["type"] == "http.response.start":
                 status = message["status"]
+                for name, value in message.get("headers", ()):
+                    cookie = value.decode("latin-1") if name == b"set-cookie" else ""
+                    if cookie.startswith(f"access-token-{self.gradio.cookie_id}="):
+                        token = cookie.split("=", 1)[1].split(";", 1)[0]
             await send(message)
 
-        await self.app(scope, receive, watch)
+        await self.app(scope, reading, watch)
         if status != 200:
             self.attempts.failed(client)
+        elif self.sessions is not None and token:  # the session's answers count to the key's tenant
+            self.sessions.signed_in(token, parse_qs(body.decode(errors="replace")).get("password", [""])[0])

@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import threading
+from pathlib import Path
 
 import bentoml
 
@@ -31,10 +32,13 @@ from middleware import (
     one_span_per_request,
     route_label,
 )
+from ledger import Ledger
 from models.config import ServedModel, load_config
+from models.tenants import with_plain_keys
 from models.embedded import ensure_available
 from openai_api.responses import ResponseStore
 from openai_api.routes import app
+from quotas import Quotas, Sessions
 from runners.chat import chat_runner
 from runners.draining import Draining
 from runners.embedding import embedding_runner
@@ -61,6 +65,8 @@ GATEWAY = CONFIG.gateway
 os.environ["FORWARDED_ALLOW_IPS"] = ",".join(GATEWAY.forwarded_allow_ips)
 ensure_available(CONFIG)
 # One runner service per model served here; a model given by `urls` is served elsewhere.
+# Each tenant's quotas; in the gateway's process, the usage ledger they are rebuilt from and recorded in.
+QUOTAS = Quotas(with_plain_keys(GATEWAY.tenants, GATEWAY.api_keys))
 RUNNERS = {m.id: chat_runner(m, GATEWAY.lora) if m.kind == "chat" else embedding_runner(m)
            for m in CONFIG.models if not m.remote}
 
@@ -78,6 +84,11 @@ class Gateway:
         app.state.registry = self.registry
         app.state.responses = ResponseStore(GATEWAY.responses.store_size, int(GATEWAY.responses.store_mb * 2**20))
         app.state.runtime_lora = GATEWAY.lora.runtime_loading
+        if CONFIG.keys:
+            usage = GATEWAY.usage
+            ledger_dir = usage.ledger_dir or os.path.join(os.environ.get("BENTOML_HOME", "~/bentoml"), "usage")
+            QUOTAS.keep(Ledger(Path(ledger_dir).expanduser(), int(usage.rotate_mb * 2**20)))
+            app.state.quotas = QUOTAS
         logger.info("serving %s", ", ".join(m.id for m in models))
         freeze_startup_heap()
 
@@ -102,13 +113,15 @@ for _served in CONFIG.models:
         # `bentoml serve service:runner_<id>` (the id lowercased, other characters than letters and digits as `_`).
         globals()[_attribute(_served)] = RUNNERS[_served.id]
 
-# Wrong API keys and wrong UI passwords count together, per client address.
+# Wrong API keys and wrong UI passwords count together, per client address; the chat page's answers
+# count to the signed-in key's tenant.
 SIGN_IN_ATTEMPTS = FailedAttempts()
+UI_SESSIONS = Sessions(CONFIG.keys, QUOTAS) if CONFIG.keys else None
 UI = build_chat_ui(lambda: app.state.registry,
                    [name for m in CONFIG.models if m.kind == "chat" for name in (m.id, *(a.name for a in m.adapters))],
-                   GATEWAY.ui.model_list_mode, GATEWAY.ui.log_dir)
+                   GATEWAY.ui.model_list_mode, GATEWAY.ui.log_dir, UI_SESSIONS)
 Gateway = bentoml.asgi_app(app, path="/v1")(Gateway)
-Gateway = bentoml.asgi_app(chat_ui_app(UI, "/ui", set(GATEWAY.api_keys), SIGN_IN_ATTEMPTS), path="/ui")(Gateway)
+Gateway = bentoml.asgi_app(chat_ui_app(UI, "/ui", set(CONFIG.keys), SIGN_IN_ATTEMPTS, UI_SESSIONS), path="/ui")(Gateway)
 # Readiness is the registry's own (every configured model has a ready runner: the Readiness middleware
 # answers /readyz), not BentoML's probe that every dependency is ready.
 BentoChat = bentoml.service(name="bentochat", traffic={"timeout": REQUEST_TIMEOUT_S},
@@ -116,12 +129,15 @@ BentoChat = bentoml.service(name="bentochat", traffic={"timeout": REQUEST_TIMEOU
 # Around every route of the gateway, the first outermost (see middleware.py).
 if GATEWAY.cors.allow_origins:
     BentoChat.add_asgi_middleware(CORSMiddleware, allow_origins=GATEWAY.cors.allow_origins, allow_methods=["*"],
-                                  allow_headers=["*"], expose_headers=["x-request-id", "retry-after"])
+                                  allow_headers=["*"], expose_headers=[
+                                      "x-request-id", "retry-after",
+                                      *(f"x-ratelimit-{what}-{of}" for what in ("limit", "remaining", "reset")
+                                        for of in ("requests", "tokens"))])
 BentoChat.add_asgi_middleware(RequestIds)
 # At SIGTERM: streams in flight finish, new requests get 503; the chat page's heartbeats last as long as the page.
 BentoChat.add_asgi_middleware(Draining, grace_s=GATEWAY.shutdown_grace_s, keep=("/ui/gradio_api/heartbeat/",))
 BentoChat.add_asgi_middleware(Readiness, registry=lambda: getattr(app.state, "registry", None))
-BentoChat.add_asgi_middleware(ApiKeys, keys=set(GATEWAY.api_keys), public_metrics=GATEWAY.public_metrics,
+BentoChat.add_asgi_middleware(ApiKeys, keys=CONFIG.keys, quotas=QUOTAS, public_metrics=GATEWAY.public_metrics,
                               attempts=SIGN_IN_ATTEMPTS)
 BentoChat.add_asgi_middleware(BodyLimit, max_bytes=int(GATEWAY.max_body_mb * 2**20))
 # BentoML's request metrics, in this process and the runners', get one series per route, not per path;
@@ -129,5 +145,5 @@ BentoChat.add_asgi_middleware(BodyLimit, max_bytes=int(GATEWAY.max_body_mb * 2**
 label_metrics_by_route(route_label(app, "/v1", "/ui", exact={
     "/", "/docs.json", "/schema.json", "/metrics", *PROBES,
     *(method.route for runner in RUNNERS.values() for method in runner.apis.values())}),
-    unknown_codes=(404, 401) if GATEWAY.api_keys else (404,))
+    unknown_codes=(404, 401) if CONFIG.keys else (404,))
 one_span_per_request()  # tracing: a span per request, not one per streamed token too (gateway and runners)

@@ -15,12 +15,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.templates import TEMPLATE_NAMES
+from models.tenants import TenantConfig, UsageConfig, check_tenants, key_table, with_plain_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = ROOT / "bentochat.yaml"
@@ -285,7 +286,11 @@ class GatewayConfig(BaseModel):
                                 "packed into the bento: BENTOCHAT_API_KEYS=key1,key2 in the environment adds keys. 10 "
                                 "wrong keys from one address within a minute get 429 for a while (but a key accepted "
                                 "from it before)")
-    public_metrics: bool = Field(default=False, description="with api_keys set, /metrics needs a key too, unless "
+    tenants: Annotated[list[TenantConfig], AfterValidator(check_tenants)] = Field(
+        default_factory=list, description="teams or applications, each with its keys, weight, concurrency cap, token "
+        "budgets and models (docs/teams.md); keys as with api_keys. Plain api_keys are the admin tenant `default`")
+    usage: UsageConfig = Field(default_factory=UsageConfig)
+    public_metrics: bool = Field(default=False, description="with keys set, /metrics needs an admin key too, unless "
                                                             "this is true (a scraper that cannot send one)")
     forwarded_allow_ips: list[str] = Field(default_factory=list, description="proxies (addresses, `10.0.0.0/8`, `*`) "
                                            "whose X-Forwarded-For/-Proto are believed, so the limit on wrong keys counts "
@@ -322,6 +327,7 @@ class ServedModels(BaseModel):
 class Config:
     models: list[ServedModel]
     gateway: GatewayConfig
+    keys: dict[str, TenantConfig]  # the SHA-256 of each accepted key -> its tenant; empty: no keys
 
 
 class ConfigError(RuntimeError):
@@ -342,8 +348,11 @@ def load_config(path: Path | None = None) -> Config:
         gateway = GatewayConfig.model_validate(raw)
         env_keys = [k.strip() for k in os.environ.get("BENTOCHAT_API_KEYS", "").split(",") if k.strip()]
         gateway.api_keys = list(dict.fromkeys(gateway.api_keys + env_keys))
-        return Config(models, gateway)
     except FileNotFoundError as e:
         raise ConfigError(f"BentoChat configuration not found: {path}") from e
     except (yaml.YAMLError, ValidationError) as e:
         raise ConfigError(f"invalid BentoChat configuration {path}:\n{e}") from e
+    try:
+        return Config(models, gateway, key_table(with_plain_keys(gateway.tenants, gateway.api_keys)))
+    except (OSError, ValueError) as e:  # a keys_file that cannot be read, a key of two tenants
+        raise ConfigError(f"invalid tenant keys in {path}: {e}") from e

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ByteSize
 
 from models.config import AdapterEntry, GatewayConfig, ServedModel, ServedModels
+from models.tenants import Budget, TenantConfig
 
 REFERENCE_HEADER = """# Configuration reference
 
@@ -75,4 +76,10 @@ def reference() -> str:
         "## The gateway's settings", "",
         " ".join(GatewayConfig.__doc__.split()), "",
         _table(GatewayConfig), "",
+        "### `tenants` entries", "",
+        " ".join(TenantConfig.__doc__.split()) + " Set up step by step in [teams.md](teams.md).", "",
+        _table(TenantConfig), "",
+        "### `budgets` entries", "",
+        " ".join(Budget.__doc__.split()), "",
+        _table(Budget), "",
     ])

@@ -38,13 +38,14 @@ class ErrorJSONResponse(JSONResponse):
 
 class OpenAIError(Exception):
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, kind: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+        self.kind = kind  # the error's type where OpenAI's differs from its status's (insufficient_quota)
 
     @property
     def type(self) -> str:
-        return ERROR_TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        return self.kind or ERROR_TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
 
     def body(self) -> ErrorResponse:
         return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
@@ -85,6 +86,10 @@ def model_unavailable(model_id: str) -> OpenAIError:
 def queue_full(model_id: str, retry_after: int) -> OpenAIError:
     return OpenAIError(429, f"The model `{model_id}` is at capacity: its queue is full. Retry after {retry_after} s.",
                        code="queue_full", headers={"Retry-After": str(retry_after)})
+
+
+def admin_only(what: str) -> OpenAIError:
+    return OpenAIError(403, f"{what} is for admin keys; this key's tenant is not an admin.", code="admin_only")
 
 
 def generation_failed(model_id: str, reason: str) -> OpenAIError:

@@ -15,6 +15,9 @@ API_KEY = "bentochat.api_key"
 # The tenant a request is served for and its weight, (name, weight), set by the key middleware where
 # tenants are configured (None otherwise): the runner shares its batch between tenants by weight.
 TENANT: contextvars.ContextVar[tuple[str, float] | None] = contextvars.ContextVar("bentochat_tenant", default=None)
+# The request's account with its tenant's quotas (a ``quotas.Account``), set by the key middleware where
+# keys are configured (None otherwise): the routes admit a model request with it, and count its tokens.
+ACCOUNT: contextvars.ContextVar = contextvars.ContextVar("bentochat_account", default=None)
 
 
 def new_id(prefix: str) -> str:

@@ -19,7 +19,14 @@ from controller import AdapterModel, Registry
 from models.info import ModelInfo
 from openai_api import errors, responses
 from openai_api.chat import chat_messages, start_chat
-from openai_api.errors import ErrorResponse, OpenAIError, context_length_exceeded, invalid_value, model_not_supported
+from openai_api.errors import (
+    ErrorResponse,
+    OpenAIError,
+    context_length_exceeded,
+    invalid_value,
+    model_not_found,
+    model_not_supported,
+)
 from openai_api.extensions import (
     LoadLoRAAdapterRequest,
     LoRAAdapterStatus,
@@ -30,7 +37,8 @@ from openai_api.extensions import (
     TokenizeRequest,
     UnloadLoRAAdapterRequest,
 )
-from openai_api.ids import API_KEY, new_id
+from openai_api.ids import ACCOUNT, API_KEY, new_id
+from openai_api.tenancy import allowed, require_admin, usage
 from openai_api.logprobs import chat_logprobs, completion_logprobs
 from openai_api.objects import (
     AssistantMessage,
@@ -90,13 +98,17 @@ def _registry(request: Request) -> Registry:
 
 @app.get("/models")
 async def list_models(request: Request) -> ModelList:
+    """The models served, those the key's tenant may use."""
     registry = _registry(request)
-    return ModelList(data=[_card(m) for m in registry.models()] + [_card(a.info, a) for a in registry.adapters()])
+    cards = [_card(m) for m in registry.models()] + [_card(a.info, a) for a in registry.adapters()]
+    return ModelList(data=[c for c in cards if allowed(c.id, c.parent or c.id)])
 
 
 @app.get("/models/{model_id:path}")
 async def retrieve_model(model_id: str, request: Request) -> ModelCard:
     model = _registry(request).get(model_id)
+    if not allowed(model.id, model.info.id):
+        raise model_not_found(model_id)
     return _card(model.info, model if model.id != model.info.id else None)
 
 
@@ -110,6 +122,7 @@ def _runtime_lora(request: Request) -> None:
 @app.post("/load_lora_adapter")
 async def load_lora_adapter(req: LoadLoRAAdapterRequest, request: Request) -> LoRAAdapterStatus:
     """vLLM's: serve a LoRA adapter from now on, as model ``lora_name`` (until the runner restarts)."""
+    require_admin("Loading LoRA adapters")
     _runtime_lora(request)
     registry = _registry(request)
     if registry.serves(req.lora_name):
@@ -124,6 +137,7 @@ async def load_lora_adapter(req: LoadLoRAAdapterRequest, request: Request) -> Lo
 @app.post("/unload_lora_adapter")
 async def unload_lora_adapter(req: UnloadLoRAAdapterRequest, request: Request) -> LoRAAdapterStatus:
     """vLLM's: stop serving a LoRA adapter; requests already running on it finish first."""
+    require_admin("Unloading LoRA adapters")
     _runtime_lora(request)
     adapter = _registry(request).adapter(req.lora_name)
     if adapter is None:
@@ -138,6 +152,7 @@ async def unload_lora_adapter(req: UnloadLoRAAdapterRequest, request: Request) -
 async def runner_stats(request: Request) -> dict:
     """Extension: each model's runner state (a chat engine's running and waiting sequences and tokens
     generated), summed over its ready replicas and per replica."""
+    require_admin("/v1/stats")
     return {"object": "list", "data": await _registry(request).stats()}
 
 
@@ -302,6 +317,8 @@ async def embeddings(req: EmbeddingRequest, request: Request) -> EmbeddingList:
     model = _registry(request).get(req.model, "embedding")
     texts: list[str] = req.input
     lengths = await asyncio.to_thread(_input_lengths, model.info, texts)
+    if (account := ACCOUNT.get()) is not None:  # a tenant's request: within its quotas, its tokens counted
+        account.admit(model.id, model.info.id, sum(lengths), 0)
     vectors = await unless_disconnected(request, model.encode(texts))
     dims = len(vectors[0])
     if req.dimensions is not None and req.dimensions != dims:
@@ -361,6 +378,9 @@ async def create_response(req: ResponsesRequest, request: Request):
 @app.get("/responses/{response_id}")
 async def retrieve_response(response_id: str, request: Request):
     return JSONResponse(_store(request).get(response_id, request.scope.get(API_KEY))[0])
+
+
+app.get("/usage")(usage)  # extension: GET /v1/usage (openai_api/tenancy.py), before the catch-all
 
 
 @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],

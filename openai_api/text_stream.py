@@ -9,6 +9,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from openai_api.ids import ACCOUNT
 from openai_api.streams import merge
 from runners.engine.sequence import SamplingParams, TokenEvent
 
@@ -86,30 +87,34 @@ class TextEvent:
 
 
 async def generate_text(model, prompt_ids: list[int], params: SamplingParams, keep: frozenset[int] = frozenset(),
-                        ended: Callable[[], bool] | None = None) -> AsyncIterator[TextEvent]:
+                        ended: Callable[[], bool] | None = None, account=None) -> AsyncIterator[TextEvent]:
     """The text of one sequence of ``model`` (a ``controller.Model``) as it is generated; ends at the
     model's finish, at the first of ``params.stop``, which is never shown, or (finish reason ``stop``) once
     ``ended()`` says the reader of its text needs no more. Special tokens are not shown, but those in
-    ``keep``."""
+    ``keep``. The tokens generated are counted to ``account`` (a tenant's ``quotas.Account``), if given."""
     detokenizer = IncrementalDetokenizer(model.info.tokenizer, prompt_ids, keep)
     stop_strings = StopStrings(list(params.stop))
     count, logprobs = 0, []
-    async with contextlib.aclosing(model.generate(prompt_ids, params)) as tokens:  # closing it aborts the rest
-        async for event in tokens:
-            count += 1
-            if event.logprob is not None:
-                logprobs.append(event)
-            text, stopped = stop_strings.feed(detokenizer.step(event.token_id))
-            reason = "stop" if stopped else event.finish_reason
-            if reason:
-                yield TextEvent(text if stopped else text + stop_strings.flush(), reason, count, logprobs)
-                return
-            if text:
-                yield TextEvent(text, None, count, logprobs)
-                logprobs = []
-                if ended is not None and ended():
-                    yield TextEvent("", "stop", count)
+    try:
+        async with contextlib.aclosing(model.generate(prompt_ids, params)) as tokens:  # closing it aborts the rest
+            async for event in tokens:
+                count += 1
+                if event.logprob is not None:
+                    logprobs.append(event)
+                text, stopped = stop_strings.feed(detokenizer.step(event.token_id))
+                reason = "stop" if stopped else event.finish_reason
+                if reason:
+                    yield TextEvent(text if stopped else text + stop_strings.flush(), reason, count, logprobs)
                     return
+                if text:
+                    yield TextEvent(text, None, count, logprobs)
+                    logprobs = []
+                    if ended is not None and ended():
+                        yield TextEvent("", "stop", count)
+                        return
+    finally:  # also when the reader leaves early
+        if account is not None:
+            account.generated(count)
 
 
 def run_choices(model, prompts: list[list[int]], params: SamplingParams, n: int, keep: frozenset[int] = frozenset(),
@@ -124,7 +129,10 @@ def run_choices(model, prompts: list[list[int]], params: SamplingParams, n: int,
     def until(index: int) -> Callable[[], bool] | None:
         return None if ended is None else lambda: ended(index)
 
-    return merge([generate_text(model, prompt_ids, choice_params(i), keep, until(p * n + i))
+    account = ACCOUNT.get()
+    if account is not None:  # a tenant's request: refused unless its quotas allow it, its tokens counted
+        account.admit(model.id, model.info.id, sum(map(len, prompts)), params.max_tokens * len(prompts) * n)
+    return merge([generate_text(model, prompt_ids, choice_params(i), keep, until(p * n + i), account)
                   for p, prompt_ids in enumerate(prompts) for i in range(n)])
 
 

@@ -66,7 +66,7 @@ def test_bento_holds_models_and_a_complete_dockerfile(embedded_models, tmp_path,
     assert models == {"smollm2-135m-instruct", "all-minilm-l6-v2"}
     assert {s["service"] for s in info["services"][0]["dependencies"]} == {
         "runner-smollm2-135m-instruct", "runner-all-minilm-l6-v2"}
-    assert {"service.py", "controller.py", "bentochat.yaml", "models", "runners", "openai_api"} <= {p.name for p in (path / "src").iterdir()}
+    assert {"service.py", "controller.py", "quotas.py", "ledger.py", "bentochat.yaml", "models", "runners", "openai_api"} <= {p.name for p in (path / "src").iterdir()}
     assert (path / "src" / "runners" / "engine" / "llm_engine.py").is_file()
 
     dockerfile = (path / "env" / "docker" / "Dockerfile").read_text()

@@ -4,6 +4,7 @@ ones, body size, request ids. (End to end they are exercised by test_hardening a
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 
 import httpx
@@ -14,12 +15,20 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from middleware import ApiKeys, BodyLimit, FailedAttempts, Readiness, RequestIds
-from openai_api.ids import REQUEST_ID
+from models.tenants import TenantConfig, key_table, with_plain_keys
+from openai_api.ids import REQUEST_ID, TENANT
+from quotas import Quotas
 
 
 async def echo(request: Request):
     body = await request.body()
-    return JSONResponse({"bytes": len(body), "request_id": REQUEST_ID.get()})
+    return JSONResponse({"bytes": len(body), "request_id": REQUEST_ID.get(), "tenant": TENANT.get()})
+
+
+def keyed(*api_keys: str, tenants: tuple[TenantConfig, ...] = ()) -> dict:
+    """ApiKeys' options for plain ``api_keys`` and ``tenants``."""
+    every = with_plain_keys(list(tenants), list(api_keys))
+    return {"keys": key_table(every), "quotas": Quotas(every)}
 
 
 def app_with(*layers) -> Starlette:
@@ -38,14 +47,14 @@ def call(app, method: str, path: str, **kw) -> httpx.Response:
 
 
 def test_keys_guard_everything_but_probes_and_the_ui():
-    app = app_with((ApiKeys, {"keys": {"k1"}, "public_metrics": False, "attempts": FailedAttempts()}))
+    app = app_with((ApiKeys, {**keyed("k1"), "public_metrics": False, "attempts": FailedAttempts()}))
     for path in ("/v1/models", "/metrics", "/docs.json", "/"):
         r = call(app, "GET", path)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
         assert call(app, "GET", path, headers={"Authorization": "Bearer k1"}).status_code == 200
     for path in ("/readyz", "/livez", "/healthz", "/ui/", "/ui/config"):  # the UI signs in by itself
         assert call(app, "GET", path).status_code == 200, path
-    public = app_with((ApiKeys, {"keys": {"k1"}, "public_metrics": True, "attempts": FailedAttempts()}))
+    public = app_with((ApiKeys, {**keyed("k1"), "public_metrics": True, "attempts": FailedAttempts()}))
     assert call(public, "GET", "/metrics").status_code == 200
     assert call(public, "GET", "/v1/models").status_code == 401
 
@@ -68,9 +77,25 @@ def test_readiness_needs_every_configured_model_and_answers_per_model():
     assert call(starting, "GET", "/readyz").status_code == 503
 
 
+def test_a_key_is_its_tenant_given_as_itself_its_hash_or_from_the_environment(monkeypatch):
+    """Each request carries its tenant and weight (ids.TENANT, for the runner's fair sharing); the
+    plain api_keys are the admin tenant `default`; /metrics, every tenant's counters, is for admins."""
+    monkeypatch.setenv("TEAM_KEYS", "k3, sha256:" + hashlib.sha256(b"k4").hexdigest())
+    team = TenantConfig(name="team", keys=["k2"], keys_env="TEAM_KEYS", weight=3)
+    app = app_with((ApiKeys, {**keyed("k1", tenants=(team,)), "public_metrics": False, "attempts": FailedAttempts()}))
+    for key in ("k2", "k3", "k4"):
+        r = call(app, "GET", "/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert r.json()["tenant"] == ["team", 3], key
+        denied = call(app, "GET", "/metrics", headers={"Authorization": f"Bearer {key}"})
+        assert denied.status_code == 403 and denied.json()["error"]["code"] == "admin_only"
+    assert call(app, "GET", "/v1/models", headers={"Authorization": "Bearer k1"}).json()["tenant"] == ["default", 1]
+    assert call(app, "GET", "/metrics", headers={"Authorization": "Bearer k1"}).status_code == 200
+    assert call(app, "GET", "/v1/models", headers={"Authorization": "Bearer sha256:" + "0" * 64}).status_code == 401
+
+
 def test_wrong_keys_are_limited_per_address_but_missing_ones_are_not():
     attempts = FailedAttempts(limit=3, window_s=60)
-    app = app_with((ApiKeys, {"keys": {"k1", "k2"}, "public_metrics": False, "attempts": attempts}))
+    app = app_with((ApiKeys, {**keyed("k1", "k2"), "public_metrics": False, "attempts": attempts}))
     assert call(app, "GET", "/v1/models", headers={"Authorization": "Bearer k1"}).status_code == 200
     for _ in range(5):
         assert call(app, "GET", "/v1/models").status_code == 401  # no key: not a guess

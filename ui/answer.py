@@ -39,10 +39,11 @@ def conversation(history: list[dict]) -> list[dict]:
 
 
 async def reply(registry, model_id: str | None, history: list[dict], system: str = "", temperature: float = 0.7,
-                top_p: float = 1.0, max_tokens: int = 512, shown_as: str | None = None):
+                top_p: float = 1.0, max_tokens: int = 512, shown_as: str | None = None, account=None):
     """The conversation ``history`` (ending with a user turn) as the answer of ``model_id`` grows, and
     last with the answer's statistics, which name the model ``shown_as`` (the arena hides it); what goes
-    wrong is said in the chat (busy, down, too long)."""
+    wrong is said in the chat (busy, down, too long, a budget spent). ``account``: the signed-in key's
+    (a ``quotas.Account``), whose tenant's quotas admit the answer and count its tokens, as the API's."""
     if not history or history[-1]["role"] != "user":
         yield history
         return
@@ -51,27 +52,34 @@ async def reply(registry, model_id: str | None, history: list[dict], system: str
         return
     messages = ([{"role": "system", "content": system}] if (system or "").strip() else []) + conversation(history)
     history = history + [{"role": "assistant", "content": ""}]
-    tokens, first, start = 0, None, time.monotonic()
+    tokens, first, start, status = 0, None, time.monotonic(), 499  # 499 unless it ends: Stop
     try:
         model = registry.get(model_id, "chat")
         request = ChatCompletionRequest(model=model_id, messages=messages, temperature=temperature, top_p=top_p,
                                         max_tokens=max(1, int(max_tokens)))
         # The slider's max_tokens is cut to what the context leaves, rather than refused.
         prompt_ids, params = prepare_chat(model.info, request, fit_context=True)
+        if account is not None:
+            account.admit(model.id, model.info.id, len(prompt_ids), params.max_tokens)
         start = time.monotonic()
-        async for event in generate_text(model, prompt_ids, params):
+        async for event in generate_text(model, prompt_ids, params, account=account):
             if first is None and event.completion_tokens:
                 first = time.monotonic()
             tokens = event.completion_tokens
             history[-1]["content"] += event.text
             yield history
-    except Exception as e:  # busy (429), down (503), too long (400): said in the chat
+        status = 200
+    except Exception as e:  # busy (429), down (503), too long (400), a budget spent (429): said in the chat
+        status = e.status if isinstance(e, OpenAIError) else 500
         if not isinstance(e, OpenAIError):
             logger.exception("UI answer with %s failed", model_id)
         if not history[-1]["content"]:
             history = history[:-1]
         yield history + [notice(e.message if isinstance(e, OpenAIError) else "Generation failed; see the server log.")]
         return
+    finally:
+        if account is not None:
+            account.close(status)
     if not history[-1]["content"]:
         history[-1]["content"] = "(empty answer)"
     decoding = time.monotonic() - first if first is not None else 0.0

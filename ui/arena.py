@@ -91,9 +91,10 @@ def leaderboard(records: list[dict]) -> list[list]:
 
 
 def build_battle(registry: Callable[[], object], available: Callable[[], list[str]], chat_models: list[str],
-                 log: ConversationLog, anonymous: bool) -> None:
+                 log: ConversationLog, anonymous: bool, account: Callable[[gr.Request], object | None]) -> None:
     """One tab's components (inside the caller's ``gr.Tab``): two models answer each prompt at once;
-    votes below. ``anonymous``: the arena, whose models are drawn at random and named after the vote."""
+    votes below. ``anonymous``: the arena, whose models are drawn at random and named after the vote.
+    ``account(request)``: a new account of the signed-in key's tenant for each answer (None: no keys)."""
     prefix = "arena" if anonymous else "sbs"
     first, second = (chat_models + chat_models)[:2] if chat_models else (None, None)
     with gr.Row(visible=not anonymous):
@@ -132,8 +133,9 @@ def build_battle(registry: Callable[[], object], available: Callable[[], list[st
         turn = {"role": "user", "content": message}
         return "", hist_a + [turn], hist_b + [dict(turn)], draw(models, a, b)
 
-    async def answer_both(models: list, hist_a: list, hist_b: list, limit: int):
-        streams = [reply(registry(), m, h, max_tokens=limit, shown_as=hidden if anonymous else None)
+    async def answer_both(models: list, hist_a: list, hist_b: list, limit: int, request: gr.Request):
+        streams = [reply(registry(), m, h, max_tokens=limit, shown_as=hidden if anonymous else None,
+                         account=account(request))
                    for m, h, hidden in zip(models or [None, None], (hist_a, hist_b), HIDDEN)]
         shown = [hist_a, hist_b]
         async for i, updated in merge(streams):

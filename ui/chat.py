@@ -9,7 +9,7 @@ While an answer streams, the input is disabled and Stop is the one thing to pres
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import gradio as gr
@@ -17,6 +17,8 @@ from fastapi import FastAPI
 from starlette.routing import Mount
 
 from middleware import FailedAttempts, UiSignIn
+from models.tenants import key_digest
+from quotas import Sessions
 from ui import arena
 from ui import history as chats
 from ui.answer import conversation, reply
@@ -57,11 +59,21 @@ for chunk in answer:
 
 
 def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_list_mode: str,
-                  log_dir: str | None = None) -> gr.Blocks:
+                  log_dir: str | None = None, sessions: Sessions | None = None) -> gr.Blocks:
     """``registry()`` gives the gateway's model registry once it is up; ``chat_models`` are the
     configured chat model ids and their adapters' (the list in ``once`` mode); votes and the side by
-    side and arena tabs' answers are logged in ``log_dir`` (None: not logged)."""
+    side and arena tabs' answers are logged in ``log_dir`` (None: not logged). ``sessions``: with keys,
+    the signed-in sessions, whose answers count to their key's tenant, which sees its budget left."""
     log = arena.ConversationLog(log_dir)
+
+    def account(request: gr.Request | None):
+        """A new account of the signed-in key's tenant, for one answer; None without keys."""
+        return sessions.account(request.headers.get("cookie")) if sessions and request else None
+
+    def budget(request: gr.Request):
+        """The signed-in tenant's budgets left, where it has any."""
+        text = (acc := account(request)) and acc.budget_text()
+        return gr.Markdown(f"Budget of `{acc.tenant.name}`: {text}" if text else "", visible=bool(text))
 
     def available_models() -> list[str]:
         if model_list_mode == "once":
@@ -96,8 +108,9 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
                 gr.Button(interactive=False))
 
     async def answer(model_id: str | None, system: str, temperature: float, top_p: float, max_tokens: int,
-                     history: list[dict]):
-        async for updated in reply(registry(), model_id, history, system, temperature, top_p, max_tokens):
+                     history: list[dict], request: gr.Request):
+        async for updated in reply(registry(), model_id, history, system, temperature, top_p, max_tokens,
+                                   account=account(request)):
             yield updated
 
     def drop_last_answer(history: list[dict]) -> list[dict]:
@@ -166,6 +179,7 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
                 with gr.Row():
                     model = gr.Dropdown(choices=chat_models, value=chat_models[0] if chat_models else None,
                                         label="Model", elem_id="chat-model", interactive=True)
+                left = gr.Markdown("", visible=False, elem_id="budget")  # the signed-in tenant's budgets
                 chatbot = gr.Chatbot(label=chat_models[0] if chat_models else "no model", elem_id="chatbot",
                                      height=CHATBOT_HEIGHT, min_height=CHATBOT_MIN_HEIGHT,
                                      buttons=["copy"], editable="user")
@@ -197,6 +211,7 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
                     outputs = [text, chatbot] if prepare is add_user_turn else [chatbot]
                     answering = (event(prepare, inputs, outputs, queue=False).then(busy, None, controls, queue=False)
                                  .then(answer, settings + [chatbot], chatbot))
+                    answering.then(budget, None, left, queue=False)
                     # Kept in the history first: once the input is back, a reload finds the chat.
                     answering.then(remember, kept, kept_out, queue=False).then(idle, None, controls, queue=False)
                     running.append(answering)
@@ -218,30 +233,31 @@ def build_chat_ui(registry: Callable[[], object], chat_models: list[str], model_
                 model.change(lambda m: (gr.Chatbot(label=m or "no model"), api_snippet(m)), model, [chatbot, snippet],
                              queue=False)
             with gr.Tab("Side by side", id="side-by-side", elem_id="tab-side-by-side"):
-                arena.build_battle(registry, available_models, chat_models, log, anonymous=False)
+                arena.build_battle(registry, available_models, chat_models, log, anonymous=False, account=account)
             with gr.Tab("Arena", id="arena", elem_id="tab-arena"):
-                arena.build_battle(registry, available_models, chat_models, log, anonymous=True)
+                arena.build_battle(registry, available_models, chat_models, log, anonymous=True, account=account)
             with gr.Tab("Leaderboard", id="leaderboard", elem_id="tab-leaderboard"):
                 arena.build_leaderboard(log)
+        blocks.load(budget, None, left, queue=False)
         blocks.load(on_load, model, [model, chatbot, snippet]).then(
             restore, [store, model, chatbot], [history_list, chatbot, current, model, title], queue=False)
     blocks.queue(default_concurrency_limit=None)  # the engine batches; the UI must not serialize
     return blocks
 
 
-def chat_ui_app(blocks: gr.Blocks, path: str, api_keys: set[str] = frozenset(),
-                attempts: FailedAttempts | None = None) -> FastAPI:
+def chat_ui_app(blocks: gr.Blocks, path: str, api_keys: Collection[str] = frozenset(),
+                attempts: FailedAttempts | None = None, sessions: Sessions | None = None) -> FastAPI:
     """The page as an ASGI app to mount at ``path``. Gradio's own mounting is used (BentoML 1.4's
     ``bentoml.gradio`` predates Gradio 6's app set-up); BentoML runs the app's lifespan, which starts
     the Gradio queue. With API keys configured, the page asks for one at sign-in, as the API does,
-    and failed sign-ins count in ``attempts`` with the API's wrong keys. The page's script keeps the
+    and failed sign-ins count in ``attempts`` with the API's wrong keys (``api_keys``: their SHA-256). The page's script keeps the
     links of its messages to http, https and mailto (``ui/links.py``)."""
-    auth = (lambda _user, password: password in api_keys) if api_keys else None
+    auth = (lambda _user, password: key_digest(password) in api_keys) if api_keys else None
     app = gr.mount_gradio_app(FastAPI(), blocks, path="/", root_path=path, ssr_mode=False,
                               footer_links=["gradio", "settings"], show_error=True, auth=auth,
                               favicon_path=str(FAVICON), head=FAVICON_LINK, js=PAGE_SCRIPT,
                               auth_message="Sign in with any user name and one of this server's API keys.")
     if api_keys:
         gradio_app = next(route.app for route in app.routes if isinstance(route, Mount))
-        app.add_middleware(UiSignIn, gradio_app=gradio_app, attempts=attempts or FailedAttempts())
+        app.add_middleware(UiSignIn, gradio_app=gradio_app, attempts=attempts or FailedAttempts(), sessions=sessions)
     return app
