@@ -6,6 +6,7 @@ it, behind what the runner asks of BentoChat's ``AsyncLLMEngine``: prompt token 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -127,6 +128,7 @@ class VLLMEngine:
         self.counts = {"running": 0, "tokens_generated": 0, "prompt_tokens": 0, "prefix_cache_hit_tokens": 0,
                        "preemptions": 0, "kv_cache_usage": 0.0}
         self._finished_at: deque[float] = deque(maxlen=32)
+        self._aborting: set[asyncio.Task] = set()
         args = engine_args(served, path, context, lora=bool(adapters) or runtime_loading)
         self.kv_capacity = args.get("kv_cache_memory_bytes")
         engine = self
@@ -234,9 +236,10 @@ class VLLMEngine:
                 await self.llm.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        import asyncio
-
-        asyncio.get_running_loop().create_task(self.llm.abort(request_id))
+        """Abort a request from another call (the gateway's, on a client gone before its first token)."""
+        task = asyncio.get_running_loop().create_task(self.llm.abort(request_id))
+        self._aborting.add(task)  # held until done: the loop keeps only a weak reference
+        task.add_done_callback(self._aborting.discard)
 
     async def load_adapter(self, name: str, path: str) -> dict:
         """Serve the PEFT LoRA adapter at ``path`` as ``name``, vLLM reading it now: its description, or
