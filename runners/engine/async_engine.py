@@ -20,6 +20,15 @@ from runners.engine.sequence import SamplingParams, Sequence, TokenEvent
 logger = logging.getLogger("bentochat.engine")
 
 
+def retry_after(finished_at: deque[float]) -> int:
+    """Seconds until a queue place is likely free: one over the recent rate of finishing requests (the
+    times ``finished_at`` holds)."""
+    done = list(finished_at)
+    if len(done) < 2 or done[-1] <= done[0]:
+        return 1
+    return max(1, min(60, math.ceil((done[-1] - done[0]) / (len(done) - 1))))
+
+
 class AsyncLLMEngine:
     """Drives an ``LLMEngine`` on its own thread so generation never blocks the event loop.
 
@@ -58,11 +67,7 @@ class AsyncLLMEngine:
         return stats
 
     def retry_after(self) -> int:
-        """Seconds until a queue place is likely free: one over the recent rate of finishing requests."""
-        done = list(self._finished_at)
-        if len(done) < 2 or done[-1] <= done[0]:
-            return 1
-        return max(1, min(60, math.ceil((done[-1] - done[0]) / (len(done) - 1))))
+        return retry_after(self._finished_at)
 
     async def call(self, fn: Callable, *args):
         """``fn(*args)`` on the engine thread, between two steps (what changes the engine's state, such

