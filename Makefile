@@ -22,7 +22,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.bentochat-installed
 
-.PHONY: install browser serve test build image clean
+.PHONY: install browser serve test build image base-image clean
 
 install: $(STAMP)
 
@@ -45,20 +45,37 @@ browser:
 test: install browser
 	$(BIN)/python -m pytest tests
 
-# BENTOFILE=bentofile.cpu.yaml builds the CPU-only bento, bentochat-cpu.
-BENTOFILE ?= bentofile.yaml
+# The bento: bentofile.yaml (PyPI's torch, with CUDA) where the machine has an NVIDIA GPU, else
+# bentofile.cpu.yaml (bentochat-cpu: PyTorch's CPU torch, on the base image of deploy/base-image.sh).
+GPU       := $(shell command -v nvidia-smi)
+BENTOFILE ?= $(if $(GPU),bentofile.yaml,bentofile.cpu.yaml)
 build: install
 	$(BIN)/bentoml build -f $(BENTOFILE)
 
-# `bentoml containerize` of the last BENTO built; BACKEND=buildah or BACKEND=podman where there is
-# no Docker engine. TMPDIR: BentoML 1.4.36 and later refuse the bento's Dockerfile template unless
-# their temporary copy of the bento lies under the working directory (bentoml/BentoML#5566).
-# BUILDAH_FORMAT: buildah and podman otherwise write an OCI image, which drops the HEALTHCHECK.
-BENTO   ?= bentochat:latest
-BACKEND ?= docker
-image: install
+# `make image` builds the bento and its image with `bentoml containerize` (docs/deploy.md): with podman
+# where it is installed, else Docker (BACKEND=docker|podman|buildah). TMPDIR: BentoML 1.4.36 and later
+# refuse the bento's Dockerfile template unless their temporary copy of the bento lies under the working
+# directory (bentoml/BentoML#5566). BUILDAH_FORMAT: buildah and podman otherwise write an OCI image,
+# which drops the HEALTHCHECK.
+# With podman or buildah the image installs from a wheelhouse that this machine's pip downloads
+# (deploy/wheelhouse.sh, into WHEELS), mounted into a build with no network; WHEELS= installs from the
+# bento's indexes instead. A bento on bentochat-base (bentofile.cpu.yaml) gets it made first
+# (`make base-image`: deploy/base-image.sh, from Debian's archive with mmdebstrap).
+BENTO   ?= $(if $(GPU),bentochat:latest,bentochat-cpu:latest)
+BACKEND ?= $(if $(shell command -v podman),podman,docker)
+ENGINE   = $(if $(filter docker,$(BACKEND)),docker,podman)
+WHEELS  ?= $(if $(filter docker,$(BACKEND)),,build/wheels)
+BENTO_PATH = $(shell $(BIN)/bentoml get $(BENTO) -o path)
+OFFLINE  = --opt volume=$(abspath $(WHEELS)):/wheels:ro --opt build-arg=WHEELS=/wheels --opt network=none
+image: build
+	if grep -q 'base_image: .*bentochat-base:' $(BENTO_PATH)/bento.yaml; then ENGINE=$(ENGINE) deploy/base-image.sh; fi
+	$(if $(WHEELS),deploy/wheelhouse.sh $(BENTO_PATH)/env/python/requirements.txt $(WHEELS))
 	mkdir -p build/tmp
-	TMPDIR=$(CURDIR)/build/tmp BUILDAH_FORMAT=docker $(BIN)/bentoml containerize $(BENTO) --backend $(BACKEND)
+	TMPDIR=$(CURDIR)/build/tmp BUILDAH_FORMAT=docker $(BIN)/bentoml containerize $(BENTO) --backend $(BACKEND) \
+		$(if $(WHEELS),$(OFFLINE))
+
+base-image:
+	ENGINE=$(ENGINE) deploy/base-image.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info
