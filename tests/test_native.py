@@ -5,8 +5,6 @@ batch of any size, on one thread and on two, close to the exact product, with a 
 do not fill its panels. Skipped where the CPU lacks them. (tests/test_lean.py checks the native forward
 pass built on them.)"""
 
-import os
-import time
 
 import pytest
 import torch
@@ -200,16 +198,3 @@ def test_the_same_bits_on_one_thread_and_on_every_core(dtype):
     finally:
         torch.set_num_threads(threads)
 
-
-def test_a_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path):
-    """torch's extension loader waits for ever while its build lock exists; a build killed halfway
-    (a runner stopped during its first start) leaves one."""
-    lock = tmp_path / "lock"
-    lock.touch()
-    native.clear_stale_lock(tmp_path)
-    assert lock.exists()  # another process may be building right now
-    old = time.time() - native.STALE_LOCK_SECONDS - 1
-    os.utime(lock, (old, old))
-    native.clear_stale_lock(tmp_path)
-    assert not lock.exists()
-    native.clear_stale_lock(tmp_path)  # no lock: nothing to do

@@ -1,5 +1,6 @@
-"""BentoChat's native kernels (``kernels/``), built with torch's C++ extension loader on first use (about
-30 s, once per machine: ``make install`` builds them ahead) on CPUs with AVX-512:
+"""BentoChat's native kernels (``kernels/``), on CPUs with AVX-512: built ahead of time, one library per
+instruction-set level (``native_build.py``: ``python -m runners.engine.native``, which ``make install`` runs),
+and loaded by :func:`ops`, the highest level this CPU runs:
 
 - ``amx_linear.cpp``: the bfloat16 matmul on Intel AMX (Sapphire Rapids and later);
 - ``avx512_linear.cpp``: the float32 matmul on AVX-512, and the bfloat16 one on AVX-512 BF16 for CPUs
@@ -15,123 +16,120 @@ Why kernels of our own: each gives a row the same bits alone and in any batch by
 bfloat16 kernels change some rows' sums past 32 rows on these CPUs), each is faster on the 2-core
 development machine than the oneDNN kernels the lean forward had, and one call per forward pass instead
 of ~500 small torch operations removes about half of a decode step at batch 1 (docs/performance.md).
-Their work is split over torch's threads with OpenMP (``-fopenmp``: without it ATen's ``parallel_for``
-runs on one thread). Where the CPU has no AVX-512, the compiler is missing or the build fails, :func:`ops`
-is None and the lean forward keeps oneDNN's kernels and its Python pass.
+Their work is split over torch's threads with OpenMP. Where the CPU has no AVX-512, or there is no
+library for its level (for this torch and these sources) and no compiler to build one at first use, or a
+build fails, :func:`ops` is None and the lean forward keeps oneDNN's kernels and its Python pass; each
+fallback is logged, and so is the library loaded.
 
-``python -m runners.engine.native`` builds them and says what runs here.
+``python -m runners.engine.native [--optional]`` builds the libraries and says what runs here.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import time
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from runners.engine import native_build
+from runners.engine.native_build import LEVELS
+
 logger = logging.getLogger("bentochat.engine")
 
-KERNELS = Path(__file__).parent / "kernels"
-SOURCES = [KERNELS / name for name in ("amx_linear.cpp", "avx512_linear.cpp", "int8_linear.cpp", "forward.cpp")]
-FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
-         "-mamx-int8"]
 PANEL, CHUNK = 64, 32  # the AMX kernel's output features per panel and inner elements per chunk
 LANES = 16  # the AVX-512 kernels' output features per panel
 GROUP = 32  # the int8 kernel's inner elements per scale
 
 _ops: object | None = None
+_level: str | None = None  # the level of the library loaded
 _tried = False
 
 
 def cpu_flags() -> set[str]:
+    """The CPU's flags (/proc/cpuinfo's). ``BENTOCHAT_CPU_FLAGS``, where set, keeps only those it lists: to run
+    as a CPU with fewer features would (the tests; comparing levels on one machine), never with more."""
     try:
         line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         return set()
-    return set(line.split())
-
-
-def cpu_has_avx512() -> bool:
-    return {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags()
-
-
-def cpu_has_amx() -> bool:
-    return {"amx_tile", "amx_bf16", "amx_int8", "avx512_bf16"} <= cpu_flags()
+    flags = set(line.split()[2:])
+    only = os.environ.get("BENTOCHAT_CPU_FLAGS")
+    return flags if only is None else flags & set(only.split())
 
 
 def cpu_has_avx512_bf16() -> bool:
     return "avx512_bf16" in cpu_flags()
 
 
-# A build lock older than this was left by a process killed while it built (a build takes about 30 s).
-STALE_LOCK_SECONDS = 300
+def level_here() -> str | None:
+    """The highest level of the kernels (``native_build.LEVELS``) this CPU runs, None below AVX-512; what it
+    lacks for the next level is logged."""
+    flags = cpu_flags()
+    fits = [level for level, (_, needs, _) in LEVELS.items() if needs <= flags]
+    if len(fits) < len(LEVELS):
+        lacks = LEVELS[list(LEVELS)[len(fits)]][2]
+        logger.info("BentoChat's native kernels: no %s on this CPU: %s", lacks,
+                    f"the {fits[-1]} level" if fits else "oneDNN's kernels and the Python pass instead")
+    return fits[-1] if fits else None
 
 
-def build_directory() -> Path:
-    """Where the kernels are built: ``bentochat_native`` under torch's extension root (``TORCH_EXTENSIONS_DIR``,
-    by default ``~/.cache/torch_extensions``). (torch's ``get_default_build_root`` ignores the variable: its
-    loader reads it only where it picks the directory itself.)"""
-    from torch.utils.cpp_extension import get_default_build_root
-
-    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / "bentochat_native"
-
-
-def clear_stale_lock(directory: Path) -> None:
-    """Remove the build lock a killed build left behind: torch's loader waits for it to go, for ever."""
-    lock = directory / "lock"
-    try:
-        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
-            logger.warning("removing %s, left by a build that did not finish", lock)
-            lock.unlink()
-    except FileNotFoundError:
-        pass
+def library(level: str) -> Path | None:
+    """The library of ``level`` for this torch and these sources: the one built ahead, else built now where
+    there is a compiler, else None. Each library found but refused is logged, and why."""
+    path = native_build.directory() / native_build.library_name(level)
+    if path.is_file():
+        return path
+    for other, why in native_build.others(level):
+        logger.warning("BentoChat's native kernels: %s is %s: not loaded", other, why)
+    where = f"no {level} library in {path.parent}"
+    if native_build.compiler() is None:
+        logger.warning("BentoChat's native kernels: %s and no C++ compiler (c++) to build one: oneDNN's kernels and "
+                       "the Python pass instead (`python -m runners.engine.native` builds it ahead)", where)
+        return None
+    logger.warning("BentoChat's native kernels: %s: building it now (about 30 s; `python -m runners.engine.native` "
+                   "builds it ahead)", where)
+    return native_build.build(level)
 
 
 def ops():
-    """``torch.ops.bentochat``, built and loaded on first call; None where this CPU or machine cannot run
-    it (the reason is logged once)."""
-    global _ops, _tried
+    """``torch.ops.bentochat`` of the library of this CPU's level, loaded on first call; None where this CPU
+    or machine cannot run it (the reason is logged once)."""
+    global _ops, _level, _tried
     if _tried:
         return _ops
     _tried = True
-    if not cpu_has_avx512():
-        return None
-    if shutil.which("c++") is None:
-        logger.warning("BentoChat's native kernels need a C++ compiler (c++), which this machine lacks: oneDNN's instead")
+    level = level_here()
+    if level is None:
         return None
     try:
-        from torch.utils.cpp_extension import load
-
-        logger.info("loading BentoChat's native kernels (a first build takes about 30 s)")
-        directory = build_directory()
-        directory.mkdir(parents=True, exist_ok=True)
-        clear_stale_lock(directory)
-        load("bentochat_native", [str(s) for s in SOURCES], extra_cflags=FLAGS, extra_include_paths=[str(KERNELS)],
-             extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False)
+        path = library(level)
+        if path is None:
+            return None
+        torch.ops.load_library(str(path))
     except Exception as e:  # a failed build or load leaves oneDNN's kernels
         logger.warning("BentoChat's native kernels are not used: %s", e)
         return None
-    _ops = torch.ops.bentochat
+    logger.info("BentoChat's native kernels: the %s level, %s", level, path)
+    _ops, _level = torch.ops.bentochat, level
     return _ops
 
 
 def amx() -> bool:
-    """Whether the AMX kernels run here: the CPU has AMX, the kernels are built and Linux grants the
-    process AMX's tile state."""
-    return cpu_has_amx() and ops() is not None and bool(ops().amx_available())
+    """Whether the AMX kernels run here: the library loaded is the AMX level's (the CPU has AMX) and Linux
+    grants the process AMX's tile state (below that level ``amx_available`` is false)."""
+    return ops() is not None and bool(ops().amx_available())
 
 
 def runs(dtype: torch.dtype) -> bool:
-    """Whether BentoChat's own matmul and forward pass take this dtype here: bfloat16 where the CPU has
-    AMX or AVX-512 BF16, float32 where it has AVX-512."""
+    """Whether BentoChat's own matmul and forward pass take this dtype here: float32 at every level,
+    bfloat16 from the AVX-512 BF16 level up (on AMX where :func:`amx`)."""
     if ops() is None:
         return False
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and (amx() or cpu_has_avx512_bf16()))
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _level != "avx512")
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -340,10 +338,5 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out: int, bias: torch.Tensor |
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    if ops() is None:
-        print("BentoChat's native kernels: not used on this machine")
-    else:
-        bf16 = "AMX" if amx() else "AVX-512 BF16" if cpu_has_avx512_bf16() else None
-        print("BentoChat's native kernels: float32" + (f", bfloat16 on {bf16}" if bf16 else " (bfloat16 on oneDNN)")
-              + ", int8 weights")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    sys.exit(native_build.main(sys.argv[1:]))

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 #include <unistd.h>
 
+#ifdef BENTOCHAT_AMX
 namespace {
 
 constexpr int64_t PANEL = 64, CHUNK = 32, ROWS = 16;  // features per panel, inner per chunk, rows per tile
@@ -105,6 +106,18 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const
 }
 
 }  // namespace bentochat
+#else  // a level without AMX
+
+namespace bentochat {
+
+bool amx_available() { return false; }
+
+at::Tensor amx_linear(const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&) {
+  TORCH_CHECK(false, "amx_linear: this library is built without AMX");
+}
+
+}  // namespace bentochat
+#endif
 
 TORCH_LIBRARY_FRAGMENT(bentochat, m) {
   m.def("amx_available() -> bool", [] { return bentochat::amx_available(); });

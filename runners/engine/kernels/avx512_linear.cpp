@@ -63,6 +63,7 @@ struct F32 {
   }
 };
 
+#ifdef BENTOCHAT_BF16
 // bfloat16: x and W in pairs of bfloat16 (32-bit words), a step of one pair.
 struct BF16 {
   using X = uint32_t;
@@ -90,6 +91,7 @@ struct BF16 {
     }
   }
 };
+#endif
 
 // Every row of x (k steps a row) times P panels of w: blocks of ROWS rows, then the rest.
 template <typename K, int P>
@@ -165,6 +167,9 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const
 }
 
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias) {
+#ifndef BENTOCHAT_BF16
+  TORCH_CHECK(false, "bf16_linear: this library is built without AVX-512 BF16");
+#else
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && w.dim() == 4 &&
               w.size(2) == LANES && w.size(3) == 2 && w.is_contiguous() && n <= w.size(0) * LANES);
   Operands o(x, 2 * w.size(1), n, bias);
@@ -172,6 +177,7 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, cons
                static_cast<const uint32_t*>(w.data_ptr()), w.size(0), static_cast<uint16_t*>(o.y.data_ptr()), n,
                o.bias);
   return o.y.view(o.out_shape);
+#endif
 }
 
 }  // namespace bentochat

@@ -237,6 +237,7 @@ void attend(const T* q, const Columns<T>& keys, const Columns<T>& values, T* out
     }
 }
 
+#ifdef BENTOCHAT_AMX
 // Columns j0 .. j0 + 31 of the values (zeros past `length`), dimensions d0 .. d0 + 16 * chunks - 1, as
 // AMX B tiles: tile c, row r holds the pairs (column j0 + 2r, j0 + 2r + 1) of dimensions d0 + 16c + n, n < 16.
 inline void paired_values(const Columns<bf16>& values, int64_t j0, int64_t length, int64_t d0, int64_t chunks, bf16* vt) {
@@ -329,6 +330,19 @@ void attend_amx(const bf16* const* q, const int64_t* lengths, int64_t rows, cons
   }
 }
 
+// Every tile 16 rows of 64 bytes: the attention's scores, keys and queries.
+void configure_tiles() {
+  bentochat::TileConfig c;
+  for (int t = 0; t < 8; t++) { c.rows[t] = 16; c.colsb[t] = 64; }
+  _tile_loadconfig(&c);
+}
+
+void release_tiles() { _tile_release(); }
+#else  // a level without AMX: attention on tiles never runs (amx_available() is false)
+void configure_tiles() {}
+void release_tiles() {}
+#endif
+
 // attend() for rows of one sequence at consecutive positions and one key-value head: on AMX (``tiles``),
 // in bfloat16 where the head dimension is 32, 64, 96 or 128 and there are at most 16 query heads per
 // key-value head, up to 16 / groups rows in one pass over the keys (tiles configured by the caller, see
@@ -354,6 +368,7 @@ struct Attention {
   // rows of one sequence (row i's query heads q[i], its result out[i], its columns 0 .. lengths[i] - 1)
   void operator()(const T* const* q, const int64_t* lengths, int64_t rows, const Columns<T>& keys,
                   const Columns<T>& values, T* const* out) {
+#ifdef BENTOCHAT_AMX
     if constexpr (std::is_same_v<T, bf16>) {
       if (amx) {
         float* tiles = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
@@ -367,6 +382,7 @@ struct Attention {
         }
       }
     }
+#endif
     for (int64_t i = 0; i < rows; i++) one(q[i], keys, values, out[i], lengths[i]);
   }
 
@@ -382,13 +398,6 @@ struct Attention {
     attend(q, keys, values, out, groups, dim, length, probs, sums.data());
   }
 };
-
-// Every tile 16 rows of 64 bytes: the attention's scores, keys and queries.
-void configure_tiles() {
-  bentochat::TileConfig c;
-  for (int t = 0; t < 8; t++) { c.rows[t] = 16; c.colsb[t] = 64; }
-  _tile_loadconfig(&c);
-}
 
 template <typename T>
 T* data(const at::Tensor& t) { return static_cast<T*>(t.data_ptr()); }
@@ -543,7 +552,7 @@ at::Tensor run(FORWARD_ARGUMENTS) {
         }
         attention(q, lengths, n, columns(kc, r0, g), columns(vc, r0, g), out);
       }
-      if (attention.amx) _tile_release();
+      if (attention.amx) release_tiles();
     });
     const at::Tensor o = matmul(4 * l + 1, attended, hidden);
     each_row([&](int64_t r) {
@@ -570,7 +579,12 @@ at::Tensor run(FORWARD_ARGUMENTS) {
 at::Tensor forward(FORWARD_ARGUMENTS) {
   const auto dtype = embeddings.scalar_type();
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "the native forward runs bfloat16 and float32 models");
+#ifdef BENTOCHAT_BF16
   auto body = dtype == at::kBFloat16 ? run<bf16> : run<float>;
+#else
+  TORCH_CHECK(dtype == at::kFloat, "forward: a bfloat16 model, and this library is built without AVX-512 BF16");
+  auto body = run<float>;
+#endif
   return body(embeddings, slots, block_table, positions, logit_rows, cos, sin, weights, biases, lora_a, lora_b, lora_mask, norms,
               head_norms, final_norm, keys, values, heads, kv_heads, intermediate, vocab, eps);
 }

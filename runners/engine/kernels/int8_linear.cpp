@@ -131,6 +131,7 @@ void matmul(const float* x, int64_t m, int64_t groups, const int8_t* w, int64_t 
   });
 }
 
+#ifdef BENTOCHAT_AMX
 // ---- On AMX: a bfloat16 model's weights, packed in the tiles' order (pack_int8 on AMX) ----
 // x is quantized too, as llama.cpp multiplies Q8_0 weights: each row's 32 inner elements of a group to int8 with
 // their own float32 scale (absmax / 127). Per panel, for each block of up to 16 rows, group after group: one
@@ -274,6 +275,12 @@ at::Tensor on_tiles(const at::Tensor& x, const at::Tensor& w, int64_t n, const c
                      w.size(0), static_cast<uint16_t*>(y.data_ptr()), n, b);
   return y.view(out_shape);
 }
+#else  // a level without AMX
+template <bool FOUR>
+at::Tensor on_tiles(const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&) {
+  TORCH_CHECK(false, "int8_linear, int4_linear: weights packed for AMX, and this library is built without AMX");
+}
+#endif
 
 }  // namespace
 
@@ -301,7 +308,11 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, cons
     if (x.scalar_type() == at::kFloat)
       matmul<float>(rows.data_ptr<float>(), m, groups, ws, w.size(0), y.data_ptr<float>(), n, b);
     else
+#ifdef BENTOCHAT_BF16
       matmul<uint16_t>(rows.data_ptr<float>(), m, groups, ws, w.size(0), static_cast<uint16_t*>(y.data_ptr()), n, b);
+#else
+      TORCH_CHECK(false, "int8_linear: bfloat16 x, and this library is built without AVX-512 BF16");
+#endif
   }
   return y.view(out_shape);
 }

@@ -5,6 +5,17 @@
 
 #include <cstdint>
 
+// The instruction sets this library holds. runners/engine/native.py builds one library per level (AVX-512
+// F/BW/VL; with AVX-512 BF16; with AMX too) and loads the highest this CPU runs; code that needs more than
+// its level is compiled out, so a library holds no instruction its CPU may lack: there the kernels that
+// need it refuse, and amx_available() is false.
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AVX512BF16__)
+#define BENTOCHAT_AMX 1
+#endif
+#ifdef __AVX512BF16__
+#define BENTOCHAT_BF16 1
+#endif
+
 namespace bentochat {
 
 // AMX's tile configuration (LDTILECFG's 64 bytes, palette 1): each tile's rows and bytes a row.
@@ -14,7 +25,7 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Whether this process may use AMX's tiles (Linux grants them on request, once).
+// Whether this process may use AMX's tiles (Linux grants them on request, once): never below the AMX level.
 bool amx_available();
 
 // y = x W^T + b in bfloat16 on AMX (amx_linear.cpp): W packed by runners/engine/native.py, n its output

@@ -1,0 +1,151 @@
+"""BentoChat's native kernels (``kernels/``) built ahead of time: one shared library per instruction-set level
+(as ggml builds one per CPU level), which :func:`runners.engine.native.ops` loads with ``torch.ops.load_library``,
+the highest this CPU runs. Serving so needs no compiler, ninja, Python headers or write access.
+
+- ``avx512``: AVX-512 F/BW/VL: float32, and the int8 matmul of float32 models;
+- ``avx512-bf16``: and AVX-512 BF16 (AMD Zen 4): bfloat16 too;
+- ``amx``: and AMX (Intel Sapphire Rapids and later): bfloat16, int8 and 4 bits on AMX's tiles.
+
+Each level is compiled with its own flags only, and ``kernels/kernels.h`` compiles out the code that needs
+more: a library holds no instruction above its level, whatever the compiler chooses. A library is named
+``bentochat-kernels_<level>_torch<torch's version>_<sources>.so`` (sources: a hash of the kernels' sources and
+flags), and is loaded only by that torch, for those sources.
+
+``python -m runners.engine.native`` builds every level (compiling needs no particular CPU: an image's builder
+may not be its hosts) into ``$BENTOCHAT_KERNELS_DIR``, by default ``runners/engine/kernels/lib``, keeping those
+already built, and exits 1 where a build fails (so that an image's build fails). With ``--optional`` (``make
+install``) it builds only on a machine that runs them (AVX-512, a C++ compiler) and otherwise exits 0, saying
+why. On other CPUs than x86-64 there is nothing to build.
+
+The compiler is called directly (each source in parallel, then one link against torch's ``c10`` and
+``torch_cpu``) rather than through torch's extension loader: the kernels are torch operators with no Python
+module, so neither ninja nor Python's headers are needed, and the file is named as above.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+KERNELS = Path(__file__).parent / "kernels"
+SOURCES = [KERNELS / name for name in ("amx_linear.cpp", "avx512_linear.cpp", "int8_linear.cpp", "forward.cpp")]
+# OpenMP: ATen's parallel_for, inlined into the kernels, runs on one thread without it.
+COMMON = ["-O3", "-std=c++20", "-fPIC", "-fopenmp"]
+_AVX512 = (["-mavx512f", "-mavx512bw", "-mavx512vl"], {"avx512f", "avx512bw", "avx512vl"})
+_BF16 = (_AVX512[0] + ["-mavx512bf16"], _AVX512[1] | {"avx512_bf16"})
+# level: its compiler flags, the CPU flags it needs (as /proc/cpuinfo names them), what those are; lowest first
+LEVELS = {
+    "avx512": (*_AVX512, "AVX-512"),
+    "avx512-bf16": (*_BF16, "AVX-512 BF16"),
+    "amx": (_BF16[0] + ["-mamx-tile", "-mamx-bf16", "-mamx-int8"], _BF16[1] | {"amx_tile", "amx_bf16", "amx_int8"},
+            "AMX"),
+}
+
+
+def directory() -> Path:
+    """Where the libraries are: ``$BENTOCHAT_KERNELS_DIR``, by default ``kernels/lib`` in the package."""
+    return Path(os.environ.get("BENTOCHAT_KERNELS_DIR") or KERNELS / "lib")
+
+
+def sources_hash() -> str:
+    digest = hashlib.sha256(" ".join(COMMON).encode())
+    for source in [KERNELS / "kernels.h", *SOURCES]:
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def library_name(level: str) -> str:
+    return f"bentochat-kernels_{level}_torch{torch.__version__}_{sources_hash()}.so"
+
+
+def others(level: str) -> list[tuple[Path, str]]:
+    """The libraries of ``level`` in :func:`directory` that this torch and these sources may not load, and why."""
+    found = []
+    for path in sorted(directory().glob(f"bentochat-kernels_{level}_*.so")):
+        parts = path.stem.split("_")
+        if path.name != library_name(level) and len(parts) == 4:
+            version = parts[2].removeprefix("torch")
+            found.append((path, f"built for another torch ({version}; this is {torch.__version__})"
+                          if version != torch.__version__ else "built from other kernel sources"))
+    return found
+
+
+def compiler() -> str | None:
+    return shutil.which("c++")
+
+
+def _run(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:3])} ... failed:\n{done.stderr[-4000:]}")
+
+
+def build(level: str) -> Path:
+    """The library of ``level`` in :func:`directory`, compiled unless it is there (any other of that level, left
+    by other sources or another torch, removed). A lock on the directory makes concurrent builds (runners
+    starting together) one; the system drops it with its process, however that ends."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    into = directory()
+    into.mkdir(parents=True, exist_ok=True)
+    path = into / library_name(level)
+    with open(into / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            return path
+        cxx = compiler() or "c++"
+        flags = [*COMMON, *LEVELS[level][0], f"-I{KERNELS}", *(f"-isystem{p}" for p in include_paths())]
+        with tempfile.TemporaryDirectory(dir=into) as tmp:
+            objects = [str(Path(tmp) / f"{source.stem}.o") for source in SOURCES]
+            with ThreadPoolExecutor(len(SOURCES)) as pool:
+                list(pool.map(lambda s, o: _run([cxx, *flags, "-c", str(s), "-o", o]), SOURCES, objects))
+            linked = Path(tmp) / path.name
+            _run([cxx, "-shared", "-fopenmp", *objects, *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu",
+                  "-o", str(linked)])
+            os.replace(linked, path)
+        for old, _ in others(level):
+            old.unlink(missing_ok=True)
+    return path
+
+
+def main(args: list[str]) -> int:
+    """``python -m runners.engine.native [--optional]``: see the module's docstring."""
+    from runners.engine import native
+
+    optional = "--optional" in args
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        print(f"BentoChat's native kernels are for x86-64 CPUs with AVX-512: none built on {platform.machine()}")
+        return 0
+    if optional and native.level_here() is None:
+        print("BentoChat's native kernels: not built, this CPU has no AVX-512 "
+              "(`python -m runners.engine.native` builds them for other machines)")
+        return 0
+    if optional and compiler() is None:
+        print("BentoChat's native kernels: not built, this machine has no C++ compiler (c++)")
+        return 0
+    for level in LEVELS:
+        started = time.monotonic()
+        try:
+            path = build(level)
+        except Exception as e:
+            print(f"BentoChat's native kernels: the {level} level's build failed: {e}", file=sys.stderr)
+            return 0 if optional else 1
+        print(f"{path}: {path.stat().st_size / 1e6:.1f} MB, {time.monotonic() - started:.0f} s")
+    if native.ops() is None:
+        print("BentoChat's native kernels: not used on this machine")
+    else:
+        bf16 = "AMX" if native.amx() else "AVX-512 BF16" if native.runs(torch.bfloat16) else None
+        print("BentoChat's native kernels: float32" + (f", bfloat16 on {bf16}" if bf16 else " (bfloat16 on oneDNN)")
+              + ", int8 weights")
+    return 0
