@@ -22,7 +22,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.bentochat-installed
 
-.PHONY: install browser serve test build image base-image clean
+.PHONY: install browser serve test build image base-image engine clean
 
 install: $(STAMP)
 
@@ -79,6 +79,17 @@ image: build
 
 base-image:
 	ENGINE=$(ENGINE) deploy/base-image.sh
+
+# A container engine on Debian (CI's, for tests/test_image.py): podman and buildah from Debian's packages,
+# mmdebstrap for the base image, and a containers.conf whose limits are this machine's own: podman's
+# defaults (open files, processes) lie above what a VM like this one allows, and runc then refuses to start.
+ENGINE_PKGS = podman buildah mmdebstrap uidmap
+engine:
+	dpkg -s $(ENGINE_PKGS) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(ENGINE_PKGS); }
+	test -f /etc/containers/containers.conf || \
+		printf '[containers]\ndefault_ulimits = ["nofile=%s:%s", "nproc=32768:32768"]\n' $$(ulimit -Hn) $$(ulimit -Hn) | \
+		$(SUDO) tee /etc/containers/containers.conf
 
 clean:
 	rm -rf $(VENV) *.egg-info

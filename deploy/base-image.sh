@@ -3,8 +3,9 @@
 # (or Docker) as local images, for machines that reach Debian's archive but no container registry:
 #   bentochat-base:bookworm     Debian bookworm's Python 3.11 with pip and venv, for BentoML's Dockerfile
 #                               (docker.base_image in bentofile.cpu.yaml); stands in for python:3.11-slim
-#   bentochat-builder:bookworm  the same plus g++, Python's headers and ninja: the image's builder stage,
-#                               where BentoChat's native kernels are compiled (none of it reaches the image)
+#   bentochat-builder:bookworm  the same plus g++: the image's builder stage, where BentoChat's native
+#                               kernels are compiled (`python -m runners.engine.native`); no compiler
+#                               reaches the image
 # An image already there is kept (FORCE=1 makes it again). ENGINE=docker imports into Docker instead.
 set -euo pipefail
 ENGINE=${ENGINE:-podman}
@@ -13,7 +14,7 @@ MIRROR=${MIRROR:-http://deb.debian.org/debian}
 # pip and venv for BentoML's Dockerfile (it pip-installs uv), passwd for its useradd, libgomp1 for the
 # kernels' OpenMP; no documentation or locales.
 RUNTIME=python3,python3-pip,python3-venv,ca-certificates,passwd,libgomp1
-BUILDER=$RUNTIME,g++,python3-dev,ninja-build
+BUILDER=$RUNTIME,g++
 
 make_image() {  # make_image NAME PACKAGES
     if [ -z "${FORCE:-}" ] && $ENGINE image inspect "$1" >/dev/null 2>&1; then
