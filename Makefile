@@ -72,7 +72,7 @@ BENTO_PATH = $(shell $(BIN)/bentoml get $(BENTO) -o path)
 OFFLINE  = --opt volume=$(abspath $(WHEELS)):/wheels:ro --opt build-arg=WHEELS=/wheels --opt network=none
 image: build
 	if grep -q 'base_image: .*bentochat-base:' $(BENTO_PATH)/bento.yaml; then ENGINE=$(ENGINE) deploy/base-image.sh; fi
-	$(if $(WHEELS),deploy/wheelhouse.sh $(BENTO_PATH)/env/python/requirements.txt $(WHEELS))
+	$(if $(WHEELS),PIP=$(BIN)/pip deploy/wheelhouse.sh $(BENTO_PATH)/env/python/requirements.txt $(WHEELS))
 	mkdir -p build/tmp
 	TMPDIR=$(CURDIR)/build/tmp BUILDAH_FORMAT=docker $(BIN)/bentoml containerize $(BENTO) --backend $(BACKEND) \
 		$(if $(WHEELS),$(OFFLINE))
