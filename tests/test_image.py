@@ -35,7 +35,8 @@ ENGINE = engine()
 
 @pytest.fixture(scope="module")
 def image(embedded_models) -> str:
-    """`make image` of the CPU bento; the image's tag (removed afterwards)."""
+    """`make image` of the CPU bento; the image's tag. The image is kept: removing it would remove the layers
+    that the next build reuses (the installed packages, the compiled kernels, the models)."""
     import bentoml
 
     if ENGINE is None:
@@ -51,9 +52,7 @@ def image(embedded_models) -> str:
         done = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                               env={**os.environ, "BENTOCHAT_CONFIG": str(ROOT / "bentochat.yaml")})
     assert done.returncode == 0, log.read_text()[-5000:]
-    tag = str(bentoml.get("bentochat-cpu:latest").tag)
-    yield tag
-    subprocess.run([ENGINE, "rmi", "-f", tag], capture_output=True)
+    return str(bentoml.get("bentochat-cpu:latest").tag)
 
 
 def run(image: str, name: str, *args: str) -> str:
@@ -109,8 +108,12 @@ def expected_kernels_line() -> str:
 
 
 CLIENT = f"""
-import json, openai
+import json, time, openai
 client = openai.OpenAI(base_url="http://127.0.0.1:3000/v1", api_key="none", max_retries=0)
+# /readyz (so the HEALTHCHECK) passes once some model has a runner up: wait for both models as well.
+deadline = time.monotonic() + 600
+while {{m.id for m in client.models.list()}} != {{"{CHAT}", "{EMBEDDING}"}} and time.monotonic() < deadline:
+    time.sleep(1)
 chat = client.chat.completions.create(model="{CHAT}", messages=[{{"role": "user", "content": "Say hello."}}],
                                       max_tokens=8, temperature=0)
 embedding = client.embeddings.create(model="{EMBEDDING}", input=["hello"])
@@ -120,15 +123,19 @@ print(json.dumps({{"models": sorted(m.id for m in client.models.list()), "text":
 
 
 def test_image_serves_both_models_offline_on_the_prebuilt_kernels(image):
+    started = time.monotonic()
     name = run(image, "bentochat-test-image")
     try:
         wait_healthy(name)
         answer = json.loads(in_network_of(name, CLIENT))
+        size = subprocess.run([ENGINE, "image", "inspect", "-f", "{{.Size}}", image], capture_output=True,
+                              text=True).stdout.strip()
+        print(f"image {image}: {int(size) / 1e9:.2f} GB, both models answered {time.monotonic() - started:.0f} s "
+              "after the container's start")
         assert answer["models"] == sorted([CHAT, EMBEDDING])
         assert answer["text"] and answer["tokens"] > 0
         assert answer["dimensions"] == 384
         log = logs(name)
-        (ARTIFACTS / "image-serve.log").write_text(log)
         assert expected_kernels_line() in log, log[-5000:]
         assert "native forward" in log and "building it now" not in log and "no C++ compiler" not in log
         # No compiler, no triton (xgrammar's GPU kernel): the image runs what its builder compiled.
@@ -137,6 +144,7 @@ def test_image_serves_both_models_offline_on_the_prebuilt_kernels(image):
         assert subprocess.run([ENGINE, "exec", name, "python", "-c", "import triton"],
                               capture_output=True).returncode != 0
     finally:
+        (ARTIFACTS / "image-serve.log").write_text(logs(name))
         subprocess.run([ENGINE, "rm", "-f", name], capture_output=True)
 
 
