@@ -185,10 +185,12 @@ class VLLMEngine:
                 "kv_cache_capacity_bytes": self.kv_capacity, "adapters": adapters}
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       adapter: str | None = None) -> AsyncIterator[TokenEvent]:
+                       adapter: str | None = None, tenant: str | None = None,
+                       weight: float = 1.0) -> AsyncIterator[TokenEvent]:
         """The request's tokens as vLLM generates them; before the first, ``RequestError`` for a request it
         cannot run, ``QueueFull`` past ``max_concurrency + max_queue`` requests, ``EngineError`` once it is
-        dead. A caller that stops reading aborts the request."""
+        dead. A caller that stops reading aborts the request. ``tenant`` and ``weight`` are taken and not
+        used: vLLM's scheduler serves requests first come, first served (docs/engines.md)."""
         from vllm.exceptions import VLLMValidationError
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError
