@@ -72,7 +72,10 @@ def test_bento_holds_models_and_a_complete_dockerfile(embedded_models, tmp_path,
     dockerfile = (path / "env" / "docker" / "Dockerfile").read_text()
     # The Dockerfile installs requirements.txt through env/python/install.sh (a bento with a Dockerfile
     # template is BentoML's spec 1).
-    for needed in ("FROM python:3.11", "env/python/install.sh", "COPY --chown=bentoml:bentoml . ./", "EXPOSE 3000", "ENTRYPOINT"):
+    # Models, the kernels built in their own stage and the code are layers of their own.
+    for needed in ("FROM python:3.11", "env/python/install.sh", "COPY --chown=bentoml:bentoml ./models ./models/",
+                   "COPY --from=kernels /opt/bentochat/kernels", "COPY --chown=bentoml:bentoml ./src ./src/",
+                   "EXPOSE 3000", "ENTRYPOINT"):
         assert needed in dockerfile
     assert '"$BASEDIR/requirements.txt"' in (path / "env" / "python" / "install.sh").read_text()
     check_image(dockerfile)
