@@ -22,12 +22,12 @@ def num(v: float | None, digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-HEADER = (f"{'system':<28}{'load':<20}{'conc':>5}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}"
+HEADER = (f"{'system':<34}{'load':<20}{'conc':>5}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}"
           f"{'prompt tok/s':>14}{'peak RSS MiB':>14}")
 
 
 def line(row: dict) -> str:
-    return (f"{row['system']:<28}{row['load']:<20}{row['concurrency']:>5}{num(row.get('tok_s')):>9}"
+    return (f"{row['system']:<34}{row['load']:<20}{row['concurrency']:>5}{num(row.get('tok_s')):>9}"
             f"{ms(row.get('ttft_p50')):>10}{ms(row.get('ttft_p99')):>10}{ms(row.get('itl_p50')):>9}"
             f"{num(row.get('prompt_tok_s'), 0):>14}{num(row.get('peak_rss_mib'), 0):>14}")
 
@@ -100,10 +100,10 @@ class Results:
         if self.servers:
             print("\nmemory, MiB: the server and every process it started; RSS summed over them (sampled every "
                   "0.25 s), PSS (shared pages split between them; every 2 s), the largest VmHWM of one of them")
-            print(f"{'system':<28}{'ready in s':>11}{'RSS ready':>11}{'peak RSS':>10}{'PSS ready':>11}{'peak PSS':>10}"
+            print(f"{'system':<34}{'ready in s':>11}{'RSS ready':>11}{'peak RSS':>10}{'PSS ready':>11}{'peak PSS':>10}"
                   f"{'largest VmHWM':>15}{'procs':>7}")
             for s in self.servers:
-                print(f"{s['system']:<28}{num(s['ready_s']):>11}{s['rss_ready_mib']:>11.0f}{s['peak_rss_mib']:>10.0f}"
+                print(f"{s['system']:<34}{num(s['ready_s']):>11}{s['rss_ready_mib']:>11.0f}{s['peak_rss_mib']:>10.0f}"
                       f"{s['pss_ready_mib']:>11.0f}{s['peak_pss_mib']:>10.0f}{s['max_process_hwm_mib']:>15.0f}"
                       f"{s['processes']:>7}")
         if self.failures:
