@@ -76,6 +76,7 @@ test-vllm: install-vllm
 
 # The bento: bentofile.yaml (PyPI's torch, with CUDA) where the machine has an NVIDIA GPU, else
 # bentofile.cpu.yaml (bentochat-cpu: PyTorch's CPU torch, on the base image of deploy/base-image.sh).
+# With vLLM's engine on GPUs: BENTOFILE=bentofile.vllm.yaml (bentochat-vllm, docs/engines.md).
 GPU       := $(shell command -v nvidia-smi)
 BENTOFILE ?= $(if $(GPU),bentofile.yaml,bentofile.cpu.yaml)
 build: install

