@@ -33,9 +33,9 @@ from pathlib import Path
 import runner_client
 from models.config import HealthConfig, ServedModel
 from models.info import ModelInfo
-from openai_api.errors import generation_failed, invalid_value, model_not_found, model_not_supported, \
-    model_unavailable, queue_full
-from openai_api.ids import TENANT, sequence_id
+from openai_api.errors import adapter_load_failed, generation_failed, invalid_value, model_not_found, \
+    model_not_supported, model_unavailable, queue_full
+from openai_api.ids import TENANT, allowed, sequence_id
 from openai_api.streams import race
 from runner_client import RunnerSilent, RunnerStream
 from runners.engine.sequence import SamplingParams, TokenEvent
@@ -131,12 +131,12 @@ class Model:
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None
                        ) -> AsyncIterator[TokenEvent]:
-        """The tokens of one sequence (on LoRA ``adapter``, if given; for the tenant in ``ids.TENANT``,
-        which the runner's batch shares by weight) as its runner generates them. A
-        call that fails before the first token is retried on another replica (a pooled connection the
-        runner had closed, a replica that died with the request in its queue); one that stops being read
-        (client gone, stop string) or fails is aborted in the runner. Raises OpenAI errors: 429 for a full queue, 400 for what the
-        engine refused, 503 when no replica answers (also mid-stream), 500 when the engine failed."""
+        """The tokens of one sequence (on LoRA ``adapter``, if given; for the tenant in ``ids.TENANT``, which the
+        runner's batch shares by weight) as its runner generates them. A call that fails before the first token
+        is retried on another replica (a pooled connection the runner had closed, a replica that died with the
+        request in its queue); one that stops being read (client gone, stop string) or fails is aborted in the
+        runner. Raises OpenAI errors: 429 for a full queue, 400 for what the engine refused, 503 when no replica
+        answers (also mid-stream), 500 when the engine failed."""
         payload, extra = params.to_dict(), generate_args(adapter, TENANT.get())
         for attempt in range(ATTEMPTS):
             replica, request_id = self.pick(adapter), sequence_id()
@@ -223,8 +223,8 @@ class Model:
         return {**total, "adapters": adapters, "replicas": per_replica}
 
     async def load_adapter(self, name: str, source: str) -> dict:
-        """Serve LoRA adapter ``source`` (a PEFT directory on the runners' machine, or an adapter's store
-        tag there) as ``name`` on every ready replica; on none if one refuses it (a 400 saying why)."""
+        """Serve LoRA adapter ``source`` (a PEFT directory or an adapter's store tag on the runners' machine)
+        as ``name`` on every ready replica; on none if one refuses it (400), fails (500) or is silent (503)."""
         replicas = [r for r in self.replicas if r.ready]
         if not replicas:
             raise model_unavailable(self.id)
@@ -236,7 +236,11 @@ class Model:
             refusal = next(a for a in answers if not (isinstance(a, dict) and "adapter" in a))
             if isinstance(refusal, BaseException):
                 logger.warning("loading adapter %s on %s failed: %r", name, self.id, refusal)
+                refusal = runner_client.error_answer(refusal)
+            if refusal is None:
                 raise model_unavailable(self.id)
+            if refusal.get("fault"):
+                raise adapter_load_failed(name, self.id, refusal["error"])
             raise invalid_value("lora_path", refusal["error"])
         for replica, answer in loaded:
             replica.adapters[name] = answer["adapter"]  # served now, not only after the next poll
@@ -383,16 +387,15 @@ class Registry:
         return dict(zip((m.id for m in ready), await asyncio.gather(*(m.stats() for m in ready))))
 
     def get(self, model_id: str, kind: str | None = None) -> Model | AdapterModel:
-        """The model clients call ``model_id``, ready to serve (and of ``kind``, if given); raises the
-        OpenAI error otherwise."""
-        if model_id not in self.entries:
-            adapter = self.adapter(model_id)
-            if adapter is None:
-                raise model_not_found(model_id)
+        """The model clients call ``model_id``, ready to serve (and of ``kind``, if given), that the request's
+        tenant may use (else the 404 of an unknown model, on every route); raises the OpenAI error otherwise."""
+        model = self.entries.get(model_id) or self.adapter(model_id)
+        if model is None or not allowed(model.id, model.base.id if isinstance(model, AdapterModel) else model.id):
+            raise model_not_found(model_id)
+        if isinstance(model, AdapterModel):
             if kind is not None and kind != "chat":
                 raise model_not_supported(model_id, "adapter of a chat")
-            return adapter
-        model = self.entries[model_id]
+            return model
         if not model.ready:
             raise model_unavailable(model_id)
         if kind is not None and model.info.kind != kind:

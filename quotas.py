@@ -26,7 +26,7 @@ import bentoml
 
 from ledger import Ledger
 from models.tenants import Budget, TenantConfig, key_digest, key_id
-from openai_api.errors import OpenAIError
+from openai_api.errors import OpenAIError, model_not_found
 
 PROMPT, COMPLETION = 0, 1
 KINDS = ("prompt", "completion")
@@ -112,6 +112,7 @@ class Account:
     admitted: bool = False
     reserved: tuple[int, int] = (0, 0)
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt tokens, those the runner's prefix cache gave
     completion_tokens: int = 0
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
@@ -123,8 +124,10 @@ class Account:
         adapter of ``base_id``, or ``base_id`` itself), or raise the OpenAI error that refuses it."""
         self.quotas.admit(self, model_id, base_id, prompt_tokens, max_tokens)
 
-    def generated(self, tokens: int) -> None:
+    def generated(self, tokens: int, cached: int = 0) -> None:
+        """A sequence has ended with ``tokens`` generated, its prompt's ``cached`` tokens from the prefix cache."""
         self.completion_tokens += tokens
+        self.cached_tokens += cached
 
     def close(self, status: int) -> None:
         self.quotas.close(self, status)
@@ -171,8 +174,7 @@ class Quotas:
 
     def admit(self, account: Account, model_id: str, base_id: str, prompt_tokens: int, max_tokens: int) -> None:
         if not account.allows(model_id, base_id):
-            raise OpenAIError(404, f"The model `{model_id}` does not exist or you do not have access to it.",
-                              param="model", code="model_not_found")
+            raise model_not_found(model_id)
         state, now = self.states[account.tenant.name], self.clock()
         state.roll(now)
         account.model, account.adapter = base_id, (model_id if model_id != base_id else None)
@@ -226,7 +228,7 @@ class Quotas:
             self.ledger.append({
                 "time": round(now, 3), "tenant": account.tenant.name, "key_id": account.key_id,
                 "model": account.model, "adapter": account.adapter, "prompt_tokens": account.prompt_tokens,
-                "cached_tokens": 0, "completion_tokens": account.completion_tokens,
+                "cached_tokens": account.cached_tokens, "completion_tokens": account.completion_tokens,
                 "latency_ms": round((time.monotonic() - account.started) * 1000), "status": status})
 
     def _headers(self, state: TenantState, windows: list[Window], now: float) -> list[tuple[bytes, bytes]]:

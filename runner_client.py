@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import bentoml
 import httpx
+from bentoml.exceptions import BentoMLException
 
 from runners.engine.sequence import TokenEvent
 from runners.wire import NEVER_RECYCLE, REQUEST_TIMEOUT_S, read_events
@@ -20,6 +21,15 @@ class RunnerSilent(ConnectionError):
 
     def __init__(self):
         super().__init__("the runner stopped answering the gateway's health polls")
+
+
+def error_answer(exc: BaseException) -> dict | None:
+    """What a runner answered a call that failed with ``exc``, in its API's own shape: ``{"error", "fault"}``,
+    a fault of its own for a 5xx status (BentoML's clients raise an error status as a ``BentoMLException``);
+    None when it gave no answer: a connection refused or cut, a timeout."""
+    if not isinstance(exc, BentoMLException):
+        return None
+    return {"error": str(exc), "fault": int(exc.error_code) >= 500}
 
 
 def unbounded(client):

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 import bentoml
+from bentoml._internal.configuration.containers import BentoMLContainer  # the configuration bentoml serve reads
 
 from starlette.middleware.cors import CORSMiddleware
 
@@ -33,7 +34,7 @@ from middleware import (
     route_label,
 )
 from ledger import Ledger
-from models.config import ServedModel, load_config
+from models.config import ConfigError, ServedModel, load_config
 from models.tenants import with_plain_keys
 from models.embedded import ensure_available
 from openai_api.responses import ResponseStore
@@ -92,6 +93,19 @@ class Gateway:
         logger.info("serving %s", ", ".join(m.id for m in models))
         freeze_startup_heap()
 
+    @bentoml.on_deployment
+    def one_worker() -> None:
+        """In `bentoml serve`'s own process, before any worker starts: the gateway runs one worker. The
+        tenants' quotas (requests under way, reservations), the usage ledger's one writer, the stored
+        responses and the chat page's sign-ins live in its process; a second worker would keep budgets
+        of its own, and the two would rotate one ledger file (docs/teams.md, "One gateway process")."""
+        config = BentoMLContainer.config.services.get().get(BentoChat.name) or {}  # what bentoml serve counts by
+        workers = config.get("workers", 1)
+        if workers != 1:
+            raise ConfigError(f"the gateway (service bentochat) runs one worker, and BentoML's configuration "
+                              f"asks for {workers!r} (services.bentochat.workers): its quotas, usage ledger and "
+                              "stored responses live in its process. Remove that setting.")
+
     @bentoml.on_startup
     async def watch_runners(self) -> None:
         self.registry.start()
@@ -124,7 +138,7 @@ Gateway = bentoml.asgi_app(app, path="/v1")(Gateway)
 Gateway = bentoml.asgi_app(chat_ui_app(UI, "/ui", set(CONFIG.keys), SIGN_IN_ATTEMPTS, UI_SESSIONS), path="/ui")(Gateway)
 # Readiness is the registry's own (every configured model has a ready runner: the Readiness middleware
 # answers /readyz), not BentoML's probe that every dependency is ready.
-BentoChat = bentoml.service(name="bentochat", traffic={"timeout": REQUEST_TIMEOUT_S},
+BentoChat = bentoml.service(name="bentochat", workers=1, traffic={"timeout": REQUEST_TIMEOUT_S},
                             runner_probe={"enabled": False})(Gateway)
 # Around every route of the gateway, the first outermost (see middleware.py).
 if GATEWAY.cors.allow_origins:

@@ -260,10 +260,12 @@ class ResponsesConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     store_size: int = Field(default=1000, ge=0, description="the Responses API keeps the last this many "
-                                                            "responses in memory, for previous_response_id and "
-                                                            "GET /v1/responses/{id}; an older id is a 404; 0 keeps none")
-    store_mb: float = Field(default=128, gt=0, description="and at most this many MiB of them (their JSON, with "
-                                                           "the conversation each continues), the oldest dropped first")
+                                                            "responses of each tenant in memory, for "
+                                                            "previous_response_id and GET /v1/responses/{id}; an "
+                                                            "older id is a 404; 0 keeps none")
+    store_mb: float = Field(default=128, gt=0, description="and at most this many MiB of them per tenant (their "
+                                                           "JSON, with the conversation each continues), the oldest "
+                                                           "dropped first")
 
 
 class LoRAConfig(BaseModel):

@@ -68,7 +68,9 @@ def context_length_exceeded(context: int, prompt_tokens: int, param: str, max_to
 
 
 def model_not_found(model_id: str) -> OpenAIError:
-    return OpenAIError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
+    """Unknown, or one the key's tenant may not use: OpenAI's one answer for both."""
+    return OpenAIError(404, f"The model `{model_id}` does not exist or you do not have access to it.", param="model",
+                       code="model_not_found")
 
 
 def model_not_supported(model_id: str, kind: str, hint: str = "does not support this endpoint",
@@ -94,6 +96,12 @@ def admin_only(what: str) -> OpenAIError:
 
 def generation_failed(model_id: str, reason: str) -> OpenAIError:
     return OpenAIError(500, f"Generation with `{model_id}` failed: {reason}", code="generation_failed")
+
+
+def adapter_load_failed(name: str, model_id: str, reason: str) -> OpenAIError:
+    """A runner failed while loading an adapter, by a fault of its own (not of the adapter's files)."""
+    return OpenAIError(500, f"Loading the adapter `{name}` on `{model_id}` failed on its runner: {reason}",
+                       code="adapter_load_failed")
 
 
 def client_closed() -> OpenAIError:

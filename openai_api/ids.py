@@ -1,6 +1,7 @@
 """Ids: of the request being handled (``x-request-id``, which every log line names), of its client (the
-API key it was accepted with), of the objects the API returns (``chatcmpl-…``), and of a sequence in its
-runner. Imports nothing of the project."""
+API key it was accepted with, its tenant and account, and whether that tenant may use a model), of the
+objects the API returns (``chatcmpl-…``, ``resp_…``), and of a sequence in its runner. Imports nothing of
+the project."""
 
 from __future__ import annotations
 
@@ -20,11 +21,19 @@ TENANT: contextvars.ContextVar[tuple[str, float] | None] = contextvars.ContextVa
 ACCOUNT: contextvars.ContextVar = contextvars.ContextVar("bentochat_account", default=None)
 
 
+def allowed(model_id: str, base_id: str) -> bool:
+    """Whether the request's tenant (if any) may use the model ``model_id`` (an adapter of ``base_id``, or
+    ``base_id`` itself)."""
+    account = ACCOUNT.get()
+    return account is None or account.allows(model_id, base_id)
+
+
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    """A new object id: ``prefix`` with its separator, as OpenAI writes each kind (``chatcmpl-``, ``resp_``)."""
+    return f"{prefix}{uuid.uuid4().hex}"
 
 
 def sequence_id() -> str:
     """A sequence's id in its runner: the request's own (x-request-id), so that the runner's log lines
     name it, and a suffix that keeps choices and retries apart."""
-    return f"{REQUEST_ID.get() or new_id('req')}-{uuid.uuid4().hex[:8]}"
+    return f"{REQUEST_ID.get() or new_id('req-')}-{uuid.uuid4().hex[:8]}"

@@ -13,14 +13,20 @@ class Response(BaseModel):
     pass
 
 
+class PromptTokensDetails(Response):
+    cached_tokens: int = 0  # of the prompt tokens, those the runner's prefix cache gave
+
+
 class Usage(Response):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None  # generations only
 
     @classmethod
-    def of(cls, prompt: int, completion: int) -> Usage:
-        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    def of(cls, prompt: int, completion: int, cached: int) -> Usage:
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 FinishReason = Literal["stop", "length", "tool_calls"]

@@ -70,35 +70,41 @@ class ResponsesRequest(TopLevelRequest):
 
 
 class ResponseStore:
-    """Finished responses, with the messages that led to them, each for the API key that made it
-    (``owner``; None without keys): the last ``size`` of them within ``max_bytes`` of JSON, oldest
-    dropped first. Another key's response is not found."""
+    """Finished responses, with the messages that led to them, each for the API key that made it:
+    ``owner`` is (tenant, key), (None, None) without keys. Each tenant's last ``size`` within ``max_bytes``
+    of JSON are kept, its oldest dropped first: one tenant's responses never push out another's. Another
+    key's response is not found."""
 
     def __init__(self, size: int = DEFAULT_STORE_SIZE, max_bytes: int = DEFAULT_STORE_BYTES):
         self.size, self.max_bytes = size, max_bytes
-        self._items: OrderedDict[str, tuple[str | None, dict, list[dict], int]] = OrderedDict()
-        self._bytes = 0
+        # tenant -> its responses by id, oldest first: (key, response, messages, bytes); and its bytes held
+        self._kept: dict[str | None, OrderedDict[str, tuple[str | None, dict, list[dict], int]]] = {}
+        self._bytes: dict[str | None, int] = {}
         self._lock = threading.Lock()
 
-    def put(self, response: dict, messages: list[dict], owner: str | None) -> None:
+    def put(self, response: dict, messages: list[dict], owner: tuple[str | None, str | None]) -> None:
         if self.size <= 0:
             return
         size = len(json.dumps(response)) + len(json.dumps(messages))
         if size > self.max_bytes:
             return
+        tenant, key = owner
         with self._lock:
-            self._items[response["id"]] = (owner, response, messages, size)
-            self._bytes += size
-            while len(self._items) > self.size or self._bytes > self.max_bytes:
-                self._bytes -= self._items.popitem(last=False)[1][3]
+            kept = self._kept.setdefault(tenant, OrderedDict())
+            kept[response["id"]] = (key, response, messages, size)
+            self._bytes[tenant] = self._bytes.get(tenant, 0) + size
+            while len(kept) > self.size or self._bytes[tenant] > self.max_bytes:
+                self._bytes[tenant] -= kept.popitem(last=False)[1][3]
 
-    def get(self, response_id: str, owner: str | None) -> tuple[dict, list[dict]]:
+    def get(self, response_id: str, owner: tuple[str | None, str | None]) -> tuple[dict, list[dict]]:
+        tenant, key = owner
         with self._lock:
-            found = self._items.get(response_id)
-        if found is None or found[0] != owner:
+            found = self._kept.get(tenant, {}).get(response_id)
+        if found is None or found[0] != key:
             raise OpenAIError(404, f"Response with id '{response_id}' not found. This server keeps the last "
-                                   f"{self.size} responses ({self.max_bytes // 2**20} MiB) in memory, each for "
-                                   "the API key that made it.", param="response_id", code="response_not_found")
+                                   f"{self.size} responses ({self.max_bytes // 2**20} MiB) of each tenant in "
+                                   "memory, each for the API key that made it.", param="response_id",
+                              code="response_not_found")
         return found[1], found[2]
 
 
@@ -231,8 +237,8 @@ def response_object(req: ResponsesRequest, rid: str, created: float, status: str
     }
 
 
-def usage_of(prompt_tokens: int, output_tokens: int) -> dict:
-    return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+def usage_of(prompt_tokens: int, output_tokens: int, cached_tokens: int) -> dict:
+    return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": cached_tokens},
             "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": prompt_tokens + output_tokens}
 
@@ -242,11 +248,11 @@ def output_items(parser, cut: bool = False) -> tuple[list[dict], list[dict]]:
     ``max_output_tokens``, which leaves its last item ``incomplete``, as OpenAI marks it."""
     items, turn = [], {"role": "assistant", "content": parser.content or None}
     if parser.reasoning_text:
-        items.append(reasoning_item(new_id("rs"), parser.reasoning_text))
+        items.append(reasoning_item(new_id("rs_"), parser.reasoning_text))
     if parser.content or not parser.calls:
-        items.append(message_item(new_id("msg"), parser.content))
+        items.append(message_item(new_id("msg_"), parser.content))
     for c in parser.calls:
-        items.append(call_item(new_id("fc"), c.id, c.name, c.arguments))
+        items.append(call_item(new_id("fc_"), c.id, c.name, c.arguments))
     if cut:
         items[-1]["status"] = "incomplete"
     if parser.calls:
@@ -272,7 +278,7 @@ async def events(req: ResponsesRequest, rid: str, run, finish: Callable[[dict, l
     text = ""
     calls: dict[int, dict] = {}  # parser call index -> its item
     reasoning_text = ""
-    count, reason = 0, None
+    count, reason, cached = 0, None, 0
 
     def close_message(status: str = "completed"):
         nonlocal message
@@ -290,11 +296,11 @@ async def events(req: ResponsesRequest, rid: str, run, finish: Callable[[dict, l
         return done
 
     async for _, ev, d in run.deltas():
-        count, reason = ev.completion_tokens, ev.finish_reason
+        count, reason, cached = ev.completion_tokens, ev.finish_reason, ev.cached_tokens
         reasoning_text += d.reasoning
         if d.content and not (calls and not d.content.strip()):
             if message is None:
-                message = message_item(new_id("msg"), "", status="in_progress")
+                message = message_item(new_id("msg_"), "", status="in_progress")
                 output.append(message)
                 yield event("response.output_item.added", output_index=len(output) - 1, item=dict(message))
                 yield event("response.content_part.added", item_id=message["id"], output_index=len(output) - 1,
@@ -306,7 +312,7 @@ async def events(req: ResponsesRequest, rid: str, run, finish: Callable[[dict, l
             if c.id is not None:
                 for done in close_message():
                     yield done
-                calls[c.index] = call_item(new_id("fc"), c.id, c.name, "", status="in_progress")
+                calls[c.index] = call_item(new_id("fc_"), c.id, c.name, "", status="in_progress")
                 output.append(calls[c.index])
                 yield event("response.output_item.added", output_index=len(output) - 1, item=dict(calls[c.index]))
             if c.arguments:
@@ -324,9 +330,9 @@ async def events(req: ResponsesRequest, rid: str, run, finish: Callable[[dict, l
                     arguments=item["arguments"])
         yield event("response.output_item.done", output_index=i, item=item)
     if reasoning_text:  # last, so that the indices the events named stay right
-        output.append(reasoning_item(new_id("rs"), reasoning_text))
-    response = response_object(req, rid, created, "completed", output, usage_of(len(run.prompt_ids), count),
-                               "length" if cut else None)
+        output.append(reasoning_item(new_id("rs_"), reasoning_text))
+    usage = usage_of(len(run.prompt_ids), count, cached)
+    response = response_object(req, rid, created, "completed", output, usage, "length" if cut else None)
     _, turn = output_items(run.parsers[0])
     finish(response, turn)
     yield event("response.incomplete" if cut else "response.completed", response=response)

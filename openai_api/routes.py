@@ -24,7 +24,6 @@ from openai_api.errors import (
     OpenAIError,
     context_length_exceeded,
     invalid_value,
-    model_not_found,
     model_not_supported,
 )
 from openai_api.extensions import (
@@ -37,8 +36,8 @@ from openai_api.extensions import (
     TokenizeRequest,
     UnloadLoRAAdapterRequest,
 )
-from openai_api.ids import ACCOUNT, API_KEY, new_id
-from openai_api.tenancy import allowed, require_admin, usage
+from openai_api.ids import ACCOUNT, API_KEY, TENANT, allowed, new_id
+from openai_api.tenancy import require_admin, usage
 from openai_api.logprobs import chat_logprobs, completion_logprobs
 from openai_api.objects import (
     AssistantMessage,
@@ -62,7 +61,7 @@ from openai_api.objects import (
 from openai_api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, EmbeddingRequest
 from openai_api.responses import ResponsesRequest, ResponseStore, to_chat_request
 from openai_api.streams import sse, started, unless_disconnected
-from openai_api.text_stream import collect, run_choices
+from openai_api.text_stream import collect, prompt_cached, run_choices
 from openai_api.tool_calls import AnswerParser
 
 # The published schema: errors in OpenAI's shape. ("default" also keeps FastAPI from adding a 422
@@ -107,8 +106,6 @@ async def list_models(request: Request) -> ModelList:
 @app.get("/models/{model_id:path}")
 async def retrieve_model(model_id: str, request: Request) -> ModelCard:
     model = _registry(request).get(model_id)
-    if not allowed(model.id, model.info.id):
-        raise model_not_found(model_id)
     return _card(model.info, model if model.id != model.info.id else None)
 
 
@@ -177,7 +174,7 @@ def _sse(events):
 @app.post("/chat/completions", responses=STREAMS)
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     run = await start_chat(_registry(request), req, request)
-    rid = new_id("chatcmpl")
+    rid = new_id("chatcmpl-")
 
     def logprobs(entries):
         return chat_logprobs(run.info.tokenizer, entries) if req.logprobs else None
@@ -188,11 +185,11 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                 index=i, delta=delta or Delta(), finish_reason=finish_reason, logprobs=logprobs(entries))])
 
         async def chunks():
-            counts = [0] * req.n
+            counts, cached = [0] * req.n, [0] * req.n
             for i in range(req.n):
                 yield chunk(i, Delta(role="assistant", content=""))
             async for i, ev, d in run.deltas():
-                counts[i] = ev.completion_tokens
+                counts[i], cached[i] = ev.completion_tokens, ev.cached_tokens
                 if d.reasoning or d.content or ev.logprobs:
                     yield chunk(i, Delta(content=d.content or None, reasoning_content=d.reasoning or None),
                                 entries=ev.logprobs)
@@ -201,12 +198,13 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                 if ev.finish_reason:
                     yield chunk(i, finish_reason=run.parsers[i].finish_reason(ev.finish_reason))
             if req.include_usage:
-                yield ChatCompletionChunk(id=rid, model=req.model, choices=[],
-                                          usage=Usage.of(len(run.prompt_ids), sum(counts)))
+                usage = Usage.of(len(run.prompt_ids), sum(counts), prompt_cached(cached, req.n))
+                yield ChatCompletionChunk(id=rid, model=req.model, choices=[], usage=usage)
         return _sse(chunks())
 
     answers = await unless_disconnected(request, run.collect())
-    usage = Usage.of(len(run.prompt_ids), sum(a.completion_tokens for a in answers))
+    usage = Usage.of(len(run.prompt_ids), sum(a.completion_tokens for a in answers),
+                     prompt_cached([a.cached_tokens for a in answers], req.n))
     return ChatCompletion(id=rid, model=req.model, usage=usage, choices=[
         ChatChoice(index=i, message=_message(p), finish_reason=a.finish_reason, logprobs=logprobs(a.logprobs))
         for i, (a, p) in enumerate(zip(answers, run.parsers))
@@ -239,7 +237,7 @@ async def completions(req: CompletionRequest, request: Request):
     # max_tokens may be clamped per prompt; the tightest applies to all, as one request.
     params = min((req.to_sampling_params(info, len(p)) for p in prompts), key=lambda p: p.max_tokens)
     choices = run_choices(model, prompts, params, req.n)
-    rid = new_id("cmpl")
+    rid = new_id("cmpl-")
     prompt_tokens = sum(len(p) for p in prompts)
 
     total = len(prompts) * req.n
@@ -251,9 +249,9 @@ async def completions(req: CompletionRequest, request: Request):
         choices = await unless_disconnected(request, started(choices))
 
         async def chunks():
-            counts, offsets = [0] * total, [0] * total
+            counts, offsets, cached = [0] * total, [0] * total, [0] * total
             async for i, ev in choices:
-                counts[i] = ev.completion_tokens
+                counts[i], cached[i] = ev.completion_tokens, ev.cached_tokens
                 if ev.text or ev.finish_reason:
                     lp = logprobs(ev.logprobs, offsets[i])
                     if lp and lp.tokens:
@@ -262,11 +260,12 @@ async def completions(req: CompletionRequest, request: Request):
                         index=i, text=ev.text, finish_reason=ev.finish_reason, logprobs=lp)])
             if req.include_usage:
                 yield Completion(id=rid, model=req.model, choices=[],
-                                 usage=Usage.of(prompt_tokens, sum(counts)))
+                                 usage=Usage.of(prompt_tokens, sum(counts), prompt_cached(cached, req.n)))
         return _sse(chunks())
 
     answers = await unless_disconnected(request, collect(choices, total))
-    usage = Usage.of(prompt_tokens, sum(a.completion_tokens for a in answers))
+    usage = Usage.of(prompt_tokens, sum(a.completion_tokens for a in answers),
+                     prompt_cached([a.cached_tokens for a in answers], req.n))
     return Completion(id=rid, model=req.model, usage=usage, choices=[
         CompletionChoice(index=i, text=a.text, finish_reason=a.finish_reason, logprobs=logprobs(a.logprobs))
         for i, a in enumerate(answers)
@@ -342,21 +341,22 @@ def _response_error(e: OpenAIError) -> str:
     return _response_event({"type": "error", "code": e.code, "message": e.message, "param": e.param})
 
 
-def _store(request: Request) -> ResponseStore:
+def _store(request: Request) -> tuple[ResponseStore, tuple[str | None, str | None]]:
+    """The store of responses, and whose a response of this request is there: (tenant, API key)."""
     store = getattr(request.app.state, "responses", None)
     if store is None:
         store = request.app.state.responses = ResponseStore()
-    return store
+    return store, ((TENANT.get() or (None,))[0], request.scope.get(API_KEY))
 
 
 @app.post("/responses", responses=STREAMS)
 async def create_response(req: ResponsesRequest, request: Request):
     """OpenAI's Responses API, run as a chat completion (``openai_api.responses``)."""
-    store, owner = _store(request), request.scope.get(API_KEY)
+    store, owner = _store(request)
     history = store.get(req.previous_response_id, owner)[1] if req.previous_response_id is not None else []
     chat, conversation = to_chat_request(req, history)
     run = await start_chat(_registry(request), chat, request)
-    rid = new_id("resp")
+    rid = new_id("resp_")
 
     def finish(response: dict, turn: list[dict]) -> None:
         if req.store:
@@ -369,7 +369,8 @@ async def create_response(req: ResponsesRequest, request: Request):
     answer = (await unless_disconnected(request, run.collect()))[0]
     items, turn = responses.output_items(run.parsers[0], cut=answer.finish_reason == "length")
     response = responses.response_object(req, rid, created, "completed", items,
-                                         responses.usage_of(len(run.prompt_ids), answer.completion_tokens),
+                                         responses.usage_of(len(run.prompt_ids), answer.completion_tokens,
+                                                            answer.cached_tokens),
                                          answer.finish_reason)
     finish(response, turn)
     return JSONResponse(response)
@@ -377,7 +378,8 @@ async def create_response(req: ResponsesRequest, request: Request):
 
 @app.get("/responses/{response_id}")
 async def retrieve_response(response_id: str, request: Request):
-    return JSONResponse(_store(request).get(response_id, request.scope.get(API_KEY))[0])
+    store, owner = _store(request)
+    return JSONResponse(store.get(response_id, owner)[0])
 
 
 app.get("/usage")(usage)  # extension: GET /v1/usage (openai_api/tenancy.py), before the catch-all

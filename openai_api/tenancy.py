@@ -1,6 +1,7 @@
-"""What a tenant's key may do on the ``/v1`` routes: the models it may use, the routes for admins only,
-and ``GET /v1/usage``, its usage from the ledger (``ledger.py``) and its budgets as they stand
-(``quotas.py``). Without keys there is no tenant, and every route is everyone's."""
+"""What a tenant's key may do on the ``/v1`` routes: the routes for admins only, and ``GET /v1/usage``,
+its usage from the ledger (``ledger.py``) and its budgets as they stand (``quotas.py``). The models it
+may use are ``ids.allowed``'s, which ``Registry.get`` asks on every route. Without keys there is no
+tenant, and every route is everyone's."""
 
 from __future__ import annotations
 
@@ -13,11 +14,6 @@ from fastapi import Query, Request
 from ledger import usage_page
 from openai_api.errors import OpenAIError, admin_only, invalid_value
 from openai_api.ids import ACCOUNT
-
-def allowed(model_id: str, base_id: str) -> bool:
-    """Whether the request's tenant (if any) may use the model."""
-    account = ACCOUNT.get()
-    return account is None or account.allows(model_id, base_id)
 
 
 def require_admin(what: str) -> None:

@@ -84,37 +84,43 @@ class TextEvent:
     finish_reason: str | None
     completion_tokens: int
     logprobs: list[TokenEvent] = field(default_factory=list)  # the tokens since the last event, with logprobs
+    cached_tokens: int = 0  # of the prompt's tokens, those the runner's prefix cache gave
 
 
 async def generate_text(model, prompt_ids: list[int], params: SamplingParams, keep: frozenset[int] = frozenset(),
-                        ended: Callable[[], bool] | None = None, account=None) -> AsyncIterator[TextEvent]:
+                        ended: Callable[[], bool] | None = None, account=None, counts_prompt: bool = True
+                        ) -> AsyncIterator[TextEvent]:
     """The text of one sequence of ``model`` (a ``controller.Model``) as it is generated; ends at the
     model's finish, at the first of ``params.stop``, which is never shown, or (finish reason ``stop``) once
     ``ended()`` says the reader of its text needs no more. Special tokens are not shown, but those in
-    ``keep``. The tokens generated are counted to ``account`` (a tenant's ``quotas.Account``), if given."""
+    ``keep``. Each event says how many prompt tokens the runner's prefix cache gave. The tokens generated
+    are counted to ``account`` (a tenant's ``quotas.Account``), if given, and the cached ones if
+    ``counts_prompt`` (the first choice of its prompt: the others' prompt is the same)."""
     detokenizer = IncrementalDetokenizer(model.info.tokenizer, prompt_ids, keep)
     stop_strings = StopStrings(list(params.stop))
-    count, logprobs = 0, []
+    count, cached, logprobs = 0, 0, []
     try:
         async with contextlib.aclosing(model.generate(prompt_ids, params)) as tokens:  # closing it aborts the rest
             async for event in tokens:
                 count += 1
+                if event.cached_tokens is not None:
+                    cached = event.cached_tokens
                 if event.logprob is not None:
                     logprobs.append(event)
                 text, stopped = stop_strings.feed(detokenizer.step(event.token_id))
                 reason = "stop" if stopped else event.finish_reason
                 if reason:
-                    yield TextEvent(text if stopped else text + stop_strings.flush(), reason, count, logprobs)
+                    yield TextEvent(text if stopped else text + stop_strings.flush(), reason, count, logprobs, cached)
                     return
                 if text:
-                    yield TextEvent(text, None, count, logprobs)
+                    yield TextEvent(text, None, count, logprobs, cached)
                     logprobs = []
                     if ended is not None and ended():
-                        yield TextEvent("", "stop", count)
+                        yield TextEvent("", "stop", count, cached_tokens=cached)
                         return
     finally:  # also when the reader leaves early
         if account is not None:
-            account.generated(count)
+            account.generated(count, cached if counts_prompt else 0)
 
 
 def run_choices(model, prompts: list[list[int]], params: SamplingParams, n: int, keep: frozenset[int] = frozenset(),
@@ -132,22 +138,31 @@ def run_choices(model, prompts: list[list[int]], params: SamplingParams, n: int,
     account = ACCOUNT.get()
     if account is not None:  # a tenant's request: refused unless its quotas allow it, its tokens counted
         account.admit(model.id, model.info.id, sum(map(len, prompts)), params.max_tokens * len(prompts) * n)
-    return merge([generate_text(model, prompt_ids, choice_params(i), keep, until(p * n + i), account)
+    return merge([generate_text(model, prompt_ids, choice_params(i), keep, until(p * n + i), account, i == 0)
                   for p, prompt_ids in enumerate(prompts) for i in range(n)])
+
+
+def prompt_cached(cached: list[int], n: int) -> int:
+    """The prompt tokens the prefix cache gave a request of choices with ``cached`` tokens each, ``n`` a
+    prompt (``run_choices``' order): each prompt counted once, as its first choice found it."""
+    return sum(cached[::n])
 
 
 @dataclass
 class Choice:
-    """One choice's whole answer: its text, why it ended, its completion tokens and logprob entries."""
+    """One choice's whole answer: its text, why it ended, its completion tokens, logprob entries and the
+    prompt tokens the prefix cache gave."""
 
     text: str = ""
     finish_reason: str | None = None
     completion_tokens: int = 0
     logprobs: list[TokenEvent] = field(default_factory=list)
+    cached_tokens: int = 0
 
     def add(self, event: TextEvent) -> None:
         self.text += event.text
         self.finish_reason, self.completion_tokens = event.finish_reason, event.completion_tokens
+        self.cached_tokens = event.cached_tokens
         self.logprobs += event.logprobs
 
 

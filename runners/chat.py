@@ -223,7 +223,8 @@ def chat_runner(served: ServedModel, lora: LoRAConfig) -> bentoml.Service:
         async def load_adapter(self, name: str, source: str) -> t.Dict[str, t.Any]:
             """Serve a LoRA adapter (a PEFT directory inside ``lora.adapter_dirs``, or an adapter's store
             tag) as ``name``: ``{"adapter": ...}``, or ``{"error": ...}`` saying why not, whatever the
-            path: what is on this machine, and what its files hold, are in the runner's log only."""
+            path: what is on this machine, and what its files hold, are in the runner's log only; or, for
+            a fault of the runner's own, ``{"error": "<exception>", "fault": true}``."""
             if not lora.runtime_loading:
                 return {"error": RUNTIME_OFF}
             if name in self.engine.stats()["adapters"]:
@@ -236,11 +237,14 @@ def chat_runner(served: ServedModel, lora: LoRAConfig) -> bentoml.Service:
                     adapter = await asyncio.to_thread(read_adapter, self.engine.engine, name, path)  # not on the loop
                     await self.engine.call(self.engine.engine.add_adapter, adapter)
                     described = adapter.describe()
-            except Exception as e:  # any path, any file: one answer; the reason to the log
+            except (OSError, ValueError) as e:  # any path, any file (AdapterError): one answer; the reason to the log
                 logger.warning("adapter %s not loaded from %r: %s", name, source, e)
                 return {"error": f"the adapter does not fit {served.id}: it was trained for another base model "
                                  "or architecture (the runner's log says which layer)"
                         if isinstance(e, AdapterMismatch) else NOT_LOADABLE}
+            except Exception as e:  # a fault of this runner (memory, its engine stopped), not of the adapter
+                logger.exception("adapter %s not loaded from %r", name, source)
+                return {"error": f"{type(e).__name__}: {e}", "fault": True}
             logger.info("adapter %s loaded from %s", name, path)
             return {"adapter": {"name": name, **described}}
 

@@ -92,11 +92,14 @@ def vllm_params(params: SamplingParams):
                       structured_outputs=StructuredOutputsParams(grammar=params.grammar) if params.grammar else None)
 
 
-def token_events(output, logprobs: int | None) -> list[TokenEvent]:
-    """The tokens of one of vLLM's delta outputs, the last with the finish reason."""
+def token_events(output, logprobs: int | None, first: bool = False) -> list[TokenEvent]:
+    """The tokens of one of vLLM's delta outputs, the last with the finish reason; the ``first`` delta's
+    first with the prompt tokens its prefix cache gave."""
     completion = output.outputs[0]
     ids = list(completion.token_ids)
     events = [TokenEvent(token) for token in ids]
+    if first and events:
+        events[0].cached_tokens = output.num_cached_tokens or 0
     if logprobs is not None and completion.logprobs:
         for event, found in zip(events, completion.logprobs):
             event.logprob = found[event.token_id].logprob
@@ -208,7 +211,7 @@ class VLLMEngine:
         self.inflight += 1
         if served:
             served.inflight += 1
-        finished = False
+        finished, count = False, 0
         try:
             stream = self.llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), vparams, request_id,
                                        lora_request=served.request if served else None)
@@ -217,7 +220,8 @@ class VLLMEngine:
                     finished = output.finished
                     if output.outputs[0].finish_reason == "abort":  # abort() from another call: end quietly
                         return
-                    for event in token_events(output, params.logprobs):
+                    for event in token_events(output, params.logprobs, first=not count):
+                        count += 1
                         self.counts["tokens_generated"] += 1
                         if served:
                             served.tokens_generated += 1

@@ -5,7 +5,8 @@
 optionally ``adapter`` (a LoRA adapter's name), ``tenant`` and ``weight`` (who the request is served for
 and that tenant's share of the batch, a positive number; the gateway sends them only where tenants are
 configured: ``generate_args``). It streams one JSON object a line: ``{"token": id, "finish_reason": null|"stop"|"length"}``
-(with ``"logprob"`` and ``"top_logprobs": [[id, logprob], ...]`` when asked for), or, as its last
+(with ``"logprob"`` and ``"top_logprobs": [[id, logprob], ...]`` when asked for; the first line with
+``"cached_tokens"``, how many of the prompt's tokens the prefix cache gave), or, as its last
 line, ``{"error": "...", "code": ...}`` when the engine refused the request (``queue_full``, with
 ``"retry_after"`` seconds; ``invalid_request``), failed the sequence (``engine_error``) or is dead
 (``engine_dead``: the runner then fails its health checks and must be restarted).
@@ -47,6 +48,8 @@ def token_line(event: TokenEvent) -> str:
     line: dict = {"token": event.token_id, "finish_reason": event.finish_reason}
     if event.logprob is not None:
         line["logprob"], line["top_logprobs"] = event.logprob, event.top_logprobs
+    if event.cached_tokens is not None:
+        line["cached_tokens"] = event.cached_tokens
     return json.dumps(line) + "\n"
 
 
@@ -70,4 +73,4 @@ async def read_events(chunks: AsyncIterator[str | bytes]) -> AsyncIterator[Token
                 raise RunnerRefused(event.get("code", ENGINE_ERROR), event["error"], event.get("retry_after"))
             top = event.get("top_logprobs")
             yield TokenEvent(event["token"], event["finish_reason"], event.get("logprob"),
-                             [tuple(pair) for pair in top] if top is not None else None)
+                             [tuple(pair) for pair in top] if top is not None else None, event.get("cached_tokens"))

@@ -238,6 +238,23 @@ def test_prompts_arriving_together_share_their_common_prefix(model):
     assert engine.stats()["prefix_cache_hit_tokens"] == 16 + 16 + 40 // whole * whole
 
 
+def test_a_sequences_first_token_says_how_much_of_its_prompt_the_prefix_cache_gave(model):
+    """What usage reports as cached tokens: counted when a sequence's prefill starts (a long prompt goes
+    in chunks after it), on its first token's event only. Before, no event said it."""
+    engine = LLMEngine(ModelRunner(model), max_num_seqs=4, max_model_len=256, max_prefill_tokens=12,
+                       prefix_cache_tokens=256)
+    greedy = SamplingParams(max_tokens=3, temperature=0)
+    engine.generate(SYSTEM + [5, 6, 7], greedy)
+    for seq in (Sequence("hit", SYSTEM + list(range(60, 80)), greedy), Sequence("miss", [5, 7], greedy)):
+        engine.add(seq)
+    events: dict[str, list] = {"hit": [], "miss": []}
+    while engine.scheduler.has_work:
+        for seq, event in engine.step():
+            events[seq.request_id].append(event.cached_tokens)
+    whole = engine.scheduler.prefix_cache.granularity
+    assert events == {"hit": [17 // whole * whole, None, None], "miss": [0, None, None]}
+
+
 def test_shared_prompt_prefix_is_reused_with_remote_code_tuple_cache(remote_model):
     check_prefix_reuse(remote_model)
 

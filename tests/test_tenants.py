@@ -1,13 +1,18 @@
 """Tenants against a real `bentoml serve` with a tenants configuration: token budgets enforced to the
 token (streams too) with OpenAI's 429s and x-ratelimit-* headers, the usage ledger and the budgets'
-state kept across a restart, tenants kept apart (usage, stored responses), admin routes refused to
-user keys. The quotas' arithmetic in-process: the concurrency cap, a prompt budget, per-model budgets."""
+state kept across a restart, tenants kept apart (usage, stored responses and the store's room), a
+tenant's models on every route, admin routes refused to user keys, prompt tokens from the prefix cache
+reported, one gateway worker. The quotas' arithmetic in-process: the concurrency cap, a prompt budget,
+per-model budgets."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import re
+import subprocess
+import time
+import uuid
 
 import httpx
 import openai
@@ -18,7 +23,8 @@ from models.tenants import Budget, TenantConfig
 from quotas import Quotas
 
 ADMIN, ALPHA, BETA, GAMMA, DELTA = "sk-admin-0", "sk-alpha-1", "sk-beta-2", "sk-gamma-3", "sk-delta-4"
-COMPLETION_BUDGET, PROMPT_BUDGET, MAX_TOKENS = 20, 30, 4
+EPSILON = "sk-epsilon-5"
+COMPLETION_BUDGET, PROMPT_BUDGET, MAX_TOKENS, STORE_SIZE = 20, 30, 4, 2
 
 
 def auth(key: str) -> dict:
@@ -28,8 +34,8 @@ def auth(key: str) -> dict:
 @pytest.fixture(scope="module")
 def tenants_config(tmp_path_factory, tiny_in_store):
     """alpha: a day's completion budget, its key from the environment; beta: its key as a hash;
-    gamma: a prompt budget; delta: a budget, for the chat page; the plain api_keys: the admin tenant
-    `default`."""
+    gamma: a prompt budget; delta: a budget, for the chat page; epsilon: another model than the one
+    served; the plain api_keys: the admin tenant `default`. Each tenant's store keeps two responses."""
     directory = tmp_path_factory.mktemp("tenants")
     config = directory / "bentochat.yaml"
     config.write_text(f"""models:
@@ -49,7 +55,11 @@ tenants:
   - name: delta
     keys: [{DELTA}]
     budgets: [{{period: day, completion_tokens: 1000}}]
+  - name: epsilon
+    keys: [{EPSILON}]
+    models: [smollm2-135m-instruct]
 usage: {{ledger_dir: {directory / "ledger"}}}
+responses: {{store_size: {STORE_SIZE}}}
 lora: {{runtime_loading: true}}
 """)
     return {"BENTOCHAT_CONFIG": str(config), "ALPHA_KEYS": ALPHA}, directory / "ledger"
@@ -184,6 +194,95 @@ def test_the_chat_page_counts_to_the_signed_in_tenant_and_shows_its_budget(tenan
     assert f"{1000 - tokens:,} of 1,000" in page.predict(api_name="/budget")["value"]
     delta = totals(usage(tenants, DELTA).json())["delta"]
     assert (delta["output_tokens"], delta["num_model_requests"]) == (tokens, 1)
+
+
+def ledger_of(ledger, tenant: str) -> list[dict]:
+    return [r for r in map(json.loads, (ledger / "usage.jsonl").read_text().splitlines()) if r["tenant"] == tenant]
+
+
+def written(ledger, tenant: str, count: int) -> list[dict]:
+    """The tenant's records once there are ``count``: the gateway appends a request's record after
+    its response has been sent."""
+    deadline = time.monotonic() + 10
+    while len(records := ledger_of(ledger, tenant)) < count and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return records
+
+
+def test_prompt_tokens_from_the_prefix_cache_are_reported_ledgered_and_summed(tenants, tenants_config):
+    """The same prompt again: all of it but its last token comes from the runner's prefix cache, and
+    usage (chat and text completions, streamed or not), the ledger and /v1/usage say so. Before, the
+    gateway never learnt it: cached tokens were 0 everywhere."""
+    _, ledger = tenants_config
+    before = len(ledger_of(ledger, "beta"))
+    beta = client(tenants, BETA)
+    messages = [{"role": "user", "content": f"Remember the code word {uuid.uuid4().hex[:12]} and say it back."}]
+    first = beta.chat.completions.create(model=TINY, messages=messages, max_tokens=2).usage
+    again = beta.chat.completions.create(model=TINY, messages=messages, max_tokens=2).usage
+    whole = again.prompt_tokens - 1  # all but the last token, whose logits are needed
+    assert first.prompt_tokens_details.cached_tokens < whole == again.prompt_tokens_details.cached_tokens
+    stream = beta.chat.completions.create(model=TINY, messages=messages, max_tokens=2, stream=True,
+                                          stream_options={"include_usage": True})
+    assert [c.usage for c in stream][-1].prompt_tokens_details.cached_tokens == whole
+    prompt = list(range(50, 90))
+    text = [beta.completions.create(model=TINY, prompt=prompt, max_tokens=1).usage for _ in range(2)]
+    assert text[1].prompt_tokens_details.cached_tokens == len(prompt) - 1
+    records = written(ledger, "beta", before + 5)[before:]  # (in the order the requests were closed)
+    assert sorted(r["cached_tokens"] for r in records) == sorted([
+        first.prompt_tokens_details.cached_tokens, whole, whole, text[0].prompt_tokens_details.cached_tokens,
+        len(prompt) - 1])
+    page = usage(tenants, BETA).json()
+    cached = sum(r["input_cached_tokens"] for b in page["data"] for r in b["results"])
+    assert cached == sum(r["cached_tokens"] for r in ledger_of(ledger, "beta")) >= 2 * whole + len(prompt) - 1
+
+
+def test_a_tenant_is_refused_a_model_it_may_not_use_alike_on_every_route(tenants):
+    """epsilon may use another model than the one served: chat, /tokenize, /token_check and the model's
+    card give the same 404, as for a model that does not exist. Before, /tokenize and /token_check
+    answered it."""
+    def error(method: str, route: str, body: dict | None = None) -> dict:
+        r = httpx.request(method, tenants.v1 + route, headers=auth(EPSILON), json=body, timeout=60)
+        assert r.status_code == 404, (route, r.text)
+        return r.json()["error"]
+
+    chat = error("POST", "/chat/completions", {"model": TINY, "messages": [{"role": "user", "content": "Hi"}]})
+    assert (chat["code"], chat["param"]) == ("model_not_found", "model")
+    assert error("POST", "/tokenize", {"model": TINY, "prompt": "Hi"}) == chat
+    assert error("POST", "/token_check", {"prompts": [{"model": TINY, "prompt": "Hi", "max_tokens": 1}]}) == chat
+    assert error("POST", "/completions", {"model": TINY, "prompt": "Hi"}) == chat
+    assert error("GET", f"/models/{TINY}") == chat
+    assert httpx.post(tenants.v1 + "/tokenize", headers=auth(BETA), json={"model": TINY, "prompt": "Hi"},
+                      timeout=60).status_code == 200
+
+
+def test_each_tenant_has_its_own_room_in_the_response_store_and_openai_ids(tenants):
+    """The store keeps STORE_SIZE responses of each tenant: another tenant's responses push none of
+    beta's out. Before, the room was shared: the admin's three responses evicted beta's. Ids are
+    OpenAI's (resp_, msg_): they were resp-, msg-."""
+    beta, admin = client(tenants, BETA), client(tenants, ADMIN)
+    kept = beta.responses.create(model=TINY, input="Hello", max_output_tokens=2)
+    assert kept.id.startswith("resp_") and all(item.id.startswith(("msg_", "fc_", "rs_")) for item in kept.output)
+    made = [admin.responses.create(model=TINY, input="Hello", max_output_tokens=2) for _ in range(STORE_SIZE + 1)]
+    assert beta.responses.retrieve(kept.id).id == kept.id
+    assert admin.responses.retrieve(made[-1].id).id == made[-1].id
+    with pytest.raises(openai.NotFoundError):  # the admin's own room is STORE_SIZE
+        admin.responses.retrieve(made[0].id)
+
+
+def test_the_gateway_refuses_to_start_with_more_than_one_worker(tenants_config):
+    """Quotas, the ledger's writer and stored responses live in the gateway's process: BentoML's
+    configuration asking for two workers of it stops `bentoml serve` before anything starts. Before,
+    two workers started, each with budgets of its own."""
+    env, _ = tenants_config
+    srv = start_serving("service:BentoChat", ARTIFACTS / "tenants-workers.log",
+                        env={**env, "BENTOML_CONFIG_OVERRIDES": json.dumps({"services": {"bentochat": {"workers": 2}}})})
+    try:
+        srv.process.wait(300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("bentoml serve kept running with two gateway workers")
+    finally:
+        stop(srv)
+    assert srv.process.returncode != 0 and "runs one worker" in srv.log_text()
 
 
 def test_a_restart_keeps_the_ledger_and_the_budgets_state(tenants, tenants_config):

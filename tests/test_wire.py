@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from http import HTTPStatus
 
 import pytest
+from bentoml.exceptions import BentoMLException
 
 from conftest import ROOT
 from controller import Model, Replica
@@ -35,6 +37,14 @@ def test_token_lines_read_back_whatever_the_transport_chunks():
     assert asyncio.run(_read(wire)) == events
     assert asyncio.run(_read(*wire)) == events  # one character a chunk
     assert asyncio.run(_read(wire.encode()[:7], wire.encode()[7:])) == events  # bytes, split mid-line
+
+
+def test_the_first_token_line_carries_the_prompt_tokens_the_prefix_cache_gave():
+    """Before, the gateway never learnt them: usage and the ledger said 0 cached tokens."""
+    events = [TokenEvent(5, None, cached_tokens=12), TokenEvent(2, "stop")]
+    wire = "".join(token_line(e) for e in events)
+    assert '"cached_tokens": 12' in wire.splitlines()[0] and "cached_tokens" not in wire.splitlines()[1]
+    assert asyncio.run(_read(wire)) == events
 
 
 def test_an_error_line_raises_with_its_code_after_the_tokens_before_it():
@@ -156,3 +166,38 @@ def test_the_requests_tenant_and_its_weight_go_to_the_runner_only_where_there_is
     assert asyncio.run(on_adapter()) == [2]
     assert runner.extra == [{"tenant": "team-a", "weight": 3.0}, {},  # a runner without tenants gets no new argument
                             {"adapter": "lora", "tenant": "team-b", "weight": 0.5}]
+
+
+class AdapterRunner:
+    """A runner's client that answers ``load_adapter`` with ``answer`` (or raises it)."""
+
+    def __init__(self, answer):
+        self.answer, self.unloaded = answer, []
+
+    async def load_adapter(self, name, source):
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
+
+    async def unload_adapter(self, name):
+        self.unloaded.append(name)
+        return {"unloaded": name}
+
+
+@pytest.mark.parametrize("answer, status, code, words", [
+    ({"error": "not an adapter this server may load"}, 400, "invalid_value", "not an adapter"),
+    ({"error": "EngineError: the engine thread has stopped", "fault": True}, 500, "adapter_load_failed",
+     "EngineError: the engine thread has stopped"),
+    (BentoMLException("500: MemoryError", error_code=HTTPStatus(500)), 500, "adapter_load_failed", "MemoryError"),
+    (BentoMLException("400: name: not a string", error_code=HTTPStatus(400)), 400, "invalid_value", "not a string"),
+    (ConnectionRefusedError("refused"), 503, "model_unavailable", "do not answer"),
+])
+def test_a_failed_adapter_load_is_the_openai_error_of_its_cause(answer, status, code, words):
+    """A bad adapter is a 400, a fault of the runner a 500 naming it, a runner that gives no answer a 503;
+    it is loaded on no replica. Before, whatever a runner raised was a 503 saying it did not answer."""
+    good = AdapterRunner({"adapter": {"rank": 4}})
+    model = _model(good, AdapterRunner(answer))
+    with pytest.raises(OpenAIError) as e:
+        asyncio.run(model.load_adapter("x", "/adapters/x"))
+    assert (e.value.status, e.value.code) == (status, code) and words in e.value.message, e.value.message
+    assert good.unloaded == ["x"]

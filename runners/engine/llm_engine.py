@@ -212,6 +212,9 @@ class LLMEngine:
     def _prefill(self, prefills: list[tuple[Sequence, int]]) -> list[tuple[Sequence, TokenEvent | Exception]]:
         """Prompts that end this step are prefilled together (one forward pass), the first chunks of
         longer ones alone; only the former produce a token."""
+        for seq, _ in prefills:
+            if seq.cached_prompt_tokens is None:  # its first prefill: what it has cached, the prefix cache gave
+                seq.cached_prompt_tokens = seq.num_cached
         last = [seq for seq, n in prefills if seq.num_cached + n == seq.num_tokens]
         if not self.model_runner.batched:
             last = []
@@ -263,6 +266,8 @@ class LLMEngine:
         self.scheduler.postprocess(seqs, tokens)
         for seq, out in zip(seqs, outputs):
             out.finish_reason = seq.finish_reason
+            if seq.num_output_tokens == 1:
+                out.cached_tokens = seq.cached_prompt_tokens
         self.tokens_generated += len(tokens)
         for seq in seqs:
             if seq.adapter is not None:

@@ -76,6 +76,7 @@ class TokenEvent:
     finish_reason: str | None = None  # "stop", "length" (or "abort") on the sequence's last event
     logprob: float | None = None  # with SamplingParams.logprobs: the chosen token's
     top_logprobs: list[tuple[int, float]] | None = None  # and the most likely (token id, logprob)
+    cached_tokens: int | None = None  # on a sequence's first token: its prompt tokens taken from the prefix cache
 
 
 class SequenceStatus(enum.Enum):
@@ -106,6 +107,7 @@ class Sequence:
         self.cache: Any = None  # its own KV cache until it joins the batch cache (model runner)
         self.blocks: list[int] = []  # or its blocks of the paged cache, in order (block_manager.py)
         self.num_cached = 0  # tokens already in a KV cache
+        self.cached_prompt_tokens: int | None = None  # of them, those the prefix cache gave (at its first prefill)
 
     @property
     def num_prompt_tokens(self) -> int:
