@@ -158,13 +158,16 @@ def main() -> None:
     if runner.pool is None:
         raise SystemExit("the native forward pass does not run here: nothing to measure")
     print(f"{a.shape} ({a.dtype}), torch threads {torch.get_num_threads()}", flush=True)
+    passes, forward_rows = [], model.forward_rows
+    model.forward_rows = lambda *args: passes.append(len(args[0])) or forward_rows(*args)  # (counted)
     if not a.skip_single:
         single(model, runner, a)
     for policy in a.policies if a.wave else []:
+        passes.clear()
         seconds, steps, total, cpu = wave(model, runner, a, policy)
         print(f"wave of {a.wave} ({a.tokens // 3}-{a.tokens} tokens, budget {a.budget}), {policy:4s}: TTFT p50 "
               f"{statistics.median(seconds):6.2f} s p99 {p99(seconds):6.2f} s | steps p50 {statistics.median(steps):5.1f} "
-              f"p99 {p99(steps):3d} | all done {total:6.2f} s (CPU {cpu:6.2f} s)", flush=True)
+              f"p99 {p99(steps):3d} | all done {total:6.2f} s (CPU {cpu:6.2f} s), {len(passes)} forward passes", flush=True)
 
 
 if __name__ == "__main__":
