@@ -127,6 +127,51 @@ def test_long_prompt_is_prefilled_in_chunks_without_stalling_others(model):
     assert long.output_ids == generate_alone(model, MIXED[2], 10)
 
 
+def test_a_prompt_a_few_tokens_past_the_budget_takes_one_step(model):
+    """A prompt's rest that exceeds the step's prefill budget by an eighth or less goes in whole, not in a
+    chunk and a pass of its few last tokens; a longer one is still chunked."""
+    engine = LLMEngine(ModelRunner(model), max_num_seqs=8, max_model_len=256, max_prefill_tokens=16)
+    near = Sequence("near", list(range(1, 19)), SamplingParams(max_tokens=4, temperature=0))  # 18 = 16 + 2
+    far = Sequence("far", list(range(1, 20)), SamplingParams(max_tokens=4, temperature=0))  # 19: two chunks
+    engine.add(near)
+    assert [seq.request_id for seq, _ in engine.step()] == ["near"]
+    engine.add(far)
+    assert "far" not in [seq.request_id for seq, _ in engine.step()]
+    while engine.scheduler.has_work:
+        engine.step()
+    assert near.output_ids == generate_alone(model, list(range(1, 19)), 4)
+    assert far.output_ids == generate_alone(model, list(range(1, 20)), 4)
+
+
+def test_the_native_pass_runs_a_whole_step_at_once(model, monkeypatch):
+    """On the native forward pass, a step's decodes, a prompt that ends and another's first chunk are one
+    pass (the weights read once for all of them); the ending prompt's first token comes with the running
+    one's next, and every answer is as alone."""
+    if not ModelRunner(model).native:
+        pytest.skip("the native forward pass only")
+    engine = LLMEngine(ModelRunner(model), max_num_seqs=8, max_model_len=256, max_prefill_tokens=8)
+    passes = []
+    real = model.forward_rows
+    monkeypatch.setattr(model, "forward_rows", lambda *args: passes.append(len(args[0])) or real(*args))
+    running = Sequence("running", PROMPT, SamplingParams(max_tokens=20, temperature=0))
+    engine.add(running)
+    engine.step()
+    short = Sequence("short", MIXED[0], SamplingParams(max_tokens=5, temperature=0))  # 2 tokens
+    long = Sequence("long", MIXED[2], SamplingParams(max_tokens=10, temperature=0))  # 32 tokens
+    engine.add(short)
+    engine.add(long)
+    passes.clear()
+    produced = [seq.request_id for seq, _ in engine.step()]
+    assert passes == [1 + 2 + 6] and produced == ["running", "short"]
+    while engine.scheduler.has_work:
+        passes.clear()
+        engine.step()
+        assert len(passes) == 1
+    assert running.output_ids == generate_alone(model, PROMPT, 20)
+    assert short.output_ids == generate_alone(model, MIXED[0], 5)
+    assert long.output_ids == generate_alone(model, MIXED[2], 10)
+
+
 def test_the_slot_cache_grows_and_refills_slots_without_changing_tokens(model, monkeypatch):
     """Sequences of many lengths join and leave a batch whose buffers start small (2 slots, 16 columns):
     slots are refilled from the last one, buffers grow mid-decode; every answer stays what it is alone."""
@@ -420,16 +465,18 @@ def test_a_failing_forward_pass_fails_its_requests_only(engine, monkeypatch):
     from runners.engine.errors import EngineError
 
     greedy = SamplingParams(max_tokens=8, temperature=0)
-    real = engine.model_runner.prefill_together
+    runner = engine.model_runner
+    name = "run" if runner.native else "prefill_together"  # (the native pass runs a whole step at once)
+    real = getattr(runner, name)
     calls = []
 
-    def once_broken(seqs):
-        calls.append(len(seqs))
+    def once_broken(*args):
+        calls.append(args)
         if len(calls) == 1:
             raise RuntimeError("injected fault")
-        return real(seqs)
+        return real(*args)
 
-    monkeypatch.setattr(engine.model_runner, "prefill_together", once_broken)
+    monkeypatch.setattr(runner, name, once_broken)
 
     async def run():
         a = AsyncLLMEngine(engine)

@@ -184,7 +184,8 @@ class LLMEngine:
         Returns each sequence that produced a token, with it; a sequence whose forward pass failed
         leaves the engine with its error (all of the batch when the batched decode fails). ``emit``,
         if given, gets each phase's results as soon as they are ready: new requests' first tokens
-        need not wait for the decode step.
+        need not wait for the decode step. On the native forward pass the step is one phase, one pass
+        (:meth:`_run`).
         """
         if self.adapters.resident:
             self.adapters.free_unknown(self._busy())  # the slots of unloaded adapters nobody uses any more
@@ -192,6 +193,11 @@ class LLMEngine:
         prefills, decodes = self.scheduler.schedule()
         if self.threads is not None and (prefills or decodes):
             torch.set_num_threads(self.threads)
+        if self.model_runner.native:  # the whole step in one pass
+            results = self._run(prefills, decodes)
+            if emit and results:
+                emit(results)
+            return results
         results = self._prefill(prefills)
         if emit and results:
             emit(results)
@@ -207,6 +213,26 @@ class LLMEngine:
             results += decoded
         if not self.scheduler.running:
             self.model_runner.reset()  # free the batch cache as soon as nothing is running
+        return results
+
+    def _run(self, prefills: list[tuple[Sequence, int]], decodes: list[Sequence]
+             ) -> list[tuple[Sequence, TokenEvent | Exception]]:
+        """The native forward pass's step: the running sequences' next tokens and the prompts' chunks in
+        one pass (``ModelRunner.run``), which reads the weights once for all of them: a long prompt's chunk
+        delays the running batch's token by its own work only, and the prompts that end in this step give
+        their first token with it. A pass that fails fails every sequence in it."""
+        if not (prefills or decodes):
+            return []
+        ending = [seq for seq, n in prefills if seq.num_cached + n == seq.num_tokens]
+        try:
+            logits = self.model_runner.run(decodes, prefills)
+            self.prompt_tokens += sum(seq.num_prompt_tokens for seq in ending if not seq.output_ids)
+            results = self._finish([*decodes, *ending], logits) if decodes or ending else []
+        except Exception as e:
+            logger.exception("forward pass of %d sequences failed", len(decodes) + len(prefills))
+            results = self._fail([*decodes, *(seq for seq, _ in prefills)], e)
+        if not self.scheduler.running:
+            self.model_runner.reset()
         return results
 
     def _prefill(self, prefills: list[tuple[Sequence, int]]) -> list[tuple[Sequence, TokenEvent | Exception]]:

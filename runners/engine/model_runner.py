@@ -1,8 +1,9 @@
 """Owns the tensors: prefill (whole prompts together, a long one alone in chunks) and one decode step
 for the whole running batch, on the batch's KV cache (the native forward pass's is paged,
-``block_manager.py``; the others' ``kv_cache.py``). Each row of a forward pass runs on its sequence's
-own LoRA adapter, or on none (``lora.Adapters``). The next token of each row is the sampler's
-(``sampler.py``)."""
+``block_manager.py``; the others' ``kv_cache.py``); on the native forward pass, a whole engine step (the
+decodes and the prompts' chunks) in one pass (``ModelRunner.run``). Each row of a forward pass runs on
+its sequence's own LoRA adapter, or on none (``lora.Adapters``). The next token of each row is the
+sampler's (``sampler.py``)."""
 
 from __future__ import annotations
 
@@ -95,8 +96,9 @@ class ModelRunner:
         next-token logits once the whole prompt is in, else None."""
         if self.native:
             n = min(max_tokens, seq.num_tokens - seq.num_cached)
-            logits = self._prefill_native([(seq, n)])
-            return logits[0] if seq.num_cached == seq.num_tokens else None
+            ending = seq.num_cached + n == seq.num_tokens
+            logits = self._prefill_native([(seq, n)], [ending])  # (no logits for a chunk before the last)
+            return logits[0] if ending else None
         start = seq.num_cached
         ids = seq.prompt_ids[start:start + max_tokens]
         kwargs, cache = {}, seq.cache
@@ -143,10 +145,20 @@ class ModelRunner:
             seq.num_cached = seq.num_prompt_tokens
         return logits[:, -1]
 
-    def _prefill_native(self, work: list) -> torch.Tensor:
+    @torch.inference_mode()
+    def run(self, decodes: list, prefills: list) -> torch.Tensor:
+        """A whole engine step in one native forward pass: a row for each of ``decodes`` (running
+        sequences, each its last sampled token) and the next ``n`` prompt tokens of each ``(seq, n)`` of
+        ``prefills``, so that the weights are read once for all of them. Returns the logits of each of
+        ``decodes``, then of each prefilled sequence whose prompt ends in this pass, in order."""
+        work = [(seq, 1) for seq in decodes] + prefills
+        ending = [True] * len(decodes) + [seq.num_cached + n == seq.num_tokens for seq, n in prefills]
+        return self._prefill_native(work, ending)
+
+    def _prefill_native(self, work: list, wanted: list[bool] | None = None) -> torch.Tensor:
         """The next ``n`` tokens of each ``(seq, n)`` of ``work`` in one native forward pass, each
         sequence into its own blocks of the paged cache (which the scheduler gave it); returns the logits
-        of each sequence's last new token."""
+        of each sequence's last new token (of those ``wanted`` names, where given)."""
         ids, slots, positions = [], [], []
         for i, (seq, n) in enumerate(work):
             start = seq.num_cached
@@ -155,11 +167,12 @@ class ModelRunner:
             slots += [i] * n
             positions += range(start, start + n)
         self.adapters.select([seq for seq, n in work for _ in range(n)])
-        last = [row - 1 for row in accumulate(n for _, n in work)]  # each sequence's last row
+        ends = accumulate(n for _, n in work)  # each sequence's last row, plus one
+        last = [row - 1 for row, want in zip(ends, wanted or [True] * len(work)) if want]
         seqs = [seq for seq, _ in work]
         logits = self.model.forward_rows(*(torch.tensor(t, device=self.device) for t in (ids, slots)),
                                          self.pool.table(seqs, self.device), torch.tensor(positions, device=self.device),
-                                         self.pool.kv, torch.tensor(last, device=self.device))
+                                         self.pool.kv, torch.tensor(last, dtype=torch.long, device=self.device))
         for seq, n in work:
             seq.num_cached += n
         return logits
@@ -198,18 +211,8 @@ class ModelRunner:
         return logits[:, -1]
 
     def _decode_slots(self, seqs: list) -> torch.Tensor:
-        if self.native:  # row i is seqs[i], in its own blocks
-            for seq in seqs:
-                self._hold(seq, seq.num_cached + 1)
-            self.adapters.select(seqs)
-            index = torch.arange(len(seqs), device=self.device)
-            logits = self.model.forward_rows(
-                torch.tensor([s.output_ids[-1] for s in seqs], device=self.device), index,
-                self.pool.table(seqs, self.device), torch.tensor([s.num_cached for s in seqs], device=self.device),
-                self.pool.kv, index)
-            for seq in seqs:
-                seq.num_cached += 1
-            return logits
+        if self.native:  # row i is seqs[i], its last token, in its own blocks
+            return self._prefill_native([(seq, 1) for seq in seqs])
         slots = self.slots.arrange(seqs)
         rows = self.slots.rows
         lengths = torch.tensor([s.num_cached for s in rows], device=self.device)

@@ -94,7 +94,8 @@ class Scheduler:
 
     def schedule(self) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
         """``(prefills, decodes)``: how many tokens to prefill for which waiting sequences (at most
-        ``max_prefill_tokens`` in all, a longer prompt is split over steps), and the running
+        ``max_prefill_tokens`` in all, a longer prompt is split over steps; a prompt whose rest exceeds
+        what is left of it by an eighth or less takes it whole), and the running
         sequences, each of which decodes one token. A sequence admitted for the first time starts
         from the longest cached prefix of its prompt."""
         if self.pool is not None:
@@ -118,7 +119,8 @@ class Scheduler:
                     seq.blocks = kept or []
                 else:
                     seq.cache = kept
-            n = min(seq.num_tokens - seq.num_cached, budget)
+            left = seq.num_tokens - seq.num_cached
+            n = left if left <= budget + budget // 8 else budget  # (a prompt's last few tokens no pass of their own)
             if self.pool is not None and not self._take(seq, blocks_for(seq.num_cached + n) - len(seq.blocks)):
                 break  # in turn: the next ones wait for blocks too
             if n > 0:  # (the engine admits no empty prompt; should one be here, it holds up no one)
