@@ -33,6 +33,7 @@ def engine() -> str | None:
 
 
 ENGINE = engine()
+COMPOSE = ENGINE == "podman" and shutil.which("podman-compose") is not None
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +151,7 @@ def test_image_serves_both_models_offline_on_the_prebuilt_kernels(image):
         subprocess.run([ENGINE, "rm", "-f", name], capture_output=True)
 
 
+@pytest.mark.skipif(COMPOSE, reason="the compose test below starts each runner alone")
 def test_one_runner_starts_alone_from_the_image(image):
     """A runner host's start (docs/deploy.md): one runner service of the bento, healthy on its own."""
     name = run(image, "bentochat-test-runner", "start-http-server", "--service-name", f"runner-{EMBEDDING}",
@@ -191,8 +193,7 @@ def wait_gateway(base_url: str, project: str, timeout: float = 600) -> None:
         time.sleep(1)
 
 
-@pytest.mark.skipif(ENGINE != "podman" or not shutil.which("podman-compose"),
-                    reason="podman-compose (Debian's 1.0.3: `make engine`) is not installed")
+@pytest.mark.skipif(not COMPOSE, reason="podman-compose (Debian's 1.0.3: `make engine`) is not installed")
 def test_compose_file_serves_the_image_with_the_gateway_and_each_runner_apart(image):
     """deploy/docker-compose.yaml as docs/deploy.md brings it up: under a project name and host port of
     the test's own, the API keys passed from the environment; torn down (`down -t 30`) whatever happens."""
