@@ -110,7 +110,7 @@ base-image:
 # A container engine on Debian (CI's, for tests/test_image.py): podman and buildah from Debian's packages,
 # mmdebstrap for the base image, and a containers.conf whose limits are this machine's own: podman's
 # defaults (open files, processes) lie above what a VM like this one allows, and runc then refuses to start.
-ENGINE_PKGS = podman buildah mmdebstrap uidmap
+ENGINE_PKGS = podman buildah mmdebstrap uidmap netavark aardvark-dns podman-compose
 engine:
 	dpkg -s $(ENGINE_PKGS) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(ENGINE_PKGS); }

@@ -70,9 +70,15 @@ def test_docker_compose_v1_reads_the_file_and_passes_the_keys():
 
 @pytest.mark.skipif(not shutil.which("podman-compose"), reason="podman-compose is not installed")
 def test_podman_compose_passes_the_keys_to_the_gateway_container():
-    out = subprocess.run(["podman-compose", "--dry-run", "-f", "docker-compose.yaml", "up", "-d"], cwd=DEPLOY,
-                         check=True, capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "BENTOCHAT_API_KEYS": "sk-1,sk-2"}).stdout
+    # podman-compose 1.0.3 creates the project's network even with --dry-run: a project of the test's own,
+    # its network removed.
+    project = f"bentochat-dry-run-{os.getpid()}"
+    try:
+        out = subprocess.run(["podman-compose", "--dry-run", "-p", project, "-f", "docker-compose.yaml", "up", "-d"],
+                             cwd=DEPLOY, check=True, capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "BENTOCHAT_API_KEYS": "sk-1,sk-2"}).stdout
+    finally:
+        subprocess.run(["podman", "network", "rm", "-f", f"{project}_default"], capture_output=True)
     gateway = next(line for line in out.splitlines() if "BENTOCHAT_CONFIG" in line)
     assert "${" not in gateway  # `-e BENTOCHAT_API_KEYS`: podman takes the value from the environment
     assert "-e BENTOCHAT_API_KEYS " in gateway or "-e BENTOCHAT_API_KEYS=sk-1,sk-2 " in gateway, gateway

@@ -1,7 +1,9 @@
 """The image as `make image` builds it (bentofile.cpu.yaml on its Debian base, podman where installed, else
 Docker's engine), run with no network: it serves both embedded models on the kernels its builder stage
-compiled, its HEALTHCHECK passes, and one runner starts alone from it (docs/deploy.md). Skipped where no
-container engine answers; `.ci/run` installs podman from Debian's packages."""
+compiled, its HEALTHCHECK passes, and one runner starts alone from it (docs/deploy.md); and
+deploy/docker-compose.yaml brought up with it under podman-compose: the gateway alone and each runner alone,
+in containers of the one image. Skipped where no container engine answers; `.ci/run` installs podman and
+podman-compose from Debian's packages (`make engine`)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ARTIFACTS, ROOT
+from conftest import ARTIFACTS, ROOT, _free_port
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +33,7 @@ def engine() -> str | None:
 
 
 ENGINE = engine()
+COMPOSE = ENGINE == "podman" and shutil.which("podman-compose") is not None
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +151,7 @@ def test_image_serves_both_models_offline_on_the_prebuilt_kernels(image):
         subprocess.run([ENGINE, "rm", "-f", name], capture_output=True)
 
 
+@pytest.mark.skipif(COMPOSE, reason="the compose test below starts each runner alone")
 def test_one_runner_starts_alone_from_the_image(image):
     """A runner host's start (docs/deploy.md): one runner service of the bento, healthy on its own."""
     name = run(image, "bentochat-test-runner", "start-http-server", "--service-name", f"runner-{EMBEDDING}",
@@ -158,3 +162,83 @@ def test_one_runner_starts_alone_from_the_image(image):
         assert EMBEDDING in log and CHAT not in log, log[-5000:]
     finally:
         subprocess.run([ENGINE, "rm", "-f", name], capture_output=True)
+
+
+COMPOSE_FILE = ROOT / "deploy" / "docker-compose.yaml"
+KEYS = ("sk-compose-1", "sk-compose-2")
+
+
+def project_containers(project: str) -> dict[str, tuple[str, str]]:
+    """The containers podman-compose made for ``project``: service -> (container, state: running, exited...)."""
+    done = subprocess.run(["podman", "ps", "-a", "--format", "json", "--filter",
+                           f"label=io.podman.compose.project={project}"], capture_output=True, text=True)
+    return {c["Labels"]["com.docker.compose.service"]: (c["Names"][0], c["State"]) for c in json.loads(done.stdout or "[]")}
+
+
+def wait_gateway(base_url: str, project: str, timeout: float = 600) -> None:
+    """Until the gateway's /readyz, at the host port compose published, answers 200: every model has a runner up."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(base_url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        containers = project_containers(project)
+        if time.monotonic() > deadline or any(state != "running" for _, state in containers.values()):
+            pytest.fail(f"compose project not ready: {containers}\n" +
+                        "\n".join(f"{name}:\n{logs(name)[-3000:]}" for name, _ in containers.values()))
+        time.sleep(1)
+
+
+@pytest.mark.skipif(not COMPOSE, reason="podman-compose (Debian's 1.0.3: `make engine`) is not installed")
+def test_compose_file_serves_the_image_with_the_gateway_and_each_runner_apart(image):
+    """deploy/docker-compose.yaml as docs/deploy.md brings it up: under a project name and host port of
+    the test's own, the API keys passed from the environment; torn down (`down -t 30`) whatever happens."""
+    import openai
+
+    project, port = f"bentochat-test-{os.getpid()}", _free_port()
+    compose = ["podman-compose", "-p", project, "-f", str(COMPOSE_FILE)]
+    env = {**os.environ, "BENTOCHAT_IMAGE": image, "BENTOCHAT_PORT": str(port), "BENTOCHAT_API_KEYS": ",".join(KEYS)}
+    base_url = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
+    try:
+        up = subprocess.run([*compose, "up", "-d"], env=env, capture_output=True, text=True, timeout=300)
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        wait_gateway(base_url, project)
+        ready = time.monotonic() - started
+        containers = project_containers(project)
+        assert set(containers) == {"gateway", "runner-chat-0", "runner-chat-1", "runner-embed"}
+        for name, _ in containers.values():  # each runner healthy on its own (its model loaded), the gateway too
+            wait_healthy(name)
+
+        with pytest.raises(openai.AuthenticationError):  # the keys reached the gateway: others are refused
+            openai.OpenAI(base_url=base_url + "/v1", api_key="sk-wrong", max_retries=0).models.list()
+        client = openai.OpenAI(base_url=base_url + "/v1", api_key=KEYS[1], max_retries=0)
+        assert sorted(m.id for m in client.models.list()) == sorted([CHAT, EMBEDDING])
+        chat = client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "Say hello."}],
+                                              max_tokens=8, temperature=0)
+        assert chat.choices[0].message.content and chat.usage.completion_tokens > 0
+        assert len(client.embeddings.create(model=EMBEDDING, input=["hello"]).data[0].embedding) == 384
+
+        by_service = {service: logs(name) for service, (name, _) in containers.items()}
+        gateway = by_service.pop("gateway")
+        assert f"model {CHAT}: chat from runner" in gateway and f"model {EMBEDDING}: embedding from runner" in gateway
+        for service, log in by_service.items():  # a runner loads its own model only, on the prebuilt kernels
+            own, other = (EMBEDDING, CHAT) if service == "runner-embed" else (CHAT, EMBEDDING)
+            assert own in log and other not in log, log[-3000:]
+        assert expected_kernels_line() in by_service["runner-chat-0"], by_service["runner-chat-0"][-3000:]
+        print(f"compose: the gateway ready {ready:.0f} s after `up -d`, every container healthy "
+              f"{time.monotonic() - started:.0f} s after it")
+    finally:
+        for service, (name, _) in project_containers(project).items():
+            (ARTIFACTS / f"compose-{service}.log").write_text(logs(name))
+        stopping = time.monotonic()
+        subprocess.run([*compose, "down", "-t", "30"], env=env, capture_output=True, timeout=300)
+        print(f"compose: `down -t 30` took {time.monotonic() - stopping:.0f} s")
+        # What `down` leaves (a container it could not stop; podman-compose 1.0.3 keeps the network):
+        for name, _ in project_containers(project).values():
+            subprocess.run(["podman", "rm", "-f", name], capture_output=True)
+        subprocess.run(["podman", "network", "rm", "-f", f"{project}_default"], capture_output=True)
