@@ -194,6 +194,35 @@ def test_the_engine_serves_the_late_tenant_first_and_every_token_stays_what_it_i
         assert q.output_ids == alone.generate(q.prompt_ids, q.params), q.request_id
 
 
+def emitted(model, fair: bool) -> list[list[str]]:
+    """The request ids of each batch of tokens the engine emits in the step where B's prompt and A's
+    later one are prefilled together, A's first two running."""
+    engine = LLMEngine(ModelRunner(model), max_num_seqs=4, max_model_len=256, fair=fair)
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    flood = [Sequence(f"a{i}", PROMPTS[i], greedy, tenant="A") for i in range(3)]
+    for q in flood[:2]:
+        engine.add(q)
+    engine.step()
+    late = Sequence("b", PROMPTS[3], greedy, tenant="B")
+    engine.add(late)
+    engine.add(flood[2])
+    batches = []
+    engine.step(lambda results: batches.append([q.request_id for q, _ in results]))
+    while engine.has_work:
+        engine.step()
+    for q in [*flood, late]:
+        assert q.output_ids == LLMEngine(ModelRunner(model), max_num_seqs=1, max_model_len=256).generate(
+            q.prompt_ids, greedy), q.request_id
+    return batches
+
+
+def test_the_tenant_served_least_has_its_first_token_out_before_the_others_prompts_are_computed(model):
+    """Each tenant's prompts are prefilled in a pass of their own, in turn order, each pass's tokens
+    emitted as soon as it ends: B's first token does not wait for A's prompt (nor A's decode step)."""
+    assert emitted(model, fair=True) == [["b"], ["a2"], ["a0", "a1"]]
+    assert emitted(model, fair=False) == [["b", "a2"], ["a0", "a1"]]  # first come, first served: one pass
+
+
 def test_the_async_engine_takes_a_tenant_and_refuses_a_weight_that_is_no_share(model):
     async def run(weight):
         engine = AsyncLLMEngine(LLMEngine(ModelRunner(model), max_num_seqs=2, max_model_len=256))

@@ -192,9 +192,7 @@ class LLMEngine:
         prefills, decodes = self.scheduler.schedule()
         if self.threads is not None and (prefills or decodes):
             torch.set_num_threads(self.threads)
-        results = self._prefill(prefills)
-        if emit and results:
-            emit(results)
+        results = self._prefill(prefills, emit)
         if decodes:
             try:
                 decoded = self._finish(decodes, self.model_runner.decode(decodes))
@@ -209,20 +207,29 @@ class LLMEngine:
             self.model_runner.reset()  # free the batch cache as soon as nothing is running
         return results
 
-    def _prefill(self, prefills: list[tuple[Sequence, int]]) -> list[tuple[Sequence, TokenEvent | Exception]]:
-        """Prompts that end this step are prefilled together (one forward pass), the first chunks of
-        longer ones alone; only the former produce a token."""
+    def _prefill(self, prefills: list[tuple[Sequence, int]], emit: Callable | None = None
+                 ) -> list[tuple[Sequence, TokenEvent | Exception]]:
+        """Prompts that end this step are prefilled together, in one forward pass per tenant
+        (``Scheduler.passes``: the tenant served least first, whose first tokens are out before the
+        others' prompts are computed), the first chunks of longer ones alone; only the former produce a
+        token. ``emit`` gets each pass's tokens as soon as they are sampled."""
         last = [seq for seq, n in prefills if seq.num_cached + n == seq.num_tokens]
         if not self.model_runner.batched:
             last = []
-        seqs, logits, failed = [], [], []
-        if last:
+        results = []
+        for group in self.scheduler.passes(last):
             try:
-                logits.append(self.model_runner.prefill_together(last))
-                seqs += last
+                logits = self.model_runner.prefill_together(group)
             except Exception as e:
-                logger.exception("prefill of %d requests failed", len(last))
-                failed += self._fail(last, e)
+                logger.exception("prefill of %d requests failed", len(group))
+                done = self._fail(group, e)
+            else:
+                self.prompt_tokens += sum(seq.num_prompt_tokens for seq in group if not seq.output_ids)
+                done = self._finish(group, logits)
+            if emit:
+                emit(done)
+            results += done
+        seqs, logits, failed = [], [], []
         for seq, n in prefills:
             if seq in last:
                 continue
@@ -236,7 +243,10 @@ class LLMEngine:
                 logits.append(out.unsqueeze(0))
                 seqs.append(seq)
         self.prompt_tokens += sum(seq.num_prompt_tokens for seq in seqs if not seq.output_ids)
-        return (self._finish(seqs, torch.cat(logits)) if seqs else []) + failed
+        done = (self._finish(seqs, torch.cat(logits)) if seqs else []) + failed
+        if emit and done:
+            emit(done)
+        return results + done
 
     def _fail(self, seqs: list[Sequence], error: Exception) -> list[tuple[Sequence, Exception]]:
         for seq in seqs:
