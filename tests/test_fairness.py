@@ -55,6 +55,22 @@ def test_a_tenants_request_is_admitted_before_a_flooding_tenants_later_ones():
     assert admitted_order(fair=False) == [*(f"a{i}" for i in range(8)), "b"]  # first come, first served
 
 
+def test_a_tenant_that_ties_with_the_flood_it_joins_goes_first():
+    """B's request arrives when A's running sequences have all just ended: lifted to A's counter, B ties
+    with A, and the tenant asking for less (1 sequence against 8) takes the first turn and its own
+    prefill pass first; first come, first served, it is last."""
+    def first(fair: bool) -> list[list[str]]:
+        s = Scheduler(max_num_seqs=4, max_model_len=256, fair=fair)
+        for i in range(8):
+            s.add(seq(f"a{i}", "A"))
+        s.add(seq("b", "B"))
+        prefills, _ = s.schedule()
+        return [[q.request_id for q in group] for group in s.passes([q for q, _ in prefills])]
+
+    assert first(fair=True) == [["b"], ["a0", "a1", "a2"]]
+    assert first(fair=False) == [["a0", "a1", "a2", "a3"]]
+
+
 def served_tokens(weights: dict[str, float], steps: int, s: Scheduler | None = None) -> dict[str, int]:
     """Output tokens each tenant got in ``steps`` steps with 4 slots, every tenant flooding (its
     waiting requests topped up to 8)."""

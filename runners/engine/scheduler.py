@@ -81,15 +81,21 @@ class Scheduler:
     def _turns(self) -> Iterator[Sequence]:
         """The waiting sequences in the order they get slots and prefill budget: each time the first
         waiting one of the tenant with the lowest counter (as charged so far, so the caller's charges
-        between two turns count), the one that came first on a tie; arrival order when not fair."""
+        between two turns count). On a tie (a tenant that starts asking is lifted to the lowest
+        counter), the tenant with fewer sequences for its weight first, so that the one asking for less
+        is not put behind the flood it ties with; then the one that came first. Arrival order when not
+        fair."""
         if not self.fair:
             yield from list(self.waiting)
             return
         queues: dict[str | None, deque[tuple[int, Sequence]]] = {}
+        demand: dict[str | None, float] = {}
         for i, seq in enumerate(self.waiting):
             queues.setdefault(seq.tenant, deque()).append((i, seq))
+        for seq in (*self.waiting, *self.running):
+            demand[seq.tenant] = demand.get(seq.tenant, 0.0) + 1 / seq.weight
         while queues:
-            tenant = min(queues, key=lambda t: (self.served.get(t, 0.0), queues[t][0][0]))
+            tenant = min(queues, key=lambda t: (self.served.get(t, 0.0), demand[t], queues[t][0][0]))
             yield queues[tenant].popleft()[1]
             if not queues[tenant]:
                 del queues[tenant]
