@@ -119,7 +119,7 @@ def in_process(args):
 
     def engine(fair: bool):
         return LLMEngine(ModelRunner(model, kv_cache_memory=1 << 30), max_num_seqs=args.slots, max_model_len=2048,
-                         prefix_cache_tokens=2048, threads=args.threads, fair=fair)
+                         prefix_cache_tokens=2048, threads=args.threads or len(os.sched_getaffinity(0)), fair=fair)
 
     def run(fair: bool, tenants: list[Tenant], seconds: float = args.seconds, steps: int = args.steps):
         warm = engine(fair)  # its prefix cache holds the prompts, as on a server that ran a while
@@ -127,7 +127,7 @@ def in_process(args):
         return run_engine(warm, tenants, prompts, params, seconds, steps)
 
     run(True, [Tenant("warm", args.slots)], 5.0, min(args.steps, 20))
-    return run, f"in-process, {args.threads} torch threads, " + \
+    return run, f"in-process, {args.threads or 'all'} torch threads, " + \
         (f"{args.steps} steps a run" if args.steps else f"{args.seconds:.0f} s a run")
 
 
@@ -176,7 +176,7 @@ def served(args, workdir: Path):
     config = workdir / "bentochat.yaml"
     config.write_text(
         f"models:\n  - {{id: bench, model: {args.model}, kind: chat, dtype: bfloat16, max_concurrency: {args.slots}, "
-        f"max_queue: 256, prefix_cache_tokens: 2048}}\n"
+        f"max_queue: 256, prefix_cache_tokens: 2048" + (f", cpu_threads: {args.threads}" if args.threads else "") + "}\n"
         f"tenants:\n  - {{name: A, keys: [{keys['A']}]}}\n  - {{name: B, keys: [{keys['B']}]}}\n"
         f"  - {{name: fifo, keys: [{keys['fifo-A']}, {keys['fifo-B']}]}}\n"
         f"usage: {{ledger_dir: {workdir / 'usage'}}}\n")
@@ -197,7 +197,8 @@ def served(args, workdir: Path):
         return server.run(drive_served(url, names, tenants, args.max_tokens, seconds)), []
 
     run(False, [Tenant("A", len(PROMPTS))], 5.0)  # warm: every prompt, in the prefix cache
-    return server, run, f"served (bentoml serve, openai streams), {args.seconds:.0f} s a run"
+    return server, run, f"served (bentoml serve, openai streams), {args.threads or 'all'} torch threads, " \
+        f"{args.seconds:.0f} s a run"
 
 
 @dataclass
@@ -262,7 +263,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="each variant this many times, in turns")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each run")
     parser.add_argument("--steps", type=int, default=0, help="in-process: length of each run in engine steps instead")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="in-process: torch threads")
+    parser.add_argument("--threads", type=int, default=0, help="the engine's torch threads (cpu_threads when served); "
+                        "default: every core")
     args = parser.parse_args()
 
     server = None
