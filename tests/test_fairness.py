@@ -55,6 +55,22 @@ def test_a_tenants_request_is_admitted_before_a_flooding_tenants_later_ones():
     assert admitted_order(fair=False) == [*(f"a{i}" for i in range(8)), "b"]  # first come, first served
 
 
+def test_a_tenant_that_ties_with_the_flood_it_joins_goes_first():
+    """B's request arrives when A's running sequences have all just ended: lifted to A's counter, B ties
+    with A, and the tenant asking for less (1 sequence against 8) takes the first turn and its own
+    prefill pass first; first come, first served, it is last."""
+    def first(fair: bool) -> list[list[str]]:
+        s = Scheduler(max_num_seqs=4, max_model_len=256, fair=fair)
+        for i in range(8):
+            s.add(seq(f"a{i}", "A"))
+        s.add(seq("b", "B"))
+        prefills, _ = s.schedule()
+        return [[q.request_id for q in group] for group in s.passes([q for q, _ in prefills])]
+
+    assert first(fair=True) == [["b"], ["a0", "a1", "a2"]]
+    assert first(fair=False) == [["a0", "a1", "a2", "a3"]]
+
+
 def served_tokens(weights: dict[str, float], steps: int, s: Scheduler | None = None) -> dict[str, int]:
     """Output tokens each tenant got in ``steps`` steps with 4 slots, every tenant flooding (its
     waiting requests topped up to 8)."""
@@ -192,6 +208,41 @@ def test_the_engine_serves_the_late_tenant_first_and_every_token_stays_what_it_i
     assert engine.stats()["preemptions"] == (1 if engine.model_runner.pool else 0)  # (A's, resumed)
     for q in [*flood, late]:
         assert q.output_ids == alone.generate(q.prompt_ids, q.params), q.request_id
+
+
+def emitted(model, fair: bool) -> list[list[str]]:
+    """The request ids of each batch of tokens the engine emits in the step where B's prompt and A's
+    later one are prefilled together, A's first two running."""
+    engine = LLMEngine(ModelRunner(model), max_num_seqs=4, max_model_len=256, fair=fair)
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    flood = [Sequence(f"a{i}", PROMPTS[i], greedy, tenant="A") for i in range(3)]
+    for q in flood[:2]:
+        engine.add(q)
+    engine.step()
+    late = Sequence("b", PROMPTS[3], greedy, tenant="B")
+    engine.add(late)
+    engine.add(flood[2])
+    batches = []
+    engine.step(lambda results: batches.append([q.request_id for q, _ in results]))
+    while engine.has_work:
+        engine.step()
+    for q in [*flood, late]:
+        assert q.output_ids == LLMEngine(ModelRunner(model), max_num_seqs=1, max_model_len=256).generate(
+            q.prompt_ids, greedy), q.request_id
+    return batches
+
+
+def test_the_tenant_served_least_has_its_first_token_out_before_the_others_prompts_are_computed(model):
+    """The tenant served least has its prompts prefilled in a pass of their own, its tokens emitted as
+    soon as it ends: B's first token does not wait for A's prompt (nor A's decode step). Then each other
+    tenant's prompts in turn and the decode step; on the native forward pass, all of that in one pass
+    (which reads the weights once), as is the whole step when not fair."""
+    if ModelRunner(model).native:
+        assert emitted(model, fair=True) == [["b"], ["a0", "a1", "a2"]]
+        assert emitted(model, fair=False) == [["a0", "a1", "b", "a2"]]
+    else:
+        assert emitted(model, fair=True) == [["b"], ["a2"], ["a0", "a1"]]
+        assert emitted(model, fair=False) == [["b", "a2"], ["a0", "a1"]]  # first come, first served: one pass
 
 
 def test_the_async_engine_takes_a_tenant_and_refuses_a_weight_that_is_no_share(model):

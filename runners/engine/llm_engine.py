@@ -185,7 +185,7 @@ class LLMEngine:
         leaves the engine with its error (all of the batch when the batched decode fails). ``emit``,
         if given, gets each phase's results as soon as they are ready: new requests' first tokens
         need not wait for the decode step. On the native forward pass the step is one phase, one pass
-        (:meth:`_run`).
+        (:meth:`_run`), after a pass of its own for a tenant served less (:meth:`_first_tenant`).
         """
         if self.adapters.resident:
             self.adapters.free_unknown(self._busy())  # the slots of unloaded adapters nobody uses any more
@@ -193,14 +193,17 @@ class LLMEngine:
         prefills, decodes = self.scheduler.schedule()
         if self.threads is not None and (prefills or decodes):
             torch.set_num_threads(self.threads)
-        if self.model_runner.native:  # the whole step in one pass
-            results = self._run(prefills, decodes)
-            if emit and results:
-                emit(results)
-            return results
-        results = self._prefill(prefills)
-        if emit and results:
-            emit(results)
+        for seq, _ in prefills:
+            if seq.cached_prompt_tokens is None:  # its first prefill: what it has cached, the prefix cache gave
+                seq.cached_prompt_tokens = seq.num_cached
+        if self.model_runner.native:  # the whole step in one pass, but for a tenant served less (below)
+            first, prefills = self._first_tenant(prefills)
+            results = self._prefill(first, emit) if first else []
+            done = self._run(prefills, decodes)
+            if emit and done:
+                emit(done)
+            return results + done
+        results = self._prefill(prefills, emit)
         if decodes:
             try:
                 decoded = self._finish(decodes, self.model_runner.decode(decodes))
@@ -235,23 +238,42 @@ class LLMEngine:
             self.model_runner.reset()
         return results
 
-    def _prefill(self, prefills: list[tuple[Sequence, int]]) -> list[tuple[Sequence, TokenEvent | Exception]]:
-        """Prompts that end this step are prefilled together (one forward pass), the first chunks of
-        longer ones alone; only the former produce a token."""
-        for seq, _ in prefills:
-            if seq.cached_prompt_tokens is None:  # its first prefill: what it has cached, the prefix cache gave
-                seq.cached_prompt_tokens = seq.num_cached
+    def _first_tenant(self, prefills: list[tuple[Sequence, int]]
+                      ) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, int]]]:
+        """Where the prompts that end this step are of several tenants (fair sharing), the first tenant's
+        (``Scheduler.passes``: the one served least), taken out of ``prefills``, for a pass of their own
+        before the rest of the step, so that its first tokens wait neither for the others' prompts nor
+        the running batch; else none (a second pass reads the weights again)."""
+        last = [seq for seq, n in prefills if seq.num_cached + n == seq.num_tokens]
+        groups = self.scheduler.passes(last)
+        if len(groups) < 2:
+            return [], prefills
+        first = set(map(id, groups[0]))
+        return [p for p in prefills if id(p[0]) in first], [p for p in prefills if id(p[0]) not in first]
+
+    def _prefill(self, prefills: list[tuple[Sequence, int]], emit: Callable | None = None
+                 ) -> list[tuple[Sequence, TokenEvent | Exception]]:
+        """Prompts that end this step are prefilled together, in one forward pass per tenant
+        (``Scheduler.passes``: the tenant served least first, whose first tokens are out before the
+        others' prompts are computed), the first chunks of longer ones alone; only the former produce a
+        token. ``emit`` gets each pass's tokens as soon as they are sampled."""
         last = [seq for seq, n in prefills if seq.num_cached + n == seq.num_tokens]
         if not self.model_runner.batched:
             last = []
-        seqs, logits, failed = [], [], []
-        if last:
+        results = []
+        for group in self.scheduler.passes(last):
             try:
-                logits.append(self.model_runner.prefill_together(last))
-                seqs += last
+                logits = self.model_runner.prefill_together(group)
             except Exception as e:
-                logger.exception("prefill of %d requests failed", len(last))
-                failed += self._fail(last, e)
+                logger.exception("prefill of %d requests failed", len(group))
+                done = self._fail(group, e)
+            else:
+                self.prompt_tokens += sum(seq.num_prompt_tokens for seq in group if not seq.output_ids)
+                done = self._finish(group, logits)
+            if emit:
+                emit(done)
+            results += done
+        seqs, logits, failed = [], [], []
         for seq, n in prefills:
             if seq in last:
                 continue
@@ -265,7 +287,10 @@ class LLMEngine:
                 logits.append(out.unsqueeze(0))
                 seqs.append(seq)
         self.prompt_tokens += sum(seq.num_prompt_tokens for seq in seqs if not seq.output_ids)
-        return (self._finish(seqs, torch.cat(logits)) if seqs else []) + failed
+        done = (self._finish(seqs, torch.cat(logits)) if seqs else []) + failed
+        if emit and done:
+            emit(done)
+        return results + done
 
     def _fail(self, seqs: list[Sequence], error: Exception) -> list[tuple[Sequence, Exception]]:
         for seq in seqs:

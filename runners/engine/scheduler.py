@@ -25,8 +25,10 @@ counter is soon the lowest while the others' grow with every step, and it never 
 cache, a tenant whose turn comes while the batch is full, holding fewer slots than its share by weight,
 does not wait for one to free: the tenant served most of those that would still hold their share gives
 up the sequence that joined last (preempted, it resumes token for token; its prompt from the prefix
-cache); the KV cache running out preempts from the tenant served most too. With ``fair=False`` every
-sequence is first come, first served."""
+cache); the KV cache running out preempts from the tenant served most too. The prompts that end in a
+step are prefilled in one forward pass per tenant, in turn order (``passes``), whose first tokens the
+engine streams before the next pass and the decode. With ``fair=False`` every sequence is first come,
+first served, and a step's prompts are one pass."""
 
 from __future__ import annotations
 
@@ -79,15 +81,21 @@ class Scheduler:
     def _turns(self) -> Iterator[Sequence]:
         """The waiting sequences in the order they get slots and prefill budget: each time the first
         waiting one of the tenant with the lowest counter (as charged so far, so the caller's charges
-        between two turns count), the one that came first on a tie; arrival order when not fair."""
+        between two turns count). On a tie (a tenant that starts asking is lifted to the lowest
+        counter), the tenant with fewer sequences for its weight first, so that the one asking for less
+        is not put behind the flood it ties with; then the one that came first. Arrival order when not
+        fair."""
         if not self.fair:
             yield from list(self.waiting)
             return
         queues: dict[str | None, deque[tuple[int, Sequence]]] = {}
+        demand: dict[str | None, float] = {}
         for i, seq in enumerate(self.waiting):
             queues.setdefault(seq.tenant, deque()).append((i, seq))
+        for seq in (*self.waiting, *self.running):
+            demand[seq.tenant] = demand.get(seq.tenant, 0.0) + 1 / seq.weight
         while queues:
-            tenant = min(queues, key=lambda t: (self.served.get(t, 0.0), queues[t][0][0]))
+            tenant = min(queues, key=lambda t: (self.served.get(t, 0.0), demand[t], queues[t][0][0]))
             yield queues[tenant].popleft()[1]
             if not queues[tenant]:
                 del queues[tenant]
@@ -128,6 +136,17 @@ class Scheduler:
                 budget -= n
                 self._charge(seq, n * PROMPT_COST)
         return prefills, list(self.running)
+
+    def passes(self, seqs: list[Sequence]) -> list[list[Sequence]]:
+        """The prompts ``seqs`` (this step's, in turn order) grouped into forward passes: one for each
+        tenant, in the order of its first turn, so that a tenant under its share gets its first tokens
+        without waiting for the prompts of the tenant that floods; all in one when not fair."""
+        if not self.fair:
+            return [seqs] if seqs else []
+        groups: dict[str | None, list[Sequence]] = {}
+        for seq in seqs:
+            groups.setdefault(seq.tenant, []).append(seq)
+        return list(groups.values())
 
     def _make_room(self, seq: Sequence) -> bool:
         """A slot in the full batch for ``seq``, whose turn it is, if its tenant holds fewer slots than its
