@@ -57,7 +57,7 @@ def directory() -> Path:
 
 
 def sources_hash() -> str:
-    digest = hashlib.sha256(" ".join(COMMON).encode() + repr(LEVELS).encode())
+    digest = hashlib.sha256(" ".join(COMMON + [flag for flags, _, _ in LEVELS.values() for flag in flags]).encode())
     for source in [KERNELS / "kernels.h", *SOURCES]:
         digest.update(source.read_bytes())
     return digest.hexdigest()[:12]
