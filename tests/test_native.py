@@ -101,7 +101,7 @@ def test_int8_weights_quantized_per_group_and_multiplied_as_the_dequantized_weig
     linear = Linear(weight, b, int8=True, own=True)
     assert linear.own.dtype == torch.int8 and linear.own.shape[:2] == (-(-out // 16), -(-inner // 32))
     assert linear.own[0, 0].numel() == 576  # per panel and group: 512 weights, 16 float32 scales
-    assert (linear.own.dim() == 4) == (dtype == torch.bfloat16 and native.amx())  # (on AMX: in the tiles' order)
+    assert (linear.own.dim() == 4) == (dtype == torch.bfloat16 and native.vnni())  # (x quantized: the tiles' order)
     dequantized = native.unpack_int8(linear.own, out, inner).double()
     groups = F.pad(weight.double().abs(), (0, -inner % 32)).view(out, -1, 32).amax(-1)
     scale = groups.repeat_interleave(32, dim=1)[:, :inner] / 127
