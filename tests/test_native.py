@@ -2,9 +2,15 @@
 without AMX runs, forced here where there is AMX), float32 on AVX-512, and int8 weights (a float32 scale
 per 32 inner elements) for bfloat16 and float32 models, each with the same bits for a row alone and in a
 batch of any size, on one thread and on two, close to the exact product, with a bias and with shapes that
-do not fill its panels. Skipped where the CPU lacks them. (tests/test_lean.py checks the native forward
-pass built on them.)"""
+do not fill its panels; and int8 and 4-bit weights times x quantized with AVX-512 VNNI (what a CPU without
+AMX runs, AMX masked off where there is AMX), with AMX's bits. Skipped where the CPU lacks them.
+(tests/test_lean.py checks the native forward pass built on them.)"""
 
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,10 +72,14 @@ INT8_DTYPES = [pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not native.
 
 
 def as_multiplied(x: torch.Tensor, linear: Linear) -> torch.Tensor:
-    """x as int8_linear and int4_linear multiply it: as it is (int8 on AVX-512), or on AMX quantized as the
-    int8 weights are, a scale per 32 of each row, in the kernels' float32 maths (times 1 / scale)."""
-    if linear.own.dtype == torch.int8 and linear.own.dim() == 3:
-        return x
+    """x as int8_linear and int4_linear multiply it: as it is (int8 on AVX-512), or (on AMX or AVX-512 VNNI)
+    quantized."""
+    return x if linear.own.dtype == torch.int8 and linear.own.dim() == 3 else quantized(x)
+
+
+def quantized(x: torch.Tensor) -> torch.Tensor:
+    """x quantized as the int8 weights are, a scale per 32 of each row, in the kernels' float32 maths (times
+    1 / scale)."""
     inner = x.shape[-1]
     groups = F.pad(x.float().reshape(-1, inner), (0, -inner % 32)).view(-1, -(-inner // 32), 32)
     scale = groups.abs().amax(-1, keepdim=True) / 127
@@ -91,7 +101,7 @@ def test_int8_weights_quantized_per_group_and_multiplied_as_the_dequantized_weig
     linear = Linear(weight, b, int8=True, own=True)
     assert linear.own.dtype == torch.int8 and linear.own.shape[:2] == (-(-out // 16), -(-inner // 32))
     assert linear.own[0, 0].numel() == 576  # per panel and group: 512 weights, 16 float32 scales
-    assert (linear.own.dim() == 4) == (dtype == torch.bfloat16 and native.amx())  # (on AMX: in the tiles' order)
+    assert (linear.own.dim() == 4) == (dtype == torch.bfloat16 and native.vnni())  # (x quantized: the tiles' order)
     dequantized = native.unpack_int8(linear.own, out, inner).double()
     groups = F.pad(weight.double().abs(), (0, -inner % 32)).view(out, -1, 32).amax(-1)
     scale = groups.repeat_interleave(32, dim=1)[:, :inner] / 127
@@ -138,7 +148,7 @@ def test_int4_weights_multiplied_as_the_dequantized_weights_and_a_row_alike_in_a
 
 
 def test_int4_elsewhere_runs_in_int8():
-    """Where int4_linear does not run (a float32 model; a CPU without AMX), 4 bits run in int8."""
+    """Where int4_linear does not run (a float32 model; a CPU without AVX-512 VNNI), 4 bits run in int8."""
     weight = torch.randn(64, 64)
     assert Linear(weight, int4=True, own=True).own.dtype == torch.int8
     stored = native.Int4Weight.of(weight)
@@ -198,3 +208,59 @@ def test_the_same_bits_on_one_thread_and_on_every_core(dtype):
     finally:
         torch.set_num_threads(threads)
 
+
+
+# Runs int8_linear and int4_linear as a CPU without AMX would (BENTOCHAT_CPU_FLAGS): the weights and rows of
+# argv[1]'s cases, each row alone, in batches of several sizes, on one thread and two; saves (packed weight, y).
+VNNI_RUN = """
+import sys, torch
+from runners.engine import native
+from runners.engine.linear import Linear
+assert native.vnni() and native._level == "avx512-bf16" and not native.amx(), native._level
+results = []
+for weight, b, x in torch.load(sys.argv[1]):
+    for options in ({"int8": True}, {"int4": True}):
+        linear = Linear(weight, b, own=True, **options)
+        y = linear(x)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert all(torch.equal(linear(x[j:j + 1])[0], y[j]) for j in range(len(x)))
+            assert all(torch.equal(linear(x[:m]), y[:m]) for m in (2, 3, 5, 6, 7, 8, 13, 33))
+        results.append((linear.own, y))
+torch.save(results, sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(not {"avx512_bf16", "avx512_vnni"} <= native.cpu_flags(), reason="no AVX-512 BF16 and VNNI")
+def test_vnni_int8_and_int4_weights_times_x_quantized_close_to_the_float_product_and_with_amxs_bits(tmp_path):
+    """A CPU without AMX (here: this CPU with AMX masked off, in a process of its own) multiplies a bfloat16
+    model's int8 and 4-bit weights by x quantized per 32 (VPDPBUSD): within float32's and bfloat16's rounding of
+    the exact product of the dequantized weights by x quantized; within the quantization's error of the float
+    product; a row the same bits alone and in any batch, on one thread and two; and, where this CPU has AMX,
+    the same bits as AMX's tiles."""
+    generator = torch.Generator().manual_seed(4)
+    cases = []
+    for out, inner, bias in SHAPES:
+        weight = (torch.randn(out, inner, generator=generator) * 0.05).bfloat16()
+        b = torch.randn(out, generator=generator).bfloat16() if bias else None
+        cases.append((weight, b, torch.randn(40, inner, generator=generator).bfloat16()))
+    torch.save(cases, tmp_path / "cases.pt")
+    flags = " ".join(native.cpu_flags() - {"amx_tile", "amx_bf16", "amx_int8"})
+    done = subprocess.run([sys.executable, "-c", VNNI_RUN, str(tmp_path / "cases.pt"), str(tmp_path / "out.pt")],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "BENTOCHAT_CPU_FLAGS": flags})
+    assert done.returncode == 0, done.stderr
+    results = iter(torch.load(tmp_path / "out.pt"))
+    for weight, b, x in cases:
+        out, inner = weight.shape
+        for four, error in ((False, 0.02), (True, 0.15)):
+            own, y = next(results)
+            assert own.dtype == torch.uint8 if four else own.dtype == torch.int8 and own.dim() == 4
+            dequantized = (native.unpack_int4 if four else native.unpack_int8)(own, out, inner).double()
+            bias = b.double() if b is not None else 0
+            exact = quantized(x).double() @ dequantized.T + bias
+            assert torch.allclose(y.double(), exact, rtol=2 ** -7, atol=1e-2)
+            product = x.double() @ weight.double().T
+            assert (y.double() - bias - product).norm() <= error * product.norm(), (out, inner, four)
+            if native.amx():
+                assert torch.equal(Linear(weight, b, own=True, int4=four, int8=not four)(x), y)

@@ -1,6 +1,6 @@
 """BentoChat's native kernels built ahead of time (runners/engine/native_build.py): one library per level,
 loaded with no compiler on the machine; the highest level the CPU runs picked, and each fallback logged (a
-CPU without AVX-512, AVX-512 BF16 or AMX, a library built for another torch, none and no compiler, a build
+CPU without AVX-512, AVX-512 BF16 and VNNI, or AMX, a library built for another torch, none and no compiler, a build
 that fails); a level's library holds no instruction above it; the build command fails loudly unless
 ``--optional``. Each case runs in a process of its own (a library, once loaded, stays)."""
 
@@ -82,9 +82,21 @@ except RuntimeError as e:
     done = run(code, {"PATH": "/nonexistent", "BENTOCHAT_KERNELS_DIR": str(libraries),
                       "BENTOCHAT_CPU_FLAGS": flags_without("avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")})
     assert done.returncode == 0, done.stderr
-    assert "no AVX-512 BF16 on this CPU: the avx512 level" in done.stderr
+    assert "no AVX-512 BF16 and VNNI on this CPU: the avx512 level (it lacks avx512_bf16)" in done.stderr
     assert "RAN avx512 False False" in done.stdout  # float32 only: bfloat16 stays on oneDNN
     assert "REFUSED bf16_linear: this library is built without AVX-512 BF16" in done.stdout
+
+
+def test_a_cpu_with_avx512_bf16_but_no_vnni_gets_the_avx512_level_whose_int8_keeps_x_as_it_is(libraries):
+    code = PROBE + """
+from runners.engine.linear import Linear
+print("INT8", native.vnni(), Linear(torch.randn(40, 70), int8=True, own=True).own.dim())
+"""
+    done = run(code, {"PATH": "/nonexistent", "BENTOCHAT_KERNELS_DIR": str(libraries),
+                      "BENTOCHAT_CPU_FLAGS": flags_without("avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")})
+    assert done.returncode == 0, done.stderr
+    assert "no AVX-512 BF16 and VNNI on this CPU: the avx512 level (it lacks avx512_vnni)" in done.stderr
+    assert "RAN avx512 False False" in done.stdout and "INT8 False 3" in done.stdout  # the weight-only layout
 
 
 def test_a_cpu_without_avx512_gets_no_native_kernels_and_the_log_says_so():
@@ -96,14 +108,15 @@ def test_a_cpu_without_avx512_gets_no_native_kernels_and_the_log_says_so():
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="no objdump")
 def test_a_levels_library_holds_no_instruction_above_its_level(libraries):
-    bf16 = ("vdpbf16ps", "vcvtneps2bf16", "vcvtne2ps2bf16")
-    amx = ("tileloadd", "tdpbf16ps", "tdpbssd", "ldtilecfg", "tilerelease", "tilezero", "tilestored")
+    bf16 = ("vdpbf16ps", "vcvtneps2bf16", "vcvtne2ps2bf16", "vpdpbusd", "vpdpbusds", "vpdpwssd")
+    amx = ("tileloadd", "tdpbf16ps", "tdpbssd", "tdpbsud", "ldtilecfg", "tilerelease", "tilezero", "tilestored")
     for level, above in (("avx512", bf16 + amx), ("avx512-bf16", amx), ("amx", ())):
         code = subprocess.run(["objdump", "-d", str(libraries / native_build.library_name(level))],
                               capture_output=True, text=True, check=True).stdout
         mnemonics = {line.split("\t")[2].split()[0] for line in code.splitlines() if line.count("\t") >= 2}
         assert not mnemonics & set(above), level
         assert level != "amx" or {"tdpbf16ps", "vdpbf16ps"} <= mnemonics  # (the check sees them where they are)
+        assert level == "avx512" or "vpdpbusd" in mnemonics  # (int8 and 4 bits on AVX-512 VNNI)
 
 
 def test_a_library_built_for_another_torch_is_refused_and_the_log_says_why(libraries, tmp_path):

@@ -97,7 +97,7 @@ def plan(config, *, dtype: str = "auto", gpus: list[int] | tuple = (), spread: b
     if quantization in ("int8", "int4"):
         if native_forward:  # BentoChat's int8 and int4 kernels (kernels/int8_linear.cpp)
             if quantization == "int4" and not native.int4_runs(torch_dtype):
-                return Plan(torch_dtype, "native", "int8", "native", "int4 runs in bfloat16 on AMX")
+                return Plan(torch_dtype, "native", "int8", "native", "int4 runs in bfloat16 on AMX or AVX-512 VNNI")
             return Plan(torch_dtype, "native", quantization, "native")
         return Plan(torch_dtype, "lean", "int8", _python_attention(torch_dtype, gpus, attention),
                     "int4 runs on the native forward" if quantization == "int4" else "")

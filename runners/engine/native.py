@@ -7,8 +7,9 @@ and loaded by :func:`ops`, the highest level this CPU runs:
   without AMX (AMD Zen 4);
 - ``int8_linear.cpp``: the int8 matmul (``quantization: int8``) for bfloat16 and float32 models: int8
   weights with a float32 scale per 32 inner elements (as GGUF's Q8_0), about half the bytes of bfloat16
-  to read per decode step; on AVX-512 (the weights alone in int8), or for a bfloat16 model on AMX, its
-  rows quantized alike (as llama.cpp multiplies Q8_0 weights) on int8 tiles, faster past a few rows;
+  to read per decode step; on AVX-512 (the weights alone in int8), or for a bfloat16 model with its rows
+  quantized alike (as llama.cpp multiplies Q8_0 weights) on AMX's int8 tiles or with AVX-512 VNNI (the
+  same bits), faster past a few rows; and the 4-bit one (``quantization: int4``) alike;
 - ``forward.cpp``: the lean forward's whole pass (every layer, prefill and decode) in one call, in
   bfloat16 (on AMX, else AVX-512 BF16) and in float32, on any of those matmuls.
 
@@ -73,10 +74,10 @@ def level_here() -> str | None:
     flags = cpu_flags()
     fits = [level for level, (_, needs, _) in LEVELS.items() if needs <= flags]
     if len(fits) < len(LEVELS):
-        lacks = LEVELS[list(LEVELS)[len(fits)]][2]
+        _, needs, lacks = LEVELS[list(LEVELS)[len(fits)]]
         (logger.info if fits else logger.warning)(
-            "BentoChat's native kernels: no %s on this CPU: %s", lacks,
-            f"the {fits[-1]} level" if fits else "oneDNN's kernels and the Python pass instead")
+            "BentoChat's native kernels: no %s on this CPU: %s (it lacks %s)", lacks,
+            f"the {fits[-1]} level" if fits else "oneDNN's kernels and the Python pass instead", " ".join(sorted(needs - flags)))
     return fits[-1] if fits else None
 
 
@@ -125,6 +126,12 @@ def amx() -> bool:
     """Whether the AMX kernels run here: the library loaded is the AMX level's (the CPU has AMX) and Linux
     grants the process AMX's tile state (below that level ``amx_available`` is false)."""
     return ops() is not None and bool(ops().amx_available())
+
+
+def vnni() -> bool:
+    """Whether the library loaded multiplies a bfloat16 model's int8 and 4-bit weights by its rows quantized alike:
+    from the AVX-512 BF16 and VNNI level up (on AMX's tiles where :func:`amx`, else with AVX-512 VNNI)."""
+    return ops() is not None and "avx512_vnni" in LEVELS[_level][1]
 
 
 def runs(dtype: torch.dtype) -> bool:
@@ -197,13 +204,14 @@ def pack_int8(weight: torch.Tensor | Int8Weight) -> torch.Tensor:
     """``weight`` [out, in] for ``int8_linear``, quantized by :func:`quantize_int8` (or already, an
     :class:`Int8Weight`), zero-padded to panels of ``LANES`` features. An int8 tensor
     [panels, groups, 576]: per panel and group the 32 x 16 weights (inner element i's 16 features at
-    bytes 16 i ..), then the 16 features' scales (float32, as bytes). A bfloat16 model's on AMX:
-    [panels, groups, 16, 36], the same bytes but the weights as AMX's int8 B tile takes them (inner quad
-    j's 16 features at bytes 64 j .., each feature's four elements side by side). Quantized a few thousand
+    bytes 16 i ..), then the 16 features' scales (float32, as bytes). A bfloat16 model's where :func:`vnni`
+    (x quantized): [panels, groups, 16, 36], the same bytes but the weights as AMX's int8 B tile (and
+    VPDPBUSD) takes them (inner quad j's 16 features at bytes 64 j .., each feature's four elements side by
+    side). Quantized a few thousand
     features at a time (a float32 copy of a whole lm_head is large)."""
     out, inner = weight.shape
     panels, groups = -(-out // LANES), -(-inner // GROUP)
-    tiles = weight.dtype == torch.bfloat16 and amx()
+    tiles = weight.dtype == torch.bfloat16 and vnni()
     packed = torch.empty(panels, groups, GROUP * LANES + 4 * LANES, dtype=torch.int8)
     step = 256  # panels at a time
     for first in range(0, panels, step):
@@ -278,9 +286,9 @@ QUANTIZED = (Int8Weight, Int4Weight)  # the weights stored models hold quantized
 
 
 def int4_runs(dtype: torch.dtype) -> bool:
-    """Whether ``int4_linear`` runs a model of ``dtype`` here: in bfloat16, on AMX (elsewhere 4-bit weights
-    run in int8)."""
-    return dtype == torch.bfloat16 and amx()
+    """Whether ``int4_linear`` runs a model of ``dtype`` here: in bfloat16, on AMX or AVX-512 VNNI (:func:`vnni`;
+    elsewhere 4-bit weights run in int8)."""
+    return dtype == torch.bfloat16 and vnni()
 
 
 def pair_nibbles(values: torch.Tensor) -> torch.Tensor:
@@ -293,7 +301,7 @@ GROUP4_BYTES = GROUP * LANES // 2 + 8 * LANES  # int4_linear's bytes per panel a
 
 
 def pack_int4(weight: Int4Weight) -> torch.Tensor:
-    """``weight`` for ``int4_linear`` (AMX, bfloat16 models), zero-padded to panels of ``LANES`` features:
+    """``weight`` for ``int4_linear`` (bfloat16 models, :func:`int4_runs`), zero-padded to panels of ``LANES`` features:
     uint8 [panels, groups, 384]. Per panel and group, 256 bytes of weights, whose low nibbles are the 512
     values of the first half of AMX's B tile (inner quad j's 16 features at 64 j, each feature's 4
     elements side by side) and whose high nibbles its second half; then the 16 features' scales and
@@ -366,7 +374,8 @@ def main(args: list[str]) -> int:
     else:
         bf16 = "AMX" if amx() else "AVX-512 BF16" if runs(torch.bfloat16) else None
         print("BentoChat's native kernels: float32" + (f", bfloat16 on {bf16}" if bf16 else " (bfloat16 on oneDNN)")
-              + ", int8 weights")
+              + ", int8 weights" + (f" and 4 bits (bfloat16 rows quantized, on {'AMX' if amx() else 'AVX-512 VNNI'})"
+                                    if vnni() else ""))
     return 0
 
 

@@ -2,8 +2,9 @@
 (as ggml builds one per CPU level), which :func:`runners.engine.native.ops` loads with ``torch.ops.load_library``,
 the highest this CPU runs. Serving so needs no compiler, ninja, Python headers or write access.
 
-- ``avx512``: AVX-512 F/BW/VL: float32, and the int8 matmul of float32 models;
-- ``avx512-bf16``: and AVX-512 BF16 (AMD Zen 4): bfloat16 too;
+- ``avx512``: AVX-512 F/BW/VL: float32, and the int8 matmul of float32 models (int8 weights only);
+- ``avx512-bf16``: and AVX-512 BF16 and VNNI (AMD Zen 4, Intel Cooper Lake; every CPU with AVX-512 BF16 has
+  VNNI): bfloat16 too, and a bfloat16 model's int8 and 4-bit weights times rows quantized alike (VPDPBUSD);
 - ``amx``: and AMX (Intel Sapphire Rapids and later): bfloat16, int8 and 4 bits on AMX's tiles.
 
 Each level is compiled with its own flags only, and ``kernels/kernels.h`` compiles out the code that needs
@@ -40,11 +41,11 @@ SOURCES = [KERNELS / name for name in ("amx_linear.cpp", "avx512_linear.cpp", "i
 # OpenMP: ATen's parallel_for, inlined into the kernels, runs on one thread without it.
 COMMON = ["-O3", "-std=c++20", "-fPIC", "-fopenmp"]
 _AVX512 = (["-mavx512f", "-mavx512bw", "-mavx512vl"], {"avx512f", "avx512bw", "avx512vl"})
-_BF16 = (_AVX512[0] + ["-mavx512bf16"], _AVX512[1] | {"avx512_bf16"})
+_BF16 = (_AVX512[0] + ["-mavx512bf16", "-mavx512vnni"], _AVX512[1] | {"avx512_bf16", "avx512_vnni"})
 # level: its compiler flags, the CPU flags it needs (as /proc/cpuinfo names them), what those are; lowest first
 LEVELS = {
     "avx512": (*_AVX512, "AVX-512"),
-    "avx512-bf16": (*_BF16, "AVX-512 BF16"),
+    "avx512-bf16": (*_BF16, "AVX-512 BF16 and VNNI"),
     "amx": (_BF16[0] + ["-mamx-tile", "-mamx-bf16", "-mamx-int8"], _BF16[1] | {"amx_tile", "amx_bf16", "amx_int8"},
             "AMX"),
 }
@@ -56,7 +57,7 @@ def directory() -> Path:
 
 
 def sources_hash() -> str:
-    digest = hashlib.sha256(" ".join(COMMON).encode())
+    digest = hashlib.sha256(" ".join(COMMON + [flag for flags, _, _ in LEVELS.values() for flag in flags]).encode())
     for source in [KERNELS / "kernels.h", *SOURCES]:
         digest.update(source.read_bytes())
     return digest.hexdigest()[:12]

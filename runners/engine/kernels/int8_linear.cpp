@@ -1,8 +1,8 @@
 // BentoChat's int8 matmul: y = x W^T + b, x in the model's dtype (bfloat16 or float32), W quantized by
 // runners/engine/native.py (pack_int8) to symmetric int8 with one float32 scale per group of 32 inner elements
 // of each output feature (as GGUF's Q8_0 blocks: scale = absmax / 127). Decode at batch 1 is bound by reading
-// the weights: int8 reads 1.125 bytes a weight (its scales included), bfloat16 2. Two kernels, the weights'
-// layout says which (pack_int8 packs a bfloat16 model's for AMX where the CPU has it):
+// the weights: int8 reads 1.125 bytes a weight (its scales included), bfloat16 2. Two kinds of kernel, the
+// weights' layout says which (pack_int8 packs a bfloat16 model's for x quantized where the CPU has AVX-512 VNNI):
 //
 // On AVX-512 (weight-only): every output element is summed in the same order whatever the number of rows or
 // threads: per group, a float32 partial sum of x * w over its 32 inner elements, in order (the weights converted
@@ -14,9 +14,11 @@
 // (zero-padded): [P][G][576 bytes], each group 32 x 16 int8 weights (inner element i's 16 features at
 // 16 i) then the 16 features' float32 scales.
 //
-// On AMX (a bfloat16 model's, see tiles_matmul): x quantized alike and int8 tile multiplies, 1.7x the
-// AVX-512 kernel at 8 rows and 3x at 512 (a prompt's prefill) on a 2-core Xeon; [P][G][16][36], each group's
-// weights in the B tile's order (inner quad j's 16 features at 64 j, each feature's 4 elements side by side).
+// x quantized alike (a bfloat16 model's, see quantize_row), on AMX (tiles_matmul) where Linux grants its tiles,
+// else on AVX-512 VNNI (vnni_matmul, CPUs without AMX such as AMD Zen 4), both with the same bits: 1.7x the
+// AVX-512 kernel at 8 rows and 3x at 512 (a prompt's prefill) on AMX on a 2-core Xeon; [P][G][16][36], each
+// group's weights in AMX's B tile order (inner quad j's 16 features at 64 j, each feature's 4 elements side by
+// side), which is also VPDPBUSD's (one register a quad: 16 lanes of 4 bytes).
 #include "kernels.h"
 
 #include <ATen/Functions.h>
@@ -25,6 +27,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -85,65 +88,69 @@ void block(const float* x, int64_t ldx, int64_t groups, const int8_t* w, int64_t
   }
 }
 
-// R rows times `count` (<= 4) panels: 4 panels at once for up to 3 rows, else 2 at a time.
-template <int R, typename Y>
-void rows(const float* x, int64_t ldx, int64_t groups, const int8_t* w, int64_t stride, int64_t count, Y* y,
-          int64_t ldy, const float* b, const __mmask16* mask) {
+// Panels 0 .. count - 1 (count <= 4) of R rows: all 4 at once for up to WIDE rows (more independent sums in flight
+// where there are few rows), else 2 at a time, then one: each(std::integral_constant<int, P>(), first panel).
+template <int R, int WIDE, typename Each>
+void by_panels(int64_t count, Each&& each) {
+  if (R <= WIDE && count == 4) return each(std::integral_constant<int, 4>(), 0);
   int64_t p = 0;
-  if (R <= 3 && count == 4) {
-    block<R, 4>(x, ldx, groups, w, stride, y, ldy, b, mask);
-    return;
-  }
-  for (; p + 2 <= count; p += 2)
-    block<R, 2>(x, ldx, groups, w + p * stride, stride, y + p * LANES, ldy, b ? b + p * LANES : nullptr, mask + p);
-  if (p < count)
-    block<R, 1>(x, ldx, groups, w + p * stride, stride, y + p * LANES, ldy, b ? b + p * LANES : nullptr, mask + p);
+  for (; p + 2 <= count; p += 2) each(std::integral_constant<int, 2>(), p);
+  if (p < count) each(std::integral_constant<int, 1>(), p);
 }
 
-// y [m, n] = x [m, groups * GROUP floats] times the `count` panels of w, + b: quads of panels split over
-// torch's threads, each quad's rows in blocks of ROWS, then the rest.
-template <typename Y>
-void matmul(const float* x, int64_t m, int64_t groups, const int8_t* w, int64_t count, Y* y, int64_t n,
-            const float* b) {
-  const int64_t stride = groups * GROUP_BYTES, ldx = groups * GROUP;
+// m rows times `count` panels: quads of panels split over torch's threads, each quad's rows in blocks of ROWS, then
+// the rest: run(std::integral_constant<int, R>(), first row, first panel, panels (<= 4), their masks (n features)).
+template <typename Run>
+void split(int64_t m, int64_t count, int64_t n, Run&& run) {
   at::parallel_for(0, (count + QUAD - 1) / QUAD, 1, [&](int64_t first, int64_t last) {
     for (int64_t quad = first; quad < last; quad++) {
       const int64_t p0 = QUAD * quad, here = std::min<int64_t>(QUAD, count - p0);
       __mmask16 mask[QUAD] = {0, 0, 0, 0};
       for (int64_t j = 0; j < here; j++) mask[j] = lanes(n - (p0 + j) * LANES);
-      const int8_t* wq = w + p0 * stride;
-      const float* bq = b ? b + p0 * LANES : nullptr;
-      Y* yq = y + p0 * LANES;
       int64_t r0 = 0;
-      for (; r0 + ROWS <= m; r0 += ROWS)
-        rows<ROWS>(x + r0 * ldx, ldx, groups, wq, stride, here, yq + r0 * n, n, bq, mask);
-      const float* xr = x + r0 * ldx;
-      Y* yr = yq + r0 * n;
+      for (; r0 + ROWS <= m; r0 += ROWS) run(std::integral_constant<int, ROWS>(), r0, p0, here, mask);
       switch (m - r0) {
-        case 1: rows<1>(xr, ldx, groups, wq, stride, here, yr, n, bq, mask); break;
-        case 2: rows<2>(xr, ldx, groups, wq, stride, here, yr, n, bq, mask); break;
-        case 3: rows<3>(xr, ldx, groups, wq, stride, here, yr, n, bq, mask); break;
-        case 4: rows<4>(xr, ldx, groups, wq, stride, here, yr, n, bq, mask); break;
-        case 5: rows<5>(xr, ldx, groups, wq, stride, here, yr, n, bq, mask); break;
+        case 1: run(std::integral_constant<int, 1>(), r0, p0, here, mask); break;
+        case 2: run(std::integral_constant<int, 2>(), r0, p0, here, mask); break;
+        case 3: run(std::integral_constant<int, 3>(), r0, p0, here, mask); break;
+        case 4: run(std::integral_constant<int, 4>(), r0, p0, here, mask); break;
+        case 5: run(std::integral_constant<int, 5>(), r0, p0, here, mask); break;
         default: break;
       }
     }
   });
 }
 
-#ifdef BENTOCHAT_AMX
-// ---- On AMX: a bfloat16 model's weights, packed in the tiles' order (pack_int8 on AMX) ----
-// x is quantized too, as llama.cpp multiplies Q8_0 weights: each row's 32 inner elements of a group to int8 with
-// their own float32 scale (absmax / 127). Per panel, for each block of up to 16 rows, group after group: one
-// int8 tile multiply (TDPBSSD, exact int32 sums) of the rows' group by the group's 32 x 16 weights, read from the
-// packed weights as they are; then acc = fma(sum * x's scale, the weights' scale, acc), in float32, group after
-// group. A row's sums depend on nothing but its own data, so it gets the same bits alone and in a batch of any
-// size; they are not the AVX-512 kernel's (which keeps x as it is), and the kernel is chosen by the machine and
-// the model's dtype, never by the batch.
+// y [m, n] = x [m, groups * GROUP floats] times the `count` panels of w, + b.
+template <typename Y>
+void matmul(const float* x, int64_t m, int64_t groups, const int8_t* w, int64_t count, Y* y, int64_t n,
+            const float* b) {
+  const int64_t stride = groups * GROUP_BYTES, ldx = groups * GROUP;
+  split(m, count, n, [&](auto rows, int64_t r0, int64_t p0, int64_t here, const __mmask16* mask) {
+    by_panels<decltype(rows)::value, 3>(here, [&](auto panels, int64_t p) {
+      const int64_t first = p0 + p;
+      block<decltype(rows)::value, decltype(panels)::value>(x + r0 * ldx, ldx, groups, w + first * stride, stride,
+                                                              y + r0 * n + first * LANES, n,
+                                                              b ? b + first * LANES : nullptr, mask + p);
+    });
+  });
+}
 
-// Row r of x (bfloat16, k elements, zero-padded to `groups` groups) as int8 [groups * GROUP], per-group scales and
-// per-group sums of x as quantized (scale * the sum of the int8 values; int4_linear's offsets take them).
-void quantize_row(const uint16_t* x, int64_t k, int64_t groups, int8_t* q, float* scales, float* sums) {
+#ifdef BENTOCHAT_VNNI
+// ---- x quantized: a bfloat16 model's weights, packed in AMX's B tile order (pack_int8 on AMX or VNNI) ----
+// x is quantized too, as llama.cpp multiplies Q8_0 weights: each row's 32 inner elements of a group to int8 with
+// their own float32 scale (absmax / 127). Per panel and row, group after group: the exact int32 sums of the row's
+// group times the group's 32 x 16 weights (an int8 tile multiply on AMX, TDPBSSD; 8 VPDPBUSD on AVX-512 VNNI),
+// then acc = fma(sum * x's scale, the weights' scale, acc), in float32. Both kernels so give the same bits, and a
+// row's sums depend on nothing but its own data: it gets the same bits alone and in a batch of any size. They
+// are not the AVX-512 kernel's (which keeps x as it is), which the machine and the model's dtype choose, never
+// the batch.
+
+// Row r of x (bfloat16, k elements, zero-padded to `groups` groups) as int8 [groups * GROUP], per-group scales,
+// per-group sums of x as quantized (scale * the sum of the int8 values; int4_linear's offsets take them) and
+// the sums of the int8 values (totals; int8_linear's VNNI kernel takes them).
+void quantize_row(const uint16_t* x, int64_t k, int64_t groups, int8_t* q, float* scales, float* sums,
+                  int32_t* totals) {
   for (int64_t g = 0; g < groups; g++) {
     __m512 v[2];
     for (int h = 0; h < 2; h++) {
@@ -161,10 +168,101 @@ void quantize_row(const uint16_t* x, int64_t k, int64_t groups, int8_t* q, float
       _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * GROUP + h * 16), _mm512_cvtepi32_epi8(values));
     }
     scales[g] = scale;
-    sums[g] = scale * static_cast<float>(_mm512_reduce_add_epi32(total));
+    totals[g] = _mm512_reduce_add_epi32(total);
+    sums[g] = scale * static_cast<float>(totals[g]);
   }
 }
 
+// x's 4 int8 values at p, in every lane.
+inline __m512i quad(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// On AVX-512 VNNI: rows 0..R-1 of x quantized (q: ldx bytes apart; xs, xsums, totals: `groups` apart) times P
+// panels of w (`stride` bytes apart), into y (ldy apart; + b, the panels' bias, where not null), masked to each
+// panel's features. Per group, one int32 sum per row and feature, 4 products a lane (VPDPBUSD, unsigned bytes
+// times signed ones): int8 weights made unsigned (+ 128: their sign bit flipped) and the sum started at -128
+// times the sum of the row's group, so that it is the products' exact sum (llama.cpp flips signs instead: a few
+// more operations per row); 4-bit values are unsigned as they are. Then, as on AMX, the scales (FOUR: and x's sum
+// times the weights' offsets), group after group.
+template <int R, int P, bool FOUR>
+void vnni_block(const int8_t* q, int64_t ldx, const float* xs, const float* xsums, const int32_t* totals,
+                int64_t groups, const uint8_t* w, int64_t stride, uint16_t* y, int64_t ldy, const float* b,
+                const __mmask16* mask) {
+  constexpr int64_t BYTES = FOUR ? GROUP4_BYTES : GROUP_BYTES, WEIGHTS = FOUR ? GROUP * LANES / 2 : GROUP * LANES;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), low = _mm512_set1_epi8(15);
+  __m512 acc[R][P];
+  for (int r = 0; r < R; r++)
+    for (int p = 0; p < P; p++) acc[r][p] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; g++) {
+    const uint8_t* wg = w + g * BYTES;
+    const int8_t* xg = q + g * GROUP;
+    __m512i sum[R][P];
+    for (int r = 0; r < R; r++)
+      for (int p = 0; p < P; p++) sum[r][p] = FOUR ? _mm512_setzero_si512() : _mm512_set1_epi32(-128 * totals[r * groups + g]);
+    if constexpr (FOUR) {
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; j++) {  // inner quads j and j + 4: the low and the high nibbles of the same 64 bytes
+        __m512i lo[P], hi[P];
+        for (int p = 0; p < P; p++) {
+          const __m512i v = _mm512_loadu_si512(wg + p * stride + 64 * j);
+          lo[p] = _mm512_and_si512(v, low);
+          hi[p] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        }
+        for (int r = 0; r < R; r++) {
+          const __m512i a = quad(xg + r * ldx + 4 * j), a4 = quad(xg + r * ldx + 4 * (j + 4));
+          for (int p = 0; p < P; p++) sum[r][p] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum[r][p], lo[p], a), hi[p], a4);
+        }
+      }
+    } else {
+#pragma GCC unroll 8
+      for (int j = 0; j < GROUP / 4; j++) {
+        __m512i u[P];
+        for (int p = 0; p < P; p++) u[p] = _mm512_xor_si512(_mm512_loadu_si512(wg + p * stride + 64 * j), flip);
+        for (int r = 0; r < R; r++) {
+          const __m512i a = quad(xg + r * ldx + 4 * j);
+          for (int p = 0; p < P; p++) sum[r][p] = _mm512_dpbusd_epi32(sum[r][p], u[p], a);
+        }
+      }
+    }
+    for (int p = 0; p < P; p++) {
+      const float* wf = reinterpret_cast<const float*>(wg + p * stride + WEIGHTS);
+      const __m512 scale = _mm512_loadu_ps(wf);
+      for (int r = 0; r < R; r++) {
+        acc[r][p] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum[r][p]), _mm512_set1_ps(xs[r * groups + g])),
+                                    scale, acc[r][p]);
+        if constexpr (FOUR) acc[r][p] = _mm512_fmadd_ps(_mm512_set1_ps(xsums[r * groups + g]), _mm512_loadu_ps(wf + 16), acc[r][p]);
+      }
+    }
+  }
+  for (int p = 0; p < P; p++) {
+    const __m512 bias = b ? _mm512_maskz_loadu_ps(mask[p], b + p * LANES) : _mm512_setzero_ps();
+    for (int r = 0; r < R; r++)
+      _mm256_mask_storeu_epi16(y + r * ldy + p * LANES, mask[p], (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[r][p], bias)));
+  }
+}
+
+// y [m, n] = x (quantized: q [m, groups * GROUP], scales, sums and totals [m, groups]) times the `count` panels of
+// w, + b, on AVX-512 VNNI. FOUR: w is int4_linear's, else int8_linear's.
+template <bool FOUR>
+void vnni_matmul(const int8_t* q, const float* xs, const float* xsums, const int32_t* totals, int64_t m,
+                 int64_t groups, const uint8_t* w, int64_t count, uint16_t* y, int64_t n, const float* b) {
+  const int64_t stride = groups * (FOUR ? GROUP4_BYTES : GROUP_BYTES), ldx = groups * GROUP;
+  split(m, count, n, [&](auto rows, int64_t r0, int64_t p0, int64_t here, const __mmask16* mask) {
+    constexpr int R = decltype(rows)::value;
+    by_panels<R, FOUR ? 2 : 3>(here, [&](auto panels, int64_t p) {
+      const int64_t first = p0 + p, at = r0 * groups;
+      vnni_block<R, decltype(panels)::value, FOUR>(q + r0 * ldx, ldx, xs + at, xsums + at, totals + at, groups,
+                                                   w + first * stride, stride, y + r0 * n + first * LANES, n,
+                                                   b ? b + first * LANES : nullptr, mask + p);
+    });
+  });
+}
+#endif
+
+#ifdef BENTOCHAT_AMX
 // y [m, n] = x (quantized: q [blocks * 16 rows of groups * GROUP], scales and sums [m, groups]) times the `count`
 // panels of w, + b. FOUR: w is int4_linear's (per group 256 bytes of nibbles, unpacked into a B tile of unsigned
 // bytes: TDPBSUD; its offsets times x's sums added), else int8_linear's (its int8 bytes a B tile as they are:
@@ -249,11 +347,14 @@ void tiles_matmul(const int8_t* q, const float* xs, const float* xsums, int64_t 
   });
 }
 
-// int8_linear and int4_linear on AMX: x (bfloat16 [..., k]) quantized, then times w.
+#endif
+
+#ifdef BENTOCHAT_VNNI
+// int8_linear and int4_linear with x quantized: x (bfloat16 [..., k]) quantized, then times w, on AMX where Linux
+// grants its tiles, else on AVX-512 VNNI (the same bits).
 template <bool FOUR>
-at::Tensor on_tiles(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && bentochat::amx_available(),
-              "int8_linear, int4_linear: weights packed for AMX take bfloat16 on AMX");
+at::Tensor on_quantized(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "int8_linear, int4_linear: weights packed for x quantized take bfloat16");
   const int64_t groups = w.size(1), inner = groups * GROUP, k = x.size(-1);
   TORCH_CHECK(k <= inner, "int8_linear, int4_linear: x does not fit the packed weight");
   auto out_shape = x.sizes().vec();
@@ -263,22 +364,33 @@ at::Tensor on_tiles(const at::Tensor& x, const at::Tensor& w, int64_t n, const c
   at::Tensor y = at::empty({m, n}, x.options());
   const float* b = bias_of(bias, n);
   if (m == 0) return y.view(out_shape);
-  at::Tensor q = at::zeros({(m + 15) / 16 * 16, inner}, x.options().dtype(at::kChar));  // whole blocks of rows
+  at::Tensor q = at::zeros({(m + 15) / 16 * 16, inner}, x.options().dtype(at::kChar));  // (AMX: whole blocks of rows)
   at::Tensor scales = at::empty({2, m, groups}, x.options().dtype(at::kFloat));  // x's scales, then its sums
+  at::Tensor totals = at::empty({m, groups}, x.options().dtype(at::kInt));
   float* xs = scales.data_ptr<float>();
   const auto* xr = static_cast<const uint16_t*>(rows.data_ptr());
   at::parallel_for(0, m, 16, [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; r++)
-      quantize_row(xr + r * k, k, groups, q.data_ptr<int8_t>() + r * inner, xs + r * groups, xs + (m + r) * groups);
+      quantize_row(xr + r * k, k, groups, q.data_ptr<int8_t>() + r * inner, xs + r * groups, xs + (m + r) * groups,
+                   totals.data_ptr<int32_t>() + r * groups);
   });
-  tiles_matmul<FOUR>(q.data_ptr<int8_t>(), xs, xs + m * groups, m, groups, static_cast<const uint8_t*>(w.data_ptr()),
-                     w.size(0), static_cast<uint16_t*>(y.data_ptr()), n, b);
+  const auto* ws = static_cast<const uint8_t*>(w.data_ptr());
+  auto* ys = static_cast<uint16_t*>(y.data_ptr());
+#ifdef BENTOCHAT_AMX
+  if (bentochat::amx_available()) {
+    tiles_matmul<FOUR>(q.data_ptr<int8_t>(), xs, xs + m * groups, m, groups, ws, w.size(0), ys, n, b);
+    return y.view(out_shape);
+  }
+#endif
+  vnni_matmul<FOUR>(q.data_ptr<int8_t>(), xs, xs + m * groups, totals.data_ptr<int32_t>(), m, groups, ws, w.size(0),
+                    ys, n, b);
   return y.view(out_shape);
 }
-#else  // a level without AMX
+#else  // a level without VNNI
 template <bool FOUR>
-at::Tensor on_tiles(const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&) {
-  TORCH_CHECK(false, "int8_linear, int4_linear: weights packed for AMX, and this library is built without AMX");
+at::Tensor on_quantized(const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&) {
+  TORCH_CHECK(false, "int8_linear, int4_linear: weights packed for x quantized, and this library is built without "
+                     "AVX-512 VNNI");
 }
 #endif
 
@@ -288,11 +400,11 @@ namespace bentochat {
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "int8_linear: x in bfloat16 or float32");
-  const bool tiles = w.dim() == 4;  // (packed for AMX)
+  const bool tiles = w.dim() == 4;  // (packed for x quantized: AMX's tile order)
   TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 3 + tiles && w.size(2) * (tiles ? w.size(3) : 1) == GROUP_BYTES &&
                   w.is_contiguous() && n <= w.size(0) * LANES,
               "int8_linear: w is not packed by native.pack_int8 for n features");
-  if (tiles) return on_tiles<false>(x, w, n, bias);
+  if (tiles) return on_quantized<false>(x, w, n, bias);
   const int64_t groups = w.size(1), inner = groups * GROUP, k = x.size(-1);
   TORCH_CHECK(k <= inner, "int8_linear: x does not fit the packed weight");
   auto out_shape = x.sizes().vec();
@@ -321,7 +433,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, cons
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 3 && w.size(2) == GROUP4_BYTES &&
                   w.is_contiguous() && n <= w.size(0) * LANES,
               "int4_linear: w is not packed by native.pack_int4 for n features");
-  return on_tiles<true>(x, w, n, bias);
+  return on_quantized<true>(x, w, n, bias);
 }
 
 }  // namespace bentochat

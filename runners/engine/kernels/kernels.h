@@ -6,7 +6,7 @@
 #include <cstdint>
 
 // The instruction sets this library holds: runners/engine/native_build.py builds one library per level
-// (AVX-512 F/BW/VL; with AVX-512 BF16; with AMX too), native.py loads the highest this CPU runs. Code that
+// (AVX-512 F/BW/VL; with AVX-512 BF16 and VNNI; with AMX too), native.py loads the highest this CPU runs. Code that
 // needs more than its level is compiled out, so a library holds no instruction its CPU may lack: there the
 // kernels that need it refuse, and amx_available() is false.
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AVX512BF16__)
@@ -14,6 +14,9 @@
 #endif
 #ifdef __AVX512BF16__
 #define BENTOCHAT_BF16 1
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+#define BENTOCHAT_VNNI 1
 #endif
 
 namespace bentochat {
@@ -40,12 +43,12 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, cons
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias);
 
 // y = x W^T + b with W in int8, one float32 scale per 32 inner elements of a feature, x and y in bfloat16 or
-// float32, on AVX-512, or on AMX with x quantized alike (int8_linear.cpp): W packed by runners/engine/native.py
-// (pack_int8).
+// float32, on AVX-512, or with x quantized alike on AMX or AVX-512 VNNI (int8_linear.cpp): W packed by
+// runners/engine/native.py (pack_int8).
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias);
 
 // y = x W^T + b with W in 4 bits, a float32 scale and offset per 32 inner elements of a feature, x and y in
-// bfloat16 quantized as int8_linear's on AMX (int8_linear.cpp): W packed by runners/engine/native.py (pack_int4).
+// bfloat16 quantized as int8_linear's, on AMX or AVX-512 VNNI (int8_linear.cpp): W packed by runners/engine/native.py (pack_int4).
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias);
 
 }  // namespace bentochat
