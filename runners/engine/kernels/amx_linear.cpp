@@ -29,7 +29,7 @@ void configure(int rows) {
   bentochat::TileConfig c;
   for (int t = 0; t < 5; t++) { c.rows[t] = rows; c.colsb[t] = 64; }
   for (int t = 5; t < 7; t++) { c.rows[t] = 16; c.colsb[t] = 64; }
-  _tile_loadconfig(&c);
+  bentochat::load_tile_config(c);
 }
 
 }  // namespace

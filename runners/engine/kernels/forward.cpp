@@ -334,7 +334,7 @@ void attend_amx(const bf16* const* q, const int64_t* lengths, int64_t rows, cons
 void configure_tiles() {
   bentochat::TileConfig c;
   for (int t = 0; t < 8; t++) { c.rows[t] = 16; c.colsb[t] = 64; }
-  _tile_loadconfig(&c);
+  bentochat::load_tile_config(c);
 }
 
 void release_tiles() { _tile_release(); }

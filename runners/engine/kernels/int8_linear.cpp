@@ -280,7 +280,7 @@ void tiles_matmul(const int8_t* q, const float* xs, const float* xsums, int64_t 
       config.rows[t + 1] = GROUP / 4; config.colsb[t + 1] = 64;
       config.rows[t + 2] = rows; config.colsb[t + 2] = 64;
     }
-    _tile_loadconfig(&config);
+    bentochat::load_tile_config(config);
     alignas(64) int32_t part[512];
     alignas(64) uint8_t tile[2][GROUP * LANES];  // (int4: a group's weights unpacked)
     const __m512i low = _mm512_set1_epi8(15);

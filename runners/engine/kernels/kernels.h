@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <immintrin.h>
 
 // The instruction sets this library holds: runners/engine/native_build.py builds one library per level
 // (AVX-512 F/BW/VL; with AVX-512 BF16 and VNNI; with AMX too), native.py loads the highest this CPU runs. Code that
@@ -27,6 +28,15 @@ struct alignas(64) TileConfig {
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
 };
+
+#ifdef BENTOCHAT_AMX
+// LDTILECFG from ``c``. The compiler does not see the instruction read ``c``'s memory, and may drop the
+// stores that fill it (seen with GCC: an illegal-instruction fault); the barrier keeps them.
+inline void load_tile_config(const TileConfig& c) {
+  asm volatile("" ::: "memory");
+  _tile_loadconfig(&c);
+}
+#endif
 
 // Whether this process may use AMX's tiles (Linux grants them on request, once): never below the AMX level.
 bool amx_available();
