@@ -26,8 +26,9 @@ cache, a tenant whose turn comes while the batch is full, holding fewer slots th
 does not wait for one to free: the tenant served most of those that would still hold their share gives
 up the sequence that joined last (preempted, it resumes token for token; its prompt from the prefix
 cache); the KV cache running out preempts from the tenant served most too. The prompts that end in a
-step are prefilled in one forward pass per tenant, in turn order (``passes``), whose first tokens the
-engine streams before the next pass and the decode. With ``fair=False`` every sequence is first come,
+step are grouped by tenant, in turn order (``passes``): the engine prefills the first group in a pass of
+its own and streams its first tokens before the rest of the step (on the native forward pass, one more
+pass; on the others, a pass a group, then the decode). With ``fair=False`` every sequence is first come,
 first served, and a step's prompts are one pass."""
 
 from __future__ import annotations
