@@ -225,13 +225,13 @@ def report(results: dict[str, list[Result]], header: str) -> None:
         return [v for r in runs for v in getattr(r.b, what)]
 
     print(f"\n{header}\n")
-    print(f"{'run':<20}{'B TTFT p50/p99 ms':>18}{'(steps)':>8}{'B n':>5}{'A tok/s':>15}{'B tok/s':>13}"
-          f"{'total tok/s':>15}{'step p50/p99 ms':>16}{'load avg':>10}")
+    print(f"{'run':<20}{'B TTFT p50/p99 ms':>18}{'(steps)':>8}{'B n':>5}{'A tok/s':>18}{'B tok/s':>18}"
+          f"{'total tok/s':>18}{'step p50/p99 ms':>16}{'load avg':>10}")
     for name, runs in results.items():
         ttft, steps = b(runs, "ttft"), pct(b(runs, "ttft_steps"), 0.99)
         lengths, loads = [v for r in runs for v in r.steps], [r.load for r in runs]
         print(f"{name:<20}{ms(pct(ttft, 0.5)) + ' / ' + ms(pct(ttft, 0.99)):>18}{steps if steps is not None else '-':>8}"
-              f"{len(ttft):>5}{tps(runs, 'A'):>15}{tps(runs, 'B'):>13}{tps(runs, 'AB'):>15}"
+              f"{len(ttft):>5}{tps(runs, 'A'):>18}{tps(runs, 'B'):>18}{tps(runs, 'AB'):>18}"
               f"{ms(pct(lengths, 0.5)) + ' / ' + ms(pct(lengths, 0.99)):>16}{f'{min(loads):.1f}-{max(loads):.1f}':>10}")
     unanswered = {name: sum(r.b.unanswered for r in runs) for name, runs in results.items()}
     print(f"B's requests without a first token at the end of a run: {unanswered}")
