@@ -30,6 +30,11 @@ def leave_cores_to_the_engine() -> None:
     torch.set_num_threads(1)
 
 
+def ending(prefills: list[tuple[Sequence, int]]) -> list[Sequence]:
+    """The sequences of ``prefills`` whose prompt is all in once their ``n`` tokens are: those that give a token."""
+    return [seq for seq, n in prefills if seq.num_cached + n == seq.num_tokens]
+
+
 class LLMEngine:
     def __init__(self, model_runner: ModelRunner, *, max_model_len: int, max_num_seqs: int = 64,
                  max_prefill_tokens: int = 512, prefix_cache_tokens: int = 0, tokenizer=None,
@@ -226,11 +231,11 @@ class LLMEngine:
         their first token with it. A pass that fails fails every sequence in it."""
         if not (prefills or decodes):
             return []
-        ending = [seq for seq, n in prefills if seq.num_cached + n == seq.num_tokens]
+        last = ending(prefills)
         try:
             logits = self.model_runner.run(decodes, prefills)
-            self.prompt_tokens += sum(seq.num_prompt_tokens for seq in ending if not seq.output_ids)
-            results = self._finish([*decodes, *ending], logits) if decodes or ending else []
+            self.prompt_tokens += sum(seq.num_prompt_tokens for seq in last if not seq.output_ids)
+            results = self._finish([*decodes, *last], logits) if decodes or last else []
         except Exception as e:
             logger.exception("forward pass of %d sequences failed", len(decodes) + len(prefills))
             results = self._fail([*decodes, *(seq for seq, _ in prefills)], e)
@@ -244,7 +249,7 @@ class LLMEngine:
         (``Scheduler.passes``: the one served least), taken out of ``prefills``, for a pass of their own
         before the rest of the step, so that its first tokens wait neither for the others' prompts nor
         the running batch; else none (a second pass reads the weights again)."""
-        last = [seq for seq, n in prefills if seq.num_cached + n == seq.num_tokens]
+        last = ending(prefills)
         groups = self.scheduler.passes(last)
         if len(groups) < 2:
             return [], prefills
@@ -257,7 +262,7 @@ class LLMEngine:
         (``Scheduler.passes``: the tenant served least first, whose first tokens are out before the
         others' prompts are computed), the first chunks of longer ones alone; only the former produce a
         token. ``emit`` gets each pass's tokens as soon as they are sampled."""
-        last = [seq for seq, n in prefills if seq.num_cached + n == seq.num_tokens]
+        last = ending(prefills)
         if not self.model_runner.batched:
             last = []
         results = []
