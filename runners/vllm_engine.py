@@ -192,8 +192,9 @@ class VLLMEngine:
                        weight: float = 1.0) -> AsyncIterator[TokenEvent]:
         """The request's tokens as vLLM generates them; before the first, ``RequestError`` for a request it
         cannot run, ``QueueFull`` past ``max_concurrency + max_queue`` requests, ``EngineError`` once it is
-        dead. A caller that stops reading aborts the request. ``tenant`` and ``weight`` are taken and not
-        used: vLLM's scheduler serves requests first come, first served (docs/engines.md)."""
+        dead. A caller that stops reading aborts the request. ``tenant`` salts the prefix cache's blocks;
+        ``weight`` is taken and not used: vLLM's scheduler serves requests first come, first served
+        (docs/engines.md)."""
         from vllm.exceptions import VLLMValidationError
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError
@@ -213,7 +214,10 @@ class VLLMEngine:
             served.inflight += 1
         finished, count = False, 0
         try:
-            stream = self.llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), vparams, request_id,
+            prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
+            if tenant is not None:  # its prefix cache kept per tenant, as the native engine's (scheduler.py)
+                prompt["cache_salt"] = tenant
+            stream = self.llm.generate(prompt, vparams, request_id,
                                        lora_request=served.request if served else None)
             async with contextlib.aclosing(stream):
                 async for output in stream:

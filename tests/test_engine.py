@@ -311,16 +311,30 @@ def test_prefix_cache_keeps_to_its_token_budget():
     cache = PrefixCache(max_tokens=10)
     cache.store([1, 2, 3], kv(3))
     cache.store([1, 2, 3, 4, 5], kv(5))  # covers the first: replaces it
-    assert list(cache.entries) == [(None, (1, 2, 3, 4, 5))] and cache.num_tokens == 5
+    assert list(cache.entries) == [(None, None, (1, 2, 3, 4, 5))] and cache.num_tokens == 5
     cache.store([7, 8, 9, 10], kv(4))
     n, found = cache.lookup([1, 2, 3, 9])
     assert n == 3 and found[0][0].shape[2] == 3
     cache.store([6, 6, 6], kv(3))  # over budget: the least recently used (7, 8, 9, 10) goes
-    assert list(cache.entries) == [(None, (1, 2, 3, 4, 5)), (None, (6, 6, 6))] and cache.num_tokens == 8
+    assert list(cache.entries) == [(None, None, (1, 2, 3, 4, 5)), (None, None, (6, 6, 6))] and cache.num_tokens == 8
     assert cache.lookup([1, 2, 3, 4, 5])[0] == 4  # its last token's logits are needed
     assert cache.lookup([2, 3])[0] == 0
     cache.store(list(range(11)), kv(11))  # longer than the whole budget: not kept
     assert cache.num_tokens == 8
+
+
+def test_prefix_cache_gives_a_tenant_only_its_own_prompts():
+    """A prompt another tenant sent is no hit: its speed, and the cached tokens usage reports, would tell
+    a tenant what another one asked. Before, entries were kept per adapter only."""
+    from runners.engine.scheduler import PrefixCache
+
+    kv = lambda n: [(torch.zeros(1, 2, n, 4), torch.zeros(1, 2, n, 4))]  # noqa: E731
+    cache = PrefixCache(max_tokens=20)
+    cache.store([1, 2, 3, 4], kv(4), tenant="a")
+    assert cache.lookup([1, 2, 3, 4, 5], tenant="b")[0] == 0 and cache.lookup([1, 2, 3, 4, 5])[0] == 0
+    assert cache.lookup([1, 2, 3, 4, 5], tenant="a")[0] == 4
+    cache.store([1, 2, 3, 4, 5], kv(5), tenant="b")  # covers a's prompt, but is b's: both kept
+    assert len(cache.entries) == 2
 
 
 def test_greedy_matches_model_generate(model, engine):

@@ -236,6 +236,18 @@ def test_prompt_tokens_from_the_prefix_cache_are_reported_ledgered_and_summed(te
     assert cached == sum(r["cached_tokens"] for r in ledger_of(ledger, "beta")) >= 2 * whole + len(prompt) - 1
 
 
+def test_a_tenant_gets_no_prompt_tokens_from_another_tenants_prompts(tenants):
+    """The prefix cache is kept per tenant: the prompt beta just sent twice is no hit for delta (the
+    cached tokens, and the speed, would tell delta what beta asked), and then is, for delta's own."""
+    messages = [{"role": "user", "content": f"Keep the secret {uuid.uuid4().hex[:12]} to yourself."}]
+    beta, delta = client(tenants, BETA), client(tenants, DELTA)
+    usages = [beta.chat.completions.create(model=TINY, messages=messages, max_tokens=1).usage for _ in range(2)]
+    whole = usages[1].prompt_tokens - 1
+    assert usages[1].prompt_tokens_details.cached_tokens == whole
+    theirs = [delta.chat.completions.create(model=TINY, messages=messages, max_tokens=1).usage for _ in range(2)]
+    assert theirs[0].prompt_tokens_details.cached_tokens < whole == theirs[1].prompt_tokens_details.cached_tokens
+
+
 def test_a_tenant_is_refused_a_model_it_may_not_use_alike_on_every_route(tenants):
     """epsilon may use another model than the one served: chat, /tokenize, /token_check and the model's
     card give the same 404, as for a model that does not exist. Before, /tokenize and /token_check

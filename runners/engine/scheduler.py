@@ -1,7 +1,7 @@
 """Which sequences take part in the next step: every running sequence decodes one token, and waiting
 sequences are admitted and prefilled within a per-step token budget, so a long prompt never stalls
 the batch. A prompt starts, when its turn comes, from the longest prefix in the prefix cache, which
-keeps the KV of earlier prompts (as nano-vllm's scheduler owns its block manager); one that shares a
+keeps the KV of the tenant's earlier prompts (as nano-vllm's scheduler owns its block manager); one that shares a
 block or more beyond that with a prompt being prefilled in the same step waits for that one to be
 cached instead of computing the same keys and values again.
 
@@ -119,8 +119,8 @@ class Scheduler:
             if not self.can_start(seq) or budget <= 0:
                 continue
             if self.prefix_cache is not None and seq.num_cached == 0:  # (a preempted one's prompt too)
-                cached, entry = self.prefix_cache.longest(seq.prefill_ids, seq.adapter)
-                if any(other.adapter == seq.adapter and
+                cached, entry = self.prefix_cache.longest(seq.prefill_ids, seq.adapter, seq.tenant)
+                if any(other.adapter == seq.adapter and other.tenant == seq.tenant and
                        common_prefix(seq.prompt_ids, other.prompt_ids) - cached >= BLOCK for other, _ in prefills):
                     break  # it waits for the prompt before it to be cached rather than compute the same blocks
                 seq.num_cached, kept = cached, self.prefix_cache.take(cached, entry)
@@ -213,7 +213,8 @@ class Scheduler:
             if seq.status is SequenceStatus.WAITING:
                 self.waiting.remove(seq)
                 if self.prefix_cache is not None and not seq.output_ids:
-                    self.prefix_cache.store(seq.prompt_ids, seq.blocks if self.pool else seq.cache, seq.adapter)
+                    self.prefix_cache.store(seq.prompt_ids, seq.blocks if self.pool else seq.cache, seq.adapter,
+                                            seq.tenant)
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
             seq.output_ids.append(token)
@@ -253,26 +254,28 @@ class PrefixCache:
 
     Entries are whole prompts; a new prompt reuses the longest common prefix with any entry of the same
     LoRA adapter (``adapter``, None for the base model), since the keys and values of a token depend
-    only on the tokens before it and the weights. The cache holds at most ``max_tokens`` tokens and
-    forgets the least recently used prompt first.
+    only on the tokens before it and the weights, and of the same ``tenant``: a prompt served faster, or
+    counted as cached, would tell a tenant that another one sent the same words (as OpenAI keeps its
+    cache per organisation). The cache holds at most ``max_tokens`` tokens and forgets the least recently
+    used prompt first.
     """
 
     granularity = 1  # a reused prefix is a multiple of this many tokens
 
     def __init__(self, max_tokens: int):
         self.max_tokens = max_tokens
-        # (adapter, prompt) -> per-layer (key, value)
-        self.entries: OrderedDict[tuple[object, tuple[int, ...]], list] = OrderedDict()
+        # (adapter, tenant, prompt) -> per-layer (key, value)
+        self.entries: OrderedDict[tuple[object, str | None, tuple[int, ...]], list] = OrderedDict()
         self.num_tokens = 0
         self.num_bytes = 0  # of the keys and values held
         self.hits = 0  # prompt tokens not prefilled thanks to the cache
 
-    def longest(self, prompt_ids: list[int], adapter=None) -> tuple[int, tuple | None]:
+    def longest(self, prompt_ids: list[int], adapter=None, tenant: str | None = None) -> tuple[int, tuple | None]:
         """``(n, entry)``: how many of the first tokens of ``prompt_ids`` the cache would give (at most all
         but the last, whose logits are needed), and from which entry; nothing is taken."""
         best, found = 0, None
         for key in self.entries:
-            n = common_prefix(key[1], prompt_ids) if key[0] is adapter else 0
+            n = common_prefix(key[2], prompt_ids) if key[0] is adapter and key[1] == tenant else 0
             if n > best:
                 best, found = n, key
         return max(0, min(best, len(prompt_ids) - 1) // self.granularity * self.granularity), found
@@ -286,27 +289,27 @@ class PrefixCache:
         self.hits += n
         return self._prefix(self.entries[entry], n)
 
-    def lookup(self, prompt_ids: list[int], adapter=None) -> tuple[int, list | None]:
+    def lookup(self, prompt_ids: list[int], adapter=None, tenant: str | None = None) -> tuple[int, list | None]:
         """``(n, kv)``: the cached keys and values of the first ``n`` tokens of ``prompt_ids``
         (views, never written to), at most all but the last token, whose logits are needed."""
-        n, entry = self.longest(prompt_ids, adapter)
+        n, entry = self.longest(prompt_ids, adapter, tenant)
         return n, self.take(n, entry)
 
     def _prefix(self, kv: list, n: int) -> list:
         return [(k[:, :, :n], v[:, :, :n]) for k, v in kv]
 
-    def store(self, prompt_ids: list[int], kv: list, adapter=None) -> None:
+    def store(self, prompt_ids: list[int], kv: list, adapter=None, tenant: str | None = None) -> None:
         """Keep a prompt's keys and values (``[1, heads, len(prompt_ids), head_dim]`` per layer).
         The tensors are kept as they are: the caller must not write to them afterwards."""
         prompt = tuple(prompt_ids)
-        key = (adapter, prompt)
+        key = (adapter, tenant, prompt)
         if len(prompt) > self.max_tokens:
             return
         if key in self.entries:
             self.entries.move_to_end(key)
             return
-        for other in [k for k in self.entries if k[0] is adapter and len(k[1]) <= len(prompt)
-                      and prompt[:len(k[1])] == k[1]]:
+        for other in [k for k in self.entries if k[:2] == key[:2] and len(k[2]) <= len(prompt)
+                      and prompt[:len(k[2])] == k[2]]:
             self._drop(other)  # the new prompt covers it
         while self.num_tokens + len(prompt) > self.max_tokens:
             self._drop(next(iter(self.entries)))
@@ -334,7 +337,7 @@ class PrefixCache:
 
     def _drop(self, key: tuple) -> None:
         self.num_bytes -= self._bytes(self.entries.pop(key))
-        self.num_tokens -= len(key[1])
+        self.num_tokens -= len(key[2])
 
 
 class PagedPrefixCache(PrefixCache):
@@ -353,10 +356,10 @@ class PagedPrefixCache(PrefixCache):
         self.pool.share(shared)
         return list(shared)
 
-    def store(self, prompt_ids: list[int], blocks: list[int], adapter=None) -> None:
+    def store(self, prompt_ids: list[int], blocks: list[int], adapter=None, tenant: str | None = None) -> None:
         whole = len(prompt_ids) // BLOCK
         if whole:
-            super().store(prompt_ids[:whole * BLOCK], blocks[:whole], adapter)
+            super().store(prompt_ids[:whole * BLOCK], blocks[:whole], adapter, tenant)
 
     def _keep(self, blocks: list[int]) -> list[int]:
         self.pool.share(blocks)
