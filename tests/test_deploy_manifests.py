@@ -94,6 +94,8 @@ def test_bentocloud_config_is_a_valid_deployment_config_for_the_bento_services()
     for name, service in parsed.services.items():
         assert service.instance_type and service.scaling.min_replicas >= 1, name
         assert "traffic" not in (service.config_overrides or {}), name  # the bento's own, below
+    # The gateway's budgets, ledger and Responses store are its process's: one replica, or each has its own.
+    assert parsed.services["bentochat"].scaling.max_replicas == 1
     # Closed by default: BentoCloud's tokens in front, the gateway's keys from a secret, none in the file.
     assert parsed.access_authorization is True and parsed.secrets
     assert "BENTOCHAT_API_KEYS" not in (DEPLOY / "bentocloud.yaml").read_text().split("secrets:")[0]
