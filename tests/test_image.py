@@ -127,7 +127,7 @@ print(json.dumps({{"models": sorted(m.id for m in client.models.list()), "text":
 
 def test_image_serves_both_models_offline_on_the_prebuilt_kernels(image):
     started = time.monotonic()
-    name = run(image, "bentochat-test-image")
+    name = run(image, f"bentochat-test-image-{os.getpid()}")
     try:
         wait_healthy(name)
         answer = json.loads(in_network_of(name, CLIENT))
@@ -154,7 +154,7 @@ def test_image_serves_both_models_offline_on_the_prebuilt_kernels(image):
 @pytest.mark.skipif(COMPOSE, reason="the compose test below starts each runner alone")
 def test_one_runner_starts_alone_from_the_image(image):
     """A runner host's start (docs/deploy.md): one runner service of the bento, healthy on its own."""
-    name = run(image, "bentochat-test-runner", "start-http-server", "--service-name", f"runner-{EMBEDDING}",
+    name = run(image, f"bentochat-test-runner-{os.getpid()}", "start-http-server", "--service-name", f"runner-{EMBEDDING}",
                "--port", "3000")
     try:
         wait_healthy(name)
