@@ -337,9 +337,9 @@ def test_a_row_gets_the_same_result_at_one_and_two_threads(dtype):
 def test_a_prompt_gets_the_same_bits_in_chunks_of_any_size_on_amx_tiles():
     """Attention on AMX tiles (head dimension 64, three query heads a key-value head, as SmolLM2-135M's):
     a chunk's rows attend five at a time, over values paired once for all those passes (whole blocks of
-    32 columns; each pass pairs its last, partial block), and its matmuls of 64 rows and more run in
-    blocks of 32 rows of packed rows. The prompt's first token's logits and every decode step's are the
-    bits it gets when it is prefilled one token a step (one row a pass, nothing kept)."""
+    32 columns; each pass pairs its last, partial block), their scores transposed out of the tile. The
+    prompt's first token's logits and every decode step's are the bits it gets when it is prefilled one
+    token a step (one row a pass: nothing kept, the scores gathered)."""
     lean = LeanCausalLM(tiny("llama", torch.bfloat16, hidden_size=192, num_attention_heads=3, num_key_value_heads=1,
                              head_dim=64))
     prompt = [1] + [(7 * i) % 290 + 3 for i in range(150)]

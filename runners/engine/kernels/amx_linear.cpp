@@ -24,41 +24,12 @@ namespace {
 constexpr int64_t PANEL = 64, CHUNK = 32, ROWS = 16;  // features per panel, inner per chunk, rows per tile
 constexpr int64_t TILE = 16 * 32;                      // bfloat16 elements in one B tile
 
-// Tiles 0-3: C (rows x 16 floats); 4: A (rows x 32 bfloat16); 5, 6: B (16 x 32 bfloat16); with 16 rows, 7
-// too (block32's tiles: 0-3 C, 4, 5 A, 6, 7 B).
+// Tiles 0-3: C (rows x 16 floats); 4: A (rows x 32 bfloat16); 5, 6: B (16 x 32 bfloat16).
 void configure(int rows) {
   bentochat::TileConfig c;
   for (int t = 0; t < 5; t++) { c.rows[t] = rows; c.colsb[t] = 64; }
-  for (int t = 5; t < 8; t++) { c.rows[t] = 16; c.colsb[t] = 64; }
+  for (int t = 5; t < 7; t++) { c.rows[t] = 16; c.colsb[t] = 64; }
   bentochat::load_tile_config(c);
-}
-
-// From MANY rows on (a prompt's chunk), the rows are copied once into A tiles (16 rows of a chunk in 1 KB: a
-// tile loads consecutive lines, not 16 lines a row apart) and multiplied 32 rows by 32 features at a time
-// (two A and two B tiles loaded, then four tile multiplies: 1 KB loaded a multiply instead of 1.25, and no
-// load waits on a multiply that still reads its tile), in blocks of rows of about SUPER bytes that stay in
-// L2 while the thread's panels go by. Past LONG inner elements a block holds too few rows to pay for
-// reading each panel again per block (the 1.7B shape's down projection, 8192 inner: a third slower on the
-// development machine's AMX Xeon), and the row blocks of 16 run. Either way an output is the same tile
-// multiplies in the same order, so its bits are the same.
-constexpr int64_t MANY = 64, SUPER = 1 << 20, LONG = 4096;
-
-// Rows r0 .. r0 + 31 of the packed rows (a: row block r0 / 16's chunks, then the next block's) times features
-// 32h .. 32h + 31 of one panel, into c: [4][16 rows][16 features] (rows r0.., then r0 + 16.., each by the
-// two B tiles).
-void block32(const uint16_t* a, const uint16_t* panel, int64_t chunks, int h, float* c) {
-  const uint16_t* a2 = a + chunks * TILE;
-  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-  for (int64_t kc = 0; kc < chunks; kc++) {
-    const uint16_t* bt = panel + kc * 4 * TILE + h * 2 * TILE;
-    _tile_loadd(4, a + kc * TILE, 64);
-    _tile_loadd(6, bt, 64);
-    _tile_loadd(7, bt + TILE, 64);
-    _tile_loadd(5, a2 + kc * TILE, 64);
-    _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
-  }
-  _tile_stored(0, c, 64); _tile_stored(1, c + 256, 64); _tile_stored(2, c + 512, 64); _tile_stored(3, c + 768, 64);
 }
 
 }  // namespace
@@ -92,51 +63,12 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const
   auto xs = static_cast<const uint16_t*>(rows2d.data_ptr());
   auto ws = static_cast<const uint16_t*>(w.data_ptr());
   auto ys = static_cast<uint16_t*>(y.data_ptr());
-  // 16 features j0 .. j0 + 15 of panel p for row r from the floats v: the bias added, rounded to bfloat16
-  auto write = [&](int64_t r, int64_t p, int64_t j0, const float* v) {
-    const int64_t left = std::min<int64_t>(PANEL, n - p * PANEL) - j0;
-    if (left <= 0) return;
-    __m512 sum = _mm512_load_ps(v);
-    if (b) sum = _mm512_add_ps(sum, _mm512_loadu_ps(b + p * PANEL + j0));
-    const __m256i out = (__m256i)_mm512_cvtneps_pbh(sum);
-    uint16_t* dst = ys + r * n + p * PANEL + j0;
-    if (left >= 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), out);
-    else _mm256_mask_storeu_epi16(dst, static_cast<__mmask16>((1u << left) - 1), out);
-  };
-  if (m >= MANY && ldx <= LONG) {
-    const int64_t blocks = (m + 31) / 32 * 2;  // row blocks of 16, an even number (the last zeros)
-    auto packed = at::empty({blocks * chunks * TILE}, x.options());
-    auto as = static_cast<uint16_t*>(packed.data_ptr());
-    at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
-      for (int64_t rb = first; rb < last; rb++)
-        for (int64_t kc = 0; kc < chunks; kc++)
-          for (int64_t r = 0; r < 16; r++) {
-            uint16_t* dst = as + (rb * chunks + kc) * TILE + r * 32;
-            if (rb * 16 + r < m) std::copy_n(xs + (rb * 16 + r) * ldx + kc * CHUNK, CHUNK, dst);
-            else std::fill_n(dst, CHUNK, 0);
-          }
-    });
-    const int64_t super = std::max<int64_t>(32, SUPER / (2 * ldx) / 32 * 32);
-    at::parallel_for(0, panels, 1, [&](int64_t first, int64_t last) {
-      alignas(64) float c[4][ROWS][16];
-      configure(16);
-      for (int64_t s0 = 0; s0 < m; s0 += super)
-        for (int64_t p = first; p < last; p++)
-          for (int h = 0; h < 2 && h * 32 < n - p * PANEL; h++)
-            for (int64_t r0 = s0; r0 < std::min(m, s0 + super); r0 += 32) {
-              block32(as + r0 / 16 * chunks * TILE, ws + p * chunks * 4 * TILE, chunks, h, c[0][0]);
-              for (int64_t r = 0; r < 32 && r0 + r < m; r++)
-                for (int j = 0; j < 2; j++) write(r0 + r, p, h * 32 + j * 16, c[r / 16 * 2 + j][r % 16]);
-            }
-      _tile_release();
-    });
-    return y.view(out_shape);
-  }
   at::parallel_for(0, panels, 1, [&](int64_t first, int64_t last) {
     alignas(64) float c[4][ROWS][16];
     int configured = 0;
     for (int64_t p = first; p < last; p++) {
       const uint16_t* panel = ws + p * chunks * 4 * TILE;
+      const int64_t features = std::min<int64_t>(PANEL, n - p * PANEL);
       for (int64_t r0 = 0; r0 < m; r0 += ROWS) {
         const int rows = static_cast<int>(std::min<int64_t>(ROWS, m - r0));
         if (rows != configured) { configure(rows); configured = rows; }
@@ -157,7 +89,15 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const
         _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64);
         _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
         for (int r = 0; r < rows; r++)
-          for (int64_t j = 0; j < 4; j++) write(r0 + r, p, j * 16, c[j][r]);
+          for (int64_t j = 0; j < 4 && j * 16 < features; j++) {
+            __m512 v = _mm512_load_ps(c[j][r]);
+            if (b) v = _mm512_add_ps(v, _mm512_loadu_ps(b + p * PANEL + j * 16));
+            const __m256i out = (__m256i)_mm512_cvtneps_pbh(v);
+            uint16_t* dst = ys + (r0 + r) * n + p * PANEL + j * 16;
+            const int64_t left = features - j * 16;
+            if (left >= 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), out);
+            else _mm256_mask_storeu_epi16(dst, static_cast<__mmask16>((1u << left) - 1), out);
+          }
       }
     }
     if (configured) _tile_release();
