@@ -331,3 +331,25 @@ def test_a_row_gets_the_same_result_at_one_and_two_threads(dtype):
         assert answers[1] == answers[2]
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not native.amx(), reason="no AMX on this CPU")
+def test_a_prompt_gets_the_same_bits_in_chunks_of_any_size_on_amx_tiles():
+    """Attention on AMX tiles (head dimension 64, three query heads a key-value head, as SmolLM2-135M's):
+    a chunk's rows attend five at a time, over values paired once for all those passes (whole blocks of
+    32 columns; each pass pairs its last, partial block), their scores transposed out of the tile. The
+    prompt's first token's logits and every decode step's are the bits it gets when it is prefilled one
+    token a step (one row a pass: nothing kept, the scores gathered)."""
+    lean = LeanCausalLM(tiny("llama", torch.bfloat16, hidden_size=192, num_attention_heads=3, num_key_value_heads=1,
+                             head_dim=64))
+    prompt = [1] + [(7 * i) % 290 + 3 for i in range(150)]
+    forward_rows, seen = lean.forward_rows, []
+    lean.forward_rows = lambda *args: seen.append(forward_rows(*args)) or seen[-1]
+    logits = []
+    for budget in (1, 40, 200):
+        seen.clear()
+        engine = LLMEngine(ModelRunner(lean), max_num_seqs=1, max_model_len=256, max_prefill_tokens=budget)
+        assert engine.model_runner.native  # (the native pass)
+        engine.generate(prompt, SamplingParams(max_tokens=N, temperature=0))
+        logits.append(torch.cat([y for y in seen if y.numel()]))
+    assert len(logits[0]) == N and all(torch.equal(y, logits[0]) for y in logits[1:])

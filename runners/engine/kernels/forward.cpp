@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -255,20 +256,68 @@ inline void paired_values(const Columns<bf16>& values, int64_t j0, int64_t lengt
   }
 }
 
+// The 16 x 16 floats at t (row i at t + 16 i) transposed: out[n] is column n (moved, not computed).
+inline void transpose16(const float* t, __m512 out[16]) {
+  __m512 r[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    const __m512 a = _mm512_load_ps(t + 16 * i), b = _mm512_load_ps(t + 16 * i + 16);
+    r[i] = _mm512_unpacklo_ps(a, b);
+    r[i + 1] = _mm512_unpackhi_ps(a, b);
+  }
+  for (int g = 0; g < 16; g += 4) {  // rows g .. g + 3: u[g + c] holds their columns c, c + 4, c + 8, c + 12
+    auto pd = [](__m512 v) { return _mm512_castps_pd(v); };
+    u[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(r[g]), pd(r[g + 2])));
+    u[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(r[g]), pd(r[g + 2])));
+    u[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(r[g + 1]), pd(r[g + 3])));
+    u[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(r[g + 1]), pd(r[g + 3])));
+  }
+  for (int c = 0; c < 4; c++) {
+    const __m512 lo = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), lo2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512 hi = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE), hi2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
+    out[c] = _mm512_shuffle_f32x4(lo, lo2, 0x88);
+    out[c + 4] = _mm512_shuffle_f32x4(lo, lo2, 0xDD);
+    out[c + 8] = _mm512_shuffle_f32x4(hi, hi2, 0x88);
+    out[c + 12] = _mm512_shuffle_f32x4(hi, hi2, 0xDD);
+  }
+}
+
+// One key-value head's values of one sequence as paired_values' B tiles, kept by a thread for its passes
+// over that head in a layer (a prompt's chunk makes a pass every 16 / groups rows, each over the same
+// columns): blocks of 32 columns, each [dim / 16 tiles][512], paired once. Only whole blocks are kept (a
+// block's tiles do not depend on the pass's length); a pass pairs its last, partial block itself.
+struct PairedValues {
+  int64_t columns = 0;  // at most (the forward pass's longest row)
+  const bf16* head = nullptr;  // whose (Columns' head and blocks), or none yet
+  const int64_t* blocks = nullptr;
+  int64_t done = 0;  // blocks paired
+  std::unique_ptr<bf16[]> tiles;  // (allocated at first use, not cleared)
+
+  // the tiles of whole blocks 0 .. length / 32 - 1 of `values`, pairing those not yet paired
+  const bf16* upto(const Columns<bf16>& values, int64_t length) {
+    const int64_t dim = values.dim;
+    if (!tiles) tiles.reset(new bf16[columns / 32 * 32 * dim]);
+    if (head != values.head || blocks != values.blocks) { head = values.head; blocks = values.blocks; done = 0; }
+    for (; done < length / 32; done++)
+      for (int64_t d0 = 0; d0 < dim; d0 += 64)
+        paired_values(values, 32 * done, length, d0, std::min<int64_t>(4, (dim - d0) / 16), tiles.get() + done * 32 * dim + d0 * 32);
+    return tiles.get();
+  }
+};
+
 // attend() on AMX, for head dimensions of 32 * CHUNKS, for `rows` rows of one sequence at consecutive
 // positions (a prompt's, rows * groups <= 16; row i's query heads q[i], its result out[i], its columns
 // 0 .. lengths[i] - 1): the scores of 16 columns at a time in one tile multiply per 32 of the head
 // dimension (the keys straight from the cache as A, every row's query heads as B: 16 columns by up to
 // 16 queries); per row and head, across that row's own columns, the softmax in float32 on AVX-512; then
 // the weighted sum of the values as tile multiplies too, 32 columns at a time: the probabilities rounded
-// to bfloat16 as A (as PyTorch's flash attention does in bfloat16), the values paired as B, sums in
-// float32 tiles of 16 queries by 16 dimensions. Each row of a tile multiply is that query's alone, and a
-// query's columns past its own are zeros, so a row gets the same bits alone and with others. buffer: see
-// Attention.
+// to bfloat16 as A (as PyTorch's flash attention does in bfloat16), the values paired as B (once a layer
+// for a thread's passes over a head, see PairedValues), sums in float32 tiles of 16 queries by 16
+// dimensions. Each row of a tile multiply is that query's alone, and a query's columns past its own are
+// zeros, so a row gets the same bits alone and with others. buffer: see Attention.
 template <int CHUNKS>
 void attend_amx(const bf16* const* q, const int64_t* lengths, int64_t rows, const Columns<bf16>& keys,
                 const Columns<bf16>& values, bf16* const* out, int64_t groups, float* tiles, float* probs, float* sums,
-                bf16* qt, bf16* tail, bf16* pt, bf16* vt) {
+                bf16* qt, bf16* tail, bf16* pt, bf16* vt, PairedValues& paired) {
   constexpr int64_t dim = 32 * CHUNKS;
   const int64_t queries = rows * groups, length = lengths[rows - 1];  // (the last row's is the longest)
   // The queries transposed into B tiles: tile c, row r holds (query n, inner pair 32c + 2r, +1) for n < 16.
@@ -296,8 +345,14 @@ void attend_amx(const bf16* const* q, const int64_t* lengths, int64_t rows, cons
     if constexpr (CHUNKS > 2) { _tile_loadd(1, a + 64, dim * 2); _tile_dpbf16ps(0, 1, 4); }
     if constexpr (CHUNKS > 3) { _tile_loadd(1, a + 96, dim * 2); _tile_dpbf16ps(0, 1, 5); }
     _tile_stored(0, tiles, 64);  // [16 columns][16 heads]
-    for (int64_t n = 0; n < queries; n++)  // query n's 16 columns, scaled
-      _mm512_store_ps(probs + n * stride + j0, _mm512_mul_ps(_mm512_i32gather_ps(column, tiles + n, 4), scale));
+    if (queries <= 4) {  // query n's 16 columns, scaled (a few gathered, else all transposed)
+      for (int64_t n = 0; n < queries; n++)
+        _mm512_store_ps(probs + n * stride + j0, _mm512_mul_ps(_mm512_i32gather_ps(column, tiles + n, 4), scale));
+    } else {
+      __m512 by_query[16];
+      transpose16(tiles, by_query);
+      for (int64_t n = 0; n < queries; n++) _mm512_store_ps(probs + n * stride + j0, _mm512_mul_ps(by_query[n], scale));
+    }
   }
   // The probabilities as A: query n's row in bfloat16, zeros past its columns (and in rows past the queries).
   const int64_t width = (length + 31) / 32 * 32;
@@ -311,15 +366,23 @@ void attend_amx(const bf16* const* q, const int64_t* lengths, int64_t rows, cons
       _mm512_storeu_si512(row + j, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
     }
   }
+  // The values' whole blocks of 32 columns kept (a decode step's row makes the only pass over its sequence's
+  // values: there each block is paired as it comes), then the rest.
+  const bool keep = rows > 1;
+  const bf16* whole = keep ? paired.upto(values, length) : nullptr;
+  const int64_t part = keep ? length / 32 * 32 : 0;
+  for (int64_t d0 = 0; keep && d0 < dim && part < length; d0 += 64)
+    paired_values(values, part, length, d0, std::min<int64_t>(4, (dim - d0) / 16), vt + d0 * 32);
   for (int64_t d0 = 0; d0 < dim; d0 += 64) {  // 64 dimensions (four result tiles) at a time
     const int64_t chunks = std::min<int64_t>(4, (dim - d0) / 16);
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (int64_t j0 = 0; j0 < length; j0 += 32) {
-      paired_values(values, j0, length, d0, chunks, vt);
+      const bf16* v = j0 < part ? whole + j0 * dim + d0 * 32 : keep ? vt + d0 * 32 : vt;
+      if (!keep) paired_values(values, j0, length, d0, chunks, vt);
       _tile_loadd(4, pt + j0, width * 2);
-      _tile_loadd(5, vt, 64); _tile_dpbf16ps(0, 4, 5);
-      _tile_loadd(5, vt + 512, 64); _tile_dpbf16ps(1, 4, 5);
-      if (chunks > 2) { _tile_loadd(5, vt + 1024, 64); _tile_dpbf16ps(2, 4, 5); _tile_loadd(5, vt + 1536, 64); _tile_dpbf16ps(3, 4, 5); }
+      _tile_loadd(5, v, 64); _tile_dpbf16ps(0, 4, 5);
+      _tile_loadd(5, v + 512, 64); _tile_dpbf16ps(1, 4, 5);
+      if (chunks > 2) { _tile_loadd(5, v + 1024, 64); _tile_dpbf16ps(2, 4, 5); _tile_loadd(5, v + 1536, 64); _tile_dpbf16ps(3, 4, 5); }
     }
     _tile_stored(0, probs, 64); _tile_stored(1, probs + 256, 64);  // [16 queries][16 dimensions] each
     if (chunks > 2) { _tile_stored(2, probs + 512, 64); _tile_stored(3, probs + 768, 64); }
@@ -358,12 +421,19 @@ struct Attention {
   std::vector<float> buffer;  // float scratch, aligned to 64 bytes within: the AMX path's tile and probabilities
   std::vector<float> sums, queries;
   std::vector<bf16> qt, tail, pt, vt;  // (the AMX path's tiles in memory)
+#ifdef BENTOCHAT_AMX
+  PairedValues paired;
+#endif
 
   Attention(int64_t groups, int64_t dim, int64_t longest, bool tiles)
       : groups(groups), dim(dim), amx(on_tiles(tiles, groups, dim)),
         buffer(amx ? 16 + 256 + std::max<int64_t>(1024, 16 * ((longest + 15) / 16 * 16)) : groups * longest),
         sums(amx ? 16 : groups), queries(amx ? 0 : groups * dim), qt(amx ? 512 * (dim / 32) : 0),
-        tail(amx ? 16 * dim : 0), pt(amx ? 16 * ((longest + 31) / 32 * 32) : 0), vt(amx ? 2048 : 0) {}
+        tail(amx ? 16 * dim : 0), pt(amx ? 16 * ((longest + 31) / 32 * 32) : 0), vt(amx ? 32 * dim : 0) {
+#ifdef BENTOCHAT_AMX
+    paired.columns = longest;
+#endif
+  }
 
   // rows of one sequence (row i's query heads q[i], its result out[i], its columns 0 .. lengths[i] - 1)
   void operator()(const T* const* q, const int64_t* lengths, int64_t rows, const Columns<T>& keys,
@@ -375,10 +445,10 @@ struct Attention {
         float* probs = tiles + 256;
         auto a = sums.data();
         switch (dim / 32) {
-          case 1: return attend_amx<1>(q, lengths, rows, keys, values, out, groups, tiles, probs, a, qt.data(), tail.data(), pt.data(), vt.data());
-          case 2: return attend_amx<2>(q, lengths, rows, keys, values, out, groups, tiles, probs, a, qt.data(), tail.data(), pt.data(), vt.data());
-          case 3: return attend_amx<3>(q, lengths, rows, keys, values, out, groups, tiles, probs, a, qt.data(), tail.data(), pt.data(), vt.data());
-          default: return attend_amx<4>(q, lengths, rows, keys, values, out, groups, tiles, probs, a, qt.data(), tail.data(), pt.data(), vt.data());
+          case 1: return attend_amx<1>(q, lengths, rows, keys, values, out, groups, tiles, probs, a, qt.data(), tail.data(), pt.data(), vt.data(), paired);
+          case 2: return attend_amx<2>(q, lengths, rows, keys, values, out, groups, tiles, probs, a, qt.data(), tail.data(), pt.data(), vt.data(), paired);
+          case 3: return attend_amx<3>(q, lengths, rows, keys, values, out, groups, tiles, probs, a, qt.data(), tail.data(), pt.data(), vt.data(), paired);
+          default: return attend_amx<4>(q, lengths, rows, keys, values, out, groups, tiles, probs, a, qt.data(), tail.data(), pt.data(), vt.data(), paired);
         }
       }
     }
