@@ -239,6 +239,14 @@ void attend(const T* q, const Columns<T>& keys, const Columns<T>& values, T* out
 }
 
 #ifdef BENTOCHAT_AMX
+// A block's 16 columns of one key-value head (16 * dim bfloat16, together) on their way into the cache
+// level `hint` names: the hardware prefetchers miss tile loads, and a sequence's blocks lie apart.
+template <int HINT>
+inline void prefetch_block(const bf16* column, int64_t dim) {
+  const char* p = reinterpret_cast<const char*>(column);
+  for (int64_t line = 0; line < dim / 2; line++) _mm_prefetch(p + 64 * line, static_cast<_mm_hint>(HINT));
+}
+
 // Columns j0 .. j0 + 31 of the values (zeros past `length`), dimensions d0 .. d0 + 16 * chunks - 1, as
 // AMX B tiles: tile c, row r holds the pairs (column j0 + 2r, j0 + 2r + 1) of dimensions d0 + 16c + n, n < 16.
 inline void paired_values(const Columns<bf16>& values, int64_t j0, int64_t length, int64_t d0, int64_t chunks, bf16* vt) {
@@ -335,6 +343,8 @@ void attend_amx(const bf16* const* q, const int64_t* lengths, int64_t rows, cons
                                             _mm512_set1_epi32(16));
   for (int64_t j0 = 0; j0 < length; j0 += 16) {
     const bf16* a = keys(j0);  // (16 columns in one block)
+    if (j0 + 32 < length) prefetch_block<_MM_HINT_T0>(keys(j0 + 32), dim);  // two blocks ahead
+    prefetch_block<_MM_HINT_T1>(values(j0), dim);                          // for the weighted sum
     if (length - j0 < 16) {  // the last columns, padded with zeros (rows past the block may not exist)
       std::fill_n(std::copy_n(a, (length - j0) * dim, tail), (16 - (length - j0)) * dim, 0);
       a = tail;
