@@ -1,6 +1,6 @@
 """Decode steps in-process, on the 1.7B shape (``bench/shapes.py``) or any stored model: at batch 1, 8 and 16
 after prompts of ``--context`` tokens, the engine step, the native forward pass within it, the matmuls alone
-(the packed weights, ``native.linear``, on as many rows) and Python outside the native call (scheduler,
+(the model's own packed linear layers, ``bench/prefill.py``'s ``linears``, on as many rows) and Python outside the native call (scheduler,
 sampler, postprocess), each the median of its steps over ``--rounds`` rounds of every batch in turn; and the
 weight-read floor at the read bandwidth that ``bench/bandwidth.c`` measures beside them (where built, see its
 header). ``--cpu-time``: on one thread, in thread CPU time, which a busy shared machine disturbs less.
@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from prefill import linears  # noqa: E402
 
 BATCHES = (1, 8, 16)
 
@@ -36,7 +39,7 @@ def main() -> None:
     import bentoml
     import torch
 
-    from runners.engine import LLMEngine, ModelRunner, SamplingParams, native
+    from runners.engine import LLMEngine, ModelRunner, SamplingParams
     from runners.engine.loader import load_causal_lm
     from runners.engine.sequence import Sequence
 
@@ -48,10 +51,8 @@ def main() -> None:
         sys.exit("this model does not run on the native forward pass here")
     engine = LLMEngine(ModelRunner(model, kv_cache_memory=2 << 30), max_num_seqs=max(BATCHES),
                        max_model_len=a.context + a.steps + 8)
-    weights, biases, _, _ = model.native
-    hidden, inner = model.config.hidden_size, model.config.intermediate_size
-    shapes = [((model.heads + 2 * model.kv_heads) * model.head_dim, hidden), (hidden, model.heads * model.head_dim),
-              (2 * inner, hidden), (hidden, inner)] * len(model.layers) + [(model.vocab, hidden)]
+    weights = model.native[0]
+    pairs = linears(model)
     forward_times = []
     forward_rows = model.forward_rows
 
@@ -63,11 +64,11 @@ def main() -> None:
 
     model.forward_rows = timed
 
-    def matmuls(rows: int) -> float:
-        xs = {k: torch.randn(rows, k).to(torch.bfloat16) for _, k in shapes}
+    def matmuls(rows: int) -> float:  # every linear layer, the lm_head too, on `rows` rows
+        xs = {k: torch.randn(rows, k).to(torch.bfloat16) for _, k in pairs}
         started = clock()
-        for w, b, (n, k) in zip(weights, biases, shapes):
-            native.linear(xs[k], w, n, b)
+        for linear, k in pairs:
+            linear(xs[k])
         return clock() - started
 
     draw = random.Random(0)

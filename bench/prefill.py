@@ -57,12 +57,17 @@ def first_token_seconds(runner: ModelRunner, ids: list[int], budget: int) -> tup
     return time.perf_counter() - start, time.process_time() - cpu
 
 
+def linears(model) -> list[tuple]:
+    """Each linear layer of the native forward pass, in its order (the last: the lm_head), with its inner size."""
+    c = model.config
+    inners = [c.hidden_size, model.heads * model.head_dim, c.hidden_size, c.intermediate_size] * len(model.layers)
+    return list(zip(model._matmuls(), [*inners, c.hidden_size]))
+
+
 def matmul_seconds(model, sizes: list[int], logits: bool) -> float:
     """The linear layers of every layer on random rows of each chunk's size (``logits``: the lm_head's on one
     row)."""
-    c = model.config
-    inners = [c.hidden_size, model.heads * model.head_dim, c.hidden_size, c.intermediate_size] * len(model.layers)
-    pairs = [(model.lm_head, c.hidden_size)] if logits else list(zip(model._matmuls()[:-1], inners))
+    pairs = linears(model)[-1:] if logits else linears(model)[:-1]
     xs = {(rows, inner): torch.randn(rows, inner).to(model.norm.dtype)
           for rows in {1 if logits else r for r in sizes} for _, inner in pairs}
     start = time.perf_counter()
