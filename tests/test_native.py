@@ -1,5 +1,5 @@
 """BentoChat's own matmuls (runners/engine/native.py): bfloat16 on AMX or on AVX-512 BF16 (what a CPU
-without AMX runs, forced here where there is AMX), float32 on AVX-512, and int8 weights (a float32 scale
+without AMX runs, forced here where there is AMX) or on AVX2 (a CPU without AVX-512), float32 on AVX-512 or AVX2, and int8 weights (a float32 scale
 per 32 inner elements) for bfloat16 and float32 models, each with the same bits for a row alone and in a
 batch of any size, on one thread and on two, close to the exact product, with a bias and with shapes that
 do not fill its panels; and int8 and 4-bit weights times x quantized with AVX-512 VNNI (what a CPU without
@@ -21,12 +21,16 @@ from runners.engine.linear import Linear
 
 pytestmark = pytest.mark.skipif(native.ops() is None, reason="no native kernels on this machine (CPU or compiler)")
 amx = pytest.mark.skipif(not native.amx(), reason="no AMX on this CPU")
+int8 = pytest.mark.skipif(not native.int8_runs(), reason="BentoChat's int8 kernels run from the AVX-512 level up")
 SHAPES = [(960, 576, False), (576, 1536, True), (100, 70, True), (49, 33, False)]
 
 
 @pytest.fixture(params=[pytest.param("bfloat16 on AMX", marks=amx),
                         pytest.param("bfloat16 on AVX-512 BF16", marks=pytest.mark.skipif(
                             not native.cpu_has_avx512_bf16(), reason="no AVX-512 BF16 on this CPU")),
+                        pytest.param("bfloat16 on AVX2", marks=pytest.mark.skipif(
+                            native.level() != "avx2", reason="this CPU has AVX-512: the avx2 level's bfloat16 is "
+                                                             "checked in tests/test_native_build.py")),
                         "float32"])
 def dtype(request, monkeypatch):
     """The dtype of a kernel, with AMX out of the way for the AVX-512 BF16 one."""
@@ -87,6 +91,7 @@ def quantized(x: torch.Tensor) -> torch.Tensor:
     return (q * scale).view(len(groups), -1)[:, :inner].view(x.shape)
 
 
+@int8
 @pytest.mark.parametrize("dtype", INT8_DTYPES)
 @pytest.mark.parametrize("out,inner,bias", SHAPES)
 def test_int8_weights_quantized_per_group_and_multiplied_as_the_dequantized_weights(dtype, out, inner, bias):
@@ -147,6 +152,7 @@ def test_int4_weights_multiplied_as_the_dequantized_weights_and_a_row_alike_in_a
         torch.set_num_threads(threads)
 
 
+@int8
 def test_int4_elsewhere_runs_in_int8():
     """Where int4_linear does not run (a float32 model; a CPU without AVX-512 VNNI), 4 bits run in int8."""
     weight = torch.randn(64, 64)
@@ -157,6 +163,7 @@ def test_int4_elsewhere_runs_in_int8():
     assert torch.equal(native.unpack_int8(linear.own, 64, 64), native.Int8Weight.of(stored.dequantize()).dequantize())
 
 
+@int8
 @pytest.mark.parametrize("dtype", INT8_DTYPES)
 def test_int8_a_row_gets_the_same_bits_alone_and_in_batches_of_1_to_40_on_one_and_two_threads(dtype):
     """Whatever rows share the weights' conversions (blocks of up to 6 rows, 2 or 4 panels at once) and

@@ -1,7 +1,7 @@
 """BentoChat's native kernels built ahead of time (runners/engine/native_build.py): one library per level,
 loaded with no compiler on the machine; the highest level the CPU runs picked, and each fallback logged (a
-CPU without AVX-512, AVX-512 BF16 and VNNI, or AMX, a library built for another torch, none and no compiler, a build
-that fails); a level's library holds no instruction above it; the build command fails loudly unless
+CPU without AVX2, AVX-512, AVX-512 BF16 and VNNI, or AMX, a library built for another torch, none and no compiler,
+a build that fails); a level's library holds no instruction above it; the build command fails loudly unless
 ``--optional``. Each case runs in a process of its own (a library, once loaded, stays)."""
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from runners.engine import native, native_build
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = native.level_here()
-pytestmark = pytest.mark.skipif(HERE is None, reason="this CPU has no AVX-512")
+pytestmark = pytest.mark.skipif(HERE is None, reason="this CPU has no AVX2 and FMA")
+avx512 = pytest.mark.skipif(HERE not in ("avx512", "avx512-bf16", "amx"), reason="this CPU has no AVX-512")
 
 # Runs the kernels as the engine would, and says what it ran.
 PROBE = """
@@ -72,6 +73,7 @@ def test_a_cpu_without_amx_gets_the_avx512_bf16_level_and_the_log_says_so(librar
     assert "RAN avx512-bf16 False True" in done.stdout  # bfloat16 on AVX-512 BF16, no tiles
 
 
+@avx512
 def test_a_cpu_without_avx512_bf16_gets_the_avx512_level_whose_library_refuses_bfloat16(libraries):
     code = PROBE + """
 try:
@@ -87,6 +89,7 @@ except RuntimeError as e:
     assert "REFUSED bf16_linear: this library is built without AVX-512 BF16" in done.stdout
 
 
+@avx512
 def test_a_cpu_with_avx512_bf16_but_no_vnni_gets_the_avx512_level_whose_int8_keeps_x_as_it_is(libraries):
     code = PROBE + """
 from runners.engine.linear import Linear
@@ -99,10 +102,23 @@ print("INT8", native.vnni(), Linear(torch.randn(40, 70), int8=True, own=True).ow
     assert "RAN avx512 False False" in done.stdout and "INT8 False 3" in done.stdout  # the weight-only layout
 
 
-def test_a_cpu_without_avx512_gets_no_native_kernels_and_the_log_says_so():
+def test_a_cpu_without_avx512_gets_the_avx2_level_whose_kernels_run_float32_and_bfloat16_but_not_int8(libraries):
+    code = PROBE + """
+from runners.engine.linear import Linear
+print("INT8", native.int8_runs(), Linear(torch.randn(40, 70), int8=True, own=True).own)
+"""
+    done = run(code, {"PATH": "/nonexistent", "BENTOCHAT_KERNELS_DIR": str(libraries),
+                      "BENTOCHAT_CPU_FLAGS": "fpu sse2 avx avx2 fma f16c"})
+    assert done.returncode == 0, done.stderr
+    assert "no AVX-512 on this CPU: the avx2 level (it lacks avx512bw avx512f avx512vl)" in done.stderr
+    assert "RAN avx2 False True" in done.stdout  # float32, and bfloat16 widened to float32
+    assert "INT8 False None" in done.stdout  # int8 weights on torch's int8 matmul
+
+
+def test_a_cpu_without_avx2_gets_no_native_kernels_and_the_log_says_so():
     done = run("from runners.engine import native; import logging; logging.basicConfig(level=logging.INFO); "
-               "print('OPS', native.ops())", {"BENTOCHAT_CPU_FLAGS": "fpu sse2 avx2"})
-    assert "no AVX-512 on this CPU: oneDNN's kernels and the Python pass instead" in done.stderr
+               "print('OPS', native.ops())", {"BENTOCHAT_CPU_FLAGS": "fpu sse2 avx"})
+    assert "no AVX2 and FMA on this CPU: oneDNN's kernels and the Python pass instead" in done.stderr
     assert "OPS None" in done.stdout
 
 
@@ -110,13 +126,14 @@ def test_a_cpu_without_avx512_gets_no_native_kernels_and_the_log_says_so():
 def test_a_levels_library_holds_no_instruction_above_its_level(libraries):
     bf16 = ("vdpbf16ps", "vcvtneps2bf16", "vcvtne2ps2bf16", "vpdpbusd", "vpdpbusds", "vpdpwssd")
     amx = ("tileloadd", "tdpbf16ps", "tdpbssd", "tdpbsud", "ldtilecfg", "tilerelease", "tilezero", "tilestored")
-    for level, above in (("avx512", bf16 + amx), ("avx512-bf16", amx), ("amx", ())):
+    for level, above in (("avx2", bf16 + amx), ("avx512", bf16 + amx), ("avx512-bf16", amx), ("amx", ())):
         code = subprocess.run(["objdump", "-d", str(libraries / native_build.library_name(level))],
                               capture_output=True, text=True, check=True).stdout
         mnemonics = {line.split("\t")[2].split()[0] for line in code.splitlines() if line.count("\t") >= 2}
         assert not mnemonics & set(above), level
+        assert (level == "avx2") == ("%zmm" not in code), level  # (AVX-512's registers)
         assert level != "amx" or {"tdpbf16ps", "vdpbf16ps"} <= mnemonics  # (the check sees them where they are)
-        assert level == "avx512" or "vpdpbusd" in mnemonics  # (int8 and 4 bits on AVX-512 VNNI)
+        assert level in ("avx2", "avx512") or "vpdpbusd" in mnemonics  # (int8 and 4 bits on AVX-512 VNNI)
 
 
 def test_a_library_built_for_another_torch_is_refused_and_the_log_says_why(libraries, tmp_path):
@@ -137,7 +154,7 @@ def test_a_failed_build_fails_the_command_unless_optional_and_leaves_onednn_at_f
     (bin_dir / "c++").chmod(0o755)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "BENTOCHAT_KERNELS_DIR": str(tmp_path / "lib")}
     strict = run("", env, ("-m", "runners.engine.native"))
-    assert strict.returncode == 1 and "the avx512 level's build failed" in strict.stderr
+    assert strict.returncode == 1 and "the avx2 level's build failed" in strict.stderr
     assert "no such instruction" in strict.stderr
     optional = run("", env, ("-m", "runners.engine.native", "--optional"))
     assert optional.returncode == 0 and "build failed" in optional.stderr
@@ -148,8 +165,8 @@ def test_a_failed_build_fails_the_command_unless_optional_and_leaves_onednn_at_f
     assert not list((tmp_path / "lib").glob("*.so"))
 
 
-def test_optional_builds_nothing_on_a_cpu_without_avx512(tmp_path):
+def test_optional_builds_nothing_on_a_cpu_without_avx2(tmp_path):
     done = run("", {"BENTOCHAT_CPU_FLAGS": "fpu sse2", "BENTOCHAT_KERNELS_DIR": str(tmp_path)},
                ("-m", "runners.engine.native", "--optional"))
-    assert done.returncode == 0 and "not built, this CPU has no AVX-512" in done.stdout
+    assert done.returncode == 0 and "not built, this CPU has no AVX2 and FMA" in done.stdout
     assert not list(tmp_path.iterdir())

@@ -62,7 +62,7 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str | None, on_gpu: bool, lean: 
 @dataclass(frozen=True)
 class Plan:
     """How one model runs: its dtype, forward (native, lean, transformers), matmul kernels (amx,
-    avx512-bf16, avx512, int8 for BentoChat's own on the native forward; onednn, int8 (torch's), torch) and attention (native, fused, eager,
+    avx512-bf16, avx512, avx2, int8 for BentoChat's own on the native forward; onednn, int8 (torch's), torch) and attention (native, fused, eager,
     transformers), and why it is not on a faster forward."""
 
     dtype: torch.dtype
@@ -95,14 +95,16 @@ def plan(config, *, dtype: str = "auto", gpus: list[int] | tuple = (), spread: b
         return Plan(torch_dtype, "transformers", "torch", "transformers", why)
     native_forward = not gpus and matmul == "auto" and attention == "fused" and native.runs(torch_dtype)
     if quantization in ("int8", "int4"):
-        if native_forward:  # BentoChat's int8 and int4 kernels (kernels/int8_linear.cpp)
+        if native_forward and native.int8_runs():  # BentoChat's int8 and int4 kernels (kernels/int8_linear.cpp)
             if quantization == "int4" and not native.int4_runs(torch_dtype):
                 return Plan(torch_dtype, "native", "int8", "native", "int4 runs in bfloat16 on AMX or AVX-512 VNNI")
             return Plan(torch_dtype, "native", quantization, "native")
         return Plan(torch_dtype, "lean", "int8", _python_attention(torch_dtype, gpus, attention),
-                    "int4 runs on the native forward" if quantization == "int4" else "")
+                    "int4 runs on the native forward" if quantization == "int4" else
+                    "BentoChat's int8 kernels need AVX-512" if native_forward else "")
     if native_forward:
-        kernels = "avx512" if torch_dtype == torch.float32 else "amx" if native.amx() else "avx512-bf16"
+        kernels = ("avx2" if native.level() == "avx2" else "avx512" if torch_dtype == torch.float32 else
+                   "amx" if native.amx() else "avx512-bf16")
         return Plan(torch_dtype, "native", kernels, "native")
     why = ("matmul: onednn" if matmul != "auto" else "attention: eager" if attention != "fused" else
            "no native kernels for this dtype on this machine" if not gpus else "")

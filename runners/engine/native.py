@@ -1,23 +1,26 @@
-"""BentoChat's native kernels (``kernels/``), on CPUs with AVX-512: built ahead of time, one library per
+"""BentoChat's native kernels (``kernels/``), on x86-64 CPUs with AVX2 and up: built ahead of time, one library per
 instruction-set level (``native_build.py``: ``python -m runners.engine.native``, which ``make install`` runs),
 and loaded by :func:`ops`, the highest level this CPU runs:
 
 - ``amx_linear.cpp``: the bfloat16 matmul on Intel AMX (Sapphire Rapids and later);
-- ``avx512_linear.cpp``: the float32 matmul on AVX-512, and the bfloat16 one on AVX-512 BF16 for CPUs
-  without AMX (AMD Zen 4);
+- ``avx_linear.cpp``: the float32 matmul on AVX-512, and the bfloat16 one on AVX-512 BF16 for CPUs
+  without AMX (AMD Zen 4); both on AVX2 and FMA too (the ``avx2`` level, for CPUs without AVX-512: AMD
+  Zen 2 and 3, Intel before Skylake-SP), bfloat16 widened to float32 in registers;
 - ``int8_linear.cpp``: the int8 matmul (``quantization: int8``) for bfloat16 and float32 models: int8
   weights with a float32 scale per 32 inner elements (as GGUF's Q8_0), about half the bytes of bfloat16
   to read per decode step; on AVX-512 (the weights alone in int8), or for a bfloat16 model with its rows
   quantized alike (as llama.cpp multiplies Q8_0 weights) on AMX's int8 tiles or with AVX-512 VNNI (the
-  same bits), faster past a few rows; and the 4-bit one (``quantization: int4``) alike;
+  same bits), faster past a few rows; and the 4-bit one (``quantization: int4``) alike; not on the AVX2
+  level, where int8 weights run on torch's int8 matmul and the lean forward's Python pass;
 - ``forward.cpp``: the lean forward's whole pass (every layer, prefill and decode) in one call, in
-  bfloat16 (on AMX, else AVX-512 BF16) and in float32, on any of those matmuls.
+  bfloat16 (on AMX, else AVX-512 BF16, else AVX2) and in float32, on any of those matmuls; its
+  vector code is ``simd.h``'s 16 lanes (one AVX-512 register, or two AVX2 ones).
 
 Why kernels of our own: each gives a row the same bits alone and in any batch by construction (oneDNN's
 bfloat16 kernels change some rows' sums past 32 rows on these CPUs), each is faster on the 2-core
 development machine than the oneDNN kernels the lean forward had, and one call per forward pass instead
 of ~500 small torch operations removes about half of a decode step at batch 1 (docs/performance.md).
-Their work is split over torch's threads with OpenMP. Where the CPU has no AVX-512, or there is no
+Their work is split over torch's threads with OpenMP. Where the CPU has no AVX2 and FMA, or there is no
 library for its level (for this torch and these sources) and no compiler to build one at first use, or a
 build fails, :func:`ops` is None and the lean forward keeps oneDNN's kernels and its Python pass; each
 fallback is logged, and so is the library loaded.
@@ -69,7 +72,7 @@ def cpu_has_avx512_bf16() -> bool:
 
 
 def level_here() -> str | None:
-    """The highest level of the kernels (``native_build.LEVELS``) this CPU runs, None below AVX-512; what it
+    """The highest level of the kernels (``native_build.LEVELS``) this CPU runs, None below AVX2; what it
     lacks for the next level is logged."""
     flags = cpu_flags()
     fits = [level for level, (_, needs, _) in LEVELS.items() if needs <= flags]
@@ -122,10 +125,20 @@ def ops():
     return _ops
 
 
+def level() -> str | None:
+    """The level of the library loaded (``native_build.LEVELS``), None where none is."""
+    return _level if ops() is not None else None
+
+
 def amx() -> bool:
     """Whether the AMX kernels run here: the library loaded is the AMX level's (the CPU has AMX) and Linux
     grants the process AMX's tile state (below that level ``amx_available`` is false)."""
     return ops() is not None and bool(ops().amx_available())
+
+
+def int8_runs() -> bool:
+    """Whether ``int8_linear`` runs here: from the AVX-512 level up."""
+    return ops() is not None and _level != "avx2"
 
 
 def vnni() -> bool:
@@ -136,7 +149,8 @@ def vnni() -> bool:
 
 def runs(dtype: torch.dtype) -> bool:
     """Whether BentoChat's own matmul and forward pass take this dtype here: float32 at every level,
-    bfloat16 from the AVX-512 BF16 level up (on AMX where :func:`amx`)."""
+    bfloat16 on the AVX2 level (widened to float32) and from the AVX-512 BF16 level up (on AMX where
+    :func:`amx`)."""
     if ops() is None:
         return False
     return dtype == torch.float32 or (dtype == torch.bfloat16 and _level != "avx512")
@@ -352,10 +366,10 @@ def main(args: list[str]) -> int:
     """``python -m runners.engine.native [--optional]``: see native_build's docstring."""
     optional = "--optional" in args
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        print(f"BentoChat's native kernels are for x86-64 CPUs with AVX-512: none built on {platform.machine()}")
+        print(f"BentoChat's native kernels are for x86-64 CPUs with AVX2: none built on {platform.machine()}")
         return 0
     if optional and level_here() is None:
-        print("BentoChat's native kernels: not built, this CPU has no AVX-512 "
+        print("BentoChat's native kernels: not built, this CPU has no AVX2 and FMA "
               "(`python -m runners.engine.native` builds them for other machines)")
         return 0
     if optional and native_build.compiler() is None:
@@ -372,10 +386,10 @@ def main(args: list[str]) -> int:
     if ops() is None:
         print("BentoChat's native kernels: not used on this machine")
     else:
-        bf16 = "AMX" if amx() else "AVX-512 BF16" if runs(torch.bfloat16) else None
+        bf16 = "AMX" if amx() else "AVX2" if _level == "avx2" else "AVX-512 BF16" if runs(torch.bfloat16) else None
         print("BentoChat's native kernels: float32" + (f", bfloat16 on {bf16}" if bf16 else " (bfloat16 on oneDNN)")
-              + ", int8 weights" + (f" and 4 bits (bfloat16 rows quantized, on {'AMX' if amx() else 'AVX-512 VNNI'})"
-                                    if vnni() else ""))
+              + (", int8 weights" if int8_runs() else " (int8 weights on torch's kernels)")
+              + (f" and 4 bits (bfloat16 rows quantized, on {'AMX' if amx() else 'AVX-512 VNNI'})" if vnni() else ""))
     return 0
 
 

@@ -37,13 +37,14 @@ from pathlib import Path
 import torch
 
 KERNELS = Path(__file__).parent / "kernels"
-SOURCES = [KERNELS / name for name in ("amx_linear.cpp", "avx512_linear.cpp", "int8_linear.cpp", "forward.cpp")]
+SOURCES = [KERNELS / name for name in ("amx_linear.cpp", "avx_linear.cpp", "int8_linear.cpp", "forward.cpp")]
 # OpenMP: ATen's parallel_for, inlined into the kernels, runs on one thread without it.
 COMMON = ["-O3", "-std=c++20", "-fPIC", "-fopenmp"]
 _AVX512 = (["-mavx512f", "-mavx512bw", "-mavx512vl"], {"avx512f", "avx512bw", "avx512vl"})
 _BF16 = (_AVX512[0] + ["-mavx512bf16", "-mavx512vnni"], _AVX512[1] | {"avx512_bf16", "avx512_vnni"})
 # level: its compiler flags, the CPU flags it needs (as /proc/cpuinfo names them), what those are; lowest first
 LEVELS = {
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}, "AVX2 and FMA"),
     "avx512": (*_AVX512, "AVX-512"),
     "avx512-bf16": (*_BF16, "AVX-512 BF16 and VNNI"),
     "amx": (_BF16[0] + ["-mamx-tile", "-mamx-bf16", "-mamx-int8"], _BF16[1] | {"amx_tile", "amx_bf16", "amx_int8"},
@@ -58,7 +59,7 @@ def directory() -> Path:
 
 def sources_hash() -> str:
     digest = hashlib.sha256(" ".join(COMMON + [flag for flags, _, _ in LEVELS.values() for flag in flags]).encode())
-    for source in [KERNELS / "kernels.h", *SOURCES]:
+    for source in [KERNELS / "kernels.h", KERNELS / "simd.h", *SOURCES]:
         digest.update(source.read_bytes())
     return digest.hexdigest()[:12]
 

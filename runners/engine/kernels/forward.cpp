@@ -16,6 +16,7 @@
 // decoded. Attention sums in float32 over the row's own columns (0 .. its position), in column order,
 // wherever its blocks lie (on AMX: the scores and the weighted sum as tile multiplies, see attend_amx).
 #include "kernels.h"
+#include "simd.h"
 
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
@@ -29,13 +30,11 @@
 
 namespace {
 
-using bf16 = uint16_t;
+using namespace bentochat::simd;
 
 // Rows of the work between the matmuls (norms, rotation, residual adds, SiLU) per thread at least: fewer
 // take less time than waking a second thread.
 constexpr int64_t GLUE_ROWS = 8;
-
-inline __mmask16 first(int64_t n) { return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1); }
 
 // One key-value head's keys (or values) of one sequence in the paged cache ([blocks, kv_heads, block, dim]
 // per layer): column j lies in block blocks[j / block], at j % block. A block holds a power of two columns,
@@ -50,45 +49,38 @@ struct Columns {
   }
 };
 
-// 16 values (those of mask m) of the model's dtype as float32, and back (bfloat16 rounded to nearest even).
-inline __m512 widen(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
-inline __m512 load(const bf16* p, __mmask16 m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
-inline __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline void store(bf16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v)); }
-inline void store(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
 // v as the result of a tensor operation in T: rounded to bfloat16 (to nearest even), or as it is in float32
 template <typename T>
-inline __m512 rounded(__m512 v) {
-  if constexpr (std::is_same_v<T, bf16>) return widen((__m256i)_mm512_cvtneps_pbh(v));
+inline Vec rounded(Vec v) {
+  if constexpr (std::is_same_v<T, bf16>) return rounded_bf16(v);
   return v;
 }
 
 // e^x, within 2 ulps of float32 (Cephes' polynomial on x - n ln 2, then scaled by 2^n)
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-103.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+inline Vec exp_ps(Vec x) {
+  x = max(min(x, set1(88.3762626647949f)), set1(-103.0f));
+  const Vec n = round(x * set1(1.44269504088896341f));
+  Vec r = fnma(n, set1(0.693359375f), x);
+  r = fnma(n, set1(-2.12194440e-4f), r);
+  Vec y = set1(1.9875691500e-4f);
   for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(y, n);
+    y = fma(y, r, set1(c));
+  y = fma(y, r * r, r + set1(1.0f));
+  return scale2(y, n);
 }
 
 // transformers' Llama RMSNorm: normalized in float32, rounded, scaled by the weight, rounded.
 template <typename T>
 void rms_norm(const T* x, const T* w, T* y, int64_t n, float eps) {
-  __m512 squares = _mm512_setzero_ps();
+  Vec squares = zero();
   for (int64_t i = 0; i < n; i += 16) {
-    const __m512 v = load(x + i, first(n - i));
-    squares = _mm512_fmadd_ps(v, v, squares);
+    const Vec v = load(x + i, first(n - i));
+    squares = fma(v, v, squares);
   }
-  const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(squares) / n + eps));
+  const Vec scale = set1(1.0f / std::sqrt(sum(squares) / n + eps));
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = first(n - i);
-    store(y + i, _mm512_mul_ps(load(w + i, m), rounded<T>(_mm512_mul_ps(load(x + i, m), scale))), m);
+    const Mask m = first(n - i);
+    store(y + i, load(w + i, m) * rounded<T>(load(x + i, m) * scale), m);
   }
 }
 
@@ -97,12 +89,10 @@ template <typename T>
 void rotate(T* x, const T* cos, const T* sin, int64_t dim) {
   const int64_t half = dim / 2;
   for (int64_t i = 0; i < half; i += 16) {
-    const __mmask16 m = first(half - i);
-    const __m512 a = load(x + i, m), b = load(x + half + i, m);
-    const __m512 lo = _mm512_add_ps(rounded<T>(_mm512_mul_ps(a, load(cos + i, m))),
-                                    rounded<T>(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), b), load(sin + i, m))));
-    const __m512 hi = _mm512_add_ps(rounded<T>(_mm512_mul_ps(b, load(cos + half + i, m))),
-                                    rounded<T>(_mm512_mul_ps(a, load(sin + half + i, m))));
+    const Mask m = first(half - i);
+    const Vec a = load(x + i, m), b = load(x + half + i, m);
+    const Vec lo = rounded<T>(a * load(cos + i, m)) + rounded<T>((zero() - b) * load(sin + i, m));
+    const Vec hi = rounded<T>(b * load(cos + half + i, m)) + rounded<T>(a * load(sin + half + i, m));
     store(x + i, lo, m);
     store(x + half + i, hi, m);
   }
@@ -112,8 +102,8 @@ void rotate(T* x, const T* cos, const T* sin, int64_t dim) {
 template <typename T>
 void add(T* h, const T* d, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = first(n - i);
-    store(h + i, _mm512_add_ps(load(h + i, m), load(d + i, m)), m);
+    const Mask m = first(n - i);
+    store(h + i, load(h + i, m) + load(d + i, m), m);
   }
 }
 
@@ -122,11 +112,10 @@ template <typename T>
 void silu_mul(const T* gate_up, T* out, int64_t n) {
   const T* up = gate_up + n;
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = first(n - i);
-    const __m512 g = load(gate_up + i, m);
-    const __m512 silu = rounded<T>(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f),
-                                                             exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
-    store(out + i, _mm512_mul_ps(silu, load(up + i, m)), m);
+    const Mask m = first(n - i);
+    const Vec g = load(gate_up + i, m);
+    const Vec silu = rounded<T>(g / (set1(1.0f) + exp_ps(zero() - g)));
+    store(out + i, silu * load(up + i, m), m);
   }
 }
 
@@ -135,17 +124,17 @@ void silu_mul(const T* gate_up, T* out, int64_t n) {
 void softmax(float* scores, int64_t stride, int64_t groups, int64_t length, float* sums) {
   for (int64_t g = 0; g < groups; g++) {
     float* s = scores + g * stride;
-    __m512 top = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < length; j += 16) top = _mm512_mask_max_ps(top, first(length - j), top, _mm512_maskz_loadu_ps(first(length - j), s + j));
-    const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-    __m512 total = _mm512_setzero_ps();
+    Vec highest = set1(-INFINITY);
+    for (int64_t j = 0; j < length; j += 16) highest = blend(highest, max(highest, load(s + j, first(length - j))), first(length - j));
+    const Vec most = set1(top(highest));
+    Vec total = zero();
     for (int64_t j = 0; j < length; j += 16) {
-      const __mmask16 m = first(length - j);
-      const __m512 p = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), max)));
-      _mm512_mask_storeu_ps(s + j, m, p);
-      total = _mm512_add_ps(total, p);
+      const Mask m = first(length - j);
+      const Vec p = keep(exp_ps(load(s + j, m) - most), m);
+      store(s + j, p, m);
+      total = total + p;
     }
-    sums[g] = _mm512_reduce_add_ps(total);
+    sums[g] = sum(total);
   }
 }
 
@@ -158,23 +147,23 @@ void weighted_sum(const float* probs, int64_t stride, const float* sums, const C
   constexpr int64_t dim = 16 * CH;
   for (int64_t g0 = 0; g0 < groups; g0 += HEADS) {
     const int64_t heads = std::min<int64_t>(HEADS, groups - g0);
-    __m512 acc[HEADS][CH];
+    Vec acc[HEADS][CH];
     for (auto& row : acc)
-      for (auto& v : row) v = _mm512_setzero_ps();
+      for (auto& v : row) v = zero();
     for (int64_t j = 0; j < length; j++) {
-      __m512 v[CH];
+      Vec v[CH];
       const T* column = values(j);
-      for (int c = 0; c < CH; c++) v[c] = load(column + 16 * c, 0xFFFF);
+      for (int c = 0; c < CH; c++) v[c] = load(column + 16 * c);
 #pragma GCC unroll 16
       for (int g = 0; g < HEADS; g++)
         if (g < heads) {
-          const __m512 p = _mm512_set1_ps(probs[(g0 + g) * stride + j]);
-          for (int c = 0; c < CH; c++) acc[g][c] = _mm512_fmadd_ps(p, v[c], acc[g][c]);
+          const Vec p = set1(probs[(g0 + g) * stride + j]);
+          for (int c = 0; c < CH; c++) acc[g][c] = fma(p, v[c], acc[g][c]);
         }
     }
     for (int64_t g = 0; g < heads; g++) {
-      const __m512 sum = _mm512_set1_ps(sums[g0 + g]);
-      for (int c = 0; c < CH; c++) store(out + (g0 + g) * dim + 16 * c, _mm512_div_ps(acc[g][c], sum), 0xFFFF);
+      const Vec total = set1(sums[g0 + g]);
+      for (int c = 0; c < CH; c++) store(out + (g0 + g) * dim + 16 * c, acc[g][c] / total, first(16));
     }
   }
 }
@@ -185,16 +174,16 @@ template <int CH, typename T>
 void attend_fast(const T* q, const Columns<T>& keys, const Columns<T>& values, T* out, int64_t groups, int64_t length,
                  float* probs, float* sums, float* queries) {
   constexpr int64_t dim = 16 * CH;
-  const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(dim)));
-  for (int64_t i = 0; i < groups * CH; i++) _mm512_storeu_ps(queries + 16 * i, _mm512_mul_ps(load(q + 16 * i, 0xFFFF), scale));
+  const Vec scale = set1(1.0f / std::sqrt(static_cast<float>(dim)));
+  for (int64_t i = 0; i < groups * CH; i++) store(queries + 16 * i, load(q + 16 * i) * scale);
   for (int64_t j = 0; j < length; j++) {
-    __m512 k[CH];
+    Vec k[CH];
     const T* column = keys(j);
-    for (int c = 0; c < CH; c++) k[c] = load(column + 16 * c, 0xFFFF);
+    for (int c = 0; c < CH; c++) k[c] = load(column + 16 * c);
     for (int64_t g = 0; g < groups; g++) {
-      __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(queries + g * dim), k[0]);
-      for (int c = 1; c < CH; c++) dot = _mm512_fmadd_ps(_mm512_loadu_ps(queries + g * dim + 16 * c), k[c], dot);
-      probs[g * length + j] = _mm512_reduce_add_ps(dot);
+      Vec dot = load(queries + g * dim) * k[0];
+      for (int c = 1; c < CH; c++) dot = fma(load(queries + g * dim + 16 * c), k[c], dot);
+      probs[g * length + j] = sum(dot);
     }
   }
   softmax(probs, length, groups, length, sums);
@@ -210,12 +199,12 @@ void attend(const T* q, const Columns<T>& keys, const Columns<T>& values, T* out
   for (int64_t j = 0; j < length; j++) {
     const T* k = keys(j);
     for (int64_t g = 0; g < groups; g++) {
-      __m512 dot = _mm512_setzero_ps();
+      Vec dot = zero();
       for (int64_t d = 0; d < dim; d += 16) {
-        const __mmask16 m = first(dim - d);
-        dot = _mm512_fmadd_ps(load(q + g * dim + d, m), load(k + d, m), dot);
+        const Mask m = first(dim - d);
+        dot = fma(load(q + g * dim + d, m), load(k + d, m), dot);
       }
-      scores[g * length + j] = _mm512_reduce_add_ps(dot) * scale;
+      scores[g * length + j] = sum(dot) * scale;
     }
   }
   softmax(scores, length, groups, length, sums);
@@ -223,18 +212,18 @@ void attend(const T* q, const Columns<T>& keys, const Columns<T>& values, T* out
   for (int64_t j = 0; j < length; j++) {
     const T* v = values(j);
     for (int64_t d = 0; d < dim; d += 16) {
-      const __mmask16 m = first(dim - d);
-      const __m512 vj = load(v + d, m);
+      const Mask m = first(dim - d);
+      const Vec vj = load(v + d, m);
       for (int64_t g = 0; g < groups; g++) {
         float* a = acc.data() + g * dim + d;
-        _mm512_mask_storeu_ps(a, m, _mm512_fmadd_ps(_mm512_set1_ps(scores[g * length + j]), vj, _mm512_maskz_loadu_ps(m, a)));
+        store(a, fma(set1(scores[g * length + j]), vj, load(a, m)), m);
       }
     }
   }
   for (int64_t g = 0; g < groups; g++)
     for (int64_t d = 0; d < dim; d += 16) {
-      const __mmask16 m = first(dim - d);
-      store(out + g * dim + d, _mm512_div_ps(_mm512_maskz_loadu_ps(m, acc.data() + g * dim + d), _mm512_set1_ps(sums[g])), m);
+      const Mask m = first(dim - d);
+      store(out + g * dim + d, load(acc.data() + g * dim + d, m) / set1(sums[g]), m);
     }
 }
 
@@ -399,7 +388,7 @@ void attend_amx(const bf16* const* q, const int64_t* lengths, int64_t rows, cons
     for (int64_t n = 0; n < queries; n++)
       for (int64_t c = 0; c < chunks; c++)
         store(out[n / groups] + (n % groups) * dim + d0 + 16 * c,
-              _mm512_div_ps(_mm512_load_ps(probs + c * 256 + n * 16), _mm512_set1_ps(sums[n])), 0xFFFF);
+              Vec{_mm512_div_ps(_mm512_load_ps(probs + c * 256 + n * 16), _mm512_set1_ps(sums[n]))}, first(16));
   }
 }
 
@@ -659,7 +648,7 @@ at::Tensor run(FORWARD_ARGUMENTS) {
 at::Tensor forward(FORWARD_ARGUMENTS) {
   const auto dtype = embeddings.scalar_type();
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "the native forward runs bfloat16 and float32 models");
-#ifdef BENTOCHAT_BF16
+#if defined(BENTOCHAT_BF16) || defined(BENTOCHAT_AVX2)
   auto body = dtype == at::kBFloat16 ? run<bf16> : run<float>;
 #else
   TORCH_CHECK(dtype == at::kFloat, "forward: a bfloat16 model, and this library is built without AVX-512 BF16");

@@ -28,6 +28,8 @@
 
 #include <algorithm>
 #include <cstring>
+
+#ifdef __AVX512F__
 #include <type_traits>
 #include <vector>
 
@@ -439,6 +441,21 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, cons
 }
 
 }  // namespace bentochat
+
+#else  // the AVX2 level: int8 and 4-bit weights run on the lean forward's Python pass (torch's int8 matmul)
+
+namespace bentochat {
+
+at::Tensor int8_linear(const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&) {
+  TORCH_CHECK(false, "int8_linear: this library is built without AVX-512");
+}
+
+at::Tensor int4_linear(const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&) {
+  TORCH_CHECK(false, "int4_linear: this library is built without AVX-512");
+}
+
+}  // namespace bentochat
+#endif
 
 TORCH_LIBRARY_FRAGMENT(bentochat, m) {
   m.def("int8_linear(Tensor x, Tensor w, int n, Tensor? bias) -> Tensor", bentochat::int8_linear);

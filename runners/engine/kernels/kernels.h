@@ -7,7 +7,8 @@
 #include <immintrin.h>
 
 // The instruction sets this library holds: runners/engine/native_build.py builds one library per level
-// (AVX-512 F/BW/VL; with AVX-512 BF16 and VNNI; with AMX too), native.py loads the highest this CPU runs. Code that
+// (AVX2 and FMA; AVX-512 F/BW/VL; with AVX-512 BF16 and VNNI; with AMX too), native.py loads the highest this
+// CPU runs. Code that
 // needs more than its level is compiled out, so a library holds no instruction its CPU may lack: there the
 // kernels that need it refuse, and amx_available() is false.
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AVX512BF16__)
@@ -18,6 +19,9 @@
 #endif
 #if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
 #define BENTOCHAT_VNNI 1
+#endif
+#ifndef __AVX512F__  // the AVX2 level: bfloat16 widened to float32 in registers, rounded back in software
+#define BENTOCHAT_AVX2 1
 #endif
 
 namespace bentochat {
@@ -45,15 +49,15 @@ bool amx_available();
 // features, b float32.
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias);
 
-// y = x W^T + b in bfloat16 on AVX-512 BF16, without AMX (avx512_linear.cpp): W packed by
+// y = x W^T + b in bfloat16 on AVX-512 BF16 or AVX2, without AMX (avx_linear.cpp): W packed by
 // runners/engine/native.py.
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias);
 
-// y = x W^T + b in float32 on AVX-512 (avx512_linear.cpp): W packed by runners/engine/native.py.
+// y = x W^T + b in float32 on AVX-512 or AVX2 (avx_linear.cpp): W packed by runners/engine/native.py.
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias);
 
 // y = x W^T + b with W in int8, one float32 scale per 32 inner elements of a feature, x and y in bfloat16 or
-// float32, on AVX-512, or with x quantized alike on AMX or AVX-512 VNNI (int8_linear.cpp): W packed by
+// float32, on AVX-512 (not on the AVX2 level), or with x quantized alike on AMX or AVX-512 VNNI (int8_linear.cpp): W packed by
 // runners/engine/native.py (pack_int8).
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias);
 

@@ -1,12 +1,15 @@
-// BentoChat's matmuls on AVX-512: y = x W^T + b, with W packed by runners/engine/native.py, in float32
-// (f32_linear) and in bfloat16 on AVX-512 BF16 (bf16_linear, for CPUs without AMX, such as AMD Zen 4).
+// BentoChat's matmuls on AVX-512 and on AVX2: y = x W^T + b, with W packed by runners/engine/native.py, in
+// float32 (f32_linear) and in bfloat16 (bf16_linear) on AVX-512 BF16 (CPUs without AMX, such as AMD Zen 4) or on
+// AVX2 and FMA (bfloat16 widened to float32 in registers: AMD Zen 2 and 3, Intel before Skylake-SP).
 //
 // Every output element is summed over the inner dimension in the same order whatever the number of rows,
-// then the bias is added: in float32 two running sums, of the even and of the odd inner positions, added at
-// the end; in bfloat16 one running float32 sum, a pair of inner elements at a time (VDPBF16PS), rounded to
-// bfloat16 at the end. A row so gets the same bits alone and in a batch of any size. Up to 6 rows and 32
-// output features share each load of the weights (24 sums in registers); one row is bound by reading the
-// weights (README, Performance).
+// then the bias is added. On AVX-512: in float32 two running sums, of the even and of the odd inner
+// positions, added at the end; in bfloat16 one running float32 sum, a pair of inner elements at a time
+// (VDPBF16PS), rounded to bfloat16 at the end. Up to 6 rows and 32 output features share each load of the
+// weights (24 sums in registers). On AVX2: one running float32 sum (an FMA per inner element, in order), up
+// to 4 rows and 16 output features sharing each load (or 2 rows and 32, more sums in flight where there are
+// few rows; which changes no element's order). A row so gets the same bits alone and in a batch of any size.
+// One row is bound by reading the weights (README, Performance).
 //
 // Packed W, P panels of 16 output features (zero-padded) and K inner elements: float32 [P][K][16];
 // bfloat16 [P][K / 2][16][2] (x is padded with a zero where K is odd).
@@ -19,9 +22,14 @@
 
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
-constexpr int64_t LANES = 16, ROWS = 6;
+constexpr int64_t LANES = 16;
+
+#ifdef __AVX512F__
+constexpr int64_t ROWS = 6;
 
 // float32: x and W in floats, a step of one inner element.
 struct F32 {
@@ -131,6 +139,101 @@ void matmul(const typename K::X* x, int64_t m, int64_t k, const typename K::X* w
   });
 }
 
+#else  // AVX2 and FMA
+constexpr int64_t ROWS = 4;
+using bentochat::simd::Vec;
+
+// Rows 0..R-1 of x (float32, k inner elements a row) times P panels (`stride` elements apart) of K's weights,
+// into y (+ b, the panels' bias), the panels' first valid[p] output features. K::step(w, lo, hi, e): the 16
+// weights of inner element e (of a step of K::PER) as float32.
+template <typename K, int R, int P>
+void block(const float* x, int64_t k, const typename K::W* w, int64_t stride, typename K::Y* y, int64_t ldy,
+           const float* b, const int64_t* valid) {
+  __m256 acc[R][P][2];
+  for (int r = 0; r < R; r++)
+    for (int p = 0; p < P; p++) acc[r][p][0] = acc[r][p][1] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < k / K::PER; i++)
+    for (int p = 0; p < P; p++) {
+      __m256 lo[K::PER], hi[K::PER];
+      K::step(w + p * stride + i * LANES, lo, hi);
+      for (int e = 0; e < K::PER; e++)
+        for (int r = 0; r < R; r++) {
+          const __m256 a = _mm256_broadcast_ss(x + r * k + i * K::PER + e);
+          acc[r][p][0] = _mm256_fmadd_ps(a, lo[e], acc[r][p][0]);
+          acc[r][p][1] = _mm256_fmadd_ps(a, hi[e], acc[r][p][1]);
+        }
+    }
+  for (int p = 0; p < P; p++) {
+    const auto m = bentochat::simd::first(valid[p]);
+    const Vec bias = b ? bentochat::simd::load(b + p * LANES, m) : bentochat::simd::zero();
+    for (int r = 0; r < R; r++) bentochat::simd::store(y + r * ldy + p * LANES, Vec{acc[r][p][0], acc[r][p][1]} + bias, m);
+  }
+}
+
+// float32: a step of one inner element, [16] floats.
+struct F32 {
+  using W = float;
+  using Y = float;
+  static constexpr int PER = 1;
+  static void step(const float* w, __m256* lo, __m256* hi) {
+    lo[0] = _mm256_load_ps(w);
+    hi[0] = _mm256_load_ps(w + 8);
+  }
+};
+
+// bfloat16: a step of a pair of inner elements, [16][2] bfloat16 (16 32-bit words), each widened to float32.
+struct BF16 {
+  using W = uint32_t;
+  using Y = uint16_t;
+  static constexpr int PER = 2;
+  static void step(const uint32_t* w, __m256* lo, __m256* hi) {
+    const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+    const __m256i a = _mm256_load_si256(reinterpret_cast<const __m256i*>(w));
+    const __m256i c = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + 8));
+    lo[0] = _mm256_castsi256_ps(_mm256_slli_epi32(a, 16));
+    lo[1] = _mm256_castsi256_ps(_mm256_and_si256(a, high));
+    hi[0] = _mm256_castsi256_ps(_mm256_slli_epi32(c, 16));
+    hi[1] = _mm256_castsi256_ps(_mm256_and_si256(c, high));
+  }
+};
+
+// y [m, n] = x [m, k] (float32) times the `count` panels of w, + b: pairs of panels split over torch's
+// threads; blocks of ROWS rows one panel at a time, then the rest (up to 2 rows both panels at once).
+template <typename K>
+void matmul(const float* x, int64_t m, int64_t k, const typename K::W* w, int64_t count, typename K::Y* y, int64_t n,
+            const float* b) {
+  const int64_t stride = k / K::PER * LANES;
+  at::parallel_for(0, (count + 1) / 2, 1, [&](int64_t first, int64_t last) {
+    for (int64_t pair = first; pair < last; pair++) {
+      const int64_t p = 2 * pair, here = std::min<int64_t>(2, count - p);
+      const int64_t valid[2] = {std::min<int64_t>(LANES, n - p * LANES), std::min<int64_t>(LANES, n - (p + 1) * LANES)};
+      const auto* wp = w + p * stride;
+      const float* bp = b ? b + p * LANES : nullptr;
+      int64_t r0 = 0;
+      for (; r0 + ROWS <= m; r0 += ROWS)
+        for (int64_t j = 0; j < here; j++)
+          block<K, ROWS, 1>(x + r0 * k, k, wp + j * stride, stride, y + r0 * n + (p + j) * LANES, n, bp ? bp + j * LANES : nullptr, valid + j);
+      const float* xr = x + r0 * k;
+      auto* yr = y + r0 * n + p * LANES;
+      const int64_t rest = m - r0;
+      if (rest > 0 && rest <= 2 && here == 2) {
+        if (rest == 1) block<K, 1, 2>(xr, k, wp, stride, yr, n, bp, valid);
+        else block<K, 2, 2>(xr, k, wp, stride, yr, n, bp, valid);
+        continue;
+      }
+      for (int64_t j = 0; j < here && rest > 0; j++) {
+        const float* bj = bp ? bp + j * LANES : nullptr;
+        switch (rest) {
+          case 1: block<K, 1, 1>(xr, k, wp + j * stride, stride, yr + j * LANES, n, bj, valid + j); break;
+          case 2: block<K, 2, 1>(xr, k, wp + j * stride, stride, yr + j * LANES, n, bj, valid + j); break;
+          default: block<K, 3, 1>(xr, k, wp + j * stride, stride, yr + j * LANES, n, bj, valid + j); break;
+        }
+      }
+    }
+  });
+}
+#endif
+
 // x as [rows, inner] (padded with zeros to `inner`), y [rows, n] of x's dtype, and the bias.
 struct Operands {
   at::Tensor rows, y;
@@ -167,15 +270,21 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const
 }
 
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias) {
-#ifndef BENTOCHAT_BF16
+#if !defined(BENTOCHAT_BF16) && defined(__AVX512F__)
   TORCH_CHECK(false, "bf16_linear: this library is built without AVX-512 BF16");
 #else
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && w.dim() == 4 &&
               w.size(2) == LANES && w.size(3) == 2 && w.is_contiguous() && n <= w.size(0) * LANES);
   Operands o(x, 2 * w.size(1), n, bias);
+#ifdef __AVX512F__
   matmul<BF16>(static_cast<const uint32_t*>(o.rows.data_ptr()), o.rows.size(0), w.size(1),
                static_cast<const uint32_t*>(w.data_ptr()), w.size(0), static_cast<uint16_t*>(o.y.data_ptr()), n,
                o.bias);
+#else  // x widened to float32 once; k counts inner elements
+  const at::Tensor wide = o.rows.to(at::kFloat);
+  matmul<BF16>(wide.data_ptr<float>(), o.rows.size(0), 2 * w.size(1), static_cast<const uint32_t*>(w.data_ptr()),
+               w.size(0), static_cast<uint16_t*>(o.y.data_ptr()), n, o.bias);
+#endif
   return o.y.view(o.out_shape);
 #endif
 }
