@@ -106,7 +106,7 @@ def expected_kernels_line() -> str:
 
     level = native.level_here()
     if level is None:
-        return "BentoChat's native kernels: no AVX-512 on this CPU"
+        return "BentoChat's native kernels: no AVX2 and FMA on this CPU"
     return f"BentoChat's native kernels: the {level} level, {KERNELS_DIR}/bentochat-kernels_{level}_"
 
 

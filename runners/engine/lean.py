@@ -7,9 +7,9 @@ What it does that transformers' eager modules do not:
 - one matmul for the q, k and v projections and one for gate and up (a layer's seven weight matrices
   take four matmuls), rotary embeddings applied to queries and keys at once, and no per-layer mask,
   cache or kwargs bookkeeping: the attention mask is built once per step for all layers;
-- on CPUs with AVX-512 (float32) or AMX (bfloat16), the whole pass in one call of BentoChat's native
-  kernels (:meth:`LeanCausalLM.forward_rows`, :mod:`runners.engine.native`), for prefill and decode,
-  with matmuls of its own;
+- on x86-64 CPUs with AVX2 and up (float32; bfloat16 on AMX, AVX-512 BF16 or AVX2), the whole pass in
+  one call of BentoChat's native kernels (:meth:`LeanCausalLM.forward_rows`, :mod:`runners.engine.native`),
+  for prefill and decode, with matmuls of its own;
 - elsewhere, weights on the CPU packed once for oneDNN (``torch.ops.mkldnn._reorder_linear_weight``,
   what ``torch.compile``'s freezing does): in bfloat16 it uses the AVX-512 BF16 instructions at every
   batch size (transformers' bfloat16 ``F.linear`` is slower than float32 at batch 1), and in float32
@@ -161,8 +161,8 @@ class LeanCausalLM(torch.nn.Module):
     BentoChat's int4 kernel runs (a bfloat16 model on AMX), else int8; the logits' weight in int8.
     ``fused_attention``: the decode step attends with torch's fused kernel where :func:`fused_decode`
     says it may; otherwise with :func:`attend`, transformers' eager maths. ``matmul``: ``auto``, the
-    matmuls on BentoChat's own kernels (:mod:`runners.engine.native`: bfloat16 on AMX, float32 on
-    AVX-512) where they run and the attention is fused, and then the whole pass in its native call
+    matmuls on BentoChat's own kernels (:mod:`runners.engine.native`: bfloat16 on AMX, AVX-512 BF16 or
+    AVX2, float32 on AVX-512 or AVX2) where they run and the attention is fused, and then the whole pass in its native call
     (eager keeps transformers' maths, oneDNN's matmuls included); ``onednn``, always oneDNN's and the
     Python pass. ``consumed``, if given, is called with each of the model's layers once its weights
     are taken."""
@@ -200,8 +200,8 @@ class LeanCausalLM(torch.nn.Module):
 
     def _native_arguments(self) -> tuple | None:
         """The weights as BentoChat's native forward takes them (``kernels/forward.cpp``), where every
-        matmul runs on BentoChat's own kernels (bfloat16 on AMX or AVX-512 BF16, float32 on AVX-512, int8
-        weights on AVX-512; fused attention); else None."""
+        matmul runs on BentoChat's own kernels (bfloat16 on AMX, AVX-512 BF16 or AVX2, float32 on AVX-512 or
+        AVX2, int8 weights on AVX-512; fused attention); else None."""
         linears = self._matmuls()
         if any(linear.own is None for linear in linears):
             return None
