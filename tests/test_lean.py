@@ -22,7 +22,6 @@ MIXED = [[1, 7], [1, 20, 30, 40, 50], [1] + list(range(100, 131)), [1, 250, 12, 
 N = 16
 bf16_packed = pytest.mark.skipif(not cpu_bf16(), reason="this CPU has no bfloat16 instructions for oneDNN")
 native_forward = pytest.mark.skipif(native.ops() is None, reason="no native kernels on this machine (CPU or compiler)")
-native_int8 = pytest.mark.skipif(not native.int8_runs(), reason="BentoChat's int8 kernels run from the AVX-512 level up")
 
 
 def tiny(family: str, dtype=torch.float32, intermediate: int = 96, scale: float = 0.3, **extra):
@@ -227,7 +226,7 @@ def test_int8_weights_decode_batch_invariant_close_to_float32(matmul):
     model = tiny("llama")
     full, int8 = LeanCausalLM(model), LeanCausalLM(model, int8=True, matmul=matmul)
     layer = int8.layers[0]
-    if matmul == "auto" and native.int8_runs():
+    if matmul == "auto" and native.ops() is not None:
         assert int8.native is not None
         assert layer.qkv.own.dtype == layer.down.own.dtype == int8.lm_head.own.dtype == torch.int8
     else:
@@ -241,7 +240,7 @@ def test_int8_weights_decode_batch_invariant_close_to_float32(matmul):
     assert teacher_forced_agreement(full, int8) >= 0.8
 
 
-@native_int8
+@native_forward
 @pytest.mark.skipif(not native.runs(torch.bfloat16), reason="no native bfloat16 on this CPU")
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_int8_on_the_native_forward_decodes_each_prompt_as_alone_and_mostly_as_bfloat16(family):
@@ -258,21 +257,7 @@ def test_int8_on_the_native_forward_decodes_each_prompt_as_alone_and_mostly_as_b
     assert teacher_forced_agreement(full, int8) >= 0.75
 
 
-@pytest.mark.skipif(native.ops() is None or native.int8_runs(), reason="not the AVX2 level")
-def test_int8_on_the_avx2_level_runs_on_torchs_int8_matmul_and_the_python_pass(tiny_llama_dir):
-    from transformers import AutoConfig
-
-    from runners.engine.loader import plan
-
-    config = AutoConfig.from_pretrained(tiny_llama_dir)
-    assert str(plan(config, dtype="float32", forward="lean", quantization="int8")) == (
-        "float32, lean forward, int8 matmuls, fused attention (BentoChat's int8 kernels need AVX-512)")
-    assert str(plan(config, dtype="bfloat16", forward="lean")) == "bfloat16, native forward, avx2 matmuls, native attention"
-    lean = load_causal_lm(str(tiny_llama_dir), dtype="float32", forward="lean", quantization="int8")
-    assert lean.native is None and lean.layers[0].qkv.weight.dtype == torch.int8
-
-
-@native_int8
+@native_forward
 def test_int8_plan_and_lora_adapters_on_an_int8_base(tiny_llama_dir, lora_adapters):
     """``quantization: int8`` runs on the native forward where it runs (else torch's int8 matmul and the
     Python pass, as with eager attention); LoRA adapters on an int8 base keep their A and B in the model's

@@ -21,7 +21,6 @@ from runners.engine.linear import Linear
 
 pytestmark = pytest.mark.skipif(native.ops() is None, reason="no native kernels on this machine (CPU or compiler)")
 amx = pytest.mark.skipif(not native.amx(), reason="no AMX on this CPU")
-int8 = pytest.mark.skipif(not native.int8_runs(), reason="BentoChat's int8 kernels run from the AVX-512 level up")
 SHAPES = [(960, 576, False), (576, 1536, True), (100, 70, True), (49, 33, False)]
 
 
@@ -91,7 +90,6 @@ def quantized(x: torch.Tensor) -> torch.Tensor:
     return (q * scale).view(len(groups), -1)[:, :inner].view(x.shape)
 
 
-@int8
 @pytest.mark.parametrize("dtype", INT8_DTYPES)
 @pytest.mark.parametrize("out,inner,bias", SHAPES)
 def test_int8_weights_quantized_per_group_and_multiplied_as_the_dequantized_weights(dtype, out, inner, bias):
@@ -152,7 +150,6 @@ def test_int4_weights_multiplied_as_the_dequantized_weights_and_a_row_alike_in_a
         torch.set_num_threads(threads)
 
 
-@int8
 def test_int4_elsewhere_runs_in_int8():
     """Where int4_linear does not run (a float32 model; a CPU without AVX-512 VNNI), 4 bits run in int8."""
     weight = torch.randn(64, 64)
@@ -163,7 +160,6 @@ def test_int4_elsewhere_runs_in_int8():
     assert torch.equal(native.unpack_int8(linear.own, 64, 64), native.Int8Weight.of(stored.dequantize()).dequantize())
 
 
-@int8
 @pytest.mark.parametrize("dtype", INT8_DTYPES)
 def test_int8_a_row_gets_the_same_bits_alone_and_in_batches_of_1_to_40_on_one_and_two_threads(dtype):
     """Whatever rows share the weights' conversions (blocks of up to 6 rows, 2 or 4 panels at once) and

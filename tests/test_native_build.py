@@ -102,17 +102,22 @@ print("INT8", native.vnni(), Linear(torch.randn(40, 70), int8=True, own=True).ow
     assert "RAN avx512 False False" in done.stdout and "INT8 False 3" in done.stdout  # the weight-only layout
 
 
-def test_a_cpu_without_avx512_gets_the_avx2_level_whose_kernels_run_float32_and_bfloat16_but_not_int8(libraries):
+def test_a_cpu_without_avx512_gets_the_avx2_level_whose_kernels_run_float32_bfloat16_and_int8_weights(libraries):
     code = PROBE + """
 from runners.engine.linear import Linear
-print("INT8", native.int8_runs(), Linear(torch.randn(40, 70), int8=True, own=True).own)
+x, w = torch.randn(5, 70), torch.randn(40, 70) * 0.1
+for dtype in (torch.float32, torch.bfloat16):
+    linear = Linear(w.to(dtype), int8=True, own=True)
+    exact = x.to(dtype).float() @ native.unpack_int8(linear.own, 40, 70).T
+    assert torch.allclose(linear(x.to(dtype)).float(), exact, rtol=0.01, atol=0.02)
+print("INT8", native.vnni(), linear.own.dim())
 """
     done = run(code, {"PATH": "/nonexistent", "BENTOCHAT_KERNELS_DIR": str(libraries),
                       "BENTOCHAT_CPU_FLAGS": "fpu sse2 avx avx2 fma f16c"})
     assert done.returncode == 0, done.stderr
     assert "no AVX-512 on this CPU: the avx2 level (it lacks avx512bw avx512f avx512vl)" in done.stderr
     assert "RAN avx2 False True" in done.stdout  # float32, and bfloat16 widened to float32
-    assert "INT8 False None" in done.stdout  # int8 weights on torch's int8 matmul
+    assert "INT8 False 3" in done.stdout  # int8 weights times x as it is
 
 
 def test_a_cpu_without_avx2_gets_no_native_kernels_and_the_log_says_so():

@@ -21,7 +21,7 @@ from models.importer import import_model
 from runners.engine import LLMEngine, ModelRunner, SamplingParams, native
 from runners.engine.loader import STORED_QUANTIZATION, load_causal_lm
 
-pytestmark = pytest.mark.skipif(not native.int8_runs(), reason="no native int8 kernels on this machine (AVX-512, a compiler)")
+pytestmark = pytest.mark.skipif(native.ops() is None, reason="no native kernels on this machine (CPU or compiler)")
 PROMPTS = [[1, 7, 9, 300, 500], list(range(100, 140))]  # (the tiny Llama has 592 tokens)
 
 
@@ -178,7 +178,10 @@ def test_int4_at_import_is_int4_at_load(tiny_llama_dir, tmp_path):
         assert f.get_tensor("model.layers.0.mlp.up_proj.weight").dtype == torch.uint8
     ours = load_causal_lm(str(stored), forward="lean", dtype="bfloat16")
     at_load = load_causal_lm(str(tmp_path), forward="lean", dtype="bfloat16", quantization="int4")
-    assert all(torch.equal(a, b) for a, b in zip(int8_weights(ours), int8_weights(at_load)))
     assert ours.lm_head.own.dtype == torch.int8
     assert (ours.layers[0].down.own.dtype == torch.uint8) == native.int4_runs(torch.bfloat16)
-    assert greedy(ours) == greedy(at_load)
+    if native.int4_runs(torch.bfloat16):
+        assert all(torch.equal(a, b) for a, b in zip(int8_weights(ours), int8_weights(at_load)))
+        assert greedy(ours) == greedy(at_load)
+    else:  # 4 bits run in int8 here: the stored 4-bit weights in int8, and the full-precision ones (not alike)
+        assert at_load.layers[0].down.own.dtype == torch.int8

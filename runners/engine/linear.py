@@ -33,8 +33,8 @@ def packs(weight: torch.Tensor) -> bool:
 class Linear:
     """``y = x W^T + b``, with the weight packed for BentoChat's own kernels where ``own`` asks and they
     run, else for oneDNN on the CPU (see :func:`packs`). ``int8``: the weight quantized to int8, for
-    BentoChat's int8 kernel where ``own`` asks and it runs (from the AVX-512 level up; one scale per 32
-    inner elements of a feature, :func:`native.pack_int8`), else for torch's ``_weight_int8pack_mm`` (one scale per feature). A weight
+    BentoChat's int8 kernel where ``own`` asks and it runs (one scale per 32 inner elements of a feature,
+    :func:`native.pack_int8`), else for torch's ``_weight_int8pack_mm`` (one scale per feature). A weight
     stored in int8 (``native.Int8Weight``) runs in int8 so: packed as it is for BentoChat's kernel, else
     dequantized and quantized per feature. ``int4`` (or a weight stored in 4 bits, ``native.Int4Weight``):
     in 4 bits on BentoChat's int4 kernel where it runs (a bfloat16 model on AMX), else in int8.
@@ -65,8 +65,7 @@ class Linear:
         self.int8 = int8 = int8 or int4 or stored
         self.row_block = None
         self.own = None  # the weight packed for BentoChat's own matmul (native.py), where ``own`` asks and it runs
-        runs = native.runs(weight.dtype) and (not int8 or native.int8_runs())
-        if own and (stored or weight.device.type == "cpu") and runs:
+        if own and (stored or weight.device.type == "cpu") and native.runs(weight.dtype):
             self.own = native.pack_int4(weight) if isinstance(weight, native.Int4Weight) else \
                 native.pack_int8(weight) if int8 else native.pack(weight)
             self.out, self.own_bias = weight.shape[0], native.pad_bias(bias, weight.shape[0])

@@ -95,13 +95,12 @@ def plan(config, *, dtype: str = "auto", gpus: list[int] | tuple = (), spread: b
         return Plan(torch_dtype, "transformers", "torch", "transformers", why)
     native_forward = not gpus and matmul == "auto" and attention == "fused" and native.runs(torch_dtype)
     if quantization in ("int8", "int4"):
-        if native_forward and native.int8_runs():  # BentoChat's int8 and int4 kernels (kernels/int8_linear.cpp)
+        if native_forward:  # BentoChat's int8 and int4 kernels (kernels/int8_linear.cpp)
             if quantization == "int4" and not native.int4_runs(torch_dtype):
                 return Plan(torch_dtype, "native", "int8", "native", "int4 runs in bfloat16 on AMX or AVX-512 VNNI")
             return Plan(torch_dtype, "native", quantization, "native")
         return Plan(torch_dtype, "lean", "int8", _python_attention(torch_dtype, gpus, attention),
-                    "int4 runs on the native forward" if quantization == "int4" else
-                    "BentoChat's int8 kernels need AVX-512" if native_forward else "")
+                    "int4 runs on the native forward" if quantization == "int4" else "")
     if native_forward:
         kernels = ("avx2" if native.level() == "avx2" else "avx512" if torch_dtype == torch.float32 else
                    "amx" if native.amx() else "avx512-bf16")

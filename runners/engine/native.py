@@ -10,8 +10,8 @@ and loaded by :func:`ops`, the highest level this CPU runs:
   weights with a float32 scale per 32 inner elements (as GGUF's Q8_0), about half the bytes of bfloat16
   to read per decode step; on AVX-512 (the weights alone in int8), or for a bfloat16 model with its rows
   quantized alike (as llama.cpp multiplies Q8_0 weights) on AMX's int8 tiles or with AVX-512 VNNI (the
-  same bits), faster past a few rows; and the 4-bit one (``quantization: int4``) alike; not on the AVX2
-  level, where int8 weights run on torch's int8 matmul and the lean forward's Python pass;
+  same bits), faster past a few rows (on AVX2 the weights alone in int8 too); and the 4-bit one
+  (``quantization: int4``) alike;
 - ``forward.cpp``: the lean forward's whole pass (every layer, prefill and decode) in one call, in
   bfloat16 (on AMX, else AVX-512 BF16, else AVX2) and in float32, on any of those matmuls; its
   vector code is ``simd.h``'s 16 lanes (one AVX-512 register, or two AVX2 ones).
@@ -134,11 +134,6 @@ def amx() -> bool:
     """Whether the AMX kernels run here: the library loaded is the AMX level's (the CPU has AMX) and Linux
     grants the process AMX's tile state (below that level ``amx_available`` is false)."""
     return ops() is not None and bool(ops().amx_available())
-
-
-def int8_runs() -> bool:
-    """Whether ``int8_linear`` runs here: from the AVX-512 level up."""
-    return ops() is not None and _level != "avx2"
 
 
 def vnni() -> bool:
@@ -388,7 +383,7 @@ def main(args: list[str]) -> int:
     else:
         bf16 = "AMX" if amx() else "AVX2" if _level == "avx2" else "AVX-512 BF16" if runs(torch.bfloat16) else None
         print("BentoChat's native kernels: float32" + (f", bfloat16 on {bf16}" if bf16 else " (bfloat16 on oneDNN)")
-              + (", int8 weights" if int8_runs() else " (int8 weights on torch's kernels)")
+              + ", int8 weights"
               + (f" and 4 bits (bfloat16 rows quantized, on {'AMX' if amx() else 'AVX-512 VNNI'})" if vnni() else ""))
     return 0
 

@@ -4,12 +4,13 @@
 // the weights: int8 reads 1.125 bytes a weight (its scales included), bfloat16 2. Two kinds of kernel, the
 // weights' layout says which (pack_int8 packs a bfloat16 model's for x quantized where the CPU has AVX-512 VNNI):
 //
-// On AVX-512 (weight-only): every output element is summed in the same order whatever the number of rows or
+// On AVX-512 or AVX2 (weight-only; simd.h's 16 lanes): every output element is summed in the same order whatever the number of rows or
 // threads: per group, a float32 partial sum of x * w over its 32 inner elements, in order (the weights converted
 // int8 -> int32 -> float32 in registers, each multiplied by the broadcast x); then acc = fma(partial, scale, acc),
 // group after group; then the bias; then rounded to x's dtype. A row so gets the same bits alone and in a batch
 // of any size. Up to 6 rows share each conversion of the weights (2 panels of 16 output features), or up to 3
-// rows 4 panels (more independent sums in flight where there are few rows; which changes no row's order).
+// rows 4 panels (more independent sums in flight where there are few rows; which changes no row's order); on
+// AVX2 up to 3 rows one panel, or one row 2 panels.
 // Packed W (int8), P panels of 16 output features (zero-padded) and G groups of 32 inner elements
 // (zero-padded): [P][G][576 bytes], each group 32 x 16 int8 weights (inner element i's 16 features at
 // 16 i) then the 16 features' float32 scales.
@@ -28,21 +29,27 @@
 
 #include <algorithm>
 #include <cstring>
-
-#ifdef __AVX512F__
 #include <type_traits>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
-constexpr int64_t LANES = 16, GROUP = 32, ROWS = 6, QUAD = 4;
+using bentochat::simd::Mask;
+using bentochat::simd::Vec;
+
+constexpr int64_t LANES = 16, GROUP = 32, QUAD = 4;
+#ifdef __AVX512F__
+constexpr int64_t ROWS = 6;  // (and up to 3 rows 4 panels, 2 panels otherwise)
+#else
+constexpr int64_t ROWS = 3;  // (2 panels for one row, one otherwise: 16 registers)
+#endif
 constexpr int64_t GROUP_BYTES = GROUP * LANES + LANES * 4;  // 576: the weights, then the scales
 constexpr int64_t GROUP4_BYTES = GROUP * LANES / 2 + LANES * 8;  // 384 (int4_linear's): nibbles, scales, offsets
 
 // The first n of 16 lanes (none for n <= 0).
-inline __mmask16 lanes(int64_t n) {
-  return n <= 0 ? 0 : n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
-}
+inline Mask lanes(int64_t n) { return bentochat::simd::first(n); }
 
 // The bias as the kernels take it (float32, at least n), or null.
 const float* bias_of(const c10::optional<at::Tensor>& bias, int64_t n) {
@@ -55,38 +62,32 @@ const float* bias_of(const c10::optional<at::Tensor>& bias, int64_t n) {
 // y (ldy apart; + b, the panels' bias, where not null), masked to each panel's features.
 template <int R, int P, typename Y>
 void block(const float* x, int64_t ldx, int64_t groups, const int8_t* w, int64_t stride, Y* y, int64_t ldy,
-           const float* b, const __mmask16* mask) {
-  __m512 acc[R][P];
+           const float* b, const Mask* mask) {
+  using namespace bentochat::simd;
+  Vec acc[R][P];
   for (int r = 0; r < R; r++)
-    for (int p = 0; p < P; p++) acc[r][p] = _mm512_setzero_ps();
+    for (int p = 0; p < P; p++) acc[r][p] = zero();
   for (int64_t g = 0; g < groups; g++) {
     const int8_t* wg = w + g * GROUP_BYTES;
     const float* xg = x + g * GROUP;
-    __m512 part[R][P];
+    Vec part[R][P];
 #pragma GCC unroll 32
     for (int i = 0; i < GROUP; i++) {
-      __m512 wf[P];
-      for (int p = 0; p < P; p++)
-        wf[p] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + p * stride + i * LANES))));
+      Vec wf[P];
+      for (int p = 0; p < P; p++) wf[p] = widen(wg + p * stride + i * LANES);
       for (int r = 0; r < R; r++) {
-        const __m512 a = _mm512_set1_ps(xg[r * ldx + i]);
-        for (int p = 0; p < P; p++)
-          part[r][p] = i == 0 ? _mm512_mul_ps(a, wf[p]) : _mm512_fmadd_ps(a, wf[p], part[r][p]);
+        const Vec a = set1(xg[r * ldx + i]);
+        for (int p = 0; p < P; p++) part[r][p] = i == 0 ? a * wf[p] : fma(a, wf[p], part[r][p]);
       }
     }
     for (int p = 0; p < P; p++) {
-      const __m512 scale = _mm512_loadu_ps(reinterpret_cast<const float*>(wg + p * stride + GROUP * LANES));
-      for (int r = 0; r < R; r++) acc[r][p] = _mm512_fmadd_ps(part[r][p], scale, acc[r][p]);
+      const Vec scale = load(reinterpret_cast<const float*>(wg + p * stride + GROUP * LANES));
+      for (int r = 0; r < R; r++) acc[r][p] = fma(part[r][p], scale, acc[r][p]);
     }
   }
   for (int p = 0; p < P; p++) {
-    const __m512 bias = b ? _mm512_maskz_loadu_ps(mask[p], b + p * LANES) : _mm512_setzero_ps();
-    for (int r = 0; r < R; r++) {
-      const __m512 v = _mm512_add_ps(acc[r][p], bias);
-      if constexpr (std::is_same_v<Y, float>) _mm512_mask_storeu_ps(y + r * ldy + p * LANES, mask[p], v);
-      else _mm256_mask_storeu_epi16(y + r * ldy + p * LANES, mask[p], (__m256i)_mm512_cvtneps_pbh(v));
-    }
+    const Vec bias = b ? load(b + p * LANES, mask[p]) : zero();
+    for (int r = 0; r < R; r++) store(y + r * ldy + p * LANES, acc[r][p] + bias, mask[p]);
   }
 }
 
@@ -94,10 +95,15 @@ void block(const float* x, int64_t ldx, int64_t groups, const int8_t* w, int64_t
 // where there are few rows), else 2 at a time, then one: each(std::integral_constant<int, P>(), first panel).
 template <int R, int WIDE, typename Each>
 void by_panels(int64_t count, Each&& each) {
-  if (R <= WIDE && count == 4) return each(std::integral_constant<int, 4>(), 0);
   int64_t p = 0;
+#ifdef __AVX512F__
+  if (R <= WIDE && count == 4) return each(std::integral_constant<int, 4>(), 0);
   for (; p + 2 <= count; p += 2) each(std::integral_constant<int, 2>(), p);
-  if (p < count) each(std::integral_constant<int, 1>(), p);
+#else  // (AVX2: 2 panels for one row)
+  if constexpr (R == 1)
+    for (; p + 2 <= count; p += 2) each(std::integral_constant<int, 2>(), p);
+#endif
+  for (; p < count; p++) each(std::integral_constant<int, 1>(), p);
 }
 
 // m rows times `count` panels: quads of panels split over torch's threads, each quad's rows in blocks of ROWS, then
@@ -107,16 +113,18 @@ void split(int64_t m, int64_t count, int64_t n, Run&& run) {
   at::parallel_for(0, (count + QUAD - 1) / QUAD, 1, [&](int64_t first, int64_t last) {
     for (int64_t quad = first; quad < last; quad++) {
       const int64_t p0 = QUAD * quad, here = std::min<int64_t>(QUAD, count - p0);
-      __mmask16 mask[QUAD] = {0, 0, 0, 0};
+      Mask mask[QUAD] = {lanes(0), lanes(0), lanes(0), lanes(0)};
       for (int64_t j = 0; j < here; j++) mask[j] = lanes(n - (p0 + j) * LANES);
       int64_t r0 = 0;
       for (; r0 + ROWS <= m; r0 += ROWS) run(std::integral_constant<int, ROWS>(), r0, p0, here, mask);
       switch (m - r0) {
         case 1: run(std::integral_constant<int, 1>(), r0, p0, here, mask); break;
         case 2: run(std::integral_constant<int, 2>(), r0, p0, here, mask); break;
+#ifdef __AVX512F__
         case 3: run(std::integral_constant<int, 3>(), r0, p0, here, mask); break;
         case 4: run(std::integral_constant<int, 4>(), r0, p0, here, mask); break;
         case 5: run(std::integral_constant<int, 5>(), r0, p0, here, mask); break;
+#endif
         default: break;
       }
     }
@@ -128,7 +136,7 @@ template <typename Y>
 void matmul(const float* x, int64_t m, int64_t groups, const int8_t* w, int64_t count, Y* y, int64_t n,
             const float* b) {
   const int64_t stride = groups * GROUP_BYTES, ldx = groups * GROUP;
-  split(m, count, n, [&](auto rows, int64_t r0, int64_t p0, int64_t here, const __mmask16* mask) {
+  split(m, count, n, [&](auto rows, int64_t r0, int64_t p0, int64_t here, const Mask* mask) {
     by_panels<decltype(rows)::value, 3>(here, [&](auto panels, int64_t p) {
       const int64_t first = p0 + p;
       block<decltype(rows)::value, decltype(panels)::value>(x + r0 * ldx, ldx, groups, w + first * stride, stride,
@@ -424,7 +432,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, cons
     if (x.scalar_type() == at::kFloat)
       matmul<float>(rows.data_ptr<float>(), m, groups, ws, w.size(0), y.data_ptr<float>(), n, b);
     else
-#ifdef BENTOCHAT_BF16
+#if defined(BENTOCHAT_BF16) || defined(BENTOCHAT_AVX2)
       matmul<uint16_t>(rows.data_ptr<float>(), m, groups, ws, w.size(0), static_cast<uint16_t*>(y.data_ptr()), n, b);
 #else
       TORCH_CHECK(false, "int8_linear: bfloat16 x, and this library is built without AVX-512 BF16");
@@ -441,21 +449,6 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, cons
 }
 
 }  // namespace bentochat
-
-#else  // the AVX2 level: int8 and 4-bit weights run on the lean forward's Python pass (torch's int8 matmul)
-
-namespace bentochat {
-
-at::Tensor int8_linear(const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&) {
-  TORCH_CHECK(false, "int8_linear: this library is built without AVX-512");
-}
-
-at::Tensor int4_linear(const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&) {
-  TORCH_CHECK(false, "int4_linear: this library is built without AVX-512");
-}
-
-}  // namespace bentochat
-#endif
 
 TORCH_LIBRARY_FRAGMENT(bentochat, m) {
   m.def("int8_linear(Tensor x, Tensor w, int n, Tensor? bias) -> Tensor", bentochat::int8_linear);

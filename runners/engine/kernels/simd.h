@@ -45,6 +45,9 @@ inline void store(float* p, Vec v, Mask m) { _mm512_mask_storeu_ps(p, m, v.v); }
 inline Vec widen(__m256i v) { return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16))}; }
 inline Vec load(const bf16* p, Mask m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
 inline Vec load(const bf16* p) { return load(p, first(16)); }
+inline Vec widen(const int8_t* p) {  // 16 int8 as float32
+  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+}
 #ifdef __AVX512BF16__
 inline __m256i narrow(Vec v) { return (__m256i)_mm512_cvtneps_pbh(v.v); }
 inline void store(bf16* p, Vec v, Mask m) { _mm256_mask_storeu_epi16(p, m, narrow(v)); }
@@ -128,6 +131,12 @@ inline Vec load(const bf16* p, Mask m) {
   alignas(32) bf16 buffer[16] = {};
   std::memcpy(buffer, p, m.n * sizeof(bf16));
   return load(buffer);
+}
+inline Vec widen(const int8_t* p) {  // 16 int8 as float32
+  const auto eight = [](const int8_t* q) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+  };
+  return {eight(p), eight(p + 8)};
 }
 // 8 floats as bfloat16 in 32-bit lanes (the high halves zero), rounded to nearest even; NaN stays NaN
 inline __m256i narrow32(__m256 v) {
