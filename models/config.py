@@ -94,7 +94,7 @@ class ServedModel(BaseModel):
         "forward where the CPU has AVX-512 BF16 or AMX, else float32")
     quantization: Literal["int8", "int4"] | None = Field(
         default=None, description="int8: weights stored and multiplied as int8 (FastChat --load-8bit), a scale "
-        "per 32 weights on the native forward (CPUs with AVX-512; on AMX or AVX-512 VNNI a bfloat16 model's "
+        "per 32 weights on the native forward (CPUs with AVX2 or AVX-512; on AMX or AVX-512 VNNI a bfloat16 model's "
         "activations quantized alike, as llama.cpp's Q8_0): about half bfloat16's memory and bytes read per decode step. int4: 4 bits, a "
         "scale and an offset per 32 (the logits' weight int8), on AMX or AVX-512 VNNI in bfloat16, elsewhere int8. A model stored "
         "quantized (docs/models.md) runs so without it")
