@@ -109,14 +109,17 @@ base-image:
 
 # A container engine on Debian (CI's, for tests/test_image.py): podman and buildah from Debian's packages,
 # mmdebstrap for the base image, and a containers.conf whose limits are this machine's own: podman's
-# defaults (open files, processes) lie above what a VM like this one allows, and runc then refuses to start.
-ENGINE_PKGS = podman buildah mmdebstrap uidmap netavark aardvark-dns podman-compose
+# defaults (open files, processes) lie above what a VM like this one allows, and the runtime then refuses to
+# start. The runtime is runc: crun, Debian's default, refuses a machine whose cgroups v1 and v2 are mounted
+# together ("cgroups in hybrid mode not supported"), as on some of these VMs. netavark, which gives the compose
+# test's containers their network, runs iptables, which not every machine has ("netavark: No such file").
+ENGINE_PKGS = podman buildah mmdebstrap uidmap netavark aardvark-dns podman-compose runc iptables
 engine:
 	dpkg -s $(ENGINE_PKGS) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(ENGINE_PKGS); }
-	test -f /etc/containers/containers.conf || \
-		printf '[containers]\ndefault_ulimits = ["nofile=%s:%s", "nproc=32768:32768"]\n' $$(ulimit -Hn) $$(ulimit -Hn) | \
-		$(SUDO) tee /etc/containers/containers.conf
+	grep -qs '^runtime = "runc"' /etc/containers/containers.conf || \
+		printf '[containers]\ndefault_ulimits = ["nofile=%s:%s", "nproc=32768:32768"]\n\n[engine]\nruntime = "runc"\n' \
+		$$(ulimit -Hn) $$(ulimit -Hn) | $(SUDO) tee /etc/containers/containers.conf
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) *.egg-info runners/engine/kernels/lib
