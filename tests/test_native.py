@@ -3,7 +3,7 @@ without AMX runs, forced here where there is AMX) or on AVX2 (a CPU without AVX-
 per 32 inner elements) for bfloat16 and float32 models, each with the same bits for a row alone and in a
 batch of any size, on one thread and on two, close to the exact product, with a bias and with shapes that
 do not fill its panels; and int8 and 4-bit weights times x quantized with AVX-512 VNNI (what a CPU without
-AMX runs, AMX masked off where there is AMX), with AMX's bits. Skipped where the CPU lacks them.
+AMX runs, AMX masked off where there is AMX) and on AVX2 (AVX-512 masked off), with the higher levels' bits. Skipped where the CPU lacks them.
 (tests/test_lean.py checks the native forward pass built on them.)"""
 
 
@@ -75,8 +75,8 @@ INT8_DTYPES = [pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not native.
 
 
 def as_multiplied(x: torch.Tensor, linear: Linear) -> torch.Tensor:
-    """x as int8_linear and int4_linear multiply it: as it is (int8 on AVX-512), or (on AMX or AVX-512 VNNI)
-    quantized."""
+    """x as int8_linear and int4_linear multiply it: as it is (int8 weights alone), or (a bfloat16 model's on AMX,
+    AVX-512 VNNI or AVX2) quantized."""
     return x if linear.own.dtype == torch.int8 and linear.own.dim() == 3 else quantized(x)
 
 
@@ -104,7 +104,7 @@ def test_int8_weights_quantized_per_group_and_multiplied_as_the_dequantized_weig
     linear = Linear(weight, b, int8=True, own=True)
     assert linear.own.dtype == torch.int8 and linear.own.shape[:2] == (-(-out // 16), -(-inner // 32))
     assert linear.own[0, 0].numel() == 576  # per panel and group: 512 weights, 16 float32 scales
-    assert (linear.own.dim() == 4) == (dtype == torch.bfloat16 and native.vnni())  # (x quantized: the tiles' order)
+    assert (linear.own.dim() == 4) == (dtype == torch.bfloat16 and native.quantized_rows())  # (x quantized: the tiles' order)
     dequantized = native.unpack_int8(linear.own, out, inner).double()
     groups = F.pad(weight.double().abs(), (0, -inner % 32)).view(out, -1, 32).amax(-1)
     scale = groups.repeat_interleave(32, dim=1)[:, :inner] / 127
@@ -121,11 +121,11 @@ def test_int8_weights_quantized_per_group_and_multiplied_as_the_dequantized_weig
     assert linear(torch.zeros(0, inner, dtype=dtype)).shape == (0, out)
 
 
-@pytest.mark.skipif(not native.int4_runs(torch.bfloat16), reason="int4_linear runs on AMX")
+@pytest.mark.skipif(not native.int4_runs(torch.bfloat16), reason="int4_linear runs on AMX, AVX-512 VNNI or AVX2")
 @pytest.mark.parametrize("out,inner,bias", SHAPES)
 def test_int4_weights_multiplied_as_the_dequantized_weights_and_a_row_alike_in_any_batch(out, inner, bias):
-    """int4_linear (AMX, bfloat16): each weight within half a step of its group's range in 15 steps; the
-    product that of the dequantized weights by x quantized as int8_linear's on AMX, within bfloat16's
+    """int4_linear (bfloat16): each weight within half a step of its group's range in 15 steps; the
+    product that of the dequantized weights by x quantized as int8_linear's, within bfloat16's
     rounding; a row the same bits alone and in batches of any size, on one thread and two."""
     generator = torch.Generator().manual_seed(out)
     weight = (torch.randn(out, inner, generator=generator) * 0.05).bfloat16()
@@ -151,7 +151,7 @@ def test_int4_weights_multiplied_as_the_dequantized_weights_and_a_row_alike_in_a
 
 
 def test_int4_elsewhere_runs_in_int8():
-    """Where int4_linear does not run (a float32 model; a CPU without AVX-512 VNNI), 4 bits run in int8."""
+    """Where int4_linear does not run (a float32 model; AVX-512 without VNNI), 4 bits run in int8."""
     weight = torch.randn(64, 64)
     assert Linear(weight, int4=True, own=True).own.dtype == torch.int8
     stored = native.Int4Weight.of(weight)
@@ -213,13 +213,13 @@ def test_the_same_bits_on_one_thread_and_on_every_core(dtype):
 
 
 
-# Runs int8_linear and int4_linear as a CPU without AMX would (BENTOCHAT_CPU_FLAGS): the weights and rows of
-# argv[1]'s cases, each row alone, in batches of several sizes, on one thread and two; saves (packed weight, y).
-VNNI_RUN = """
+# Runs int8_linear and int4_linear as a CPU of argv[3]'s level would (BENTOCHAT_CPU_FLAGS): the weights and rows
+# of argv[1]'s cases, each row alone, in batches of several sizes, on one thread and two; saves (packed weight, y).
+QUANTIZED_RUN = """
 import sys, torch
 from runners.engine import native
 from runners.engine.linear import Linear
-assert native.vnni() and native._level == "avx512-bf16" and not native.amx(), native._level
+assert native.quantized_rows() and native._level == sys.argv[3] and not native.amx(), native._level
 results = []
 for weight, b, x in torch.load(sys.argv[1]):
     for options in ({"int8": True}, {"int4": True}):
@@ -234,13 +234,24 @@ torch.save(results, sys.argv[2])
 """
 
 
-@pytest.mark.skipif(not {"avx512_bf16", "avx512_vnni"} <= native.cpu_flags(), reason="no AVX-512 BF16 and VNNI")
-def test_vnni_int8_and_int4_weights_times_x_quantized_close_to_the_float_product_and_with_amxs_bits(tmp_path):
-    """A CPU without AMX (here: this CPU with AMX masked off, in a process of its own) multiplies a bfloat16
-    model's int8 and 4-bit weights by x quantized per 32 (VPDPBUSD): within float32's and bfloat16's rounding of
-    the exact product of the dequantized weights by x quantized; within the quantization's error of the float
-    product; a row the same bits alone and in any batch, on one thread and two; and, where this CPU has AMX,
-    the same bits as AMX's tiles."""
+AMX = {"amx_tile", "amx_bf16", "amx_int8"}
+QUANTIZED_ROWS_LEVELS = [  # (level, the CPU flags it needs, the flags masked off to run it)
+    pytest.param("avx512-bf16", {"avx512_bf16", "avx512_vnni"}, AMX, id="AVX-512 VNNI"),
+    pytest.param("avx2", {"avx2", "fma", "f16c"}, {"avx512f"}, id="AVX2"),
+]
+
+
+@pytest.mark.parametrize("level,needs,masked", QUANTIZED_ROWS_LEVELS)
+def test_int8_and_int4_weights_times_x_quantized_close_to_the_float_product_and_with_higher_levels_bits(
+        tmp_path, level, needs, masked):
+    """A CPU without AMX (VPDPBUSD on AVX-512 VNNI), or without AVX-512 (VPMADDUBSW on AVX2), here this CPU with
+    those masked off in a process of its own, multiplies a bfloat16 model's int8 and 4-bit weights by x quantized
+    per 32: within float32's and bfloat16's rounding of the exact product of the dequantized weights by x
+    quantized; within the quantization's error of the float product; a row the same bits alone and in any batch,
+    on one thread and two; and the same bits as this CPU's own level, where that is a higher one (AMX's tiles,
+    VNNI)."""
+    if not needs <= native.cpu_flags():
+        pytest.skip(f"no {level} on this CPU")
     generator = torch.Generator().manual_seed(4)
     cases = []
     for out, inner, bias in SHAPES:
@@ -248,8 +259,8 @@ def test_vnni_int8_and_int4_weights_times_x_quantized_close_to_the_float_product
         b = torch.randn(out, generator=generator).bfloat16() if bias else None
         cases.append((weight, b, torch.randn(40, inner, generator=generator).bfloat16()))
     torch.save(cases, tmp_path / "cases.pt")
-    flags = " ".join(native.cpu_flags() - {"amx_tile", "amx_bf16", "amx_int8"})
-    done = subprocess.run([sys.executable, "-c", VNNI_RUN, str(tmp_path / "cases.pt"), str(tmp_path / "out.pt")],
+    flags = " ".join(native.cpu_flags() - masked)
+    done = subprocess.run([sys.executable, "-c", QUANTIZED_RUN, str(tmp_path / "cases.pt"), str(tmp_path / "out.pt"), level],
                           cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=1800,
                           env={**os.environ, "BENTOCHAT_CPU_FLAGS": flags})
     assert done.returncode == 0, done.stderr
@@ -265,5 +276,5 @@ def test_vnni_int8_and_int4_weights_times_x_quantized_close_to_the_float_product
             assert torch.allclose(y.double(), exact, rtol=2 ** -7, atol=1e-2)
             product = x.double() @ weight.double().T
             assert (y.double() - bias - product).norm() <= error * product.norm(), (out, inner, four)
-            if native.amx():
+            if native.quantized_rows() and native.level() != level:
                 assert torch.equal(Linear(weight, b, own=True, int4=four, int8=not four)(x), y)

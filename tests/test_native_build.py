@@ -93,7 +93,7 @@ except RuntimeError as e:
 def test_a_cpu_with_avx512_bf16_but_no_vnni_gets_the_avx512_level_whose_int8_keeps_x_as_it_is(libraries):
     code = PROBE + """
 from runners.engine.linear import Linear
-print("INT8", native.vnni(), Linear(torch.randn(40, 70), int8=True, own=True).own.dim())
+print("INT8", native.quantized_rows(), Linear(torch.randn(40, 70), int8=True, own=True).own.dim())
 """
     done = run(code, {"PATH": "/nonexistent", "BENTOCHAT_KERNELS_DIR": str(libraries),
                       "BENTOCHAT_CPU_FLAGS": flags_without("avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")})
@@ -103,6 +103,7 @@ print("INT8", native.vnni(), Linear(torch.randn(40, 70), int8=True, own=True).ow
 
 
 def test_a_cpu_without_avx512_gets_the_avx2_level_whose_kernels_run_float32_bfloat16_and_int8_weights(libraries):
+    """... a float32 model's int8 weights times x as it is, a bfloat16 model's times x quantized (VPMADDUBSW)."""
     code = PROBE + """
 from runners.engine.linear import Linear
 x, w = torch.randn(5, 70), torch.randn(40, 70) * 0.1
@@ -110,14 +111,14 @@ for dtype in (torch.float32, torch.bfloat16):
     linear = Linear(w.to(dtype), int8=True, own=True)
     exact = x.to(dtype).float() @ native.unpack_int8(linear.own, 40, 70).T
     assert torch.allclose(linear(x.to(dtype)).float(), exact, rtol=0.01, atol=0.02)
-print("INT8", native.vnni(), linear.own.dim())
+print("INT8", native.quantized_rows(), linear.own.dim())
 """
     done = run(code, {"PATH": "/nonexistent", "BENTOCHAT_KERNELS_DIR": str(libraries),
                       "BENTOCHAT_CPU_FLAGS": "fpu sse2 avx avx2 fma f16c"})
     assert done.returncode == 0, done.stderr
     assert "no AVX-512 on this CPU: the avx2 level (it lacks avx512bw avx512f avx512vl)" in done.stderr
     assert "RAN avx2 False True" in done.stdout  # float32, and bfloat16 widened to float32
-    assert "INT8 False 3" in done.stdout  # int8 weights times x as it is
+    assert "INT8 True 4" in done.stdout  # (the bfloat16 model's, in the tiles' order)
 
 
 def test_a_cpu_without_avx2_gets_no_native_kernels_and_the_log_says_so():

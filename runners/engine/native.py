@@ -8,10 +8,9 @@ and loaded by :func:`ops`, the highest level this CPU runs:
   Zen 2 and 3, Intel before Skylake-SP), bfloat16 widened to float32 in registers;
 - ``int8_linear.cpp``: the int8 matmul (``quantization: int8``) for bfloat16 and float32 models: int8
   weights with a float32 scale per 32 inner elements (as GGUF's Q8_0), about half the bytes of bfloat16
-  to read per decode step; on AVX-512 (the weights alone in int8), or for a bfloat16 model with its rows
-  quantized alike (as llama.cpp multiplies Q8_0 weights) on AMX's int8 tiles or with AVX-512 VNNI (the
-  same bits), faster past a few rows (on AVX2 the weights alone in int8 too); and the 4-bit one
-  (``quantization: int4``) alike;
+  to read per decode step; on AVX-512 or AVX2 (the weights alone in int8), or for a bfloat16 model with its
+  rows quantized alike (as llama.cpp multiplies Q8_0 weights) on AMX's int8 tiles, with AVX-512 VNNI or on
+  AVX2 (the same bits), faster past a few rows; and the 4-bit one (``quantization: int4``) alike;
 - ``forward.cpp``: the lean forward's whole pass (every layer, prefill and decode) in one call, in
   bfloat16 (on AMX, else AVX-512 BF16, else AVX2) and in float32, on any of those matmuls; its
   vector code is ``simd.h``'s 16 lanes (one AVX-512 register, or two AVX2 ones).
@@ -136,10 +135,11 @@ def amx() -> bool:
     return ops() is not None and bool(ops().amx_available())
 
 
-def vnni() -> bool:
+def quantized_rows() -> bool:
     """Whether the library loaded multiplies a bfloat16 model's int8 and 4-bit weights by its rows quantized alike:
-    from the AVX-512 BF16 and VNNI level up (on AMX's tiles where :func:`amx`, else with AVX-512 VNNI)."""
-    return ops() is not None and "avx512_vnni" in LEVELS[_level][1]
+    from the AVX-512 BF16 and VNNI level up (on AMX's tiles where :func:`amx`, else with AVX-512 VNNI), and on the
+    AVX2 level (the same bits); not on the AVX-512 level without VNNI."""
+    return ops() is not None and ("avx512_vnni" in LEVELS[_level][1] or _level == "avx2")
 
 
 def runs(dtype: torch.dtype) -> bool:
@@ -213,14 +213,14 @@ def pack_int8(weight: torch.Tensor | Int8Weight) -> torch.Tensor:
     """``weight`` [out, in] for ``int8_linear``, quantized by :func:`quantize_int8` (or already, an
     :class:`Int8Weight`), zero-padded to panels of ``LANES`` features. An int8 tensor
     [panels, groups, 576]: per panel and group the 32 x 16 weights (inner element i's 16 features at
-    bytes 16 i ..), then the 16 features' scales (float32, as bytes). A bfloat16 model's where :func:`vnni`
-    (x quantized): [panels, groups, 16, 36], the same bytes but the weights as AMX's int8 B tile (and
+    bytes 16 i ..), then the 16 features' scales (float32, as bytes). A bfloat16 model's where
+    :func:`quantized_rows` (x quantized): [panels, groups, 16, 36], the same bytes but the weights as AMX's int8 B tile (and
     VPDPBUSD) takes them (inner quad j's 16 features at bytes 64 j .., each feature's four elements side by
     side). Quantized a few thousand
     features at a time (a float32 copy of a whole lm_head is large)."""
     out, inner = weight.shape
     panels, groups = -(-out // LANES), -(-inner // GROUP)
-    tiles = weight.dtype == torch.bfloat16 and vnni()
+    tiles = weight.dtype == torch.bfloat16 and quantized_rows()
     packed = torch.empty(panels, groups, GROUP * LANES + 4 * LANES, dtype=torch.int8)
     step = 256  # panels at a time
     for first in range(0, panels, step):
@@ -295,9 +295,9 @@ QUANTIZED = (Int8Weight, Int4Weight)  # the weights stored models hold quantized
 
 
 def int4_runs(dtype: torch.dtype) -> bool:
-    """Whether ``int4_linear`` runs a model of ``dtype`` here: in bfloat16, on AMX or AVX-512 VNNI (:func:`vnni`;
-    elsewhere 4-bit weights run in int8)."""
-    return dtype == torch.bfloat16 and vnni()
+    """Whether ``int4_linear`` runs a model of ``dtype`` here: in bfloat16, on AMX, AVX-512 VNNI or AVX2
+    (:func:`quantized_rows`; elsewhere 4-bit weights run in int8)."""
+    return dtype == torch.bfloat16 and quantized_rows()
 
 
 def pair_nibbles(values: torch.Tensor) -> torch.Tensor:
@@ -384,7 +384,7 @@ def main(args: list[str]) -> int:
         bf16 = "AMX" if amx() else "AVX2" if _level == "avx2" else "AVX-512 BF16" if runs(torch.bfloat16) else None
         print("BentoChat's native kernels: float32" + (f", bfloat16 on {bf16}" if bf16 else " (bfloat16 on oneDNN)")
               + ", int8 weights"
-              + (f" and 4 bits (bfloat16 rows quantized, on {'AMX' if amx() else 'AVX-512 VNNI'})" if vnni() else ""))
+              + (f" and 4 bits (bfloat16 rows quantized, on {'AMX' if amx() else 'AVX2' if _level == 'avx2' else 'AVX-512 VNNI'})" if quantized_rows() else ""))
     return 0
 
 

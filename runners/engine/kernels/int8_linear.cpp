@@ -2,9 +2,10 @@
 // runners/engine/native.py (pack_int8) to symmetric int8 with one float32 scale per group of 32 inner elements
 // of each output feature (as GGUF's Q8_0 blocks: scale = absmax / 127). Decode at batch 1 is bound by reading
 // the weights: int8 reads 1.125 bytes a weight (its scales included), bfloat16 2. Two kinds of kernel, the
-// weights' layout says which (pack_int8 packs a bfloat16 model's for x quantized where the CPU has AVX-512 VNNI):
+// weights' layout says which (pack_int8 packs a bfloat16 model's for x quantized where the CPU has AVX-512 VNNI or
+// is on the AVX2 level):
 //
-// On AVX-512 or AVX2 (weight-only; simd.h's 16 lanes): every output element is summed in the same order whatever the number of rows or
+// On AVX-512 or AVX2 (weight-only, float32 models on AVX2; simd.h's 16 lanes): every output element is summed in the same order whatever the number of rows or
 // threads: per group, a float32 partial sum of x * w over its 32 inner elements, in order (the weights converted
 // int8 -> int32 -> float32 in registers, each multiplied by the broadcast x); then acc = fma(partial, scale, acc),
 // group after group; then the bias; then rounded to x's dtype. A row so gets the same bits alone and in a batch
@@ -16,8 +17,8 @@
 // 16 i) then the 16 features' float32 scales.
 //
 // x quantized alike (a bfloat16 model's, see quantize_row), on AMX (tiles_matmul) where Linux grants its tiles,
-// else on AVX-512 VNNI (vnni_matmul, CPUs without AMX such as AMD Zen 4), both with the same bits: 1.7x the
-// AVX-512 kernel at 8 rows and 3x at 512 (a prompt's prefill) on AMX on a 2-core Xeon; [P][G][16][36], each
+// else on AVX-512 VNNI (vnni_block, CPUs without AMX such as AMD Zen 4), else on AVX2 (avx2_block), all with the same
+// bits: 1.7x the AVX-512 kernel at 8 rows and 3x at 512 (a prompt's prefill) on AMX on a 2-core Xeon; [P][G][16][36], each
 // group's weights in AMX's B tile order (inner quad j's 16 features at 64 j, each feature's 4 elements side by
 // side), which is also VPDPBUSD's (one register a quad: 16 lanes of 4 bytes).
 #include "kernels.h"
@@ -146,16 +147,19 @@ void matmul(const float* x, int64_t m, int64_t groups, const int8_t* w, int64_t 
   });
 }
 
-#ifdef BENTOCHAT_VNNI
-// ---- x quantized: a bfloat16 model's weights, packed in AMX's B tile order (pack_int8 on AMX or VNNI) ----
+#if defined(BENTOCHAT_VNNI) || defined(BENTOCHAT_AVX2)
+#define QUANTIZED_X 1
+// ---- x quantized: a bfloat16 model's weights, packed in AMX's B tile order (pack_int8 on AMX, VNNI or AVX2) ----
 // x is quantized too, as llama.cpp multiplies Q8_0 weights: each row's 32 inner elements of a group to int8 with
 // their own float32 scale (absmax / 127). Per panel and row, group after group: the exact int32 sums of the row's
-// group times the group's 32 x 16 weights (an int8 tile multiply on AMX, TDPBSSD; 8 VPDPBUSD on AVX-512 VNNI),
-// then acc = fma(sum * x's scale, the weights' scale, acc), in float32. Both kernels so give the same bits, and a
+// group times the group's 32 x 16 weights (an int8 tile multiply on AMX, TDPBSSD; 8 VPDPBUSD on AVX-512 VNNI; on
+// AVX2 VPMADDUBSW and VPMADDWD), then acc = fma(sum * x's scale, the weights' scale, acc), in float32. The kernels
+// so give the same bits, and a
 // row's sums depend on nothing but its own data: it gets the same bits alone and in a batch of any size. They
 // are not the AVX-512 kernel's (which keeps x as it is), which the machine and the model's dtype choose, never
 // the batch.
 
+#ifdef __AVX512F__
 // Row r of x (bfloat16, k elements, zero-padded to `groups` groups) as int8 [groups * GROUP], per-group scales,
 // per-group sums of x as quantized (scale * the sum of the int8 values; int4_linear's offsets take them) and
 // the sums of the int8 values (totals; int8_linear's VNNI kernel takes them).
@@ -189,7 +193,49 @@ inline __m512i quad(const int8_t* p) {
   std::memcpy(&v, p, 4);
   return _mm512_set1_epi32(v);
 }
+#else  // AVX2: as above, 8 lanes at a time
+void quantize_row(const uint16_t* x, int64_t k, int64_t groups, int8_t* q, float* scales, float* sums,
+                  int32_t* totals) {
+  using namespace bentochat::simd;
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t g = 0; g < groups; g++) {
+    const int64_t i = g * GROUP;
+    const Vec v[2] = {load(x + i, first(k - i)), load(x + i + 16, first(k - i - 16))};
+    const __m256 halves[4] = {v[0].lo, v[0].hi, v[1].lo, v[1].hi};
+    __m256 most = _mm256_setzero_ps();
+    for (const __m256 h : halves) most = _mm256_max_ps(most, _mm256_andnot_ps(sign, h));
+    const float top = bentochat::simd::top({most, most});
+    const float scale = top / 127.0f;
+    const __m256 inverse = _mm256_set1_ps(scale > 0 ? 1.0f / scale : 0.0f);
+    __m256i values[4], total = _mm256_setzero_si256();
+    for (int h = 0; h < 4; h++) {
+      values[h] = _mm256_max_epi32(_mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(halves[h], inverse)),
+                                                    _mm256_set1_epi32(127)), _mm256_set1_epi32(-127));
+      total = _mm256_add_epi32(total, values[h]);
+    }
+    for (int h = 0; h < 4; h += 2) {  // 16 int8 in order (the packs work within 128-bit halves)
+      const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(values[h], values[h + 1]), 0xD8);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i + 8 * h),
+                       _mm_packs_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1)));
+    }
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+    scales[g] = scale;
+    totals[g] = _mm_cvtsi128_si32(t);
+    sums[g] = scale * static_cast<float>(totals[g]);
+  }
+}
 
+// x's 4 int8 values at p, in every lane.
+inline __m256i quad(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+#endif
+
+#ifdef BENTOCHAT_VNNI
 // On AVX-512 VNNI: rows 0..R-1 of x quantized (q: ldx bytes apart; xs, xsums, totals: `groups` apart) times P
 // panels of w (`stride` bytes apart), into y (ldy apart; + b, the panels' bias, where not null), masked to each
 // panel's features. Per group, one int32 sum per row and feature, 4 products a lane (VPDPBUSD, unsigned bytes
@@ -200,7 +246,7 @@ inline __m512i quad(const int8_t* p) {
 template <int R, int P, bool FOUR>
 void vnni_block(const int8_t* q, int64_t ldx, const float* xs, const float* xsums, const int32_t* totals,
                 int64_t groups, const uint8_t* w, int64_t stride, uint16_t* y, int64_t ldy, const float* b,
-                const __mmask16* mask) {
+                const Mask* mask) {
   constexpr int64_t BYTES = FOUR ? GROUP4_BYTES : GROUP_BYTES, WEIGHTS = FOUR ? GROUP * LANES / 2 : GROUP * LANES;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), low = _mm512_set1_epi8(15);
   __m512 acc[R][P];
@@ -254,19 +300,103 @@ void vnni_block(const int8_t* q, int64_t ldx, const float* xs, const float* xsum
   }
 }
 
+#else
+// On AVX2: as vnni_block, a panel's 16 features in two registers of 8, each VPDPBUSD's products summed by
+// VPMADDUBSW (pairs of unsigned bytes times signed ones, into 16 bits, saturated) and VPMADDWD (pairs of those
+// into 32 bits): exact while a pair's sum stays within 32,767, so int8 weights go in as their magnitudes (at most
+// 128) times x's values with the weights' signs (x's are at most 127: llama.cpp's sign trick, the other way
+// round), 4-bit ones (at most 15) as they are. The int32 sums are VNNI's, and so are the bits.
+template <int R, int P, bool FOUR>
+void avx2_block(const int8_t* q, int64_t ldx, const float* xs, const float* xsums, int64_t groups, const uint8_t* w,
+                int64_t stride, uint16_t* y, int64_t ldy, const float* b, const Mask* mask) {
+  using namespace bentochat::simd;
+  constexpr int64_t BYTES = FOUR ? GROUP4_BYTES : GROUP_BYTES, WEIGHTS = FOUR ? GROUP * LANES / 2 : GROUP * LANES;
+  const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
+  // s += the 4-product sums of u's unsigned bytes times a's signed ones, a lane
+  const auto dot = [&](__m256i& s, __m256i u, __m256i a) {
+    s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(u, a), ones));
+  };
+  Vec acc[R][P];
+  for (int r = 0; r < R; r++)
+    for (int p = 0; p < P; p++) acc[r][p] = zero();
+  for (int64_t g = 0; g < groups; g++) {
+    const uint8_t* wg = w + g * BYTES;
+    const int8_t* xg = q + g * GROUP;
+    __m256i sum[R][P][2];
+    for (int r = 0; r < R; r++)
+      for (int p = 0; p < P; p++) sum[r][p][0] = sum[r][p][1] = _mm256_setzero_si256();
+    if constexpr (FOUR) {
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; j++) {  // inner quads j and j + 4: the low and the high nibbles of the same 64 bytes
+        __m256i lo[P][2], hi[P][2];
+        for (int p = 0; p < P; p++)
+          for (int h = 0; h < 2; h++) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + p * stride + 64 * j + 32 * h));
+            lo[p][h] = _mm256_and_si256(v, low);
+            hi[p][h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+          }
+        for (int r = 0; r < R; r++) {
+          const __m256i a = quad(xg + r * ldx + 4 * j), a4 = quad(xg + r * ldx + 4 * (j + 4));
+          for (int p = 0; p < P; p++)
+            for (int h = 0; h < 2; h++) {
+              dot(sum[r][p][h], lo[p][h], a);
+              dot(sum[r][p][h], hi[p][h], a4);
+            }
+        }
+      }
+    } else {
+#pragma GCC unroll 8
+      for (int j = 0; j < GROUP / 4; j++) {
+        __m256i v[P][2], u[P][2];
+        for (int p = 0; p < P; p++)
+          for (int h = 0; h < 2; h++) {
+            v[p][h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + p * stride + 64 * j + 32 * h));
+            u[p][h] = _mm256_abs_epi8(v[p][h]);  // (-128's is 128 as an unsigned byte)
+          }
+        for (int r = 0; r < R; r++) {
+          const __m256i a = quad(xg + r * ldx + 4 * j);
+          for (int p = 0; p < P; p++)
+            for (int h = 0; h < 2; h++) dot(sum[r][p][h], u[p][h], _mm256_sign_epi8(a, v[p][h]));
+        }
+      }
+    }
+    for (int p = 0; p < P; p++) {
+      const float* wf = reinterpret_cast<const float*>(wg + p * stride + WEIGHTS);
+      const Vec scale = load(wf);
+      for (int r = 0; r < R; r++) {
+        const Vec s = {_mm256_cvtepi32_ps(sum[r][p][0]), _mm256_cvtepi32_ps(sum[r][p][1])};
+        acc[r][p] = fma(s * set1(xs[r * groups + g]), scale, acc[r][p]);
+        if constexpr (FOUR) acc[r][p] = fma(set1(xsums[r * groups + g]), load(wf + 16), acc[r][p]);
+      }
+    }
+  }
+  for (int p = 0; p < P; p++) {
+    const Vec bias = b ? load(b + p * LANES, mask[p]) : zero();
+    for (int r = 0; r < R; r++) store(y + r * ldy + p * LANES, acc[r][p] + bias, mask[p]);
+  }
+}
+#endif
+
 // y [m, n] = x (quantized: q [m, groups * GROUP], scales, sums and totals [m, groups]) times the `count` panels of
-// w, + b, on AVX-512 VNNI. FOUR: w is int4_linear's, else int8_linear's.
+// w, + b, on AVX-512 VNNI or AVX2. FOUR: w is int4_linear's, else int8_linear's.
 template <bool FOUR>
-void vnni_matmul(const int8_t* q, const float* xs, const float* xsums, const int32_t* totals, int64_t m,
-                 int64_t groups, const uint8_t* w, int64_t count, uint16_t* y, int64_t n, const float* b) {
+void quantized_matmul(const int8_t* q, const float* xs, const float* xsums, const int32_t* totals, int64_t m,
+                      int64_t groups, const uint8_t* w, int64_t count, uint16_t* y, int64_t n, const float* b) {
   const int64_t stride = groups * (FOUR ? GROUP4_BYTES : GROUP_BYTES), ldx = groups * GROUP;
-  split(m, count, n, [&](auto rows, int64_t r0, int64_t p0, int64_t here, const __mmask16* mask) {
+  split(m, count, n, [&](auto rows, int64_t r0, int64_t p0, int64_t here, const Mask* mask) {
     constexpr int R = decltype(rows)::value;
     by_panels<R, FOUR ? 2 : 3>(here, [&](auto panels, int64_t p) {
       const int64_t first = p0 + p, at = r0 * groups;
+#ifdef BENTOCHAT_VNNI
       vnni_block<R, decltype(panels)::value, FOUR>(q + r0 * ldx, ldx, xs + at, xsums + at, totals + at, groups,
                                                    w + first * stride, stride, y + r0 * n + first * LANES, n,
                                                    b ? b + first * LANES : nullptr, mask + p);
+#else
+      (void)totals;
+      avx2_block<R, decltype(panels)::value, FOUR>(q + r0 * ldx, ldx, xs + at, xsums + at, groups, w + first * stride,
+                                                   stride, y + r0 * n + first * LANES, n,
+                                                   b ? b + first * LANES : nullptr, mask + p);
+#endif
     });
   });
 }
@@ -359,9 +489,9 @@ void tiles_matmul(const int8_t* q, const float* xs, const float* xsums, int64_t 
 
 #endif
 
-#ifdef BENTOCHAT_VNNI
+#ifdef QUANTIZED_X
 // int8_linear and int4_linear with x quantized: x (bfloat16 [..., k]) quantized, then times w, on AMX where Linux
-// grants its tiles, else on AVX-512 VNNI (the same bits).
+// grants its tiles, else on AVX-512 VNNI or AVX2 (the same bits).
 template <bool FOUR>
 at::Tensor on_quantized(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "int8_linear, int4_linear: weights packed for x quantized take bfloat16");
@@ -394,11 +524,11 @@ at::Tensor on_quantized(const at::Tensor& x, const at::Tensor& w, int64_t n, con
     return y.view(out_shape);
   }
 #endif
-  vnni_matmul<FOUR>(q.data_ptr<int8_t>(), xs, xs + m * groups, totals.data_ptr<int32_t>(), m, groups, ws, w.size(0),
-                    ys, n, b);
+  quantized_matmul<FOUR>(q.data_ptr<int8_t>(), xs, xs + m * groups, totals.data_ptr<int32_t>(), m, groups, ws,
+                         w.size(0), ys, n, b);
   return y.view(out_shape);
 }
-#else  // a level without VNNI
+#else  // the AVX-512 level without VNNI
 template <bool FOUR>
 at::Tensor on_quantized(const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&) {
   TORCH_CHECK(false, "int8_linear, int4_linear: weights packed for x quantized, and this library is built without "
