@@ -91,12 +91,12 @@ class ServedModel(BaseModel):
                                                                           "embedding")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="auto: the checkpoint's own on a GPU; on a CPU bfloat16 for a model on the lean "
-        "forward where the CPU has AVX-512 BF16 or AMX, else float32")
+        "forward where the CPU has AVX-512 BF16 or AMX, or on the native forward of a CPU with AVX2, else float32")
     quantization: Literal["int8", "int4"] | None = Field(
         default=None, description="int8: weights stored and multiplied as int8 (FastChat --load-8bit), a scale "
-        "per 32 weights on the native forward (CPUs with AVX2 or AVX-512; on AMX or AVX-512 VNNI a bfloat16 model's "
+        "per 32 weights on the native forward (CPUs with AVX2 or AVX-512; on AMX, AVX-512 VNNI or AVX2 a bfloat16 model's "
         "activations quantized alike, as llama.cpp's Q8_0): about half bfloat16's memory and bytes read per decode step. int4: 4 bits, a "
-        "scale and an offset per 32 (the logits' weight int8), on AMX or AVX-512 VNNI in bfloat16, elsewhere int8. A model stored "
+        "scale and an offset per 32 (the logits' weight int8), on AMX, AVX-512 VNNI or AVX2 in bfloat16, elsewhere int8. A model stored "
         "quantized (docs/models.md) runs so without it")
     cpu_threads: int | None = Field(default=None, ge=1, description="torch threads of this model's runner on "
                                     "CPU; unset: every core")
@@ -108,7 +108,7 @@ class ServedModel(BaseModel):
                                                  "for token as model.generate in bfloat16 too)")
     matmul: Literal["auto", "onednn"] = Field(default="auto", description="the lean forward's matmuls on CPU: "
                                               "auto (BentoChat's native kernels and forward pass where they run: "
-                                              "bfloat16 on AMX or AVX-512 BF16, float32 on AVX-512, attention fused) or onednn "
+                                              "bfloat16 on AMX, AVX-512 BF16 or AVX2, float32 on AVX-512 or AVX2, attention fused) or onednn "
                                               "(oneDNN's kernels, the Python forward)")
     gpus: list[int] = Field(default_factory=list, description="GPU indices; empty runs on CPU")
     max_gpu_memory: str | None = Field(default=None, description="cap per GPU, e.g. `20GiB`")

@@ -301,6 +301,9 @@ def test_models_outside_the_families_keep_transformers_forward(tiny_model_dir, t
 
 def test_auto_dtype_is_bfloat16_on_the_lean_forward_where_the_cpu_has_it():
     assert resolve_dtype("auto", "bfloat16", on_gpu=False, lean=True) == (torch.bfloat16 if cpu_bf16() else torch.float32)
+    native_bf16 = cpu_bf16() or native.level() == "avx2"  # (the AVX2 level's native pass widens bfloat16)
+    assert resolve_dtype("auto", "bfloat16", on_gpu=False, lean=True, native_pass=True) == \
+        (torch.bfloat16 if native_bf16 else torch.float32)
     assert resolve_dtype("auto", "bfloat16", on_gpu=False, lean=False) == torch.float32
     assert resolve_dtype("auto", "bfloat16", on_gpu=True) == torch.bfloat16  # the checkpoint's own on a GPU
     assert resolve_dtype("float32", None, on_gpu=False, lean=True) == torch.float32

@@ -47,16 +47,22 @@ def unsupported(config) -> str | None:
     return None
 
 
-def resolve_dtype(dtype: str, checkpoint_dtype: str | None, on_gpu: bool, lean: bool = False) -> torch.dtype:
+def resolve_dtype(dtype: str, checkpoint_dtype: str | None, on_gpu: bool, lean: bool = False,
+                  native_pass: bool = False) -> torch.dtype:
     """The torch dtype to load in. ``auto``: on a GPU the checkpoint's own; on a CPU with bfloat16
     instructions (AVX-512 BF16, AMX) bfloat16 for a model on the lean forward, whose packed bfloat16
-    matmuls are faster than float32 at every batch size; float32 otherwise (transformers' bfloat16
-    path is slower than float32 at small batches, and half precision is often unsupported)."""
+    matmuls are faster than float32 at every batch size; so too on the AVX2 level's native pass
+    (``native_pass``: the lean forward with ``matmul: auto`` and ``attention: fused``), where bfloat16 is
+    widened in registers: half the bytes to read, as fast as float32 or faster but at long prefills
+    (docs/performance.md), and half the memory; float32 otherwise (transformers' bfloat16 path, and
+    oneDNN's without those instructions, are slower than float32, and half precision is often
+    unsupported)."""
     if dtype != "auto":
         return DTYPES[dtype]
     if on_gpu:
         return DTYPES.get(str(checkpoint_dtype), torch.float16)
-    return torch.bfloat16 if lean and cpu_bf16() else torch.float32
+    native_bf16 = native_pass and native.level() == "avx2"
+    return torch.bfloat16 if lean and (cpu_bf16() or native_bf16) else torch.float32
 
 
 @dataclass(frozen=True)
@@ -90,14 +96,15 @@ def plan(config, *, dtype: str = "auto", gpus: list[int] | tuple = (), spread: b
         raise ValueError(f"quantization: {quantization} runs on the lean forward, for {', '.join(FAMILIES)} models "
                          f"on one device, with forward: lean; this one is {config.model_type} with forward: "
                          f"{forward} ({why})")
-    torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None), bool(gpus), why is None)
+    torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None), bool(gpus), why is None,
+                                why is None and not gpus and matmul == "auto" and attention == "fused")
     if why is not None:
         return Plan(torch_dtype, "transformers", "torch", "transformers", why)
     native_forward = not gpus and matmul == "auto" and attention == "fused" and native.runs(torch_dtype)
     if quantization in ("int8", "int4"):
         if native_forward:  # BentoChat's int8 and int4 kernels (kernels/int8_linear.cpp)
             if quantization == "int4" and not native.int4_runs(torch_dtype):
-                return Plan(torch_dtype, "native", "int8", "native", "int4 runs in bfloat16 on AMX or AVX-512 VNNI")
+                return Plan(torch_dtype, "native", "int8", "native", "int4 runs in bfloat16 on AMX, AVX-512 VNNI or AVX2")
             return Plan(torch_dtype, "native", quantization, "native")
         return Plan(torch_dtype, "lean", "int8", _python_attention(torch_dtype, gpus, attention),
                     "int4 runs on the native forward" if quantization == "int4" else "")
