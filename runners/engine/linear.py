@@ -37,7 +37,7 @@ class Linear:
     :func:`native.pack_int8`), else for torch's ``_weight_int8pack_mm`` (one scale per feature). A weight
     stored in int8 (``native.Int8Weight``) runs in int8 so: packed as it is for BentoChat's kernel, else
     dequantized and quantized per feature. ``int4`` (or a weight stored in 4 bits, ``native.Int4Weight``):
-    in 4 bits on BentoChat's int4 kernel where it runs (a bfloat16 model on AMX), else in int8.
+    in 4 bits on BentoChat's int4 kernel where it runs (:func:`native.int4_runs`), else in int8.
 
     In bfloat16, oneDNN's kernels give a row the same result in any batch only on small enough products
     (measured on the two CPU kinds this project runs on, over shapes from 32 to 3072 output features and
@@ -59,7 +59,7 @@ class Linear:
         tiles = own and native.int4_runs(weight.dtype)
         if int4 and tiles and isinstance(weight, torch.Tensor):
             weight = native.Int4Weight.of(weight)
-        elif isinstance(weight, native.Int4Weight) and not tiles:  # (4 bits run on AMX; elsewhere int8)
+        elif isinstance(weight, native.Int4Weight) and not tiles:  # (where int4_linear does not run: int8)
             weight = native.Int8Weight.of(weight.dequantize())
         stored = isinstance(weight, native.QUANTIZED)
         self.int8 = int8 = int8 or int4 or stored

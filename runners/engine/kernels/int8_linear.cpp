@@ -5,10 +5,10 @@
 // weights' layout says which (pack_int8 packs a bfloat16 model's for x quantized where the CPU has AVX-512 VNNI or
 // is on the AVX2 level):
 //
-// On AVX-512 or AVX2 (weight-only, float32 models on AVX2; simd.h's 16 lanes): every output element is summed in the same order whatever the number of rows or
-// threads: per group, a float32 partial sum of x * w over its 32 inner elements, in order (the weights converted
-// int8 -> int32 -> float32 in registers, each multiplied by the broadcast x); then acc = fma(partial, scale, acc),
-// group after group; then the bias; then rounded to x's dtype. A row so gets the same bits alone and in a batch
+// On AVX-512 or AVX2, the weights alone in int8 (a float32 model's; simd.h's 16 lanes): every output element is
+// summed in the same order whatever the number of rows or threads: per group, a float32 partial sum of x * w over
+// its 32 inner elements, in order (the weights converted int8 -> int32 -> float32 in registers, each multiplied by
+// the broadcast x); then acc = fma(partial, scale, acc), group after group; then the bias. A row so gets the same bits alone and in a batch
 // of any size. Up to 6 rows share each conversion of the weights (2 panels of 16 output features), or up to 3
 // rows 4 panels (more independent sums in flight where there are few rows; which changes no row's order); on
 // AVX2 up to 3 rows one panel, or one row 2 panels.
@@ -61,8 +61,8 @@ const float* bias_of(const c10::optional<at::Tensor>& bias, int64_t n) {
 
 // Rows 0..R-1 of x (float32, ldx apart, groups * GROUP each) times P panels of w (`stride` bytes apart), into
 // y (ldy apart; + b, the panels' bias, where not null), masked to each panel's features.
-template <int R, int P, typename Y>
-void block(const float* x, int64_t ldx, int64_t groups, const int8_t* w, int64_t stride, Y* y, int64_t ldy,
+template <int R, int P>
+void block(const float* x, int64_t ldx, int64_t groups, const int8_t* w, int64_t stride, float* y, int64_t ldy,
            const float* b, const Mask* mask) {
   using namespace bentochat::simd;
   Vec acc[R][P];
@@ -133,8 +133,7 @@ void split(int64_t m, int64_t count, int64_t n, Run&& run) {
 }
 
 // y [m, n] = x [m, groups * GROUP floats] times the `count` panels of w, + b.
-template <typename Y>
-void matmul(const float* x, int64_t m, int64_t groups, const int8_t* w, int64_t count, Y* y, int64_t n,
+void matmul(const float* x, int64_t m, int64_t groups, const int8_t* w, int64_t count, float* y, int64_t n,
             const float* b) {
   const int64_t stride = groups * GROUP_BYTES, ldx = groups * GROUP;
   split(m, count, n, [&](auto rows, int64_t r0, int64_t p0, int64_t here, const Mask* mask) {
@@ -547,27 +546,21 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, cons
                   w.is_contiguous() && n <= w.size(0) * LANES,
               "int8_linear: w is not packed by native.pack_int8 for n features");
   if (tiles) return on_quantized<false>(x, w, n, bias);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "int8_linear: bfloat16 x takes weights packed for x quantized (pack_int8 "
+                                             "where native.quantized_rows())");
   const int64_t groups = w.size(1), inner = groups * GROUP, k = x.size(-1);
   TORCH_CHECK(k <= inner, "int8_linear: x does not fit the packed weight");
   auto out_shape = x.sizes().vec();
   out_shape.back() = n;
-  at::Tensor rows = x.reshape({-1, k}).to(at::kFloat);
+  at::Tensor rows = x.reshape({-1, k});
   if (k != inner) rows = at::constant_pad_nd(rows, {0, inner - k});
   rows = rows.contiguous();
   at::Tensor y = at::empty({rows.size(0), n}, x.options());
   const float* b = bias_of(bias, n);
   const int64_t m = rows.size(0);
-  if (m > 0) {
-    const auto* ws = static_cast<const int8_t*>(w.data_ptr());
-    if (x.scalar_type() == at::kFloat)
-      matmul<float>(rows.data_ptr<float>(), m, groups, ws, w.size(0), y.data_ptr<float>(), n, b);
-    else
-#if defined(BENTOCHAT_BF16) || defined(BENTOCHAT_AVX2)
-      matmul<uint16_t>(rows.data_ptr<float>(), m, groups, ws, w.size(0), static_cast<uint16_t*>(y.data_ptr()), n, b);
-#else
-      TORCH_CHECK(false, "int8_linear: bfloat16 x, and this library is built without AVX-512 BF16");
-#endif
-  }
+  if (m > 0)
+    matmul(rows.data_ptr<float>(), m, groups, static_cast<const int8_t*>(w.data_ptr()), w.size(0), y.data_ptr<float>(),
+           n, b);
   return y.view(out_shape);
 }
 

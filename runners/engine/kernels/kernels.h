@@ -56,8 +56,8 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, cons
 // y = x W^T + b in float32 on AVX-512 or AVX2 (avx_linear.cpp): W packed by runners/engine/native.py.
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias);
 
-// y = x W^T + b with W in int8, one float32 scale per 32 inner elements of a feature, x and y in bfloat16 or
-// float32, on AVX-512 or AVX2, or with x quantized alike on AMX, AVX-512 VNNI or AVX2 (int8_linear.cpp): W packed by
+// y = x W^T + b with W in int8, one float32 scale per 32 inner elements of a feature: x and y in float32 on AVX-512
+// or AVX2, or in bfloat16 with x quantized alike on AMX, AVX-512 VNNI or AVX2 (int8_linear.cpp): W packed by
 // runners/engine/native.py (pack_int8).
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias);
 
