@@ -3,7 +3,8 @@ without AMX runs, forced here where there is AMX) or on AVX2 (a CPU without AVX-
 per 32 inner elements) for bfloat16 and float32 models, each with the same bits for a row alone and in a
 batch of any size, on one thread and on two, close to the exact product, with a bias and with shapes that
 do not fill its panels; and int8 and 4-bit weights times x quantized with AVX-512 VNNI (what a CPU without
-AMX runs, AMX masked off where there is AMX) and on AVX2 (AVX-512 masked off), with the higher levels' bits. Skipped where the CPU lacks them.
+AMX runs, AMX masked off where there is AMX) and on AVX2 (AVX-512 masked off), with the higher levels' bits.
+Skipped where the CPU lacks them.
 (tests/test_lean.py checks the native forward pass built on them.)"""
 
 
@@ -260,7 +261,8 @@ def test_int8_and_int4_weights_times_x_quantized_close_to_the_float_product_and_
         cases.append((weight, b, torch.randn(40, inner, generator=generator).bfloat16()))
     torch.save(cases, tmp_path / "cases.pt")
     flags = " ".join(native.cpu_flags() - masked)
-    done = subprocess.run([sys.executable, "-c", QUANTIZED_RUN, str(tmp_path / "cases.pt"), str(tmp_path / "out.pt"), level],
+    done = subprocess.run([sys.executable, "-c", QUANTIZED_RUN, str(tmp_path / "cases.pt"), str(tmp_path / "out.pt"),
+                           level],
                           cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=1800,
                           env={**os.environ, "BENTOCHAT_CPU_FLAGS": flags})
     assert done.returncode == 0, done.stderr

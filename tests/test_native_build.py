@@ -103,7 +103,8 @@ print("INT8", native.quantized_rows(), Linear(torch.randn(40, 70), int8=True, ow
 
 
 def test_a_cpu_without_avx512_gets_the_avx2_level_whose_kernels_run_float32_bfloat16_and_int8_weights(libraries):
-    """... a float32 model's int8 weights times x as it is, a bfloat16 model's times x quantized (VPMADDUBSW)."""
+    """A CPU without AVX-512 runs the avx2 level: float32 and bfloat16 matmuls, a float32 model's int8 weights times
+    x as it is and a bfloat16 model's times x quantized (VPMADDUBSW)."""
     code = PROBE + """
 from runners.engine.linear import Linear
 x, w = torch.randn(5, 70), torch.randn(40, 70) * 0.1

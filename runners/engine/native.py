@@ -214,8 +214,8 @@ def pack_int8(weight: torch.Tensor | Int8Weight) -> torch.Tensor:
     :class:`Int8Weight`), zero-padded to panels of ``LANES`` features. An int8 tensor
     [panels, groups, 576]: per panel and group the 32 x 16 weights (inner element i's 16 features at
     bytes 16 i ..), then the 16 features' scales (float32, as bytes). A bfloat16 model's where
-    :func:`quantized_rows` (x quantized): [panels, groups, 16, 36], the same bytes but the weights as AMX's int8 B tile (and
-    VPDPBUSD) takes them (inner quad j's 16 features at bytes 64 j .., each feature's four elements side by
+    :func:`quantized_rows` (x quantized): [panels, groups, 16, 36], the same bytes but the weights as AMX's int8
+    B tile (and VPDPBUSD) takes them (inner quad j's 16 features at bytes 64 j .., each feature's four elements side by
     side). Quantized a few thousand
     features at a time (a float32 copy of a whole lm_head is large)."""
     out, inner = weight.shape
@@ -382,9 +382,10 @@ def main(args: list[str]) -> int:
         print("BentoChat's native kernels: not used on this machine")
     else:
         bf16 = "AMX" if amx() else "AVX2" if _level == "avx2" else "AVX-512 BF16" if runs(torch.bfloat16) else None
+        rows = "AMX" if amx() else "AVX2" if _level == "avx2" else "AVX-512 VNNI"
         print("BentoChat's native kernels: float32" + (f", bfloat16 on {bf16}" if bf16 else " (bfloat16 on oneDNN)")
               + ", int8 weights"
-              + (f" and 4 bits (bfloat16 rows quantized, on {'AMX' if amx() else 'AVX2' if _level == 'avx2' else 'AVX-512 VNNI'})" if quantized_rows() else ""))
+              + (f" and 4 bits (bfloat16 rows quantized, on {rows})" if quantized_rows() else ""))
     return 0
 
 

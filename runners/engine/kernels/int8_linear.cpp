@@ -8,18 +8,18 @@
 // On AVX-512 or AVX2, the weights alone in int8 (a float32 model's; simd.h's 16 lanes): every output element is
 // summed in the same order whatever the number of rows or threads: per group, a float32 partial sum of x * w over
 // its 32 inner elements, in order (the weights converted int8 -> int32 -> float32 in registers, each multiplied by
-// the broadcast x); then acc = fma(partial, scale, acc), group after group; then the bias. A row so gets the same bits alone and in a batch
-// of any size. Up to 6 rows share each conversion of the weights (2 panels of 16 output features), or up to 3
-// rows 4 panels (more independent sums in flight where there are few rows; which changes no row's order); on
-// AVX2 up to 3 rows one panel, or one row 2 panels.
+// the broadcast x); then acc = fma(partial, scale, acc), group after group; then the bias. A row so gets the same
+// bits alone and in a batch of any size. Up to 6 rows share each conversion of the weights (2 panels of 16 output
+// features), or up to 3 rows 4 panels (more independent sums in flight where there are few rows; which changes no
+// row's order); on AVX2 up to 3 rows one panel, or one row 2 panels.
 // Packed W (int8), P panels of 16 output features (zero-padded) and G groups of 32 inner elements
 // (zero-padded): [P][G][576 bytes], each group 32 x 16 int8 weights (inner element i's 16 features at
 // 16 i) then the 16 features' float32 scales.
 //
 // x quantized alike (a bfloat16 model's, see quantize_row), on AMX (tiles_matmul) where Linux grants its tiles,
-// else on AVX-512 VNNI (vnni_block, CPUs without AMX such as AMD Zen 4), else on AVX2 (avx2_block), all with the same
-// bits: 1.7x the AVX-512 kernel at 8 rows and 3x at 512 (a prompt's prefill) on AMX on a 2-core Xeon; [P][G][16][36], each
-// group's weights in AMX's B tile order (inner quad j's 16 features at 64 j, each feature's 4 elements side by
+// else on AVX-512 VNNI (vnni_block, CPUs without AMX such as AMD Zen 4), else on AVX2 (avx2_block), all with the
+// same bits: 1.7x the AVX-512 kernel at 8 rows and 3x at 512 (a prompt's prefill) on AMX on a 2-core Xeon;
+// [P][G][16][36], each group's weights in AMX's B tile order (inner quad j's 16 features at 64 j, each feature's 4 elements side by
 // side), which is also VPDPBUSD's (one register a quad: 16 lanes of 4 bytes).
 #include "kernels.h"
 
