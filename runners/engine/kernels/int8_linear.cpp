@@ -158,75 +158,31 @@ void matmul(const float* x, int64_t m, int64_t groups, const int8_t* w, int64_t 
 // are not the AVX-512 kernel's (which keeps x as it is), which the machine and the model's dtype choose, never
 // the batch.
 
-#ifdef __AVX512F__
 // Row r of x (bfloat16, k elements, zero-padded to `groups` groups) as int8 [groups * GROUP], per-group scales,
 // per-group sums of x as quantized (scale * the sum of the int8 values; int4_linear's offsets take them) and
 // the sums of the int8 values (totals; int8_linear's VNNI kernel takes them).
 void quantize_row(const uint16_t* x, int64_t k, int64_t groups, int8_t* q, float* scales, float* sums,
                   int32_t* totals) {
+  using namespace bentochat::simd;
   for (int64_t g = 0; g < groups; g++) {
-    __m512 v[2];
-    for (int h = 0; h < 2; h++) {
-      const int64_t i = g * GROUP + h * 16;
-      v[h] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes(k - i), x + i)), 16));
-    }
-    const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
-    const float scale = top / 127.0f;
-    const __m512 inverse = _mm512_set1_ps(scale > 0 ? 1.0f / scale : 0.0f);
-    __m512i total = _mm512_setzero_si512();
-    for (int h = 0; h < 2; h++) {
-      const __m512i values = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v[h], inverse)),
-                                                               _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
-      total = _mm512_add_epi32(total, values);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * GROUP + h * 16), _mm512_cvtepi32_epi8(values));
-    }
+    const int64_t i = g * GROUP;
+    const Vec v[2] = {load(x + i, first(k - i)), load(x + i + 16, first(k - i - 16))};
+    const float scale = top(max(abs(v[0]), abs(v[1]))) / 127.0f;
+    const Vec inverse = set1(scale > 0 ? 1.0f / scale : 0.0f);
     scales[g] = scale;
-    totals[g] = _mm512_reduce_add_epi32(total);
+    totals[g] = to_int8(v[0] * inverse, q + i) + to_int8(v[1] * inverse, q + i + 16);
     sums[g] = scale * static_cast<float>(totals[g]);
   }
 }
 
 // x's 4 int8 values at p, in every lane.
+#ifdef __AVX512F__
 inline __m512i quad(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
   return _mm512_set1_epi32(v);
 }
-#else  // AVX2: as above, 8 lanes at a time
-void quantize_row(const uint16_t* x, int64_t k, int64_t groups, int8_t* q, float* scales, float* sums,
-                  int32_t* totals) {
-  using namespace bentochat::simd;
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  for (int64_t g = 0; g < groups; g++) {
-    const int64_t i = g * GROUP;
-    const Vec v[2] = {load(x + i, first(k - i)), load(x + i + 16, first(k - i - 16))};
-    const __m256 halves[4] = {v[0].lo, v[0].hi, v[1].lo, v[1].hi};
-    __m256 most = _mm256_setzero_ps();
-    for (const __m256 h : halves) most = _mm256_max_ps(most, _mm256_andnot_ps(sign, h));
-    const float top = bentochat::simd::top({most, most});
-    const float scale = top / 127.0f;
-    const __m256 inverse = _mm256_set1_ps(scale > 0 ? 1.0f / scale : 0.0f);
-    __m256i values[4], total = _mm256_setzero_si256();
-    for (int h = 0; h < 4; h++) {
-      values[h] = _mm256_max_epi32(_mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(halves[h], inverse)),
-                                                    _mm256_set1_epi32(127)), _mm256_set1_epi32(-127));
-      total = _mm256_add_epi32(total, values[h]);
-    }
-    for (int h = 0; h < 4; h += 2) {  // 16 int8 in order (the packs work within 128-bit halves)
-      const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(values[h], values[h + 1]), 0xD8);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i + 8 * h),
-                       _mm_packs_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1)));
-    }
-    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
-    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
-    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
-    scales[g] = scale;
-    totals[g] = _mm_cvtsi128_si32(t);
-    sums[g] = scale * static_cast<float>(totals[g]);
-  }
-}
-
-// x's 4 int8 values at p, in every lane.
+#else
 inline __m256i quad(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);

@@ -1,6 +1,6 @@
-// 16 float32 lanes for forward.cpp's work between the matmuls, on the library's level: one AVX-512 register
-// (each function one instruction, as forward.cpp wrote them before), or two AVX2 registers on the AVX2 level,
-// whose loads and stores of fewer than 16 lanes go through a buffer and whose bfloat16 is rounded in
+// 16 float32 lanes for forward.cpp's work between the matmuls (and int8_linear.cpp's), on the library's level:
+// one AVX-512 register (each function one instruction, as forward.cpp wrote them before), or two AVX2 registers
+// on the AVX2 level, whose loads and stores of fewer than 16 lanes go through a buffer and whose bfloat16 is rounded in
 // software (to nearest even, as c10::BFloat16 rounds). A mask is the lanes a load or store touches: the first
 // n of 16 (first(n)).
 #pragma once
@@ -31,6 +31,7 @@ inline Vec fma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline Vec fnma(Vec a, Vec b, Vec c) { return {_mm512_fnmadd_ps(a.v, b.v, c.v)}; }  // c - a b
 inline Vec max(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
 inline Vec min(Vec a, Vec b) { return {_mm512_min_ps(a.v, b.v)}; }
+inline Vec abs(Vec a) { return {_mm512_abs_ps(a.v)}; }
 inline Vec round(Vec a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
 inline Vec scale2(Vec y, Vec n) { return {_mm512_scalef_ps(y.v, n.v)}; }  // y 2^n, n integral
 inline float sum(Vec a) { return _mm512_reduce_add_ps(a.v); }
@@ -47,6 +48,13 @@ inline Vec load(const bf16* p, Mask m) { return widen(_mm256_maskz_loadu_epi16(m
 inline Vec load(const bf16* p) { return load(p, first(16)); }
 inline Vec widen(const int8_t* p) {  // 16 int8 as float32
   return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+}
+// v rounded to the nearest integers, clamped to -127 .. 127, stored as 16 int8 at q; returns their sum
+inline int32_t to_int8(Vec v, int8_t* q) {
+  const __m512i values = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(v.v), _mm512_set1_epi32(127)),
+                                          _mm512_set1_epi32(-127));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(values));
+  return _mm512_reduce_add_epi32(values);
 }
 #ifdef __AVX512BF16__
 inline __m256i narrow(Vec v) { return (__m256i)_mm512_cvtneps_pbh(v.v); }
@@ -73,6 +81,10 @@ inline Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo),
 inline Vec fnma(Vec a, Vec b, Vec c) { return {_mm256_fnmadd_ps(a.lo, b.lo, c.lo), _mm256_fnmadd_ps(a.hi, b.hi, c.hi)}; }
 inline Vec max(Vec a, Vec b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
 inline Vec min(Vec a, Vec b) { return {_mm256_min_ps(a.lo, b.lo), _mm256_min_ps(a.hi, b.hi)}; }
+inline Vec abs(Vec a) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  return {_mm256_andnot_ps(sign, a.lo), _mm256_andnot_ps(sign, a.hi)};
+}
 inline Vec round(Vec a) {
   constexpr int mode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   return {_mm256_round_ps(a.lo, mode), _mm256_round_ps(a.hi, mode)};
@@ -137,6 +149,21 @@ inline Vec widen(const int8_t* p) {  // 16 int8 as float32
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
   };
   return {eight(p), eight(p + 8)};
+}
+// as the AVX-512 level's
+inline int32_t to_int8(Vec v, int8_t* q) {
+  const auto eight = [](__m256 f) {
+    return _mm256_max_epi32(_mm256_min_epi32(_mm256_cvtps_epi32(f), _mm256_set1_epi32(127)), _mm256_set1_epi32(-127));
+  };
+  const __m256i lo = eight(v.lo), hi = eight(v.hi);
+  // 16 int8 in order (the packs work within 128-bit halves)
+  const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q),
+                   _mm_packs_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1)));
+  const __m256i total = _mm256_add_epi32(lo, hi);
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
 }
 // 8 floats as bfloat16 in 32-bit lanes (the high halves zero), rounded to nearest even; NaN stays NaN
 inline __m256i narrow32(__m256 v) {
