@@ -88,12 +88,19 @@ class RunnerStream:
         self.reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self) -> None:
+        # No exception outlives this frame with its traceback: the traceback holds this frame, the frame
+        # holds self, and self the task or queue that would hold the exception, a cycle that only the
+        # garbage collector's full collections free (tens of milliseconds of the gateway's time, a few
+        # a minute under load; docs/teams.md). So the error goes to the consumer without its traceback,
+        # and close()'s cancellation, how most streams end, ends the task instead of being kept in it.
         try:
             async for event in read_events(self.chunks):
                 self.queue.put_nowait(event)
             self.queue.put_nowait(self._END)
+        except asyncio.CancelledError:
+            pass
         except Exception as e:  # the consumer raises it (RunnerRefused, a failed connection)
-            self.queue.put_nowait(e)
+            self.queue.put_nowait(e.with_traceback(None))
         finally:
             await self.chunks.aclose()  # here, where it is read: never while another task is inside it
 
@@ -109,7 +116,10 @@ class RunnerStream:
             self.queue.put_nowait(item)
             raise StopAsyncIteration
         if isinstance(item, BaseException):
-            raise item
+            try:
+                raise item
+            finally:
+                del item  # or this frame, in the error's traceback, would hold the error: a cycle
         return item
 
     def close(self) -> None:

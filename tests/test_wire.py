@@ -5,6 +5,7 @@ end-to-end tests generate with real ones."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import subprocess
 import sys
 from http import HTTPStatus
@@ -201,3 +202,44 @@ def test_a_failed_adapter_load_is_the_openai_error_of_its_cause(answer, status, 
         asyncio.run(model.load_adapter("x", "/adapters/x"))
     assert (e.value.status, e.value.code) == (status, code) and words in e.value.message, e.value.message
     assert good.unloaded == ["x"]
+
+
+class OpenEndedRunner(FakeRunner):
+    """Each call's transport stream goes on after its lines (a runner's body ends a moment after its last
+    line): the gateway, done at the finishing token, stops reading before the end."""
+
+    def generate(self, request_id, prompt_ids, params, **extra):
+        lines = self.script.pop(0)
+
+        async def stream():
+            for line in lines:
+                yield line
+            await asyncio.Event().wait()
+        return stream()
+
+
+def test_streams_ended_or_refused_leave_no_garbage_for_the_collector():
+    """A stream's end (its reader cancelled mid-read) and a refusal leave no reference cycles, which only
+    the collector's full collections would free: under load those held the gateway for tens of ms."""
+    rounds = 20
+    runner = OpenEndedRunner(*([token_line(TokenEvent(5, None)), token_line(TokenEvent(2, "stop"))],
+                               [error_line(QUEUE_FULL, "queue full", 1)]) * (rounds + 1))
+    model = _model(runner)
+
+    async def streams() -> int:
+        async def one_of_each():
+            assert await _generate(model, read=2) == [5, 2]
+            with pytest.raises(OpenAIError):
+                await _generate(model)
+            await asyncio.sleep(0.01)  # the readers' cancellation and their streams' close run
+        await one_of_each()  # first calls make what lives on (the event loop's own)
+        gc.collect()
+        for _ in range(rounds):
+            await one_of_each()
+        return gc.collect()
+
+    gc.disable()
+    try:
+        assert asyncio.run(streams()) == 0
+    finally:
+        gc.enable()
