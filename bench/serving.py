@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -470,6 +471,8 @@ def main() -> None:
           f"{f'; a server past {max_rss / (1 << 30):.1f} GiB resident is stopped' if max_rss else ''}", flush=True)
     b = Bench(args, tag, path, tokenizer, int(stored.info.metadata.get("context_length") or 2048), workdir,
               results, max_rss)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (a shell's background job starts with it ignored)
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         if "bentochat" not in args.skip:
             bench_bentochat(b)
@@ -487,6 +490,11 @@ def main() -> None:
         print("\ninterrupted: the table of what was measured", flush=True)
     finally:
         results.report()
+
+
+def interrupted(*_) -> None:
+    """``kill``: as Ctrl-C, the table of what was measured, then the servers stopped."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
