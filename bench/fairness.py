@@ -20,7 +20,8 @@ each) and ``fifo``, which holds a second key of each: A's and B's streams on the
 tenant, first come, first served within it, which is the comparison. Each stream is an ``openai``
 client streaming chat completions with its tenant's key; a token is a streamed chunk with content. Each
 tenant's streams run in a process of their own, as they would on their own machines: B's client reads
-its first token without waiting behind the parsing of A's flood.
+its first token without waiting behind the parsing of A's flood. ``--flood-nice 19`` runs A's process
+at that niceness, so that its parsing yields the shared cores to the servers and to B.
 
     .venv/bin/python bench/fairness.py --rounds 3 --steps 300      # in-process
     .venv/bin/python bench/fairness.py --served --rounds 3 --seconds 20
@@ -171,9 +172,11 @@ async def drive_served(url: str, keys: dict[str, str], tenants: list[Tenant], ma
 
 
 
-def tenant_process(url: str, key: str, name: str, streams: int, max_tokens: int, seconds: float, start, conn) -> None:
-    """One tenant's streams in a process of its own (``drive_served``), begun when ``start`` (a barrier)
-    lets every tenant go; sends back ``(seconds, ttft, tokens, unanswered)``."""
+def tenant_process(url: str, key: str, name: str, streams: int, max_tokens: int, seconds: float, start, conn,
+                   nice: int = 0) -> None:
+    """One tenant's streams in a process of its own (``drive_served``), at ``nice``, begun when ``start`` (a
+    barrier) lets every tenant go; sends back ``(seconds, ttft, tokens, unanswered)``."""
+    os.nice(nice)
     tenant = Tenant(name, streams)
 
     async def go() -> float:
@@ -187,8 +190,10 @@ def tenant_process(url: str, key: str, name: str, streams: int, max_tokens: int,
         raise
 
 
-def drive_apart(server, url: str, keys: dict[str, str], tenants: list[Tenant], max_tokens: int, seconds: float) -> float:
-    """``drive_served`` with each tenant in a process of its own; fills ``tenants`` in; the seconds run."""
+def drive_apart(server, url: str, keys: dict[str, str], tenants: list[Tenant], max_tokens: int, seconds: float,
+                flood_nice: int = 0) -> float:
+    """``drive_served`` with each tenant in a process of its own (A's at ``flood_nice``); fills ``tenants`` in;
+    the seconds run."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
@@ -197,7 +202,8 @@ def drive_apart(server, url: str, keys: dict[str, str], tenants: list[Tenant], m
     for tenant in tenants:
         mine, theirs = context.Pipe(duplex=False)
         child = context.Process(target=tenant_process, daemon=True, args=(
-            url, keys[tenant.name], tenant.name, tenant.streams, max_tokens, seconds, start, theirs))
+            url, keys[tenant.name], tenant.name, tenant.streams, max_tokens, seconds, start, theirs,
+            flood_nice if tenant.name == "A" else 0))
         child.start()
         pipes.append(mine)
         children.append(child)
@@ -244,7 +250,7 @@ def served(args, workdir: Path):
 
     def run(fair: bool, tenants: list[Tenant], seconds: float = args.seconds):
         names = {t.name: keys[t.name if fair else f"fifo-{t.name}"] for t in tenants}
-        return drive_apart(server, url, names, tenants, args.max_tokens, seconds), []
+        return drive_apart(server, url, names, tenants, args.max_tokens, seconds, args.flood_nice), []
 
     run(False, [Tenant("A", len(PROMPTS))], 5.0)  # warm: every prompt, in the prefix cache
     return server, run, f"served (bentoml serve, openai streams), {args.threads or 'all'} torch threads, " \
@@ -315,6 +321,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="in-process: length of each run in engine steps instead")
     parser.add_argument("--threads", type=int, default=0, help="the engine's torch threads (cpu_threads when served); "
                         "default: every core")
+    parser.add_argument("--flood-nice", type=int, default=0, help="served: A's clients at this niceness (19: "
+                        "they yield the cores to the servers and B's client, as clients on another machine would)")
     args = parser.parse_args()
 
     server = None
