@@ -39,24 +39,24 @@ from runners.engine.linear import Part, fused_linear
 logger = logging.getLogger("bentochat.engine")
 
 class _Layer:
-    def __init__(self, layer, **options):
+    def __init__(self, layer, dtype: torch.dtype | None = None, **options):
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = fused_linear(attn.q_proj, attn.k_proj, attn.v_proj, **options)
-        self.o = fused_linear(attn.o_proj, **options)
-        self.gate_up = fused_linear(mlp.gate_proj, mlp.up_proj, **options)
-        self.down = fused_linear(mlp.down_proj, **options)
-        self.norm1 = own(layer.input_layernorm.weight)
-        self.norm2 = own(layer.post_attention_layernorm.weight)
+        self.qkv = fused_linear(attn.q_proj, attn.k_proj, attn.v_proj, dtype=dtype, **options)
+        self.o = fused_linear(attn.o_proj, dtype=dtype, **options)
+        self.gate_up = fused_linear(mlp.gate_proj, mlp.up_proj, dtype=dtype, **options)
+        self.down = fused_linear(mlp.down_proj, dtype=dtype, **options)
+        self.norm1 = own(layer.input_layernorm.weight, dtype)
+        self.norm2 = own(layer.post_attention_layernorm.weight, dtype)
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)  # Qwen3
-        self.q_norm = own(q_norm.weight) if q_norm is not None else None
-        self.k_norm = own(k_norm.weight) if k_norm is not None else None
+        self.q_norm = own(q_norm.weight, dtype) if q_norm is not None else None
+        self.k_norm = own(k_norm.weight, dtype) if k_norm is not None else None
 
 
-def own(weight: torch.Tensor) -> torch.Tensor:
-    """A copy of a checkpoint's tensor: transformers loads a safetensors file by mapping it whole, and
-    one small tensor kept from it (a norm) keeps all of it mapped, and as much of it resident as was
-    read (the whole checkpoint again, beside the packed weights)."""
-    return weight.detach().clone()
+def own(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A copy of a checkpoint's tensor (in ``dtype``, if given): transformers loads a safetensors file by
+    mapping it whole, and one small tensor kept from it (a norm) keeps all of it mapped, and as much of
+    it resident as was read (the whole checkpoint again, beside the packed weights)."""
+    return weight.detach().to(dtype=dtype, copy=True)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -165,29 +165,31 @@ class LeanCausalLM(torch.nn.Module):
     AVX2, float32 on AVX-512 or AVX2) where they run and the attention is fused, and then the whole pass in its native call
     (eager keeps transformers' maths, oneDNN's matmuls included); ``onednn``, always oneDNN's and the
     Python pass. ``consumed``, if given, is called with each of the model's layers once its weights
-    are taken."""
+    are taken. ``dtype``: the dtype to run in where the model was loaded in another (the checkpoint's
+    own, so that its tensors are the file's mapped pages): each weight is converted as it is taken, and
+    no converted copy of the whole model is ever held."""
 
     def __init__(self, model, int8: bool = False, fused_attention: bool = True, matmul: str = "auto",
-                 consumed=None, int4: bool = False):
+                 consumed=None, int4: bool = False, dtype: torch.dtype | None = None):
         super().__init__()
         self.fused_attention = fused_attention
         config = model.config
         self.config = config
         base = model.model
         embed = base.embed_tokens
-        self.embed_tokens = torch.nn.Embedding.from_pretrained(own(embed.weight), padding_idx=embed.padding_idx)
+        self.embed_tokens = torch.nn.Embedding.from_pretrained(own(embed.weight, dtype), padding_idx=embed.padding_idx)
         self.rotary_emb = base.rotary_emb
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
-        options = {"int8": int8, "int4": int4, "own": matmul == "auto" and fused_attention}
+        options = {"int8": int8, "int4": int4, "own": matmul == "auto" and fused_attention, "dtype": dtype}
         self.layers = []
         for layer in base.layers[:config.num_hidden_layers]:
             self.layers.append(_Layer(layer, **options))
             if consumed is not None:  # (the loader's: the checkpoint's pages of this layer are read for good)
                 consumed(layer)
-        self.norm = own(base.norm.weight)
+        self.norm = own(base.norm.weight, dtype)
         self.lm_head = fused_linear(model.lm_head, **{**options, "int4": False})  # (int8: as llama.cpp's Q4_K_M keeps it)
         self.vocab = model.lm_head.weight.shape[0]
         self.native = self._native_arguments()

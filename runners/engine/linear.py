@@ -108,11 +108,12 @@ class Linear:
         return y
 
 
-def fused_linear(*modules, **options) -> Linear:
+def fused_linear(*modules, dtype: torch.dtype | None = None, **options) -> Linear:
     """One ``Linear`` computing the outputs of several of transformers' ``nn.Linear`` modules that take the
-    same input (q, k and v; gate and up), their weights stacked, in order. Weights stored quantized stay
-    so: in 4 bits where all of them are (``native.Int4Weight``), else all in int8 (``Int8Weight``)."""
-    weights = [m.weight if isinstance(m.weight, native.QUANTIZED) else m.weight.detach() for m in modules]
+    same input (q, k and v; gate and up), their weights stacked, in order, in ``dtype`` if given. Weights
+    stored quantized stay so: in 4 bits where all of them are (``native.Int4Weight``), else all in int8
+    (``Int8Weight``)."""
+    weights = [m.weight if isinstance(m.weight, native.QUANTIZED) else m.weight.detach().to(dtype) for m in modules]
     if all(isinstance(w, native.Int4Weight) for w in weights):  # (a stored model's)
         weight = native.Int4Weight.cat(weights)
     elif any(isinstance(w, native.QUANTIZED) for w in weights):  # mixed: all in int8
@@ -123,7 +124,7 @@ def fused_linear(*modules, **options) -> Linear:
     biases = [m.bias for m in modules]
     known = next((b for b in biases if b is not None), None)
     bias = None if known is None else torch.cat(
-        [b.detach() if b is not None else known.new_zeros(m.weight.shape[0]) for m, b in zip(modules, biases)])
+        [b.detach() if b is not None else known.new_zeros(m.weight.shape[0]) for m, b in zip(modules, biases)]).to(dtype)
     return Linear(weight, bias, **options)
 
 
