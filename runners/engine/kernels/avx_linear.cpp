@@ -7,8 +7,9 @@
 // positions, added at the end; in bfloat16 one running float32 sum, a pair of inner elements at a time
 // (VDPBF16PS), rounded to bfloat16 at the end. Up to 6 rows and 32 output features share each load of the
 // weights (24 sums in registers). On AVX2: one running float32 sum (an FMA per inner element, in order), up
-// to 4 rows and 16 output features sharing each load (or 2 rows and 32, more sums in flight where there are
-// few rows; which changes no element's order). A row so gets the same bits alone and in a batch of any size.
+// to 6 rows in float32 (4 in bfloat16, whose pair of inner elements takes 4 registers of weights) and 16
+// output features sharing each load (or 2 rows and 32, more sums in flight where there are few rows; which
+// changes no element's order). A row so gets the same bits alone and in a batch of any size.
 // One row is bound by reading the weights (README, Performance).
 //
 // Packed W, P panels of 16 output features (zero-padded) and K inner elements: float32 [P][K][16];
@@ -140,7 +141,6 @@ void matmul(const typename K::X* x, int64_t m, int64_t k, const typename K::X* w
 }
 
 #else  // AVX2 and FMA
-constexpr int64_t ROWS = 4;
 using bentochat::simd::Vec;
 
 // Rows 0..R-1 of x (float32, k inner elements a row) times P panels (`stride` elements apart) of K's weights,
@@ -180,6 +180,7 @@ struct F32 {
   using W = float;
   using Y = float;
   static constexpr int PER = 1;
+  static constexpr int64_t ROWS = 6;  // (12 sums, 2 weights and a broadcast: 15 of the 16 registers)
   static void step(const float* w, __m256* lo, __m256* hi) {
     lo[0] = _mm256_load_ps(w);
     hi[0] = _mm256_load_ps(w + 8);
@@ -191,6 +192,7 @@ struct BF16 {
   using W = uint32_t;
   using Y = uint16_t;
   static constexpr int PER = 2;
+  static constexpr int64_t ROWS = 4;  // (8 sums and 4 weights, a pair of inner elements)
   static void step(const uint32_t* w, __m256* lo, __m256* hi) {
     const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
     const __m256i a = _mm256_load_si256(reinterpret_cast<const __m256i*>(w));
@@ -202,8 +204,21 @@ struct BF16 {
   }
 };
 
+// Rows 0..rows-1 (fewer than 6) of x times P panels: block<K, rows, P>.
+template <typename K, int P>
+void rest_block(int64_t rows, const float* x, int64_t k, const typename K::W* w, int64_t stride, typename K::Y* y,
+                int64_t ldy, const float* b, const int64_t* valid) {
+  switch (rows) {
+    case 1: return block<K, 1, P>(x, k, w, stride, y, ldy, b, valid);
+    case 2: return block<K, 2, P>(x, k, w, stride, y, ldy, b, valid);
+    case 3: return block<K, 3, P>(x, k, w, stride, y, ldy, b, valid);
+    case 4: return block<K, 4, P>(x, k, w, stride, y, ldy, b, valid);
+    default: return block<K, 5, P>(x, k, w, stride, y, ldy, b, valid);
+  }
+}
+
 // y [m, n] = x [m, k] (float32) times the `count` panels of w, + b: pairs of panels split over torch's
-// threads; blocks of ROWS rows one panel at a time, then the rest (up to 2 rows both panels at once).
+// threads; blocks of K::ROWS rows one panel at a time, then the rest (up to 2 rows both panels at once).
 template <typename K>
 void matmul(const float* x, int64_t m, int64_t k, const typename K::W* w, int64_t count, typename K::Y* y, int64_t n,
             const float* b) {
@@ -215,25 +230,18 @@ void matmul(const float* x, int64_t m, int64_t k, const typename K::W* w, int64_
       const auto* wp = w + p * stride;
       const float* bp = b ? b + p * LANES : nullptr;
       int64_t r0 = 0;
-      for (; r0 + ROWS <= m; r0 += ROWS)
+      for (; r0 + K::ROWS <= m; r0 += K::ROWS)
         for (int64_t j = 0; j < here; j++)
-          block<K, ROWS, 1>(x + r0 * k, k, wp + j * stride, stride, y + r0 * n + (p + j) * LANES, n, bp ? bp + j * LANES : nullptr, valid + j);
+          block<K, K::ROWS, 1>(x + r0 * k, k, wp + j * stride, stride, y + r0 * n + (p + j) * LANES, n, bp ? bp + j * LANES : nullptr, valid + j);
       const float* xr = x + r0 * k;
       auto* yr = y + r0 * n + p * LANES;
       const int64_t rest = m - r0;
       if (rest > 0 && rest <= 2 && here == 2) {
-        if (rest == 1) block<K, 1, 2>(xr, k, wp, stride, yr, n, bp, valid);
-        else block<K, 2, 2>(xr, k, wp, stride, yr, n, bp, valid);
+        rest_block<K, 2>(rest, xr, k, wp, stride, yr, n, bp, valid);
         continue;
       }
-      for (int64_t j = 0; j < here && rest > 0; j++) {
-        const float* bj = bp ? bp + j * LANES : nullptr;
-        switch (rest) {
-          case 1: block<K, 1, 1>(xr, k, wp + j * stride, stride, yr + j * LANES, n, bj, valid + j); break;
-          case 2: block<K, 2, 1>(xr, k, wp + j * stride, stride, yr + j * LANES, n, bj, valid + j); break;
-          default: block<K, 3, 1>(xr, k, wp + j * stride, stride, yr + j * LANES, n, bj, valid + j); break;
-        }
-      }
+      for (int64_t j = 0; j < here && rest > 0; j++)
+        rest_block<K, 1>(rest, xr, k, wp + j * stride, stride, yr + j * LANES, n, bp ? bp + j * LANES : nullptr, valid + j);
     }
   });
 }
