@@ -247,7 +247,7 @@ def bench_peer(b: Bench, name: str) -> None:
     slots = max([a.long_concurrency if a.long else 1, *a.concurrency])
     # llama.cpp's KV pool (-kvu, shared by the slots): what the loads need at most, not 32768 tokens (6 GiB at 1.7B)
     ctx = max(4096, slots * (160 + a.max_tokens), (a.long_concurrency if a.long else 0) * longest)
-    env = {"MODEL_NAME": "bench", "PEERS_VLLM_DTYPE": a.dtype, "PEERS_VLLM_MODEL": b.path,
+    env = {"MODEL_NAME": "bench", "PEERS_VLLM_DTYPE": a.vllm_dtype or a.dtype, "PEERS_VLLM_MODEL": b.path,
            "PEERS_VLLM_PORT": str(port), "PEERS_LLAMA_PORT": str(port), "PEERS_LLAMA_NP": str(slots),
            "PEERS_LLAMA_CTX": str(-(-ctx // 1024) * 1024)}
     if name == "llamacpp" and llama_no_repack(a.llama_quant):
@@ -401,6 +401,9 @@ def parse_args() -> argparse.Namespace:
                         help="as in bentochat.yaml (0: off), for BentoChat and the engine in-process")
     parser.add_argument("--dtype", default="float32", choices=sorted(LLAMA_QUANT),
                         help="BentoChat's, transformers serve's and vLLM's precision")
+    parser.add_argument("--vllm-dtype", choices=sorted(LLAMA_QUANT),
+                        help="vLLM's precision instead of --dtype's (its best on a CPU without bfloat16 instructions "
+                             "is float32)")
     parser.add_argument("--llama-quant", help="llama.cpp's GGUF type: F32, F16, BF16, Q8_0, Q4_K_M, ... (default: "
                                               "--dtype's, F32 or BF16)")
     parser.add_argument("--engine", default="bentochat", choices=["bentochat", "vllm"],
@@ -460,6 +463,7 @@ def main() -> None:
     settings = (f"{weights}, {args.forward} forward ({args.attention} attention, {args.matmul} matmul), "
                 f"{args.max_tokens} output tokens, {args.requests} requests per client, greedy, streaming chat, prefix "
                 f"cache {args.prefix_cache_tokens} tokens; llama.cpp: the {args.llama_quant} GGUF"
+                f"{f'; vLLM: {args.vllm_dtype}' if args.vllm_dtype else ''}"
                 f"{' (--no-repack: its AMX kernels crash)' if llama_no_repack(args.llama_quant) else ''}")
     if args.long:
         settings += (f"; long prompts: {args.long_tokens} tokens ({args.long_shared} shared), {args.long_prompts} at "
