@@ -9,7 +9,9 @@
 // weights (24 sums in registers). On AVX2: one running float32 sum (an FMA per inner element, in order), up
 // to 6 rows in float32 (4 in bfloat16, whose pair of inner elements takes 4 registers of weights) and 16
 // output features sharing each load (or 2 rows and 32, more sums in flight where there are few rows; which
-// changes no element's order). A row so gets the same bits alone and in a batch of any size.
+// changes no element's order; up to 48 rows, a decode step's, take each panel 8 KB at a time, the sums
+// kept in float32 in between, which changes none either). A row so gets the same bits alone and in a batch of
+// any size.
 // One row is bound by reading the weights (README, Performance).
 //
 // Packed W, P panels of 16 output features (zero-padded) and K inner elements: float32 [P][K][16];
@@ -21,6 +23,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -143,18 +146,34 @@ void matmul(const typename K::X* x, int64_t m, int64_t k, const typename K::X* w
 #else  // AVX2 and FMA
 using bentochat::simd::Vec;
 
-// Rows 0..R-1 of x (float32, k inner elements a row) times P panels (`stride` elements apart) of K's weights,
-// into y (+ b, the panels' bias), the panels' first valid[p] output features. K::step(w, lo, hi, e): the 16
-// weights of inner element e (of a step of K::PER) as float32.
-template <typename K, int R, int P>
-void block(const float* x, int64_t k, const typename K::W* w, int64_t stride, typename K::Y* y, int64_t ldy,
-           const float* b, const int64_t* valid) {
+// Where all rows fit one group (a decode step's), the row blocks take a panel chunk by chunk of CHUNK steps (8 KB),
+// which stays in L1 while every block uses it; and each block fetches the chunk after next ahead of its loads, so
+// that reading the weights from memory and computing on them overlap. (Longer batches read the panels from L2.)
+constexpr int64_t CHUNK = 128, GROUP = 48;
+
+// Steps [from, to) of the inner dimension (a step: K::PER inner elements, 64 bytes of a panel), and whether
+// they are the first and the last: the sums in between wait in a scratch of float32, which changes no bit.
+struct Span {
+  int64_t from, to;
+  bool first, last;
+};
+
+// Rows 0..R-1 of x (float32, k inner elements a row) times P panels (`stride` elements apart) of K's weights
+// over the span's steps: the sums from (and into) part ([row][2 panels][16] floats), or, after the last step,
+// into y (+ b, the panels' bias), the panels' first valid[p] output features. K::step(w, lo, hi): the 16
+// weights of each inner element of a step as float32.
+template <typename K, int R, int P, bool AHEAD>
+void block(const float* x, int64_t k, Span span, const typename K::W* w, int64_t stride, float* part,
+           typename K::Y* y, int64_t ldy, const float* b, const int64_t* valid) {
   __m256 acc[R][P][2];
   for (int r = 0; r < R; r++)
-    for (int p = 0; p < P; p++) acc[r][p][0] = acc[r][p][1] = _mm256_setzero_ps();
-  for (int64_t i = 0; i < k / K::PER; i++)
+    for (int p = 0; p < P; p++)
+      for (int h = 0; h < 2; h++)
+        acc[r][p][h] = span.first ? _mm256_setzero_ps() : _mm256_load_ps(part + (r * 2 + p) * LANES + h * 8);
+  for (int64_t i = span.from; i < span.to; i++)
     for (int p = 0; p < P; p++) {
       __m256 lo[K::PER], hi[K::PER];
+      if constexpr (AHEAD) _mm_prefetch(reinterpret_cast<const char*>(w + p * stride + (i + 2 * CHUNK) * LANES), _MM_HINT_T0);
       K::step(w + p * stride + i * LANES, lo, hi);
       for (int e = 0; e < K::PER; e++)
         for (int r = 0; r < R; r++) {
@@ -163,6 +182,12 @@ void block(const float* x, int64_t k, const typename K::W* w, int64_t stride, ty
           acc[r][p][1] = _mm256_fmadd_ps(a, hi[e], acc[r][p][1]);
         }
     }
+  if (!span.last) {
+    for (int r = 0; r < R; r++)
+      for (int p = 0; p < P; p++)
+        for (int h = 0; h < 2; h++) _mm256_store_ps(part + (r * 2 + p) * LANES + h * 8, acc[r][p][h]);
+    return;
+  }
   // (the sums leave their registers once: indexed in the loop below, acc itself would live in memory, and GCC
   // stored it every step above, at a third of the speed)
   Vec sums[R][P];
@@ -204,44 +229,56 @@ struct BF16 {
   }
 };
 
-// Rows 0..rows-1 (fewer than 6) of x times P panels: block<K, rows, P>.
-template <typename K, int P>
-void rest_block(int64_t rows, const float* x, int64_t k, const typename K::W* w, int64_t stride, typename K::Y* y,
-                int64_t ldy, const float* b, const int64_t* valid) {
+// Rows 0..rows-1 (fewer than 6) of x times P panels: block<K, rows, P, AHEAD>.
+template <typename K, int P, bool AHEAD>
+void rest_block(int64_t rows, const float* x, int64_t k, Span span, const typename K::W* w, int64_t stride,
+                float* part, typename K::Y* y, int64_t ldy, const float* b, const int64_t* valid) {
   switch (rows) {
-    case 1: return block<K, 1, P>(x, k, w, stride, y, ldy, b, valid);
-    case 2: return block<K, 2, P>(x, k, w, stride, y, ldy, b, valid);
-    case 3: return block<K, 3, P>(x, k, w, stride, y, ldy, b, valid);
-    case 4: return block<K, 4, P>(x, k, w, stride, y, ldy, b, valid);
-    default: return block<K, 5, P>(x, k, w, stride, y, ldy, b, valid);
+    case 1: return block<K, 1, P, AHEAD>(x, k, span, w, stride, part, y, ldy, b, valid);
+    case 2: return block<K, 2, P, AHEAD>(x, k, span, w, stride, part, y, ldy, b, valid);
+    case 3: return block<K, 3, P, AHEAD>(x, k, span, w, stride, part, y, ldy, b, valid);
+    case 4: return block<K, 4, P, AHEAD>(x, k, span, w, stride, part, y, ldy, b, valid);
+    default: return block<K, 5, P, AHEAD>(x, k, span, w, stride, part, y, ldy, b, valid);
   }
 }
 
 // y [m, n] = x [m, k] (float32) times the `count` panels of w, + b: pairs of panels split over torch's
-// threads; blocks of K::ROWS rows one panel at a time, then the rest (up to 2 rows both panels at once).
+// threads; span by span (the whole of k where m > GROUP): blocks of K::ROWS rows one panel at a time, then the
+// rest (up to 2 rows both panels at once).
 template <typename K>
 void matmul(const float* x, int64_t m, int64_t k, const typename K::W* w, int64_t count, typename K::Y* y, int64_t n,
             const float* b) {
-  const int64_t stride = k / K::PER * LANES;
+  const int64_t steps = k / K::PER, stride = steps * LANES, chunk = m <= GROUP ? CHUNK : steps;
+  const int64_t whole = m - m % K::ROWS, rest = m - whole;
   at::parallel_for(0, (count + 1) / 2, 1, [&](int64_t first, int64_t last) {
+    alignas(32) float part[GROUP * 2 * LANES];  // (the sums between spans: [row][2 panels][16])
     for (int64_t pair = first; pair < last; pair++) {
       const int64_t p = 2 * pair, here = std::min<int64_t>(2, count - p);
       const int64_t valid[2] = {std::min<int64_t>(LANES, n - p * LANES), std::min<int64_t>(LANES, n - (p + 1) * LANES)};
       const auto* wp = w + p * stride;
       const float* bp = b ? b + p * LANES : nullptr;
-      int64_t r0 = 0;
-      for (; r0 + K::ROWS <= m; r0 += K::ROWS)
-        for (int64_t j = 0; j < here; j++)
-          block<K, K::ROWS, 1>(x + r0 * k, k, wp + j * stride, stride, y + r0 * n + (p + j) * LANES, n, bp ? bp + j * LANES : nullptr, valid + j);
-      const float* xr = x + r0 * k;
-      auto* yr = y + r0 * n + p * LANES;
-      const int64_t rest = m - r0;
-      if (rest > 0 && rest <= 2 && here == 2) {
-        rest_block<K, 2>(rest, xr, k, wp, stride, yr, n, bp, valid);
-        continue;
-      }
-      for (int64_t j = 0; j < here && rest > 0; j++)
-        rest_block<K, 1>(rest, xr, k, wp + j * stride, stride, yr + j * LANES, n, bp ? bp + j * LANES : nullptr, valid + j);
+      const auto spans = [&](auto ahead) {  // (ahead: whether the blocks fetch the chunk after next)
+        constexpr bool A = decltype(ahead)::value;
+        for (int64_t from = 0; from < steps; from += chunk) {
+          const Span span{from, std::min(steps, from + chunk), from == 0, from + chunk >= steps};
+          for (int64_t r0 = 0; r0 < whole; r0 += K::ROWS)
+            for (int64_t j = 0; j < here; j++)
+              block<K, K::ROWS, 1, A>(x + r0 * k, k, span, wp + j * stride, stride, part + (r0 * 2 + j) * LANES,
+                                      y + r0 * n + (p + j) * LANES, n, bp ? bp + j * LANES : nullptr, valid + j);
+          const float* xr = x + whole * k;
+          float* pr = part + whole * 2 * LANES;
+          auto* yr = y + whole * n + p * LANES;
+          if (rest > 0 && rest <= 2 && here == 2) {
+            rest_block<K, 2, A>(rest, xr, k, span, wp, stride, pr, yr, n, bp, valid);
+            continue;
+          }
+          for (int64_t j = 0; j < here && rest > 0; j++)
+            rest_block<K, 1, A>(rest, xr, k, span, wp + j * stride, stride, pr + j * LANES, yr + j * LANES, n,
+                                bp ? bp + j * LANES : nullptr, valid + j);
+        }
+      };
+      if (chunk < steps) spans(std::true_type{});
+      else spans(std::false_type{});
     }
   });
 }
