@@ -148,7 +148,8 @@ using bentochat::simd::Vec;
 
 // Where all rows fit one group (a decode step's), the row blocks take a panel chunk by chunk of CHUNK steps (8 KB),
 // which stays in L1 while every block uses it; and each block fetches the chunk after next ahead of its loads, so
-// that reading the weights from memory and computing on them overlap. (Longer batches read the panels from L2.)
+// that reading the weights from memory and computing on them overlap. Longer batches (prefill), which read the
+// panels again and again from L2, take the whole inner dimension at once and fetch nothing ahead (it cost them time).
 constexpr int64_t CHUNK = 128, GROUP = 48;
 
 // Steps [from, to) of the inner dimension (a step: K::PER inner elements, 64 bytes of a panel), and whether
